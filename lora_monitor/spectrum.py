@@ -1,0 +1,457 @@
+"""The spectrum engine: singular values and vectors of LoRA deltas, and the scalar summaries of a spectrum.
+
+This is the one place in lora-monitor that decomposes matrices. Monitoring, Post-Squeeze, In-Squeeze and
+spectral editing all call it.
+
+A LoRA delta ``ΔW = s · B @ A`` (``B: m×r``, ``A: r×n``) is decomposed without forming the ``m×n`` matrix:
+
+    G_B = BᵀB = Q_B Λ_B Q_Bᵀ,  G_A = AAᵀ = Q_A Λ_A Q_Aᵀ     (r×r Gram matrices, one pass over each factor)
+    R_B = Λ_B^½ Q_Bᵀ,          R_A = Λ_A^½ Q_Aᵀ                (B = Q̃_B R_B, Aᵀ = Q̃_A R_A: a thin QR)
+    R_B R_Aᵀ = U_c S V_cᵀ                                      (SVD of an r×r core)
+    ΔW = s · (Q̃_B U_c) S (Q̃_A V_c)ᵀ
+
+The Gram route is a thin QR (Cholesky-QR, with an eigendecomposition so that rank-deficient factors such
+as ``B = 0`` at initialisation work) whose only pass over the big factors is one matrix product each, the
+cheapest thing a processor does. The factor products run in float32 by default (float64 on request,
+exact to ~1e-12) and everything on ``r×r`` runs in float64. Directions weaker than ``√eps`` of the
+strongest direction of a factor (3e-4 in float32, 1.5e-8 in float64) are below what the Gram matrix
+resolves and are reported as exactly zero.
+
+The singular values of ``A`` and ``B`` come out of the same pass (``Λ_A``, ``Λ_B``), which is what the
+monitor's condition numbers use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+Tensor = torch.Tensor
+FactorInput = Tensor | Sequence[Tensor]
+ScaleInput = float | Sequence[float] | Tensor
+
+
+class SVDResult(NamedTuple):
+    """``U diag(S) Vᵀ``: ``U`` is ``(..., m, k)``, ``S`` is ``(..., k)`` descending, ``V`` is ``(..., n, k)``."""
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+
+
+@dataclass
+class LoraSpectra:
+    """Singular values of a batch of LoRA pairs, all from one pass over the factors.
+
+    ``delta`` holds the singular values of ``s·B@A`` and ``A``/``B`` those of the factors, each ``(N, r)``
+    and descending. Zero-padded where a module's rank is below the batch's largest rank.
+    """
+
+    delta: Tensor
+    A: Tensor
+    B: Tensor
+
+
+@dataclass
+class _Cores:
+    """The r×r pieces of one same-rank group, all in float64."""
+
+    eig_B: Tensor  # (N, r) eigenvalues of BᵀB, descending, clipped below resolution
+    vec_B: Tensor  # (N, r, r)
+    eig_A: Tensor
+    vec_A: Tensor
+    core_U: Tensor  # (N, r, r) left singular vectors of the core
+    core_S: Tensor  # (N, r) singular values of B@A (unscaled)
+    core_V: Tensor
+
+
+# --------------------------------------------------------------------------------------------------------
+# Input normalisation
+# --------------------------------------------------------------------------------------------------------
+
+
+def _as_list(factors: FactorInput) -> list[Tensor]:
+    if isinstance(factors, Tensor):
+        if factors.dim() == 2:
+            return [factors]
+        if factors.dim() == 3:
+            return list(factors.unbind(0))
+        raise ValueError(
+            f"expected a matrix or a stack of matrices, got a tensor of shape {tuple(factors.shape)}"
+        )
+    return list(factors)
+
+
+def _as_scales(scale: ScaleInput, count: int) -> list[float]:
+    if isinstance(scale, Tensor):
+        values = [float(v) for v in scale.reshape(-1).tolist()]
+    elif isinstance(scale, int | float):
+        values = [float(scale)]
+    else:
+        values = [float(v) for v in scale]
+    if len(values) == 1:
+        values = values * count
+    if len(values) != count:
+        raise ValueError(f"got {len(values)} scales for {count} LoRA pairs")
+    return values
+
+
+def _check_pairs(Bs: list[Tensor], As: list[Tensor]) -> None:
+    if len(Bs) != len(As):
+        raise ValueError(f"got {len(Bs)} B factors and {len(As)} A factors")
+    for index, (B, A) in enumerate(zip(Bs, As, strict=True)):
+        if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"pair {index}: B {tuple(B.shape)} and A {tuple(A.shape)} are not an (m×r, r×n) LoRA pair"
+            )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------------
+
+
+def _gram(matrix: Tensor, dtype: torch.dtype, rows: bool) -> Tensor:
+    """``M Mᵀ`` (rows=True) or ``MᵀM`` in ``dtype``; the one pass over a big factor."""
+    matrix = matrix.detach()
+    if matrix.dtype != dtype:
+        matrix = matrix.to(dtype)
+    return matrix @ matrix.mT if rows else matrix.mT @ matrix
+
+
+def _sym_eig_descending(gram: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    eigenvalues = eigenvalues.flip(-1)
+    eigenvectors = eigenvectors.flip(-1)
+    # Eigenvalues below eps·λmax are rounding noise of the Gram product: they are zero directions.
+    floor = eigenvalues[..., :1].clamp_min(0) * eps
+    eigenvalues = torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
+    return eigenvalues, eigenvectors
+
+
+def _cores(gram_B: Tensor, gram_A: Tensor, eps: float) -> _Cores:
+    eig_B, vec_B = _sym_eig_descending(gram_B, eps)
+    eig_A, vec_A = _sym_eig_descending(gram_A, eps)
+    # core = R_B R_Aᵀ = Λ_B^½ Q_Bᵀ Q_A Λ_A^½
+    core = eig_B.sqrt().unsqueeze(-1) * (vec_B.mT @ vec_A) * eig_A.sqrt().unsqueeze(-2)
+    core_U, core_S, core_Vh = torch.linalg.svd(core)
+    return _Cores(eig_B, vec_B, eig_A, vec_A, core_U, core_S, core_Vh.mT)
+
+
+def _grouped_cores(
+    Bs: list[Tensor], As: list[Tensor], dtype: torch.dtype
+) -> tuple[dict[int, list[int]], dict[int, _Cores]]:
+    """Compute the r×r cores of every pair, batched over pairs of the same rank."""
+    eps = torch.finfo(dtype).eps
+    groups: dict[int, list[int]] = {}
+    for index, A in enumerate(As):
+        groups.setdefault(A.shape[0], []).append(index)
+    cores: dict[int, _Cores] = {}
+    for rank, indices in groups.items():
+        gram_B = torch.stack([_gram(Bs[i], dtype, rows=False) for i in indices]).double()
+        gram_A = torch.stack([_gram(As[i], dtype, rows=True) for i in indices]).double()
+        cores[rank] = _cores(gram_B, gram_A, eps)
+    return groups, cores
+
+
+def _safe_inverse_sqrt(eigenvalues: Tensor) -> Tensor:
+    return torch.where(eigenvalues > 0, eigenvalues.clamp_min(1e-300).rsqrt(), torch.zeros_like(eigenvalues))
+
+
+def lora_spectra(
+    B: FactorInput, A: FactorInput, scale: ScaleInput = 1.0, *, dtype=torch.float32
+) -> LoraSpectra:
+    """Singular values of ``scale·B@A``, of ``A`` and of ``B`` for many LoRA pairs in one pass.
+
+    ``B`` and ``A`` are a pair of matrices, stacks ``(N, m, r)``/``(N, r, n)``, or lists of matrices of any
+    shapes and ranks (nothing is copied into a stack). Results are float64 on the factors' device,
+    ``(N, r_max)``, descending, zero-padded for pairs whose rank is below the largest.
+    """
+    Bs, As = _as_list(B), _as_list(A)
+    _check_pairs(Bs, As)
+    scales = _as_scales(scale, len(Bs))
+    dtype = _compute_dtype(dtype)
+    if not Bs:
+        empty = torch.zeros(0, 0, dtype=torch.float64)
+        return LoraSpectra(empty, empty, empty)
+    device = Bs[0].device
+    max_rank = max(A.shape[0] for A in As)
+    out = {
+        name: torch.zeros(len(Bs), max_rank, dtype=torch.float64, device=device) for name in ("d", "a", "b")
+    }
+    groups, cores = _grouped_cores(Bs, As, dtype)
+    for rank, indices in groups.items():
+        core = cores[rank]
+        index = torch.tensor(indices, device=device)
+        group_scales = torch.tensor([abs(scales[i]) for i in indices], dtype=torch.float64, device=device)
+        out["d"][index, :rank] = core.core_S * group_scales.unsqueeze(-1)
+        out["a"][index, :rank] = core.eig_A.sqrt()
+        out["b"][index, :rank] = core.eig_B.sqrt()
+    return LoraSpectra(delta=out["d"], A=out["a"], B=out["b"])
+
+
+def factored_svd(
+    B: FactorInput,
+    A: FactorInput,
+    scale: ScaleInput = 1.0,
+    k: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> SVDResult | list[SVDResult]:
+    """Exact SVD of ``scale·B@A`` without forming it: thin QR of ``B`` and ``Aᵀ``, SVD of the r×r core.
+
+    ``B``/``A`` may be one pair (returns one :class:`SVDResult`), a stack ``(N, m, r)``/``(N, r, n)``
+    (returns a stacked result), or lists of pairs of any shapes (returns a list). ``k`` keeps the top-k
+    triplets. ``U``, ``V`` come back in ``dtype`` (float32 by default, float64 on request) on the factors'
+    device; ``S`` is float64. Columns of ``U``/``V`` that belong to a zero singular value are zero.
+    """
+    single = isinstance(B, Tensor) and B.dim() == 2
+    stacked = isinstance(B, Tensor) and B.dim() == 3
+    Bs, As = _as_list(B), _as_list(A)
+    _check_pairs(Bs, As)
+    scales = _as_scales(scale, len(Bs))
+    dtype = _compute_dtype(dtype)
+    groups, cores = _grouped_cores(Bs, As, dtype)
+    results: list[SVDResult | None] = [None] * len(Bs)
+    for rank, indices in groups.items():
+        core = cores[rank]
+        keep = rank if k is None else min(k, rank)
+        # U = Q̃_B U_c = B Q_B Λ_B^-½ U_c ; V = Q̃_A V_c = Aᵀ Q_A Λ_A^-½ V_c  (small maps, then one product)
+        map_U = (core.vec_B * _safe_inverse_sqrt(core.eig_B).unsqueeze(-2)) @ core.core_U[..., :keep]
+        map_V = (core.vec_A * _safe_inverse_sqrt(core.eig_A).unsqueeze(-2)) @ core.core_V[..., :keep]
+        for position, i in enumerate(indices):
+            sign = -1.0 if scales[i] < 0 else 1.0
+            U = Bs[i].detach().to(dtype) @ (sign * map_U[position]).to(dtype)
+            V = As[i].detach().to(dtype).mT @ map_V[position].to(dtype)
+            S = core.core_S[position, :keep] * abs(scales[i])
+            results[i] = SVDResult(U, S, V)
+    if single:
+        return results[0]  # type: ignore[return-value]
+    if stacked:
+        return SVDResult(*(torch.stack(parts) for parts in zip(*results, strict=True)))
+    return results  # type: ignore[return-value]
+
+
+@dataclass
+class TruncatedFactors:
+    """A rank-``k`` LoRA pair ``B_new @ A_new`` closest (in every unitarily invariant norm) to ``B @ A``.
+
+    The scale is not included: ``B_new @ A_new ≈ B @ A``. ``map_B`` (``r×k``) and ``map_A`` (``k×r``) are the
+    linear maps that made the new factors, ``B_new = B @ map_B`` and ``A_new = map_A @ A``; the same maps
+    carry optimizer moments over. ``retained`` is the fraction of ``‖BA‖²_F`` kept (NaN for a zero delta).
+    """
+
+    B: Tensor
+    A: Tensor
+    map_B: Tensor
+    map_A: Tensor
+    singular_values: Tensor
+    retained: float
+
+
+def truncate_factors(B: Tensor, A: Tensor, k: int, *, dtype: torch.dtype = torch.float32) -> TruncatedFactors:
+    """Best rank-``k`` factors of one LoRA pair, ``√S`` split between the new ``B`` and ``A``.
+
+    The new factors have ``B``'s and ``A``'s dtype and device. ``k`` above the rank keeps the rank.
+    """
+    if k < 1:
+        raise ValueError(f"target rank must be at least 1, got {k}")
+    _check_pairs([B], [A])
+    _, cores = _grouped_cores([B], [A], _compute_dtype(dtype))
+    core = next(iter(cores.values()))
+    keep = min(k, A.shape[0])
+    S = core.core_S[0]
+    root = S[:keep].sqrt()
+    # B_new = U_k S_k^½ = B · (Q_B Λ_B^-½ U_c,k S_k^½) ; A_new = S_k^½ V_kᵀ = (S_k^½ V_c,kᵀ Λ_A^-½ Q_Aᵀ) · A
+    map_B = (core.vec_B[0] * _safe_inverse_sqrt(core.eig_B[0])) @ (core.core_U[0, :, :keep] * root)
+    map_A = ((core.vec_A[0] * _safe_inverse_sqrt(core.eig_A[0])) @ (core.core_V[0, :, :keep] * root)).mT
+    compute = _compute_dtype(dtype)
+    new_B = (B.detach().to(compute) @ map_B.to(compute)).to(B.dtype)
+    new_A = (map_A.to(compute) @ A.detach().to(compute)).to(A.dtype)
+    curve = energy_curve(S)
+    retained = float(curve[keep - 1])
+    return TruncatedFactors(new_B, new_A, map_B, map_A, S, retained)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Randomized SVD, for deltas that are not in factored form
+# --------------------------------------------------------------------------------------------------------
+
+
+class LinearOperator:
+    """A matrix known only through its products: ``op @ X`` and ``op.mT @ Y``.
+
+    ``matmul(X)`` must return ``M @ X`` for ``X`` of shape ``(n, p)``; ``rmatmul(Y)`` must return ``Mᵀ @ Y``
+    for ``Y`` of shape ``(m, p)``.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        matmul: Callable[[Tensor], Tensor],
+        rmatmul: Callable[[Tensor], Tensor],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.shape = tuple(shape)
+        self._matmul = matmul
+        self._rmatmul = rmatmul
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return self._matmul(other)
+
+    @property
+    def mT(self) -> LinearOperator:
+        return LinearOperator(
+            (self.shape[1], self.shape[0]), self._rmatmul, self._matmul, dtype=self.dtype, device=self.device
+        )
+
+    @classmethod
+    def from_factors(cls, B: Tensor, A: Tensor, scale: float = 1.0) -> LinearOperator:
+        """``scale·B@A`` as an operator, never formed."""
+        dtype = torch.float64 if torch.float64 in (A.dtype, B.dtype) else torch.float32
+        B32, A32 = B.detach().to(dtype), A.detach().to(dtype)
+        return cls(
+            (B.shape[0], A.shape[1]),
+            lambda X: scale * (B32 @ (A32 @ X)),
+            lambda Y: scale * (A32.mT @ (B32.mT @ Y)),
+            dtype=dtype,
+            device=B.device,
+        )
+
+
+def randomized_svd(
+    matrix_or_operator: Tensor | LinearOperator,
+    k: int,
+    oversample: int = 10,
+    power_iters: int = 2,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> SVDResult:
+    """Approximate top-``k`` SVD (Halko, Martinsson & Tropp) of a matrix or a :class:`LinearOperator`.
+
+    Uses ``k + oversample`` random probes and ``power_iters`` re-orthonormalised power iterations; the error
+    shrinks like ``(σ_{k+oversample+1}/σ_k)^(2·power_iters+1)``. Deterministic for a given ``generator``
+    (seed 0 when none is given). Works in ``dtype`` (float32 or float64) on the input's device.
+    """
+    dtype = _compute_dtype(dtype)
+    if isinstance(matrix_or_operator, Tensor):
+        if matrix_or_operator.dim() != 2:
+            raise ValueError(f"randomized_svd expects a matrix, got shape {tuple(matrix_or_operator.shape)}")
+        matrix = matrix_or_operator.detach().to(dtype)
+        operator = LinearOperator(
+            tuple(matrix.shape), matrix.__matmul__, matrix.mT.__matmul__, dtype=dtype, device=matrix.device
+        )
+    else:
+        operator = matrix_or_operator
+    m, n = operator.shape
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    probes = min(k + oversample, m, n)
+    if generator is None:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+    omega = torch.randn(n, probes, generator=generator, dtype=dtype).to(operator.device)
+    Q, _ = torch.linalg.qr((operator @ omega).to(dtype))
+    for _ in range(power_iters):
+        Z, _ = torch.linalg.qr((operator.mT @ Q).to(dtype))
+        Q, _ = torch.linalg.qr((operator @ Z).to(dtype))
+    small = (operator.mT @ Q).to(dtype).mT  # Qᵀ M, probes×n
+    U_small, S, Vh = torch.linalg.svd(small, full_matrices=False)
+    keep = min(k, S.shape[0])
+    return SVDResult(Q @ U_small[:, :keep], S[:keep], Vh[:keep].mT)
+
+
+def spectral_norm(
+    W: Tensor, iters: int = 4, *, dequantize: Callable[[Tensor], Tensor] | None = None
+) -> float:
+    """σmax of a (frozen) weight by randomized subspace iteration: a few products, no full SVD.
+
+    ``iters`` power iterations on an 8-vector block; relative error well below 1e-3 on weight matrices.
+    Conv kernels are flattened to ``out × (in·kh·kw)``. ``dequantize`` turns a quantized weight into a float
+    one first.
+    """
+    if dequantize is not None:
+        W = dequantize(W)
+    W = W.detach()
+    if W.dim() > 2:
+        W = W.reshape(W.shape[0], -1)
+    if not W.is_floating_point():
+        raise ValueError(f"spectral_norm needs a floating-point weight, got {W.dtype}: dequantize it first")
+    return float(randomized_svd(W, k=1, oversample=7, power_iters=iters).S[0])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scalar summaries of a spectrum (all batched over leading dimensions)
+# --------------------------------------------------------------------------------------------------------
+
+
+def effective_rank(S: Tensor) -> Tensor:
+    """Roy & Vetterli's effective rank: ``exp(H(p))`` with ``p = S/ΣS``. 0 for an all-zero spectrum."""
+    S = S.double().clamp_min(0)
+    total = S.sum(-1, keepdim=True)
+    p = torch.where(total > 0, S / total.clamp_min(1e-300), torch.zeros_like(S))
+    entropy = -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))).sum(-1)
+    return torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))
+
+
+def stable_rank(S: Tensor) -> Tensor:
+    """``ΣS² / S₁²`` (``‖M‖²_F / ‖M‖²_2``). 0 for an all-zero spectrum."""
+    S = S.double()
+    top = S.max(-1).values
+    return torch.where(top > 0, (S**2).sum(-1) / top.clamp_min(1e-300) ** 2, torch.zeros_like(top))
+
+
+def condition_number_from_singular_values(S: Tensor) -> Tensor:
+    """``σmax/σmin`` over all given singular values; ``inf`` when the smallest is zero (or all are)."""
+    S = S.double()
+    top, bottom = S.max(-1).values, S.min(-1).values
+    return torch.where(bottom > 0, top / bottom.clamp_min(1e-300), torch.full_like(top, math.inf))
+
+
+def condition_number(M: Tensor) -> Tensor:
+    """``σmax/σmin`` over the ``min(m, n)`` singular values of ``M`` (batched); ``inf`` if rank-deficient.
+
+    A zero matrix has no defined conditioning and gives ``inf``, never 1. Computed in float64 from the
+    Gram matrix of the short side, with the same resolution floor as the rest of the engine.
+    """
+    M = M.detach()
+    if M.dim() > 3 or M.dim() < 2:
+        raise ValueError(f"condition_number expects a matrix or a stack, got shape {tuple(M.shape)}")
+    rows = M.shape[-2] <= M.shape[-1]
+    eigenvalues, _ = _sym_eig_descending(_gram(M, torch.float64, rows=rows), torch.finfo(torch.float64).eps)
+    return condition_number_from_singular_values(eigenvalues.sqrt())
+
+
+def energy_curve(S: Tensor) -> Tensor:
+    """Cumulative retained energy ``ΣS²[:k]/ΣS²`` for ``k = 1..len(S)`` (batched over leading dims).
+
+    An all-zero spectrum has nothing to retain: its curve is NaN, never "100% retained".
+    """
+    energy = S.double() ** 2
+    total = energy.sum(-1, keepdim=True)
+    cumulative = energy.cumsum(-1)
+    return torch.where(total > 0, cumulative / total.clamp_min(1e-300), torch.full_like(cumulative, math.nan))
+
+
+def rank_for_energy(S: Tensor, threshold: float) -> int:
+    """Smallest ``k`` whose retained energy reaches ``threshold`` (0 for an all-zero spectrum)."""
+    curve = energy_curve(S)
+    if torch.isnan(curve).all():
+        return 0
+    # A small tolerance so that a threshold of 1.0 is reached despite rounding in the cumulative sum.
+    reached = (curve >= threshold - 1e-12).nonzero()
+    return int(reached[0]) + 1 if len(reached) else int(S.shape[-1])
