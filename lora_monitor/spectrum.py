@@ -380,7 +380,8 @@ def spectral_norm(
 ) -> float:
     """σmax of a (frozen) weight by randomized subspace iteration: a few products, no full SVD.
 
-    ``iters`` power iterations on an 8-vector block; relative error well below 1e-3 on weight matrices.
+    ``iters`` power iterations on an 8-vector block: within 2% even on a Gaussian matrix (no spectral gap,
+    the worst case), far closer on trained weights whose top singular value stands out.
     Conv kernels are flattened to ``out × (in·kh·kw)``. ``dequantize`` turns a quantized weight into a float
     one first.
     """
