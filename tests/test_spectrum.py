@@ -1,0 +1,166 @@
+"""The spectrum engine against dense float64 references computed here with torch.linalg."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lora_monitor.spectrum import (
+    LinearOperator,
+    condition_number,
+    effective_rank,
+    energy_curve,
+    factored_svd,
+    lora_spectra,
+    randomized_svd,
+    rank_for_energy,
+    spectral_norm,
+    stable_rank,
+    truncate_factors,
+)
+
+
+def dense_svd(B, A, scale=1.0):
+    return torch.linalg.svd(scale * B.double() @ A.double(), full_matrices=False)
+
+
+def assert_spectrum_close(S, reference, rtol=1e-5):
+    reference = reference[: S.shape[-1]].double()
+    assert torch.allclose(S.double().cpu(), reference, rtol=rtol, atol=rtol * float(reference.max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_factored_svd_matches_dense_for_each_factor_dtype(dtype):
+    generator = torch.Generator().manual_seed(0)
+    B = torch.randn(96, 8, generator=generator).to(dtype)
+    A = (torch.randn(8, 40, generator=generator) * torch.logspace(0, -2, 8)[:, None]).to(dtype)
+    U, S, V = factored_svd(B, A, scale=0.75)
+    _, reference, _ = dense_svd(B, A, 0.75)
+    assert_spectrum_close(S, reference)
+    # The vectors rebuild the delta and are orthonormal.
+    rebuilt = (U.double() * S) @ V.double().T
+    assert torch.allclose(rebuilt, 0.75 * B.double() @ A.double(), atol=1e-5 * float(reference[0]))
+    assert torch.allclose(U.T.double() @ U.double(), torch.eye(8, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(V.T.double() @ V.double(), torch.eye(8, dtype=torch.float64), atol=1e-5)
+    assert U.dtype == torch.float32
+
+
+def test_float64_on_request_is_exact():
+    generator = torch.Generator().manual_seed(1)
+    B, A = torch.randn(50, 6, generator=generator), torch.randn(6, 30, generator=generator)
+    U, S, _ = factored_svd(B, A, dtype=torch.float64)
+    assert U.dtype == torch.float64
+    assert_spectrum_close(S, dense_svd(B, A)[1], rtol=1e-10)
+
+
+def test_stacks_lists_ragged_ranks_and_top_k():
+    generator = torch.Generator().manual_seed(2)
+    Bs, As = torch.randn(5, 32, 6, generator=generator), torch.randn(5, 6, 20, generator=generator)
+    stacked = factored_svd(Bs, As, scale=torch.linspace(0.5, 2.5, 5), k=3)
+    assert stacked.U.shape == (5, 32, 3) and stacked.S.shape == (5, 3) and stacked.V.shape == (5, 20, 3)
+    for i, scale in enumerate(torch.linspace(0.5, 2.5, 5).tolist()):
+        assert_spectrum_close(stacked.S[i], dense_svd(Bs[i], As[i], scale)[1])
+
+    ragged_B = [torch.randn(16, 4, generator=generator), torch.randn(24, 7, generator=generator)]
+    ragged_A = [torch.randn(4, 10, generator=generator), torch.randn(7, 12, generator=generator)]
+    results = factored_svd(ragged_B, ragged_A, scale=[1.0, -2.0])
+    assert [r.S.shape[0] for r in results] == [4, 7]
+    assert_spectrum_close(results[1].S, dense_svd(ragged_B[1], ragged_A[1], 2.0)[1])
+    # A negative scale is carried by the vectors, the singular values stay non-negative.
+    rebuilt = (results[1].U.double() * results[1].S) @ results[1].V.double().T
+    assert torch.allclose(rebuilt, -2.0 * ragged_B[1].double() @ ragged_A[1].double(), atol=1e-4)
+
+    spectra = lora_spectra(ragged_B, ragged_A, [1.0, -2.0])
+    assert spectra.delta.shape == (2, 7)
+    assert torch.all(spectra.delta[0, 4:] == 0)
+    assert_spectrum_close(spectra.A[1], torch.linalg.svdvals(ragged_A[1].double()))
+    assert_spectrum_close(spectra.B[0, :4], torch.linalg.svdvals(ragged_B[0].double()))
+
+
+def test_rank_deficient_and_zero_factors():
+    generator = torch.Generator().manual_seed(3)
+    collapsed_B = torch.randn(40, 1, generator=generator) @ torch.randn(1, 8, generator=generator)
+    A = torch.randn(8, 30, generator=generator)
+    spectra = lora_spectra(collapsed_B, A, dtype=torch.float64)
+    assert spectra.delta[0, 1:].abs().max() == 0  # exactly rank 1, not sqrt(eps) noise
+    assert effective_rank(spectra.delta[0]).item() == pytest.approx(1.0)
+    assert condition_number(collapsed_B).item() == math.inf
+
+    zero = lora_spectra(torch.zeros(40, 8), A)
+    assert torch.all(zero.delta == 0)
+    assert effective_rank(zero.delta[0]).item() == 0.0
+    assert torch.isnan(energy_curve(zero.delta[0])).all()
+    assert rank_for_energy(zero.delta[0], 0.9) == 0
+
+
+def test_truncate_factors_is_the_best_rank_k_approximation_and_maps_make_the_factors():
+    generator = torch.Generator().manual_seed(4)
+    B = torch.randn(64, 12, generator=generator, dtype=torch.float64).to(torch.bfloat16)
+    A = torch.randn(12, 48, generator=generator, dtype=torch.float64).to(torch.bfloat16)
+    result = truncate_factors(B, A, 5)
+    assert result.B.dtype == torch.bfloat16 and result.B.shape == (64, 5) and result.A.shape == (5, 48)
+    U, S, Vh = dense_svd(B, A)
+    best = (U[:, :5] * S[:5]) @ Vh[:5]
+    exact = truncate_factors(B.double(), A.double(), 5, dtype=torch.float64)
+    assert torch.allclose(exact.B @ exact.A, best, atol=1e-9 * float(S[0]))
+    assert torch.allclose(B.double() @ exact.map_B, exact.B, atol=1e-9 * float(S[0]))
+    assert torch.allclose(exact.map_A @ A.double(), exact.A, atol=1e-9 * float(S[0]))
+    assert result.retained == pytest.approx(float((S[:5] ** 2).sum() / (S**2).sum()), rel=1e-6)
+    # √S is split evenly: both new factors have singular values √S_k.
+    assert torch.allclose(torch.linalg.svdvals(exact.B), S[:5].sqrt(), rtol=1e-9)
+    with pytest.raises(ValueError, match="at least 1"):
+        truncate_factors(B, A, 0)
+
+
+def test_randomized_svd_on_matrix_and_operator():
+    generator = torch.Generator().manual_seed(5)
+    left, _ = torch.linalg.qr(torch.randn(200, 30, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(150, 30, generator=generator, dtype=torch.float64))
+    planted = torch.logspace(1, -3, 30, dtype=torch.float64)
+    matrix = (left * planted) @ right.T
+    result = randomized_svd(matrix, k=6, dtype=torch.float64)
+    assert torch.allclose(result.S, planted[:6], rtol=1e-6)
+    B, A = torch.randn(80, 5, generator=generator), torch.randn(5, 60, generator=generator)
+    operator_result = randomized_svd(LinearOperator.from_factors(B, A, 3.0), k=5, oversample=4)
+    assert_spectrum_close(operator_result.S, dense_svd(B, A, 3.0)[1], rtol=1e-4)
+
+
+def test_scalar_summaries_against_their_definitions():
+    S = torch.tensor([4.0, 2.0, 1.0, 1.0])
+    p = S / S.sum()
+    assert effective_rank(S).item() == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+    assert effective_rank(torch.ones(7)).item() == pytest.approx(7.0)
+    assert stable_rank(S).item() == pytest.approx((16 + 4 + 1 + 1) / 16)
+    assert torch.allclose(energy_curve(S), torch.tensor([16, 20, 21, 22], dtype=torch.float64) / 22)
+    assert rank_for_energy(S, 0.9) == 2 and rank_for_energy(S, 1.0) == 4
+    batch = torch.stack([S, torch.zeros(4)])
+    assert effective_rank(batch).shape == (2,) and stable_rank(batch)[1] == 0
+
+    generator = torch.Generator().manual_seed(6)
+    M = torch.randn(6, 40, generator=generator)
+    reference = torch.linalg.svdvals(M.double())
+    assert condition_number(M).item() == pytest.approx((reference[0] / reference[-1]).item(), rel=1e-9)
+    assert condition_number(torch.zeros(3, 5)).item() == math.inf  # a zero matrix is never "κ = 1"
+    assert condition_number(torch.eye(4)).item() == pytest.approx(1.0)
+
+
+def test_spectral_norm_of_a_weight_with_a_dominant_direction():
+    generator = torch.Generator().manual_seed(7)
+    W = torch.randn(256, 192, generator=generator) * 0.02
+    W += 0.5 * torch.randn(256, 1, generator=generator) @ torch.randn(1, 192, generator=generator) / 16
+    reference = torch.linalg.matrix_norm(W.double(), ord=2).item()
+    assert spectral_norm(W) == pytest.approx(reference, rel=1e-4)
+    conv_kernel = torch.randn(8, 4, 3, 3, generator=generator)
+    flat = torch.linalg.matrix_norm(conv_kernel.reshape(8, -1).double(), ord=2).item()
+    assert spectral_norm(conv_kernel, iters=20) == pytest.approx(flat, rel=1e-3)
+    with pytest.raises(ValueError, match="dequantize"):
+        spectral_norm(torch.zeros(4, 4, dtype=torch.int8))
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="not an"):
+        factored_svd(torch.zeros(4, 3), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="scales"):
+        lora_spectra([torch.zeros(4, 2)] * 2, [torch.zeros(2, 3)] * 2, [1.0, 2.0, 3.0])
