@@ -1,0 +1,215 @@
+"""Spectral editing: sensitivities against finite differences, identities, energy, written folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SENTENCES, peft_llama, tiny_llama
+from peft import PeftModel
+
+from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
+from lora_monitor.edit import (
+    EDIT_META_NAME,
+    _decompose,
+    calibration_batches,
+    sigma_sensitivities,
+    spectral_edit,
+)
+
+TARGETS = ["o_proj", "down_proj"]
+
+
+def lora_model(dtype=torch.float32, seed=0):
+    return peft_llama(seed=seed, target_modules=TARGETS).to(dtype)
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def float64_loss(model, batches):
+    """The causal-LM loss recomputed in float64 (transformers' own loss upcasts logits to float32 only)."""
+    total = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).double()
+            total += torch.nn.functional.cross_entropy(shifted, batch["labels"][:, 1:].reshape(-1)).item()
+    return total / len(batches)
+
+
+def test_sensitivities_equal_finite_differences(tokenizer):
+    model = lora_model(torch.float64)
+    batches = calibration_batches(SENTENCES[:4], tokenizer, batch_size=2)
+    modules = [m for m in find_lora_modules(model) if m.module_type in TARGETS]
+    decomposed = _decompose(model, modules)
+    gradients = sigma_sensitivities(model, decomposed, batches)
+
+    # Large enough to rise above the float32 parts of the forward (rotary tables), small enough for O(h²).
+    step = 1e-2
+    for item, gradient in list(zip(decomposed, gradients, strict=True))[:2]:
+        adapter = item.module.adapter_name
+        A_param, B_param = (
+            item.module.module.lora_A[adapter].weight,
+            item.module.module.lora_B[adapter].weight,
+        )
+        original_A, original_B = A_param.detach().clone(), B_param.detach().clone()
+        for k in (0, 3, 7):
+            losses = []
+            for sign in (1, -1):
+                sigma = item.sigma.double().clone()
+                sigma[k] += sign * step
+                with torch.no_grad():
+                    B_param.copy_(item.U.double() * sigma / item.module.scale)
+                    A_param.copy_(item.V.double().T)
+                losses.append(float64_loss(model, batches))
+            finite_difference = (losses[0] - losses[1]) / (2 * step)
+            assert gradient[k].item() == pytest.approx(finite_difference, rel=1e-3, abs=1e-7), (
+                item.module.name,
+                k,
+            )
+        with torch.no_grad():
+            A_param.copy_(original_A)
+            B_param.copy_(original_B)
+
+
+def test_unit_factors_reproduce_the_model(tokenizer):
+    model = lora_model()
+    batch = calibration_batches(SENTENCES[:2], tokenizer, batch_size=2)[0]
+    before = logits(model, batch)
+    result = spectral_edit(
+        model,
+        SENTENCES[:4],
+        tokenizer=tokenizer,
+        amp_factor=1.0,
+        sup_factor=1.0,
+        mid_factor=1.0,
+        preserve_energy=None,
+    )
+    assert torch.allclose(logits(result.model, batch), before, atol=1e-5)
+    edit = result.modules[0]
+    assert edit.k_core == round(0.2 * 8) and edit.k_noise == round(0.2 * 8)
+    assert torch.allclose(torch.tensor(edit.sigma_after), torch.tensor(edit.sigma_before), rtol=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_energy_is_preserved(tokenizer, norm):
+    result = spectral_edit(lora_model(), SENTENCES[:4], tokenizer=tokenizer, preserve_energy=norm)
+    power = 1 if norm == "l1" else 2
+    for edit in result.modules:
+        before = sum(s**power for s in edit.sigma_before)
+        after = sum(s**power for s in edit.sigma_after)
+        assert after == pytest.approx(before, rel=1e-6)
+        assert edit.sigma_after != edit.sigma_before
+    # The live factors hold the edited spectrum.
+    live = {m.name: m for m in find_lora_modules(result.model)}
+    edit = result.modules[0]
+    module = live[edit.name]
+    dense = torch.linalg.svdvals(module.scale * module.B.double() @ module.A.double())[: module.rank]
+    assert torch.allclose(
+        dense, torch.tensor(edit.sigma_after, dtype=torch.float64).sort(descending=True).values, rtol=1e-4
+    )
+
+
+def test_abs_select_amplifies_most_sensitive_and_random_index_is_seeded(tokenizer):
+    selected = spectral_edit(lora_model(), SENTENCES[:4], tokenizer=tokenizer, preserve_energy=None)
+    for edit in selected.modules:
+        magnitude = [abs(g) for g in edit.sensitivity]
+        assert min(magnitude[i] for i in edit.core_indices) >= max(
+            magnitude[i] for i in range(edit.rank) if i not in edit.core_indices
+        )
+        for i in edit.core_indices:
+            assert edit.sigma_after[i] == pytest.approx(1.25 * edit.sigma_before[i])
+        for i in edit.noise_indices:
+            assert edit.sigma_after[i] == pytest.approx(0.8 * edit.sigma_before[i])
+
+    def picks(seed):
+        result = spectral_edit(
+            lora_model(), SENTENCES[:4], tokenizer=tokenizer, mode="random_index", seed=seed
+        )
+        return [(e.core_indices, e.noise_indices) for e in result.modules]
+
+    first, again, other = picks(1), picks(1), picks(2)
+    assert first == again and first != other
+    assert all(len(core) == 2 and len(noise) == 2 for core, noise in first)
+
+
+def test_gd_mode_moves_sigma_against_the_gradient(tokenizer):
+    result = spectral_edit(lora_model(), SENTENCES[:4], tokenizer=tokenizer, mode="gd", preserve_energy=None)
+    for edit in result.modules:
+        for before, after, gradient in zip(
+            edit.sigma_before, edit.sigma_after, edit.sensitivity, strict=True
+        ):
+            if gradient > 0:
+                assert after < before
+            elif gradient < 0:
+                assert after > before
+
+
+def test_written_folder_loads_with_peft_and_holds_the_metadata(tmp_path, tokenizer):
+    source = lora_model(torch.bfloat16)
+    source.save_pretrained(tmp_path / "adapter")
+    base_folder = tmp_path / "base"
+    tiny_llama().save_pretrained(base_folder)
+    result = spectral_edit(
+        tmp_path / "adapter",
+        SENTENCES[:4],
+        tokenizer=tokenizer,
+        base_model=base_folder,
+        output_path=tmp_path / "edited",
+        heldout_data=SENTENCES[4:8],
+    )
+    meta = json.loads((tmp_path / "edited" / EDIT_META_NAME).read_text())
+    assert meta["config"]["mode"] == "abs_select" and len(meta["modules"]) == 4
+    assert set(result.losses) == {
+        "calibration_before",
+        "calibration_after",
+        "heldout_before",
+        "heldout_after",
+    }
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "edited")
+    batch = calibration_batches(SENTENCES[:2], tokenizer)[0]
+    assert all(m.A.dtype == torch.bfloat16 for m in load_adapter(tmp_path / "edited"))  # stored dtype kept
+    with torch.no_grad():  # the live edit, rounded to the stored bf16, is what was written
+        for name, param in result.model.named_parameters():
+            if "lora_" in name:
+                param.copy_(param.to(torch.bfloat16))
+    assert torch.allclose(logits(reloaded, batch), logits(result.model, batch), atol=1e-5)
+
+
+def test_bad_options_and_inputs(tmp_path, tokenizer):
+    with pytest.raises(LoraMonitorError, match="mode must be"):
+        spectral_edit(lora_model(), SENTENCES[:2], tokenizer=tokenizer, mode="best")
+    with pytest.raises(LoraMonitorError, match="no LoRA module matches"):
+        spectral_edit(lora_model(), SENTENCES[:2], tokenizer=tokenizer, target_modules=["q_proj"])
+    with pytest.raises(LoraMonitorError, match="need a tokenizer"):
+        spectral_edit(lora_model(), SENTENCES[:2])
+    lora_model().save_pretrained(tmp_path / "adapter")
+    with pytest.raises(LoraMonitorError, match="base model"):
+        spectral_edit(tmp_path / "adapter", SENTENCES[:2], tokenizer=tokenizer)
+
+
+def test_command_line_edit_with_eval(tmp_path, tokenizer, capsys):
+    from lora_monitor.cli import main
+
+    lora_model().save_pretrained(tmp_path / "adapter")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "calibration.txt"
+    data.write_text("\n".join(SENTENCES[:10]))
+    before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    arguments = ["edit", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--data", str(data)]
+    status = main([*arguments, "--out", str(tmp_path / "edited"), "--eval", "--json"])
+    assert status == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"heldout_before", "heldout_after"} <= set(report["losses"])
+    assert (tmp_path / "edited" / EDIT_META_NAME).is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before  # input untouched
+
+    status = main([*arguments[:-1], str(tmp_path / "missing.txt"), "--out", str(tmp_path / "again")])
+    assert status == 2
+    assert "missing.txt: no such data file" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
