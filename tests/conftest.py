@@ -89,8 +89,7 @@ def tokenizer():
     return tok
 
 
-@pytest.fixture()
-def lm_dataset(tokenizer):
+def make_lm_dataset(tokenizer):
     """A tiny causal-LM dataset (``datasets.Dataset`` with input_ids/attention_mask/labels)."""
     from datasets import Dataset
 
@@ -100,6 +99,12 @@ def lm_dataset(tokenizer):
         for ids, att in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
     ]
     return Dataset.from_dict(dict(encoded))
+
+
+@pytest.fixture()
+def lm_dataset(tokenizer):
+    """A tiny causal-LM dataset (``datasets.Dataset`` with input_ids/attention_mask/labels)."""
+    return make_lm_dataset(tokenizer)
 
 
 def training_args(output_dir, **overrides):

@@ -1,0 +1,230 @@
+"""``lora-monitor demo``: train a small model with LoRA at a high rank and show what the callbacks find.
+
+Offline and CPU-only, about a minute on 2 cores. A tiny Llama (built from a config) is fine-tuned with a
+rank-32 LoRA on a small synthetic corpus. Run 1 carries the SpectralMonitorCallback and the
+PostSqueezeCallback (which writes a compressed adapter); run 2 trains the same adapter with the
+InSqueezeCallback annealing the rank down to the recommended one. The demo then reloads the compressed
+adapter with PEFT and compares held-out losses.
+
+This is the one module under ``lora_monitor/`` that drives a ``Trainer``; nothing in the core imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+SOURCE_RANK = 32
+SUBJECTS = ["the model", "a small adapter", "the frozen base", "our optimizer", "the monitor", "each layer"]
+VERBS = ["learns", "updates", "compresses", "watches", "squeezes", "keeps"]
+OBJECTS = ["a low rank delta", "the singular values", "most of the energy", "the training loss", "its rank"]
+ENDINGS = ["every step", "after training", "while training", "at the end", "without a hub"]
+
+
+def demo_corpus(count: int = 256, seed: int = 0) -> list[str]:
+    """Synthetic sentences with a small grammar: a task that needs far less than rank 32."""
+    chooser = random.Random(seed)
+    return [
+        f"{chooser.choice(SUBJECTS)} {chooser.choice(VERBS)} {chooser.choice(OBJECTS)} {chooser.choice(ENDINGS)}"
+        for _ in range(count)
+    ]
+
+
+def _tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(
+        texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _dataset(tokenizer, texts: list[str]):
+    from datasets import Dataset
+
+    encoded = tokenizer(texts, padding="max_length", max_length=12, truncation=True)
+    encoded["labels"] = [
+        [token if keep else -100 for token, keep in zip(ids, mask, strict=True)]
+        for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
+    ]
+    return Dataset.from_dict(dict(encoded))
+
+
+def _base_model(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _peft_model(vocab_size: int):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=SOURCE_RANK,
+        lora_alpha=SOURCE_RANK,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    return get_peft_model(_base_model(vocab_size), config)
+
+
+def _train(model, dataset, output_dir: Path, steps: int, callbacks: list[Any]):
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    arguments = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=16,
+        learning_rate=3e-3,
+        max_steps=steps,
+        logging_steps=max(1, steps // 6),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=dataset, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # the demo prints its own summary, not every log dict
+    trainer.train()
+    return trainer
+
+
+def _losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def run_demo(output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 60) -> dict[str, Any]:
+    """Run the demo and print its findings; returns the figures it printed (for tests and scripts)."""
+    from peft import PeftModel
+
+    from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
+    from lora_monitor.edit import calibration_batches, evaluate_loss
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    console = Console()
+    output = Path(output_dir)
+    texts = demo_corpus()
+    train_texts, heldout_texts = texts[:224], texts[224:]
+    tokenizer = _tokenizer(texts)
+    train_data = _dataset(tokenizer, train_texts)
+    heldout = calibration_batches(heldout_texts, tokenizer, batch_size=16)
+    vocab_size = len(tokenizer)
+
+    console.rule(f"[bold]Run 1: LoRA r={SOURCE_RANK}, {steps} steps, SpectralMonitor + PostSqueeze")
+    monitor = SpectralMonitorCallback(every_n_steps=max(1, steps // 6))
+    post = PostSqueezeCallback(min_variance_retention=0.95, compress=True)
+    model = _peft_model(vocab_size)
+    trainer = _train(model, train_data, output / "run1", steps, [monitor, post])
+    model.save_pretrained(output / "run1" / "adapter")
+    losses = _losses(trainer)
+
+    table = Table(title="What the monitor saw at the last check (per module type)")
+    for column in ("module type", "rank", "effective rank ΔW", "utilization", "stable rank", "κ(A)", "κ(B)"):
+        table.add_column(column, justify="right")
+    by_type: dict[str, list[Any]] = {}
+    for record in monitor.latest:
+        by_type.setdefault(record.module_type, []).append(record)
+    for module_type, records in by_type.items():
+
+        def mean(attribute: str, records=records) -> float:
+            values = [getattr(r, attribute) for r in records if getattr(r, attribute) is not None]
+            return sum(values) / max(len(values), 1)
+
+        table.add_row(
+            module_type,
+            str(records[0].nominal_rank),
+            f"{mean('effective_rank'):.1f}",
+            f"{mean('rank_utilization'):.0%}",
+            f"{mean('stable_rank'):.2f}",
+            f"{mean('kappa_A'):.1f}",
+            f"{mean('kappa_B'):.1f}",
+        )
+    console.print(table)
+    if monitor.alerts:
+        console.print(f"[bold]{len(monitor.alerts)} alert(s):")
+        for alert in monitor.alerts:
+            console.print(f"  • {alert}", highlight=False)
+    else:
+        console.print("No alerts.")
+
+    analysis = post.analysis
+    recommended = analysis.recommended_rank if analysis is not None else None
+    compressed_folder = output / "run1" / post.output_subdir
+    figures: dict[str, Any] = {
+        "source_rank": SOURCE_RANK,
+        "recommended_rank": recommended,
+        "alerts": [alert.to_dict() for alert in monitor.alerts],
+        "run1_final_loss": losses[-1] if losses else None,
+        "heldout_loss_source": evaluate_loss(model, heldout),
+    }
+    if recommended is not None and compressed_folder.is_dir():
+        reloaded = PeftModel.from_pretrained(_base_model(vocab_size), compressed_folder)
+        figures["heldout_loss_compressed"] = evaluate_loss(reloaded, heldout)
+        console.print(
+            f"Compressed adapter (rank {recommended}) written to {compressed_folder} and reloaded with PEFT: "
+            f"held-out loss {figures['heldout_loss_compressed']:.4f} vs {figures['heldout_loss_source']:.4f} "
+            f"at rank {SOURCE_RANK}."
+        )
+
+    target = recommended or 8
+    console.rule(f"[bold]Run 2: the same training with InSqueeze {SOURCE_RANK} → {target}")
+    squeezer = InSqueezeCallback(target_rank=target, start_step=0.3, end_step=0.6)
+    model2 = _peft_model(vocab_size)
+    trainer2 = _train(model2, train_data, output / "run2", steps, [squeezer])
+    model2.save_pretrained(output / "run2" / "adapter")
+    for event in squeezer.events:
+        retained = list(event["retained_variance"].values())
+        console.print(
+            f"  step {event['step']}: {event['modules_squeezed']} modules squeezed to rank ≤ {event['rank_cap']}, "
+            f"retained variance ≥ {min(retained):.1%}, loss {event['loss_before']:.3f} → {event['loss_after']:.3f}",
+            highlight=False,
+        )
+    figures["heldout_loss_in_squeeze"] = evaluate_loss(model2, heldout)
+    figures["run2_final_loss"] = (_losses(trainer2) or [None])[-1]
+
+    from lora_monitor.report import write_report
+
+    figures["report"] = str(write_report(output / "run1"))
+    console.rule("[bold]Summary")
+    console.print(
+        f"Trained at rank {SOURCE_RANK}; Post-Squeeze recommends rank {recommended} (≥95% of ΔW's energy).\n"
+        f"Held-out loss: rank {SOURCE_RANK} {figures['heldout_loss_source']:.4f}"
+        + (
+            f", Post-Squeeze to {recommended} {figures['heldout_loss_compressed']:.4f}"
+            if "heldout_loss_compressed" in figures
+            else ""
+        )
+        + f", In-Squeeze to {target} {figures['heldout_loss_in_squeeze']:.4f}.\n"
+        f"Everything is in {output}/ (monitor JSONL, squeeze manifest, adapters); "
+        f"plots and the HTML report: {figures['report']}.\n"
+        "(The base here is a randomly initialised Llama, since nothing is downloaded: its weights are small,\n"
+        "so the adapter soon dominates them. That is what the dominance alerts above are saying.)",
+        highlight=False,
+    )
+    return figures

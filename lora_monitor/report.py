@@ -1,0 +1,333 @@
+"""Pictures of a run: PNG plots and one self-contained HTML page, from what the callbacks wrote.
+
+A run folder (the Trainer's ``output_dir``) holds ``lora_monitor.jsonl`` (one line per monitor check, from
+:class:`~lora_monitor.callbacks.SpectralMonitorCallback`) and/or ``squeeze_manifest.json`` (or a
+``"squeeze"`` entry in ``manifest.json``, from :class:`~lora_monitor.callbacks.PostSqueezeCallback` or
+``lora-monitor squeeze --json``). :func:`write_report` draws what is there:
+
+- ``spectra.png``: the singular values of every module's ΔW (from the squeeze analysis);
+- ``retention.png``: the share of ΔW's energy kept at each rank, mean/min/max over modules;
+- ``effective_rank_heatmap.png``: effective rank per module (rows) at each check (columns);
+- ``dominance.png``: σmax(ΔW)/σmax(W) per module at the last check, with the 0.3 and 0.5 lines;
+
+and ``report.html`` with the plots embedded (base64) and the tables, readable offline as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import LoraMonitorError
+
+MONITOR_FILE = "lora_monitor.jsonl"
+SQUEEZE_FILES = ("squeeze_manifest.json", "manifest.json")
+REPORT_NAME = "report.html"
+_TYPE_COLORS = {
+    "q_proj": "#1f77b4",
+    "k_proj": "#ff7f0e",
+    "v_proj": "#2ca02c",
+    "o_proj": "#d62728",
+    "gate_proj": "#9467bd",
+    "up_proj": "#8c564b",
+    "down_proj": "#e377c2",
+}
+
+
+def load_monitor_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The monitor's checks, in order (empty when the run had no monitor)."""
+    path = run_dir / MONITOR_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise LoraMonitorError(f"{path}: line {number} is not JSON ({error})") from error
+    return records
+
+
+def load_squeeze_analysis(run_dir: Path) -> dict[str, Any] | None:
+    """The Post-Squeeze analysis of the run, if one was written."""
+    for name in SQUEEZE_FILES:
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            document = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise LoraMonitorError(f"{path}: not valid JSON ({error})") from error
+        if name == "manifest.json":
+            document = document.get("squeeze")
+        if isinstance(document, dict) and "mean_variance" in document:
+            return document
+    return None
+
+
+def _color(module_type: str) -> str:
+    return _TYPE_COLORS.get(module_type, "#7f7f7f")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_spectra(analysis: dict[str, Any], path: Path) -> Path:
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    seen = set()
+    for module in analysis.get("modules", []):
+        values = [v for v in module.get("singular_values") or [] if v and v > 0]
+        if not values:
+            continue
+        label = module["module_type"] if module["module_type"] not in seen else None
+        seen.add(module["module_type"])
+        axes.plot(
+            range(1, len(values) + 1), values, color=_color(module["module_type"]), alpha=0.7, label=label
+        )
+    axes.set_yscale("log")
+    axes.set_xlabel("index k")
+    axes.set_ylabel("σ_k of s·B·A")
+    axes.set_title("Singular values of each module's ΔW")
+    if seen:
+        axes.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_retention(analysis: dict[str, Any], path: Path) -> Path:
+    plt = _pyplot()
+    ranks = sorted(int(rank) for rank in analysis["mean_variance"])
+
+    def series(key: str) -> list[float]:
+        return [100 * analysis[key][str(rank)] for rank in ranks]
+
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    for module in analysis.get("modules", []):
+        retained = module.get("retained") or {}
+        points = [(int(r), 100 * v) for r, v in retained.items() if v is not None]
+        if points:
+            points.sort()
+            axes.plot(
+                *zip(*points, strict=True), color=_color(module["module_type"]), alpha=0.15, linewidth=0.8
+            )
+    axes.fill_between(ranks, series("min_variance"), series("max_variance"), alpha=0.2, label="min–max")
+    axes.plot(ranks, series("mean_variance"), marker="o", label="mean over modules")
+    threshold = 100 * analysis.get("min_variance_retention", 0.95)
+    axes.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.0f}%")
+    recommended = analysis.get("recommended_rank")
+    if recommended:
+        axes.axvline(recommended, color="#d62728", linewidth=1, label=f"recommended rank {recommended}")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(ranks, [str(r) for r in ranks])
+    axes.set_xlabel("rank kept")
+    axes.set_ylabel("energy of ΔW retained (%)")
+    axes.set_title("Variance retained per rank")
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_effective_rank_heatmap(records: list[dict[str, Any]], path: Path) -> Path | None:
+    checks = [r for r in records if r.get("modules")]
+    if not checks:
+        return None
+    names = [m["name"] for m in checks[-1]["modules"]]
+    steps = [r["step"] for r in checks]
+    grid = []
+    for name in names:
+        row = []
+        for record in checks:
+            value = next((m.get("effective_rank") for m in record["modules"] if m["name"] == name), None)
+            row.append(math.nan if value is None else value)
+        grid.append(row)
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, max(3.0, 0.28 * len(names) + 1.5)))
+    image = axes.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    axes.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7)
+    axes.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=7)
+    axes.set_xlabel("training step")
+    axes.set_title("Effective rank of ΔW per module over training")
+    figure.colorbar(image, ax=axes, label="effective rank")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_dominance(records: list[dict[str, Any]], path: Path) -> Path | None:
+    last = next((r for r in reversed(records) if r.get("modules")), None)
+    if last is None:
+        return None
+    modules = [m for m in last["modules"] if m.get("dominance") is not None]
+    if not modules:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, max(3.0, 0.28 * len(modules) + 1.5)))
+    positions = range(len(modules))
+    axes.barh(positions, [m["dominance"] for m in modules], color=[_color(m["module_type"]) for m in modules])
+    axes.set_yticks(positions, [_short(m["name"]) for m in modules], fontsize=7)
+    axes.invert_yaxis()
+    axes.axvline(0.3, color="orange", linestyle="--", linewidth=1, label="0.3 warning")
+    axes.axvline(0.5, color="red", linestyle="--", linewidth=1, label="0.5 critical")
+    axes.set_xlabel("σmax(s·B·A) / σmax(W_base)")
+    axes.set_title(f"Dominance of the adapter over its base (step {last['step']})")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _short(name: str) -> str:
+    return name.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _embed(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def write_report(run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> Path:
+    """Draw the run's plots and write ``report.html`` (self-contained) into ``output_dir`` (default: run_dir).
+
+    Returns the path of the HTML page. Raises :class:`LoraMonitorError` when the folder holds neither a
+    monitor file nor a squeeze analysis.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise LoraMonitorError(f"{run}: no such run folder")
+    records = load_monitor_records(run)
+    analysis = load_squeeze_analysis(run)
+    if not records and analysis is None:
+        raise LoraMonitorError(
+            f"{run}: holds neither {MONITOR_FILE} nor a squeeze analysis ({' / '.join(SQUEEZE_FILES)}); "
+            "run training with SpectralMonitorCallback or PostSqueezeCallback first"
+        )
+    output = Path(output_dir) if output_dir is not None else run
+    output.mkdir(parents=True, exist_ok=True)
+
+    figures: list[tuple[Path, str]] = []
+    if analysis is not None:
+        figures.append((plot_retention(analysis, output / "retention.png"), "Variance retained per rank"))
+        figures.append((plot_spectra(analysis, output / "spectra.png"), "Singular values of each ΔW"))
+    heatmap = plot_effective_rank_heatmap(records, output / "effective_rank_heatmap.png")
+    if heatmap is not None:
+        figures.append((heatmap, "Effective rank per module over training"))
+    dominance = plot_dominance(records, output / "dominance.png")
+    if dominance is not None:
+        figures.append((dominance, "Dominance per module at the last check"))
+
+    sections = [f"<h1>lora-monitor report</h1><p>Run folder: <code>{html.escape(str(run))}</code></p>"]
+    if analysis is not None:
+        recommended = analysis.get("recommended_rank")
+        rows = []
+        for rank in sorted(int(r) for r in analysis["mean_variance"]):
+            key = str(rank)
+            rows.append(
+                [
+                    rank,
+                    f"{100 * analysis['mean_variance'][key]:.2f}%",
+                    f"{100 * analysis['min_variance'][key]:.2f}%",
+                    f"{100 * analysis['max_variance'][key]:.2f}%",
+                    "← recommended" if rank == recommended else "",
+                ]
+            )
+        sections.append(
+            f"<h2>Post-Squeeze</h2><p>Source rank {analysis.get('source_rank')}, "
+            f"{analysis.get('num_modules', analysis.get('num_layers'))} modules; recommended rank "
+            f"<b>{recommended}</b> (mean retention ≥ {100 * analysis.get('min_variance_retention', 0.95):.0f}%).</p>"
+            + _table(["rank", "mean", "min", "max", ""], rows)
+        )
+    if records:
+        last = records[-1]
+        alerts = [alert for record in records for alert in record.get("alerts") or []]
+        sections.append(f"<h2>Monitor</h2><p>{len(records)} checks, last at step {last['step']}.</p>")
+        if alerts:
+            sections.append(
+                "<h3>Alerts</h3>"
+                + _table(
+                    ["step", "severity", "alert", "message", "suggested action"],
+                    [[a.get("step"), a["severity"], a["code"], a["message"], a["action"]] for a in alerts],
+                )
+            )
+        else:
+            sections.append("<p>No alerts.</p>")
+        modules = last.get("modules") or []
+        if modules:
+            sections.append(
+                "<h3>Modules at the last check</h3>"
+                + _table(
+                    [
+                        "module",
+                        "rank",
+                        "eff. rank",
+                        "utilization",
+                        "stable rank",
+                        "κ(A)",
+                        "κ(B)",
+                        "dominance",
+                    ],
+                    [
+                        [
+                            m["name"],
+                            m.get("nominal_rank"),
+                            _number(m.get("effective_rank")),
+                            _number(m.get("rank_utilization")),
+                            _number(m.get("stable_rank")),
+                            _number(m.get("kappa_A")),
+                            _number(m.get("kappa_B")),
+                            _number(m.get("dominance")),
+                        ]
+                        for m in modules
+                    ],
+                )
+            )
+    sections.append("<h2>Plots</h2>" + "".join(_embed(path, caption) for path, caption in figures))
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:0.85em}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}"
+        "th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}"
+    )
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>lora-monitor report</title>'
+        f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n"
+    )
+    report = output / REPORT_NAME
+    staging = output / f".{REPORT_NAME}.tmp"
+    staging.write_text(page)
+    staging.replace(report)  # a reader never sees half a page
+    return report
