@@ -395,6 +395,55 @@ def spectral_norm(
     return float(randomized_svd(W, k=1, oversample=7, power_iters=iters).S[0])
 
 
+def weight_singular_values(
+    weights: Sequence[Tensor],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+    batch_size: int = 16,
+    max_batch_bytes: int = 1 << 30,
+    progress: bool = False,
+    description: str = "singular values",
+) -> list[Tensor]:
+    """All singular values of many dense matrices (frozen base weights, gradients), one full SVD each.
+
+    Here the full spectrum is the point (heavy-tail fits need every eigenvalue), so nothing is factored:
+    weights of the same shape are stacked and go through ``torch.linalg.svdvals`` in batches of at most
+    ``batch_size`` matrices and ``max_batch_bytes`` bytes, on ``device`` (default: the GPU when there is
+    one, else the weights' own device), in ``dtype`` (float64 by default, float32 on request). Tensors with
+    more than two dimensions (conv kernels) are flattened to ``out × rest``. ``progress`` shows a tqdm bar.
+
+    Returns one float64 CPU tensor per weight, in input order, descending, of length ``min(m, n)``.
+    """
+    dtype = _compute_dtype(dtype)
+    matrices = [W.detach().reshape(W.shape[0], -1) if W.dim() != 2 else W.detach() for W in weights]
+    for index, W in enumerate(matrices):
+        if W.dim() != 2 or not W.is_floating_point():
+            raise ValueError(f"weight {index}: need a floating-point matrix, got {W.dtype} {tuple(W.shape)}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else None
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, W in enumerate(matrices):
+        groups.setdefault(tuple(W.shape), []).append(index)
+    results: list[Tensor | None] = [None] * len(matrices)
+    element_bytes = torch.finfo(dtype).bits // 8
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(matrices), desc=description, disable=not progress, leave=False) as bar:
+        for (m, n), indices in groups.items():
+            # Big matrices go fewer at a time so that a stack never exceeds the memory budget.
+            per_batch = max(1, min(batch_size, max_batch_bytes // max(1, m * n * element_bytes)))
+            for start in range(0, len(indices), per_batch):
+                chunk = indices[start : start + per_batch]
+                target = device if device is not None else matrices[chunk[0]].device
+                stack = torch.stack([matrices[i].to(device=target, dtype=dtype) for i in chunk])
+                values = torch.linalg.svdvals(stack).to(device="cpu", dtype=torch.float64)
+                for position, i in enumerate(chunk):
+                    results[i] = values[position]
+                bar.update(len(chunk))
+    return results  # type: ignore[return-value]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Scalar summaries of a spectrum (all batched over leading dimensions)
 # --------------------------------------------------------------------------------------------------------
