@@ -76,12 +76,15 @@ class LoraModule:
     @property
     def A(self) -> torch.Tensor:
         """``r × n`` matrix (a view of the live parameter, or read from disk now)."""
-        return self.load_A().reshape(self.rank, -1)
+        # Shaped from the tensor itself, so a record stays right after In-Squeeze changed the rank.
+        factor = self.load_A()
+        return factor.reshape(factor.shape[0], -1)
 
     @property
     def B(self) -> torch.Tensor:
-        """``m × r`` matrix."""
-        return self.load_B().reshape(-1, self.rank)
+        """``m × r`` matrix (a conv ``lora_B`` kernel is ``out × r × 1 × 1``)."""
+        factor = self.load_B()
+        return factor.reshape(factor.shape[0], -1)
 
     @property
     def is_attention(self) -> bool:

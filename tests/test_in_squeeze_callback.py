@@ -1,0 +1,290 @@
+"""InSqueezeCallback in a real transformers Trainer: r 16 → 4 over steps 20-40, trained to step 60."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+from conftest import SENTENCES, peft_llama, tiny_llama, training_args
+from lora_monitor.callbacks.in_squeeze import InSqueezeCallback, _resolve_step, plan_schedule
+from peft import PeftModel
+from transformers import Trainer, TrainerCallback
+
+from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
+from lora_monitor.resize import current_ranks, unwrap_optimizer
+
+MAX_STEPS = 60
+SQUEEZE = dict(target_rank=4, schedule="geometric", start_step=20, end_step=40)
+
+
+def _dataset(tokenizer):
+    from datasets import Dataset
+
+    encoded = tokenizer(SENTENCES, padding="max_length", max_length=16, truncation=True)
+    encoded["labels"] = [
+        [tok if mask else -100 for tok, mask in zip(ids, att, strict=True)]
+        for ids, att in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
+    ]
+    return Dataset.from_dict(dict(encoded))
+
+
+class _OptimizerAudit(TrainerCallback):
+    """After every step: are the optimizer's Parameters exactly the model's trainable ones?"""
+
+    def __init__(self) -> None:
+        self.mismatches: list[int] = []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        optimized = {id(p) for group in unwrap_optimizer(optimizer).param_groups for p in group["params"]}
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        if optimized != trainable:
+            self.mismatches.append(state.global_step)
+
+
+def _train(output_dir, tokenizer, callbacks, resume=None, **overrides):
+    model = peft_llama(r=16, lora_alpha=32, init_lora_weights=True)
+    overrides.setdefault("max_steps", MAX_STEPS)
+    args = training_args(output_dir, **overrides)
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(tokenizer), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _losses(trainer) -> dict[int, float]:
+    return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.tensor([[1, 5, 9, 12, 7, 30, 4, 2]])
+
+
+def _assert_reloads_same(trainer, folder):
+    trainer.model.save_pretrained(folder)
+    assert {m.rank for m in load_adapter(folder)} == {4}
+    reloaded = PeftModel.from_pretrained(tiny_llama(0), folder)
+    assert torch.allclose(_logits(reloaded, IDS), _logits(trainer.model, IDS), atol=1e-5)
+
+
+class _LogSink(TrainerCallback):
+    """Sees what a report_to integration sees: every on_log event."""
+
+    def __init__(self) -> None:
+        self.logs: list[tuple[int, dict]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append((state.global_step, dict(logs)))
+
+
+@pytest.fixture(scope="module")
+def resize_run(tmp_path_factory, tokenizer):
+    sink = _LogSink()
+    squeeze = InSqueezeCallback(**SQUEEZE)
+    audit = _OptimizerAudit()
+    # The checkpoint at step 45 (after both squeezes) is what the resume test starts from.
+    trainer = _train(
+        tmp_path_factory.mktemp("resize"),
+        tokenizer,
+        [sink, squeeze, audit],
+        save_strategy="steps",
+        save_steps=45,
+    )
+    trainer.log_sink = sink
+    return trainer, squeeze, audit
+
+
+def test_resize_run_ends_at_the_target_rank_and_reloads(resize_run, tmp_path):
+    trainer, squeeze, audit = resize_run
+    assert trainer.state.global_step == MAX_STEPS
+    assert squeeze.resolved_mode == "resize"
+    assert [event["step"] for event in squeeze.events] == [20, 40]
+    assert [set(event["ranks"].values()) for event in squeeze.events] == [{8}, {4}]
+    assert set(current_ranks(trainer.model).values()) == {4}
+    for record in find_lora_modules(trainer.model):
+        assert record.A_shape[0] == 4 and record.scale == pytest.approx(2.0)  # alpha/r = 32/16, kept
+    assert audit.mismatches == []
+    _assert_reloads_same(trainer, tmp_path / "adapter")
+
+
+def test_resize_run_logs_each_squeeze_and_keeps_learning(resize_run):
+    trainer, _, _ = resize_run
+    logged = [entry for entry in trainer.state.log_history if "in_squeeze/rank_mean" in entry]
+    assert [(entry["step"], entry["in_squeeze/rank_mean"]) for entry in logged] == [(20, 8.0), (40, 4.0)]
+    # Integrations (report_to) get the same events through on_log, even when listed before this callback.
+    reported = [
+        (step, logs["in_squeeze/rank_mean"])
+        for step, logs in trainer.log_sink.logs
+        if "in_squeeze/rank_mean" in logs
+    ]
+    assert reported == [(20, 8.0), (40, 4.0)]
+    for entry in logged:
+        assert (
+            0 < entry["in_squeeze/retained_variance_min"] <= entry["in_squeeze/retained_variance_mean"] <= 1
+        )
+        assert entry["in_squeeze/loss_jump"] == pytest.approx(
+            entry["in_squeeze/loss_after"] - entry["in_squeeze/loss_before"]
+        )
+    losses = _losses(trainer)
+    after_last_squeeze = statistics.mean(losses[step] for step in range(41, 51))
+    last = statistics.mean(losses[step] for step in range(51, 61))
+    assert last < after_last_squeeze
+    first = statistics.mean(losses[step] for step in range(1, 11))
+    assert last < first
+    # The LR scheduler holds the optimizer, not the parameters: its linear decay runs on through the squeezes.
+    rates = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
+    assert rates == pytest.approx({step: 5e-3 * (MAX_STEPS + 1 - step) / MAX_STEPS for step in rates})
+
+
+def test_resume_after_a_squeeze_finishes_like_the_uninterrupted_run(resize_run, tmp_path, tokenizer):
+    reference, _, _ = resize_run
+    checkpoint = f"{reference.args.output_dir}/checkpoint-45"
+    assert {m.rank for m in load_adapter(checkpoint)} == {4}
+
+    squeeze = InSqueezeCallback(**SQUEEZE)
+    audit = _OptimizerAudit()
+    resumed = _train(tmp_path, tokenizer, [squeeze, audit], resume=checkpoint)
+    assert resumed.state.global_step == MAX_STEPS
+    assert squeeze.events == []  # both squeezes were before the checkpoint
+    assert set(current_ranks(resumed.model).values()) == {4}
+    assert audit.mismatches == []
+    # The optimizer state came back (step counts continue), so the run ends where the uninterrupted one did.
+    state = unwrap_optimizer(resumed.optimizer).state
+    assert {float(s["step"]) for s in state.values()} == {float(MAX_STEPS)}
+    assert torch.allclose(_logits(resumed.model, IDS), _logits(reference.model, IDS), atol=1e-4)
+    _assert_reloads_same(resumed, tmp_path / "adapter")
+
+
+def test_mask_mode_keeps_shapes_while_training_saves_the_reduced_rank_and_resumes(tmp_path, tokenizer):
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    class _Shapes(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            record = find_lora_modules(model)[0]
+            shapes[state.global_step] = record.A_shape
+            if state.global_step > 12:  # after the last squeeze the dropped directions stay exactly zero
+                assert record.A[4:].abs().max() == 0 and record.B[:, 4:].abs().max() == 0
+
+    squeeze_args = dict(SQUEEZE, start_step=6, end_step=12, mode="mask")
+    run_args = dict(save_strategy="steps", save_steps=14, max_steps=16)
+    squeeze = InSqueezeCallback(**squeeze_args)
+    audit = _OptimizerAudit()
+    trainer = _train(tmp_path, tokenizer, [squeeze, audit, _Shapes()], **run_args)
+    assert squeeze.resolved_mode == "mask"
+    assert {shape[0] for shape in shapes.values()} == {16}  # never resized while training
+    assert audit.mismatches == []
+    assert [(event["step"], set(event["ranks"].values())) for event in squeeze.events] == [
+        (6, {8}),
+        (12, {4}),
+    ]
+    # The checkpoint written while the shapes were still 16 holds the rank-4 adapter, and it reloads.
+    checkpoint = tmp_path / "checkpoint-14"
+    assert {m.rank for m in load_adapter(checkpoint)} == {4}
+    PeftModel.from_pretrained(tiny_llama(0), checkpoint)
+    # At the end of a single-process run the masked modules were compacted for real.
+    assert find_lora_modules(trainer.model)[0].A_shape[0] == 4
+    _assert_reloads_same(trainer, tmp_path / "adapter")
+
+    # Resume on a freshly built rank-16 model: the rank-4 checkpoint is padded, the mask restored.
+    shapes.clear()
+    resumed = _train(
+        tmp_path,
+        tokenizer,
+        [InSqueezeCallback(**squeeze_args), _Shapes()],
+        resume=str(checkpoint),
+        **run_args,
+    )
+    assert set(shapes) == {15, 16} and {shape[0] for shape in shapes.values()} == {16}
+    assert find_lora_modules(resumed.model)[0].A_shape[0] == 4
+    assert torch.allclose(_logits(resumed.model, IDS), _logits(trainer.model, IDS), atol=1e-4)
+
+
+def test_rewarmup_scales_the_learning_rate_after_a_squeeze(tmp_path, tokenizer):
+    seen: dict[int, tuple[float, float]] = {}
+
+    class _LearningRates(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            used = unwrap_optimizer(optimizer).param_groups[0]["lr"]
+            seen[state.global_step + 1] = (used, lr_scheduler.get_last_lr()[0])
+
+    squeeze = InSqueezeCallback(target_rank=4, schedule=[(4, 4)], rewarmup_steps=3)
+    _train(tmp_path, tokenizer, [squeeze, _LearningRates()], max_steps=9)
+    ratios = {step: used / scheduled for step, (used, scheduled) in seen.items()}
+    assert ratios[4] == pytest.approx(1.0)
+    assert [ratios[step] for step in (5, 6, 7)] == pytest.approx([0.25, 0.5, 0.75])
+    assert ratios[8] == pytest.approx(1.0) and ratios[9] == pytest.approx(1.0)
+
+
+def test_schedules():
+    assert plan_schedule(16, 4, "geometric", 20, 40) == {20: 8, 40: 4}
+    assert plan_schedule(64, 8, "geometric", 10, 40) == {10: 32, 25: 16, 40: 8}
+    assert plan_schedule(16, 8, "geometric", 20, 40) == {40: 8}
+    linear = plan_schedule(16, 4, "linear", 20, 31)
+    assert list(linear.values()) == list(range(15, 3, -1)) and list(linear) == list(range(20, 32))
+    assert plan_schedule(16, 4, [(0.5, 8), (30, 4)], 0, 0, max_steps=40) == {20: 8, 30: 4}
+    assert plan_schedule(4, 4, "geometric", 1, 2) == {}
+    with pytest.raises(LoraMonitorError, match="schedule"):
+        plan_schedule(16, 4, "cosine", 1, 2)
+    with pytest.raises(LoraMonitorError, match="start_step"):
+        _resolve_step(1.5, 100, "start_step")
+    with pytest.raises(LoraMonitorError, match="optimizer_state"):
+        InSqueezeCallback(optimizer_state="keep")
+
+
+def test_works_in_trl_sft_trainer(tmp_path, tokenizer):
+    from trl import SFTConfig, SFTTrainer
+
+    squeeze = InSqueezeCallback(target_rank=4, schedule=[(3, 8), (6, 4)])
+    audit = _OptimizerAudit()
+    config = SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        max_steps=8,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        max_length=16,
+        bf16=False,  # TRL's default autocasts the live forward on CPU; the reload check compares in fp32
+    )
+    trainer = SFTTrainer(
+        model=peft_llama(r=16, init_lora_weights=True),
+        args=config,
+        train_dataset=_dataset(tokenizer),
+        processing_class=tokenizer,
+        callbacks=[squeeze, audit],
+    )
+    trainer.train()
+    assert [event["step"] for event in squeeze.events] == [3, 6]
+    assert set(current_ranks(trainer.model).values()) == {4}
+    assert audit.mismatches == []
+    squeeze_logs = [entry for entry in trainer.state.log_history if "in_squeeze/loss_jump" in entry]
+    assert len(squeeze_logs) == 2
+    assert not any("entropy" in entry for entry in squeeze_logs)  # TRL's own metric windows left alone
+    _assert_reloads_same(trainer, tmp_path / "adapter")
+
+
+def test_trl_reference_adapter_is_never_squeezed(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    model = peft_llama(r=16, init_lora_weights=True)
+    # GRPOTrainer keeps its reference policy as a frozen second adapter named "ref".
+    model.add_adapter("ref", LoraConfig(r=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    reference = {r.name: (r.B.clone(), r.A.clone()) for r in find_lora_modules(model, "ref")}
+    squeeze = InSqueezeCallback(target_rank=4, schedule=[(2, 4)])
+    args = training_args(tmp_path, max_steps=4)
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(tokenizer), callbacks=[squeeze])
+    trainer.train()
+    assert squeeze.adapter_name == "default"
+    assert set(current_ranks(model, "default").values()) == {4}
+    for record in find_lora_modules(model, "ref"):
+        assert record.rank == 16
+        assert torch.equal(record.B, reference[record.name][0]) and torch.equal(
+            record.A, reference[record.name][1]
+        )
