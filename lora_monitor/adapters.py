@@ -26,6 +26,9 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+# In-Squeeze's mask mode keeps shapes and records on the layer how many leading directions are alive
+# ({adapter name: rank}); every record and every saved adapter then shows only those directions.
+KEPT_RANK_ATTRIBUTE = "lora_monitor_kept_rank"
 # TRL's GRPOTrainer adds a frozen copy of a pretrained adapter under this name as its reference policy.
 REFERENCE_ADAPTER_NAMES = ("ref",)
 
@@ -188,35 +191,44 @@ def find_lora_modules(model: torch.nn.Module, adapter_name: str | None = None) -
             continue
         name = _strip_prefix(qualified_name)
         module_type, layer_index = _describe(name)
+        kept = getattr(module, KEPT_RANK_ATTRIBUTE, {}).get(chosen)
+        rank = int(kept) if kept is not None else int(module.r[chosen])
         records.append(
             LoraModule(
                 name=name,
                 module_type=module_type,
                 layer_index=layer_index,
                 kind=kind,
-                rank=int(module.r[chosen]),
+                rank=rank,
                 alpha=float(module.lora_alpha[chosen]),
                 scale=float(module.scaling[chosen]),
                 use_rslora=bool(module.use_rslora.get(chosen, False)),
                 use_dora=bool(module.use_dora.get(chosen, False)),
                 adapter_name=chosen,
-                A_shape=tuple(A_param.shape),
-                B_shape=tuple(B_param.shape),
-                load_A=_live_loader(module, chosen, kind, "A"),
-                load_B=_live_loader(module, chosen, kind, "B"),
+                A_shape=(rank, *A_param.shape[1:]),
+                B_shape=(B_param.shape[0], rank, *B_param.shape[2:]),
+                load_A=_live_loader(module, chosen, kind, "A", kept),
+                load_B=_live_loader(module, chosen, kind, "B", kept),
                 module=module,
             )
         )
     return records
 
 
-def _live_loader(module: LoraLayer, adapter: str, kind: str, which: str) -> Callable[[], torch.Tensor]:
+def _live_loader(
+    module: LoraLayer, adapter: str, kind: str, which: str, kept: int | None
+) -> Callable[[], torch.Tensor]:
     # Looked up on every call, so that a record stays valid after In-Squeeze swaps the parameters.
     if kind == "embedding":
         holder = module.lora_embedding_A if which == "A" else module.lora_embedding_B
-        return lambda: holder[adapter].detach()
-    holder = module.lora_A if which == "A" else module.lora_B
-    return lambda: holder[adapter].weight.detach()
+        read = lambda: holder[adapter].detach()  # noqa: E731
+    else:
+        holder = module.lora_A if which == "A" else module.lora_B
+        read = lambda: holder[adapter].weight.detach()  # noqa: E731
+    if kept is None:
+        return read
+    # Masked: only the leading ``kept`` directions are alive (rows of A, columns of B).
+    return (lambda: read()[:kept]) if which == "A" else (lambda: read()[:, :kept])
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -308,7 +308,10 @@ def factor_gradients(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor] | 
         return None
     grad_A = A_param.grad if A_param.grad is not None else torch.zeros_like(A_param)
     grad_B = B_param.grad if B_param.grad is not None else torch.zeros_like(B_param)
-    return grad_B.detach().reshape(-1, module.rank), grad_A.detach().reshape(module.rank, -1)
+    # Shaped like the record's factors: a masked module (In-Squeeze mask mode) shows its kept directions.
+    grad_B = grad_B.detach().reshape(grad_B.shape[0], -1)[:, : module.rank]
+    grad_A = grad_A.detach().reshape(grad_A.shape[0], -1)[: module.rank]
+    return grad_B, grad_A
 
 
 def gradient_effective_ranks(

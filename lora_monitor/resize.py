@@ -34,7 +34,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .adapters import REFERENCE_ADAPTER_NAMES, LoraModule, find_lora_modules
+from .adapters import KEPT_RANK_ATTRIBUTE, REFERENCE_ADAPTER_NAMES, LoraModule, find_lora_modules
 from .errors import LoraMonitorError
 from .spectrum import (
     LinearOperator,
@@ -49,7 +49,7 @@ OPTIMIZER_STATES = ("project", "reset")
 MODES = ("resize", "mask")
 
 # Attributes lora-monitor keeps on a LoraLayer (plain dicts keyed by adapter name).
-_KEPT_RANK = "lora_monitor_kept_rank"  # mask mode: how many leading directions are alive
+_KEPT_RANK = KEPT_RANK_ATTRIBUTE  # mask mode: how many leading directions are alive
 _MASK_HOOKS = "lora_monitor_mask_hooks"
 _BINDING = "lora_monitor_binding"
 

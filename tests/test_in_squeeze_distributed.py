@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(
 
     class Audit(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-            nominal_shapes.add(find_lora_modules(model)[0].A_shape[0])
+            nominal_shapes.add(find_lora_modules(model)[0].module.lora_A["default"].weight.shape[0])
             optimized = {id(p) for g in unwrap_optimizer(optimizer).param_groups for p in g["params"]}
             if optimized != {id(p) for p in model.parameters() if p.requires_grad}:
                 mismatches.append(state.global_step)
@@ -53,7 +53,11 @@ SCRIPT = textwrap.dedent(
     live.eval()
     with torch.no_grad():
         logits = live(input_ids=torch.tensor([[1, 5, 9, 12, 7, 30, 4, 2]])).logits
-    factors = {r.name + suffix: getattr(r, suffix).clone() for r in find_lora_modules(live) for suffix in "AB"}
+    factors = {  # the parameters themselves: records show only the kept directions of a masked module
+        r.name + side: getattr(r.module, "lora_" + side)["default"].weight.detach().clone()
+        for r in find_lora_modules(live)
+        for side in "AB"
+    }
     torch.save({"factors": factors, "logits": logits}, os.path.join(out, f"process{rank}.pt"))
     report = {
         "mode": squeeze.resolved_mode,

@@ -179,7 +179,9 @@ def test_mask_mode_keeps_shapes_holds_zeros_and_saves_the_reduced_rank(tmp_path)
         fresh = peft_llama(r=16).double()
         install_rank_hooks(fresh, mode=mode)
         set_peft_model_state_dict(fresh, load_peft_weights(str(tmp_path)))
-        assert find_lora_modules(fresh)[0].A_shape[0] == nominal
+        record = find_lora_modules(fresh)[0]
+        assert record.module.lora_A["default"].weight.shape[0] == nominal  # the parameter itself
+        assert record.rank == 4 and record.A.shape[0] == 4  # records show the live (kept) directions
         assert set(current_ranks(fresh).values()) == {4}
         with torch.no_grad():
             assert torch.allclose(fresh.eval()(input_ids=ids).logits, live, atol=1e-10)
