@@ -2,3 +2,9 @@
 
 from lora_monitor.callbacks import SpectralMonitorCallback, InSqueezeCallback, PostSqueezeCallback
 """
+
+from .in_squeeze import InSqueezeCallback
+from .monitor import SpectralMonitorCallback
+from .post_squeeze import PostSqueezeCallback
+
+__all__ = ["InSqueezeCallback", "PostSqueezeCallback", "SpectralMonitorCallback"]

@@ -2,16 +2,30 @@
 
 The public API, one screen:
 
-    Finding LoRA pairs      find_lora_modules(model), load_adapter(path)  -> LoraModule records
-    The spectrum engine     factored_svd, lora_spectra, truncate_factors, randomized_svd, LinearOperator,
-                            effective_rank, stable_rank, condition_number, energy_curve, spectral_norm
-    Trainer callbacks       from lora_monitor.callbacks import (SpectralMonitorCallback,
-                                                                InSqueezeCallback, PostSqueezeCallback)
-    Errors                  LoraMonitorError (bad input, with a message naming the file or module)
+    Finding LoRA pairs     find_lora_modules(model), load_adapter(path)            -> LoraModule records
+    The spectrum engine    factored_svd, lora_spectra, truncate_factors, randomized_svd, LinearOperator,
+                           weight_singular_values, effective_rank, stable_rank, condition_number,
+                           energy_curve, rank_for_energy, spectral_norm
+    Health metrics         compute_module_metrics, summarize, MetricsHistory, BaseNormCache;
+                           AlertMonitor, AlertThresholds, Alert, check_alerts
+    Post-Squeeze           analyze_adapter -> SqueezeAnalysis, compress_adapter, write_adapter_folder
+    In-Squeeze             squeeze_model, resize_lora_module, compact_masks, current_ranks
+    Rank before training   spectral_analysis, allocate_ranks, probe_rank
+    Spectral editing       spectral_edit
+    Pictures               write_report
+    Trainer callbacks      from lora_monitor.callbacks import (SpectralMonitorCallback,
+                                                               InSqueezeCallback, PostSqueezeCallback)
+    Errors                 LoraMonitorError (bad input, with a message naming the file or module)
 """
 
 from .adapters import LoraModule, SavedAdapter, find_lora_modules, load_adapter, lora_modules, scale_for
+from .alerts import Alert, AlertMonitor, AlertThresholds, Severity, check_alerts
+from .allocation import RankAllocation, RankProbe, allocate_ranks, probe_rank, spectral_analysis
+from .edit import SpectralEditResult, spectral_edit
 from .errors import LoraMonitorError
+from .metrics import BaseNormCache, MetricsHistory, ModuleMetrics, compute_module_metrics, summarize
+from .report import write_report
+from .resize import ResizeEvent, compact_masks, current_ranks, resize_lora_module, squeeze_model
 from .spectrum import (
     LinearOperator,
     LoraSpectra,
@@ -27,19 +41,40 @@ from .spectrum import (
     spectral_norm,
     stable_rank,
     truncate_factors,
+    weight_singular_values,
 )
+from .squeeze import SqueezeAnalysis, analyze_adapter, compress_adapter, write_adapter_folder
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alert",
+    "AlertMonitor",
+    "AlertThresholds",
+    "BaseNormCache",
     "LinearOperator",
     "LoraModule",
     "LoraMonitorError",
     "LoraSpectra",
+    "MetricsHistory",
+    "ModuleMetrics",
+    "RankAllocation",
+    "RankProbe",
+    "ResizeEvent",
     "SVDResult",
     "SavedAdapter",
+    "Severity",
+    "SpectralEditResult",
+    "SqueezeAnalysis",
     "TruncatedFactors",
+    "allocate_ranks",
+    "analyze_adapter",
+    "check_alerts",
+    "compact_masks",
+    "compress_adapter",
+    "compute_module_metrics",
     "condition_number",
+    "current_ranks",
     "effective_rank",
     "energy_curve",
     "factored_svd",
@@ -47,10 +82,19 @@ __all__ = [
     "load_adapter",
     "lora_modules",
     "lora_spectra",
+    "probe_rank",
     "randomized_svd",
     "rank_for_energy",
+    "resize_lora_module",
     "scale_for",
+    "spectral_analysis",
+    "spectral_edit",
     "spectral_norm",
+    "squeeze_model",
     "stable_rank",
+    "summarize",
     "truncate_factors",
+    "weight_singular_values",
+    "write_adapter_folder",
+    "write_report",
 ]

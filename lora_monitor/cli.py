@@ -28,20 +28,595 @@ def print_json(payload: Any) -> None:
 
 
 def register_analyze(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("analyze", help="spectral health metrics of a saved adapter")
+    parser = subparsers.add_parser(
+        "analyze",
+        help="spectral health metrics of a saved adapter",
+        description="Per-module effective rank, rank utilization, stable rank, condition numbers and norms of "
+        "a saved LoRA adapter, their summary, and the alerts that hold for it. With --base, also the "
+        "dominance σmax(ΔW)/σmax(W) and update scale ‖ΔW‖F/‖W‖F against the base model's weights.",
+    )
     parser.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument(
+        "--base",
+        help="base model folder (AutoModelForCausalLM.from_pretrained) for dominance and update scale",
+    )
+    parser.add_argument("--adapter-name", help="which adapter of a multi-adapter folder (sub-folder name)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(handler=_not_yet("analyze"))
+    parser.set_defaults(handler=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from .adapters import load_adapter
+    from .alerts import check_alerts
+    from .metrics import BaseNormCache, compute_module_metrics, summarize
+
+    adapter = load_adapter(args.adapter, args.adapter_name)
+    base_norms = BaseNormCache(_base_weight_lookup(args.base, adapter.modules)) if args.base else None
+    metrics = compute_module_metrics(adapter.modules, base_norms)
+    summary = summarize(metrics)
+    alerts = check_alerts(metrics)  # a snapshot: the rules that need a history do not apply
+    if args.json:
+        print_json(
+            {
+                "adapter": str(adapter.path),
+                "base": args.base,
+                "summary": summary.to_dict(),
+                "scalars": summary.scalars(),
+                "alerts": [alert.to_dict() for alert in alerts],
+                "modules": [record.to_dict(json_safe=True) for record in metrics],
+            }
+        )
+        return 0
+    _print_analysis(adapter.path, metrics, summary, alerts, with_base=bool(args.base))
+    return 0
+
+
+def _base_weight_lookup(base_dir: str, modules: Sequence[Any]):
+    """Load the base model once and return ``name -> frozen weight``, checked against the adapter's shapes."""
+    import math
+
+    from peft.utils.integrations import dequantize_module_weight
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+    except (OSError, ValueError) as error:
+        raise LoraMonitorError(f"{base_dir}: cannot load the base model ({error})") from error
+    layers = dict(model.named_modules())
+    weights = {}
+    for module in modules:
+        layer = layers.get(module.name)
+        if layer is None or getattr(layer, "weight", None) is None:
+            raise LoraMonitorError(
+                f"{base_dir}: the base model has no weight for module {module.name}: the adapter was not "
+                f"trained on this base"
+            )
+        weight = dequantize_module_weight(layer).detach()
+        weight = weight.reshape(weight.shape[0], -1)
+        delta_shape = (module.B_shape[0], math.prod(module.A_shape[1:]))
+        if tuple(weight.shape) not in (delta_shape, delta_shape[::-1]):
+            raise LoraMonitorError(
+                f"{base_dir}: module {module.name} has a base weight of shape {list(weight.shape)} but the "
+                f"adapter's ΔW is {list(delta_shape)}: the adapter was not trained on this base"
+            )
+        weights[module.name] = weight
+    return weights.get
+
+
+def _print_analysis(path, metrics, summary, alerts, *, with_base: bool) -> None:
+    import math
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    def number(value, digits: int = 3) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        if isinstance(value, float) and math.isinf(value):
+            return "inf"
+        return f"{value:.{digits}g}"
+
+    # Piped output gets a wide page rather than rich's 80 columns, so that the table is not squeezed.
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    table = Table(title=f"LoRA adapter {path}", title_justify="left", box=box.SIMPLE_HEAD)
+    columns = ["module", "rank", "eff. rank", "util.", "stable", "eff. A", "eff. B", "κ(A)", "κ(B)", "‖ΔW‖F"]
+    if with_base:
+        columns += ["dominance", "update scale"]
+    for column in columns:
+        if column == "module":
+            table.add_column(column, no_wrap=True)
+        else:
+            table.add_column(column, justify="right")
+    for m in metrics:
+        if m.is_zero:
+            row = [m.name, str(m.nominal_rank), "zero ΔW", *["–"] * (len(columns) - 3)]
+        else:
+            row = [
+                m.name,
+                str(m.nominal_rank),
+                number(m.effective_rank),
+                f"{100 * m.rank_utilization:.0f}%",
+                number(m.stable_rank),
+                number(m.effective_rank_A),
+                number(m.effective_rank_B),
+                number(m.kappa_A),
+                number(m.kappa_B),
+                number(m.frobenius),
+            ]
+            if with_base:
+                row += [number(m.dominance), number(m.update_scale)]
+        table.add_row(*row)
+    console.print(table)
+
+    overview = Table(title="Summary (mean / worst)", title_justify="left", box=box.SIMPLE_HEAD)
+    overview.add_column("group")
+    shown = ["effective_rank", "rank_utilization", "kappa_A", "kappa_B"] + (
+        ["dominance", "update_scale"] if with_base else []
+    )
+    for metric in shown:
+        overview.add_column(metric, justify="right")
+    groups = [
+        ("all", summary.overall),
+        *summary.by_type.items(),
+        *((f"layer {k}", v) for k, v in summary.by_layer.items()),
+    ]
+    for label, group in groups:
+        overview.add_row(
+            f"{label} ({group.num_modules})",
+            *(f"{number(group.metrics[key].mean)} / {number(group.metrics[key].worst)}" for key in shown),
+        )
+    console.print(overview)
+    if not alerts:
+        console.print("No alerts.")
+    styles = {"info": "cyan", "warning": "yellow", "critical": "bold red"}
+    for alert in alerts:
+        severity = alert.severity.value
+        console.print(
+            f"{severity.upper()} {alert.code}: {alert.message}", style=styles[severity], markup=False
+        )
+        console.print(f"  Suggested action: {alert.action}", markup=False)
 
 
 # ---- squeeze (Post-Squeeze analysis and compression) -----------------------------------------------------
 
+_SQUEEZE_KEYS = (
+    "adapter_path",
+    "min_variance_retention",
+    "source_rank",
+    "target_ranks",
+    "output_path",
+    "compress_to",
+    "device",
+)
+
 
 def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("squeeze", help="variance table, recommended rank, compressed adapter")
+    parser = subparsers.add_parser(
+        "squeeze",
+        help="variance table, recommended rank, compressed adapter",
+        description="How much of each LoRA delta every rank keeps, the smallest rank keeping the threshold, "
+        "and (with --out) the adapter compressed to it. ADAPTER may be a TOML file with a [squeeze] table "
+        f"({', '.join(_SQUEEZE_KEYS)}); options given on the command line override it.",
+    )
     parser.add_argument("adapter", help="adapter folder, or a TOML file with a [squeeze] table")
+    parser.add_argument(
+        "--threshold", type=float, help="variance to retain, a fraction in (0, 1] (default: 0.95)"
+    )
+    parser.add_argument(
+        "--ranks", help="comma-separated ranks for the table, e.g. 4,8,16 (default: powers of two up to r)"
+    )
+    parser.add_argument("--out", help="write the compressed adapter to this folder")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--rank", type=int, help="compress every module to this rank (default: recommended)")
+    choice.add_argument(
+        "--per-module", action="store_true", help="give each module the smallest rank reaching the threshold"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--adapter-name", help="which adapter of a multi-adapter folder (sub-folder name)")
+    parser.add_argument("--device", help="torch device for the decomposition (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(handler=_not_yet("squeeze"))
+    parser.set_defaults(handler=_run_squeeze)
+
+
+def _squeeze_toml(path: Any) -> dict[str, Any]:
+    """The [squeeze] table of a TOML file, checked key by key; paths stay relative to the current folder."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError as error:
+            raise LoraMonitorError(f"{path}: reading TOML needs Python 3.11+ or the tomli package") from error
+    if not path.is_file():
+        raise LoraMonitorError(f"{path}: no such TOML file")
+    try:
+        document = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise LoraMonitorError(f"{path}: not valid TOML ({error})") from error
+    table = document.get("squeeze")
+    if not isinstance(table, dict):
+        raise LoraMonitorError(f"{path}: has no [squeeze] table")
+    unknown = sorted(set(table) - set(_SQUEEZE_KEYS))
+    if unknown:
+        raise LoraMonitorError(f"{path}: unknown key(s) {unknown} in [squeeze]; known: {list(_SQUEEZE_KEYS)}")
+    expected = {
+        "adapter_path": str,
+        "min_variance_retention": (int, float),
+        "source_rank": int,
+        "target_ranks": list,
+        "output_path": str,
+        "compress_to": int,
+        "device": str,
+    }
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, expected[key]):
+            raise LoraMonitorError(f"{path}: [squeeze] {key} = {value!r} has the wrong type")
+    if not table.get("adapter_path"):
+        raise LoraMonitorError(f"{path}: [squeeze] needs adapter_path")
+    settings = dict(table)
+    if not settings.get("source_rank"):
+        # the seed's fallback: [model].lora_rank names the rank the adapter was trained at
+        settings["source_rank"] = (document.get("model") or {}).get("lora_rank", 0)
+    if settings.get("compress_to", 0) < 0:
+        raise LoraMonitorError(
+            f"{path}: [squeeze] compress_to must be 0 (the recommended rank) or a rank >= 1"
+        )
+    return settings
+
+
+def _parse_ranks(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise LoraMonitorError(
+            f"--ranks {text!r}: give whole numbers separated by commas, e.g. 4,8,16"
+        ) from error
+
+
+def _run_squeeze(args: argparse.Namespace) -> int:
+    from .squeeze import DEFAULT_THRESHOLD, analyze_adapter, compress_adapter, print_analysis
+
+    settings: dict[str, Any] = {"adapter_path": args.adapter}
+    if args.adapter.endswith(".toml"):
+        from pathlib import Path
+
+        settings = _squeeze_toml(Path(args.adapter))
+    threshold = args.threshold if args.threshold is not None else settings.get("min_variance_retention")
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    ranks = _parse_ranks(args.ranks) if args.ranks is not None else settings.get("target_ranks") or None
+    output = args.out or settings.get("output_path") or None
+    rank = args.rank if args.rank is not None else (settings.get("compress_to") or None)
+    device = args.device or settings.get("device")
+    if (args.rank is not None or args.per_module) and not output:
+        raise LoraMonitorError("--rank and --per-module choose how to compress: give --out DIR as well")
+
+    analysis = analyze_adapter(
+        settings["adapter_path"],
+        min_variance_retention=threshold,
+        target_ranks=ranks,
+        adapter_name=args.adapter_name,
+        device=device,
+    )
+    source_rank = settings.get("source_rank") or 0
+    if source_rank and source_rank != analysis.source_rank:
+        print(
+            f"lora-monitor squeeze: warning: source_rank {source_rank} was expected, the weights have rank "
+            f"{analysis.source_rank} (the weights are used)",
+            file=sys.stderr,
+        )
+    result = None
+    if output:
+        if rank is None and not args.per_module:
+            if analysis.recommended_rank is None:
+                raise LoraMonitorError(
+                    f"{settings['adapter_path']}: every LoRA delta is zero; give --rank to compress anyway"
+                )
+            rank = analysis.recommended_rank
+        result = compress_adapter(
+            settings["adapter_path"],
+            output,
+            target_rank=rank,
+            min_variance_retention=threshold,
+            per_module=args.per_module,
+            adapter_name=args.adapter_name,
+            overwrite=args.overwrite,
+            device=device,
+        )
+    if args.json:
+        print_json({"analysis": analysis.to_dict(), "compressed": result.to_dict() if result else None})
+        return 0
+    print_analysis(analysis)
+    if result is not None:
+        changed = sum(result.ranks[name] < result.source_ranks[name] for name in result.ranks)
+        new_ranks = sorted(set(result.ranks.values()))
+        print(
+            f"Wrote {result.output_path}: {changed} of {len(result.ranks)} modules compressed, "
+            f"rank{'s' if len(new_ranks) > 1 else ''} {', '.join(map(str, new_ranks))}"
+        )
+    return 0
+
+
+# ---- allocate (per-layer ranks from base-weight spectra) -------------------------------------------------
+
+
+def register_allocate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "allocate", help="per-layer LoRA ranks from the base model's weight spectra"
+    )
+    parser.add_argument("model", help="base model folder (config.json + weights)")
+    parser.add_argument("--min-rank", type=int, default=4, help="smallest rank given (default: %(default)s)")
+    parser.add_argument("--max-rank", type=int, default=64, help="largest rank given (default: %(default)s)")
+    parser.add_argument(
+        "--fraction", type=float, default=0.5, help="fraction of the layers to adapt (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--scaling",
+        choices=["linear", "log", "sqrt"],
+        default="linear",
+        help="rank spacing (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--alpha-factor", type=float, default=2.0, help="lora_alpha = factor × rank (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--fit", choices=["median", "ks"], default="median", help="power-law xmin rule (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="total trainable LoRA parameters to hit (within one rank step)",
+    )
+    parser.add_argument(
+        "--target-modules",
+        default=None,
+        help="comma-separated module names to consider (default: all linear)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(handler=_run_allocate)
+
+
+def _load_base_model(folder_name: str):
+    """A model folder loaded offline with transformers (causal LM head if it has one)."""
+    from pathlib import Path
+
+    folder = Path(folder_name)
+    if not folder.is_dir():
+        raise LoraMonitorError(f"{folder}: not a folder (expected a model saved with save_pretrained)")
+    if not (folder / "config.json").is_file():
+        raise LoraMonitorError(f"{folder}: no config.json (expected a model saved with save_pretrained)")
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    errors = []
+    for auto_class in (AutoModelForCausalLM, AutoModel):
+        try:
+            return auto_class.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            errors.append(f"{auto_class.__name__}: {error}".splitlines()[0])
+    raise LoraMonitorError(f"{folder}: could not load the model ({'; '.join(errors)})")
+
+
+def _run_allocate(args: argparse.Namespace) -> int:
+    from .allocation import allocate_ranks, spectral_analysis
+
+    model = _load_base_model(args.model)
+    targets = (
+        [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
+    )
+    spectra = spectral_analysis(model, target_modules=targets, fit=args.fit, progress=not args.json)
+    allocation = allocate_ranks(
+        spectra,
+        min_rank=args.min_rank,
+        max_rank=args.max_rank,
+        layer_fraction=args.fraction,
+        scaling=args.scaling,
+        alpha_factor=args.alpha_factor,
+        parameter_budget=args.budget,
+    )
+    config = allocation.lora_config_kwargs()
+    if args.json:
+        layers = [
+            {
+                **layer.spectrum.as_dict(),
+                "score": layer.score,
+                "selected": layer.selected,
+                "rank": layer.rank,
+                "lora_alpha": layer.alpha,
+            }
+            for layer in allocation.layers
+        ]
+        print_json(
+            {
+                "model": args.model,
+                "layers": layers,
+                "lora_config": config,
+                "trainable_parameters": allocation.trainable_parameters,
+                "parameter_budget": args.budget,
+            }
+        )
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Ranks from the weight spectra of {args.model} ({args.fit} fit)")
+    for column in (
+        "layer",
+        "shape",
+        "α",
+        "spikes",
+        "λ+ (TW)",
+        "stable rank",
+        "‖W‖₂",
+        "score",
+        "rank",
+        "alpha",
+    ):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in allocation.layers:
+        s = layer.spectrum
+        table.add_row(
+            s.name,
+            f"{s.shape[0]}×{s.shape[1]}",
+            f"{s.alpha:.2f}",
+            str(s.num_spikes),
+            f"{s.edge:.3g}",
+            f"{s.stable_rank:.1f}",
+            f"{s.spectral_norm:.3g}",
+            f"{layer.score:.3f}",
+            str(layer.rank) if layer.selected else "-",
+            f"{layer.alpha:g}" if layer.selected else "-",
+            style=None if layer.selected else "dim",
+        )
+    console = Console(width=max(140, Console().width))
+    console.print(table)
+    budget = f" (budget {args.budget})" if args.budget is not None else ""
+    console.print(
+        f"{len(allocation.target_modules)} of {len(allocation.layers)} layers adapted, "
+        f"{allocation.trainable_parameters} trainable LoRA parameters{budget}"
+    )
+    console.print("LoraConfig arguments:")
+    console.print_json(json.dumps(config))
+    return 0
+
+
+# ---- edit (spectral editing with calibration gradients) ---------------------------------------------------
+
+
+def register_edit(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "edit", help="amplify/suppress singular directions by calibration sensitivity"
+    )
+    parser.add_argument("adapter", help="adapter folder to edit (never modified)")
+    parser.add_argument("--base", required=True, help="base model folder the adapter was trained on")
+    parser.add_argument(
+        "--data", required=True, help="calibration texts: .txt (one per line), .jsonl or .json"
+    )
+    parser.add_argument("--out", required=True, help="folder for the edited adapter")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the base model folder)")
+    parser.add_argument("--mode", default="abs_select", choices=["abs_select", "random_index", "gd"])
+    parser.add_argument("--target-modules", default="down_proj,o_proj", help="comma-separated module types")
+    parser.add_argument("--layers", help="comma-separated layer indices (default: all)")
+    parser.add_argument("--core-frac", type=float, default=0.2)
+    parser.add_argument("--noise-frac", type=float, default=0.2)
+    parser.add_argument("--amp-factor", type=float, default=1.25)
+    parser.add_argument("--sup-factor", type=float, default=0.8)
+    parser.add_argument("--mid-factor", type=float, default=1.0)
+    parser.add_argument("--eta", type=float, default=0.2)
+    parser.add_argument("--update", default="multiplicative", choices=["multiplicative", "additive"])
+    parser.add_argument("--preserve-energy", default="l1", choices=["l1", "l2", "none"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=32, help="calibration samples (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument(
+        "--eval", action="store_true", help="report calibration and held-out loss before/after"
+    )
+    parser.add_argument("--heldout", help="held-out texts for --eval (default: the last 20%% of --data)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a summary")
+    parser.set_defaults(handler=_run_edit)
+
+
+def read_texts(path: str) -> list[str]:
+    """Texts from a .txt (one per non-empty line), .jsonl or .json file (strings or objects with "text")."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise LoraMonitorError(f"{file}: no such data file")
+    try:
+        raw = file.read_text()
+        if file.suffix == ".jsonl":
+            items = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        elif file.suffix == ".json":
+            items = json.loads(raw)
+        else:
+            items = [line for line in raw.splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LoraMonitorError(f"{file}: cannot be read as texts ({error})") from error
+    texts = [item["text"] if isinstance(item, dict) and "text" in item else item for item in items]
+    if not texts or not all(isinstance(text, str) for text in texts):
+        raise LoraMonitorError(
+            f"{file}: holds no texts (expected lines, or JSON strings / objects with 'text')"
+        )
+    return texts
+
+
+def _run_edit(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .edit import spectral_edit
+
+    texts = read_texts(args.data)
+    heldout = None
+    if args.eval:
+        if args.heldout:
+            heldout = read_texts(args.heldout)
+        else:
+            cut = max(1, int(len(texts) * 0.8))
+            texts, heldout = texts[:cut], texts[cut:] or texts[-1:]
+    tokenizer_folder = args.tokenizer or args.base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    except (OSError, ValueError) as error:
+        raise LoraMonitorError(
+            f"{tokenizer_folder}: no usable tokenizer here ({error}); pass --tokenizer"
+        ) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    result = spectral_edit(
+        args.adapter,
+        texts,
+        tokenizer=tokenizer,
+        base_model=args.base,
+        output_path=args.out,
+        heldout_data=heldout,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_samples=args.samples,
+        overwrite=args.overwrite,
+        mode=args.mode,
+        target_modules=[t for t in args.target_modules.split(",") if t],
+        layers=[int(i) for i in args.layers.split(",")] if args.layers else None,
+        core_frac=args.core_frac,
+        noise_frac=args.noise_frac,
+        amp_factor=args.amp_factor,
+        sup_factor=args.sup_factor,
+        mid_factor=args.mid_factor,
+        eta=args.eta,
+        update=args.update,
+        preserve_energy=None if args.preserve_energy == "none" else args.preserve_energy,
+        seed=args.seed,
+    )
+    if args.json:
+        print_json({"output_path": str(result.output_path), **result.to_dict()})
+        return 0
+    print(f"edited {len(result.modules)} modules ({args.mode}); wrote {result.output_path}")
+    for name, value in result.losses.items():
+        print(f"  {name:>20}: {value:.4f}")
+    return 0
+
+
+# ---- report (plots and an HTML page of a run) ----------------------------------------------------------
+
+
+def register_report(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report", help="PNG plots and a self-contained HTML page of a training run"
+    )
+    parser.add_argument(
+        "run_dir", help="the Trainer's output_dir (lora_monitor.jsonl, squeeze_manifest.json)"
+    )
+    parser.add_argument("--out", help="folder for the plots and report.html (default: RUN_DIR)")
+    parser.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out)}")
+    return 0
 
 
 # ---- demo ------------------------------------------------------------------------------------------------
@@ -82,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     register_analyze(subparsers)
     register_squeeze(subparsers)
+    register_allocate(subparsers)
+    register_edit(subparsers)
+    register_report(subparsers)
     register_demo(subparsers)
     return parser
 

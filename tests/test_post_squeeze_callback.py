@@ -1,0 +1,111 @@
+"""PostSqueezeCallback with a real Trainer: table, manifest, compressed adapter, W&B offline summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _squeeze_helpers import lora_layers, offline_wandb_summary
+from conftest import peft_llama, tiny_llama, training_args
+from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback
+from peft import PeftModel
+from transformers import Trainer, TrainerControl, TrainerState
+
+from lora_monitor.errors import LoraMonitorError
+from lora_monitor.squeeze import analyze_adapter
+
+
+def train(tmp_path, lm_dataset, callback, steps=4, **overrides):
+    model = peft_llama(0, init_lora_weights=True, r=8)
+    args = training_args(tmp_path / "run", max_steps=steps, **overrides)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset, callbacks=[callback])
+    trainer.train()
+    return model, args
+
+
+def test_analysis_table_and_manifest(tmp_path, lm_dataset, capsys):
+    callback = PostSqueezeCallback(min_variance_retention=0.9)
+    model, _ = train(tmp_path, lm_dataset, callback)
+    assert callback.analysis is not None and callback.error is None
+    # the same numbers as analysing the trained adapter directly
+    direct = analyze_adapter(model, min_variance_retention=0.9)
+    assert callback.analysis.recommended_rank == direct.recommended_rank is not None
+    assert callback.analysis.mean_variance == pytest.approx(direct.mean_variance)
+    assert callback.analysis.num_layers == 14  # every module trained away from B = 0
+    out = capsys.readouterr().out
+    assert "<--" in out and f"Recommended rank: {direct.recommended_rank}" in out
+    manifest = json.loads((tmp_path / "run" / "squeeze_manifest.json").read_text())
+    assert manifest["recommended_rank"] == direct.recommended_rank
+    assert manifest["source_rank"] == 8
+    assert manifest["compressed"] is None
+    assert not (tmp_path / "run" / "squeezed").exists()
+
+
+def test_existing_manifest_gets_a_squeeze_entry_and_compressed_adapter(tmp_path, lm_dataset):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"runs": ["a"]}))
+    callback = PostSqueezeCallback(min_variance_retention=0.8, compress=True, target_ranks=[1, 2, 4, 8])
+    model, _ = train(tmp_path, lm_dataset, callback)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["runs"] == ["a"]
+    rank = manifest["squeeze"]["recommended_rank"]
+    assert rank == callback.analysis.recommended_rank
+    assert manifest["squeeze"]["compressed"]["output_path"].endswith("squeezed")
+    assert not (tmp_path / "run" / "squeeze_manifest.json").exists()
+    reloaded = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "run" / "squeezed")
+    for name, layer in lora_layers(reloaded).items():
+        assert layer.r["default"] == min(rank, 8), name
+        assert layer.scaling["default"] == pytest.approx(lora_layers(model)[name].scaling["default"])
+
+
+def test_wandb_offline_summary(tmp_path, lm_dataset, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "lora-monitor-tests")
+    callback = PostSqueezeCallback(min_variance_retention=0.9)
+    try:
+        train(tmp_path, lm_dataset, callback, steps=2, report_to=["wandb"])
+    finally:
+        wandb.finish()
+    runs = list(tmp_path.glob("wandb/offline-run-*"))
+    assert len(runs) == 1
+    summary = offline_wandb_summary(runs[0])
+    assert summary["squeeze/recommended_rank"] == callback.analysis.recommended_rank
+    assert summary["squeeze/source_rank"] == 8
+    assert summary["squeeze/num_layers"] == 14
+    assert summary["squeeze/min_variance_retention"] == 0.9
+    # the logged table, as W&B stored it in the run's files
+    table = json.loads((runs[0] / "files" / summary["squeeze/variance_table/path"]).read_text())
+    assert [row[0] for row in table["data"]] == callback.analysis.target_ranks
+    assert [row[1] for row in table["data"]] == pytest.approx(
+        [callback.analysis.mean_variance[k] for k in callback.analysis.target_ranks]
+    )
+
+
+def test_only_the_main_process_writes(tmp_path):
+    model = peft_llama(0)
+    args = training_args(tmp_path / "run")
+    state = TrainerState()
+    state.is_world_process_zero = False
+    callback = PostSqueezeCallback(compress=True)
+    callback.on_train_end(args, state, TrainerControl(), model=model)
+    assert callback.analysis is None
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_no_lora_fails_before_training_and_bad_weights_do_not_crash_the_end(tmp_path):
+    args, state, control = training_args(tmp_path / "run"), TrainerState(), TrainerControl()
+    with pytest.raises(LoraMonitorError, match="no LoRA"):
+        PostSqueezeCallback().on_train_begin(args, state, control, model=tiny_llama(0))
+    model = peft_llama(0)
+    with torch.no_grad():
+        lora_layers(model)["model.layers.0.mlp.up_proj"].lora_A["default"].weight[0, 0] = float("nan")
+    callback = PostSqueezeCallback()
+    callback.on_train_end(args, state, control, model=model)  # logs, does not raise
+    assert callback.analysis is None
+    assert "model.layers.0.mlp.up_proj" in callback.error
+    for bad in ({"min_variance_retention": 0}, {"target_ranks": [0]}, {"output_subdir": "../elsewhere"}):
+        with pytest.raises(LoraMonitorError):
+            PostSqueezeCallback(**bad)

@@ -1,0 +1,152 @@
+"""The ``lora-monitor squeeze`` command: table, JSON, compression, the TOML config, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from _squeeze_helpers import decay_spectrum, lora_layers
+from conftest import peft_llama, tiny_llama
+from peft import PeftModel
+
+from lora_monitor.cli import main
+from lora_monitor.squeeze import analyze_adapter
+
+
+@pytest.fixture()
+def adapter_folder(tmp_path):
+    folder = tmp_path / "adapter"
+    decay_spectrum(peft_llama(0, r=16, lora_alpha=32)).save_pretrained(folder)
+    return folder
+
+
+def run(capsys, *argv):
+    status = main(["squeeze", *map(str, argv)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def reloaded_ranks(folder):
+    model = PeftModel.from_pretrained(tiny_llama(0), folder)
+    return {name: layer.r["default"] for name, layer in lora_layers(model).items()}
+
+
+def test_table_recommendation_and_compression(tmp_path, capsys, adapter_folder):
+    expected = analyze_adapter(adapter_folder, min_variance_retention=0.9).recommended_rank
+    status, out, _ = run(capsys, adapter_folder, "--threshold", "0.9", "--out", tmp_path / "out")
+    assert status == 0
+    marked = [line for line in out.splitlines() if "<--" in line]
+    assert len(marked) == 1 and f" {expected} " in marked[0]
+    assert f"Recommended rank: {expected}" in out
+    assert "Wrote" in out
+    assert set(reloaded_ranks(tmp_path / "out").values()) == {expected}
+
+
+def test_json_with_chosen_ranks(capsys, adapter_folder):
+    status, out, _ = run(capsys, adapter_folder, "--ranks", "3,5", "--json")
+    assert status == 0
+    payload = json.loads(out)
+    analysis = analyze_adapter(adapter_folder, target_ranks=[3, 5])
+    assert payload["analysis"]["target_ranks"] == [3, 5]
+    assert payload["analysis"]["mean_variance"]["3"] == pytest.approx(analysis.mean_variance[3])
+    assert payload["compressed"] is None
+
+
+def test_rank_and_per_module(tmp_path, capsys, adapter_folder):
+    assert run(capsys, adapter_folder, "--rank", "3", "--out", tmp_path / "uniform")[0] == 0
+    assert set(reloaded_ranks(tmp_path / "uniform").values()) == {3}
+    status, out, _ = run(
+        capsys, adapter_folder, "--per-module", "--threshold", "0.99", "--out", tmp_path / "per", "--json"
+    )
+    assert status == 0
+    analysis = analyze_adapter(adapter_folder, min_variance_retention=0.99)
+    expected = {m.name: m.minimal_rank for m in analysis.modules}
+    assert json.loads(out)["compressed"]["ranks"] == expected
+    assert reloaded_ranks(tmp_path / "per") == expected
+
+
+def test_toml_config(tmp_path, capsys, adapter_folder):
+    config = tmp_path / "squeeze.toml"
+    config.write_text(
+        f"""
+[squeeze]
+adapter_path = "{adapter_folder}"
+min_variance_retention = 0.9
+target_ranks = [2, 4, 16]
+output_path = "{tmp_path / "squeezed"}"
+compress_to = 0
+device = "cpu"
+
+[model]
+lora_rank = 16
+"""
+    )
+    status, out, err = run(capsys, config)
+    assert status == 0, err
+    expected = analyze_adapter(adapter_folder, min_variance_retention=0.9, target_ranks=[2, 4, 16])
+    assert f"Recommended rank: {expected.recommended_rank}" in out
+    assert set(reloaded_ranks(tmp_path / "squeezed").values()) == {expected.recommended_rank}
+    assert "warning" not in err
+    # compress_to picks the rank; a command-line option overrides the file; a wrong source_rank warns
+    config.write_text(config.read_text().replace("compress_to = 0", "compress_to = 8\nsource_rank = 32"))
+    status, _, err = run(capsys, config, "--out", tmp_path / "eight")
+    assert status == 0
+    assert "source_rank 32" in err
+    assert set(reloaded_ranks(tmp_path / "eight").values()) == {8}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("[other]\nx = 1\n", "no [squeeze] table"),
+        ("[squeeze]\nmin_variance_retention = 0.9\n", "needs adapter_path"),
+        ('[squeeze]\nadapter_path = "x"\nthreshold = 0.9\n', "unknown key"),
+        ('[squeeze]\nadapter_path = "x"\ntarget_ranks = "4,8"\n', "target_ranks"),
+        ("[squeeze\n", "not valid TOML"),
+    ],
+)
+def test_bad_toml(tmp_path, capsys, body, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(body)
+    status, out, err = run(capsys, config)
+    assert status == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--rank", "0", "--out", "OUT"], "target_rank"),
+        (["--rank", "-2", "--out", "OUT"], "target_rank"),
+        (["--threshold", "1.5"], "min_variance_retention"),
+        (["--threshold", "0"], "min_variance_retention"),
+        (["--rank", "4"], "--out"),
+        (["--ranks", "4,x"], "--ranks"),
+        (["--out", "INPUT"], "input adapter folder"),
+    ],
+)
+def test_bad_options(tmp_path, capsys, adapter_folder, extra, message):
+    before = {p.name: p.read_bytes() for p in adapter_folder.iterdir()}
+    extra = [
+        str(adapter_folder) if a == "INPUT" else str(tmp_path / "out") if a == "OUT" else a for a in extra
+    ]
+    status, out, err = run(capsys, adapter_folder, *extra)
+    assert status == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "out").exists()
+    assert {p.name: p.read_bytes() for p in adapter_folder.iterdir()} == before
+
+
+def test_installed_command_fails_cleanly_on_a_missing_folder(tmp_path):
+    command = shutil.which("lora-monitor")
+    argv = [command] if command else [sys.executable, "-m", "lora_monitor.cli"]
+    completed = subprocess.run(
+        [*argv, "squeeze", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode != 0
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no such adapter folder" in lines[0], completed.stderr
