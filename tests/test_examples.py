@@ -51,7 +51,7 @@ def test_squeeze_saved_adapter(trained_run, tmp_path):
     script = EXAMPLES / "squeeze_saved_adapter.sh"
     output = run(["bash", str(script), str(trained_run / "adapter"), str(tmp_path / "squeezed")], tmp_path)
     assert "per-module ranks" in output
-    assert json.loads((tmp_path / "squeezed.analysis.json").read_text())["source_rank"] == 64
+    assert json.loads((tmp_path / "squeezed.analysis.json").read_text())["analysis"]["source_rank"] == 64
 
 
 def test_trl_sft_in_squeeze(tmp_path):
