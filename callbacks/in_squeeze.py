@@ -5,7 +5,6 @@ The Trainer glue only: the schedule says when and to which rank; :mod:`lora_moni
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -26,6 +25,8 @@ from lora_monitor.resize import (
     squeeze_model,
     unwrap_optimizer,
 )
+
+from ._trainer_glue import emit_log, find_calling_handler, rank_and_world
 
 SCHEDULES = ("geometric", "linear")
 LOG_PREFIX = "in_squeeze/"
@@ -101,7 +102,8 @@ def plan_schedule(
 
 
 def _is_distributed(args: Any) -> bool:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    # The process group, or the Trainer's own view (DeepSpeed/FSDP set up before the group may exist).
+    _, world = rank_and_world()
     return (
         world > 1
         or getattr(args, "world_size", 1) > 1
@@ -176,8 +178,15 @@ class InSqueezeCallback(TrainerCallback):
         rsvd_oversample: int = 10,
         rsvd_power_iters: int = 2,
     ) -> None:
-        if int(target_rank) < 1:
-            raise LoraMonitorError(f"InSqueezeCallback: target_rank must be at least 1, got {target_rank}")
+        if (
+            isinstance(target_rank, bool)
+            or not isinstance(target_rank, int | float)
+            or not float(target_rank).is_integer()
+            or target_rank < 1
+        ):
+            raise LoraMonitorError(
+                f"InSqueezeCallback: target_rank must be an integer ≥ 1, got {target_rank!r}"
+            )
         if method not in METHODS:
             raise LoraMonitorError(f"InSqueezeCallback: method must be one of {METHODS}, got {method!r}")
         if optimizer_state not in OPTIMIZER_STATES:
@@ -188,7 +197,11 @@ class InSqueezeCallback(TrainerCallback):
             raise LoraMonitorError(
                 f"InSqueezeCallback: mode must be 'auto', 'resize' or 'mask', got {mode!r}"
             )
-        if min_variance_retention is not None and not 0 < min_variance_retention <= 1:
+        if min_variance_retention is not None and (
+            isinstance(min_variance_retention, bool)
+            or not isinstance(min_variance_retention, int | float)
+            or not 0 < min_variance_retention <= 1
+        ):
             raise LoraMonitorError(
                 f"InSqueezeCallback: min_variance_retention must be in (0, 1], got {min_variance_retention}"
             )
@@ -241,8 +254,8 @@ class InSqueezeCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.resolved_mode is None:
             self.on_init_end(args, state, control, model=model)
-        if self._handler is None:
-            self._handler = self._find_handler()
+        # Searched at every train begin so that a callback reused by a second Trainer logs through it.
+        self._handler = find_calling_handler(self) or self._handler
         max_steps = state.max_steps or args.max_steps
         start = _resolve_step(self.start_step, max_steps, "start_step")
         end = _resolve_step(self.end_step, max_steps, "end_step")
@@ -254,19 +267,6 @@ class InSqueezeCallback(TrainerCallback):
         """Route the squeeze logs through ``trainer``'s callbacks explicitly (normally found by itself)."""
         self._handler = trainer.callback_handler
         return self
-
-    def _find_handler(self) -> CallbackHandler | None:
-        # Callbacks are not handed the Trainer's CallbackHandler, but it is the `self` of the call_event
-        # frame a few frames up the stack: the one whose callbacks contain this very object.
-        frame = inspect.currentframe()
-        for _ in range(12):
-            if frame is None:
-                break
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, CallbackHandler) and any(cb is self for cb in candidate.callbacks):
-                return candidate
-            frame = frame.f_back
-        return None
 
     def _remember_inputs(self, module, args, kwargs):
         # A reference to the latest training batch, so the loss jump of a squeeze is measured on it.
@@ -348,17 +348,9 @@ class InSqueezeCallback(TrainerCallback):
             self._rewarm_from = state.global_step
         # No loss to probe (a trainer that computes it outside the model, as GRPO does): leave it out.
         metrics = {key: value for key, value in metrics.items() if not math.isnan(value)}
-        return self._log(args, state, control, metrics)
-
-    def _log(self, args, state, control, metrics: dict[str, float]):
-        # What Trainer.log does (log_history, then on_log of every callback: report_to integrations
-        # included), without calling Trainer.log itself: TRL's trainers override it to fold their own
-        # accumulated metrics into whatever is logged, which would split their logging windows.
-        logs = {**metrics, "epoch": state.epoch} if state.epoch is not None else dict(metrics)
-        state.log_history.append({**logs, "step": state.global_step})
-        if self._handler is not None:
-            control = self._handler.on_log(args, state, control, logs)
-        return control
+        # emit_log keeps control.should_log, so the Trainer's own loss log at this step is not lost.
+        logged = emit_log(self._handler, args, state, control, metrics)
+        return logged if logged is not None else control
 
     # ---- learning-rate re-warm-up -------------------------------------------------------------------
 

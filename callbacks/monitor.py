@@ -23,8 +23,10 @@ before user callbacks, so keys added to ``logs`` in ``on_log`` would reach neith
 ``callback_handler.on_log``), so every integration sees it. It does not call ``trainer.log`` itself,
 because subclasses override that: TRL's trainers fold their accumulated metrics into whatever is logged
 and clear them, which would split their logging windows. The handler is the one that calls this callback:
-it is found once on the call stack (the ``CallbackHandler`` whose ``callbacks`` contain this very
-object), or given explicitly with :meth:`SpectralMonitorCallback.attach`.
+it is found on the call stack at init end and at every train begin (the ``CallbackHandler`` whose
+``callbacks`` contain this very object), or given explicitly with :meth:`SpectralMonitorCallback.attach`.
+The handler search, the log event and the process rank are shared with the other callbacks
+(:mod:`callbacks._trainer_glue`).
 
 The callback holds no math: it finds the LoRA modules (again at every check, so that modules resized
 during training are seen as they are now), hands them to the core, and routes the results.
@@ -32,10 +34,8 @@ during training are seen as they are now), hands them to the core, and routes th
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from transformers.trainer_callback import CallbackHandler
 
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.alerts import Alert, AlertMonitor, AlertThresholds, Severity
+from lora_monitor.errors import LoraMonitorError
 from lora_monitor.metrics import (
     AdapterSummary,
     BaseNormCache,
@@ -56,6 +57,9 @@ from lora_monitor.metrics import (
     gradient_effective_ranks,
     summarize,
 )
+from lora_monitor.serialization import json_safe
+
+from ._trainer_glue import emit_log, find_calling_handler, rank_and_world
 
 logger = logging.getLogger("lora_monitor")
 
@@ -113,7 +117,9 @@ class SpectralMonitorCallback(TrainerCallback):
         track_gradients: bool = True,
     ) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+            raise LoraMonitorError(
+                f"SpectralMonitorCallback: every_n_steps must be at least 1, got {every_n_steps}"
+            )
         self.every_n_steps = every_n_steps
         self.adapter_name = adapter_name
         self.jsonl_name = jsonl_name
@@ -159,10 +165,10 @@ class SpectralMonitorCallback(TrainerCallback):
     # ---- Trainer events ---------------------------------------------------------------------------------
 
     def on_init_end(self, args, state, control, **kwargs):
-        self._find_handler()
+        self._bind_to_calling_handler()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._find_handler()
+        self._bind_to_calling_handler()
         if self.history.steps and state.global_step <= self.history.steps[-1]:
             self._start_over()  # a new run (not a resume): its history and alerts start empty
         return self._check(args, state, control, model)
@@ -222,47 +228,25 @@ class SpectralMonitorCallback(TrainerCallback):
         return self._emit(args, state, control, scalars)
 
     def _my_share(self, modules):
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         return modules[rank::world]
 
     def _emit(self, args, state, control, scalars: dict[str, float]):
-        """A log event of its own, the way ``Trainer.log`` makes one, so that every integration sees it."""
-        logs = dict(scalars)
-        if state.epoch is not None:
-            logs["epoch"] = state.epoch
-        state.log_history.append({**logs, "step": state.global_step})
-        if self._handler is None:
-            if not self._warned_no_handler:
-                logger.warning(
-                    "SpectralMonitorCallback is not called by a Trainer's CallbackHandler: its scalars go to "
-                    "state.log_history and %s only. Call callback.attach(trainer) to report them as well.",
-                    self.jsonl_name or "nowhere else",
-                )
-                self._warned_no_handler = True
-            return None
-        # CallbackHandler.on_log clears control.should_log (it assumes the Trainer's own log has just been
-        # written); this event is an extra one, so the Trainer's pending loss log at this step must survive.
-        should_log = control.should_log
-        control = self._handler.on_log(args, state, control, logs)
-        control.should_log = should_log or control.should_log
-        return control
+        """The scalars as a log event of their own, so that every integration sees them (see the module doc)."""
+        if self._handler is None and not self._warned_no_handler:
+            logger.warning(
+                "SpectralMonitorCallback is not called by a Trainer's CallbackHandler: its scalars go to "
+                "state.log_history and %s only. Call callback.attach(trainer) to report them as well.",
+                self.jsonl_name or "nowhere else",
+            )
+            self._warned_no_handler = True
+        return emit_log(self._handler, args, state, control, scalars)
 
-    def _find_handler(self) -> None:
-        """Find the CallbackHandler that is calling this callback now (at init end and train begin).
-
-        Searching at every train begin, not only once, keeps a callback reused by a second Trainer bound
-        to the new one. Where none is on the stack, an attached handler is kept.
-        """
-        frame = inspect.currentframe()
-        try:
-            while frame is not None:
-                owner = frame.f_locals.get("self")
-                if isinstance(owner, CallbackHandler) and any(c is self for c in owner.callbacks):
-                    self._handler = owner
-                    return
-                frame = frame.f_back
-        finally:
-            del frame
+    def _bind_to_calling_handler(self) -> None:
+        """Bind to the CallbackHandler calling this callback now; where none is found, keep an attached one."""
+        handler = find_calling_handler(self)
+        if handler is not None:
+            self._handler = handler
 
     # ---- Outputs ----------------------------------------------------------------------------------------
 
@@ -273,7 +257,7 @@ class SpectralMonitorCallback(TrainerCallback):
             "step": state.global_step,
             "epoch": state.epoch,
             "summary": summary.to_dict(),
-            "scalars": {key: _finite_or_none(value) for key, value in self.latest_scalars.items()},
+            "scalars": json_safe(self.latest_scalars),
             "alerts": [alert.to_dict() for alert in new_alerts],
             "dynamics": [d.to_dict() for d in dynamics],
             "modules": [m.to_dict(json_safe=True) for m in metrics],
@@ -292,7 +276,7 @@ class SpectralMonitorCallback(TrainerCallback):
         run = wandb.run
         if run is None:
             return
-        rows = [[_finite_or_none(getattr(m, column)) for column in _TABLE_COLUMNS] for m in metrics]
+        rows = [json_safe([getattr(m, column) for column in _TABLE_COLUMNS]) for m in metrics]
         table = wandb.Table(columns=list(_TABLE_COLUMNS), data=rows)
         run.log({"lora/module_metrics": table, "train/global_step": state.global_step})
         run.summary["lora/alerts/total"] = len(self.alerts)
@@ -300,27 +284,15 @@ class SpectralMonitorCallback(TrainerCallback):
             run.summary[f"lora/alerts/{key}"] = count
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _gather(local: list[ModuleMetrics], modules) -> list[ModuleMetrics]:
     """Every process's share, put back in module order (a no-op in a single process)."""
-    _, world = _rank_and_world()
+    _, world = rank_and_world()
     if world == 1:
         return local
     shares: list[list[ModuleMetrics] | None] = [None] * world
     torch.distributed.all_gather_object(shares, local)
     by_name = {record.name: record for share in shares for record in share or []}
     return [by_name[module.name] for module in modules if module.name in by_name]
-
-
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 __all__ = ["SpectralMonitorCallback"]

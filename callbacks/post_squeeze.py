@@ -116,12 +116,14 @@ class PostSqueezeCallback(TrainerCallback):
                 print_analysis(self.analysis)
             if self.compress:
                 self.compression = self._compress(model, output_dir)
+            self._write_manifest(output_dir)
+            self._log_to_wandb(args)
         except LoraMonitorError as error:
             self.error = str(error)
             logger.warning("PostSqueezeCallback: no squeeze analysis: %s", error)
-            return
-        self._write_manifest(output_dir)
-        self._log_to_wandb(args)
+        except Exception as error:  # never take the trained model (and the user's save after train()) down
+            self.error = f"{type(error).__name__}: {error}"
+            logger.exception("PostSqueezeCallback failed after training; the trained adapter is unaffected")
 
     def _compress(self, model: torch.nn.Module, output_dir: Path) -> CompressionResult | None:
         assert self.analysis is not None

@@ -110,6 +110,22 @@ class LoraModule:
         return weight.reshape(weight.shape[0], -1)
 
 
+def pattern_key(name: str) -> str:
+    """The ``rank_pattern``/``alpha_pattern`` key that PEFT matches to module ``name`` and to no other.
+
+    PEFT matches a key ``K`` as the regex ``(.*\\.)?(K)$`` against each module path: escaping the dots and
+    anchoring at the start makes the key match exactly one full module path (``layers.1.q_proj`` would
+    also match ``layers.11.q_proj``'s tail otherwise, and ``q_proj`` every q_proj).
+    """
+    return "^" + re.escape(name)
+
+
+def describe_module(name: str) -> tuple[str, int | None]:
+    """``(module type, layer index)`` of a module path: ``("q_proj", 3)`` for ``model.layers.3.self_attn.q_proj``."""
+    match = _LAYER_INDEX.search(name)
+    return name.rsplit(".", 1)[-1], int(match.group(1)) if match else None
+
+
 def scale_for(config: dict[str, Any], name: str, rank: int | None = None) -> tuple[int, float, float]:
     """``(r, alpha, scale)`` of module ``name`` from an adapter config, as PEFT computes them.
 
@@ -128,11 +144,6 @@ def scale_for(config: dict[str, Any], name: str, rank: int | None = None) -> tup
 
 def _strip_prefix(name: str) -> str:
     return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
-
-
-def _describe(name: str) -> tuple[str, int | None]:
-    match = _LAYER_INDEX.search(name)
-    return name.rsplit(".", 1)[-1], int(match.group(1)) if match else None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -190,9 +201,13 @@ def find_lora_modules(model: torch.nn.Module, adapter_name: str | None = None) -
         else:
             continue
         name = _strip_prefix(qualified_name)
-        module_type, layer_index = _describe(name)
+        module_type, layer_index = describe_module(name)
         kept = getattr(module, KEPT_RANK_ATTRIBUTE, {}).get(chosen)
         rank = int(kept) if kept is not None else int(module.r[chosen])
+        scale = float(module.scaling[chosen])
+        use_rslora = bool(module.use_rslora.get(chosen, False))
+        # A masked module is the adapter it saves as: rank ``kept`` with the alpha that keeps its scale.
+        alpha = float(module.lora_alpha[chosen]) if kept is None else _alpha_keeping(scale, rank, use_rslora)
         records.append(
             LoraModule(
                 name=name,
@@ -200,9 +215,9 @@ def find_lora_modules(model: torch.nn.Module, adapter_name: str | None = None) -
                 layer_index=layer_index,
                 kind=kind,
                 rank=rank,
-                alpha=float(module.lora_alpha[chosen]),
-                scale=float(module.scaling[chosen]),
-                use_rslora=bool(module.use_rslora.get(chosen, False)),
+                alpha=alpha,
+                scale=scale,
+                use_rslora=use_rslora,
                 use_dora=bool(module.use_dora.get(chosen, False)),
                 adapter_name=chosen,
                 A_shape=(rank, *A_param.shape[1:]),
@@ -213,6 +228,11 @@ def find_lora_modules(model: torch.nn.Module, adapter_name: str | None = None) -
             )
         )
     return records
+
+
+def _alpha_keeping(scale: float, rank: int, use_rslora: bool) -> float:
+    """The ``lora_alpha`` that gives ``scale`` at ``rank`` (``α/√r`` with rsLoRA, ``α/r`` otherwise)."""
+    return scale * math.sqrt(rank) if use_rslora else scale * rank
 
 
 def _live_loader(
@@ -263,18 +283,29 @@ def _read_tensor(weights_file: Path, key: str) -> torch.Tensor:
             with safe_open(str(weights_file), framework="pt") as handle:
                 return handle.get_tensor(key)
         return _load_bin(weights_file)[key]
-    except (SafetensorError, OSError, RuntimeError) as error:
+    except (SafetensorError, OSError, RuntimeError, KeyError) as error:
         raise LoraMonitorError(f"{weights_file}: cannot read tensor {key!r} ({error})") from error
 
 
-_BIN_CACHE: dict[Path, dict[str, torch.Tensor]] = {}
+_BIN_CACHE: dict[Path, tuple[float, dict[str, torch.Tensor]]] = {}
 
 
 def _load_bin(weights_file: Path) -> dict[str, torch.Tensor]:
-    # A pickle cannot be read lazily; it is loaded once per process and kept.
-    if weights_file not in _BIN_CACHE:
-        _BIN_CACHE[weights_file] = torch.load(weights_file, map_location="cpu", weights_only=True)
-    return _BIN_CACHE[weights_file]
+    # A pickle cannot be read lazily: the last one read is kept (and read again if the file changed).
+    stamp = weights_file.stat().st_mtime
+    cached = _BIN_CACHE.get(weights_file)
+    if cached is None or cached[0] != stamp:
+        try:
+            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises pickle, zip and runtime errors for a damaged file
+            raise LoraMonitorError(
+                f"{weights_file}: not a readable PyTorch weights file ({error})"
+            ) from error
+        if not isinstance(state, dict):
+            raise LoraMonitorError(f"{weights_file}: holds a {type(state).__name__}, not a state dict")
+        _BIN_CACHE.clear()
+        _BIN_CACHE[weights_file] = (stamp, state)
+    return _BIN_CACHE[weights_file][1]
 
 
 def _stored_shapes(weights_file: Path) -> dict[str, tuple[int, ...]]:
@@ -296,7 +327,9 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LoraMonitorError(f"{config_file}: not valid JSON ({error})") from error
-    if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
+    if not isinstance(config, dict):
+        raise LoraMonitorError(f"{config_file}: holds a JSON {type(config).__name__}, not an adapter config")
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise LoraMonitorError(f"{config_file}: peft_type is {config.get('peft_type')!r}, not a LoRA adapter")
     return config
 
@@ -354,7 +387,7 @@ def load_adapter(path: str | Path, adapter_name: str | None = None) -> SavedAdap
                 f"{folder}: module {name} has rank {rank} in its weights but {configured_rank} in "
                 f"{CONFIG_NAME} (r / rank_pattern); the config and the weights do not belong together"
             )
-        module_type, layer_index = _describe(name)
+        module_type, layer_index = describe_module(name)
         keys = {"A": key, "B": b_key}
         if prefix + ".lora_magnitude_vector" in shapes:
             keys["magnitude"] = prefix + ".lora_magnitude_vector"

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
+from . import serialization
 from .errors import LoraMonitorError
 from .metrics import MetricsHistory, ModuleMetrics
 
@@ -61,13 +62,11 @@ class Alert:
     values: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The alert as strict-JSON-ready data: an infinite value (κ of a rank-deficient factor) is None."""
         record = asdict(self)
         record["severity"] = self.severity.value
-        record["modules"] = list(self.modules)
-        record["values"] = {
-            key: (value if math.isfinite(value) else None) for key, value in self.values.items()
-        }
-        return record
+        record["values"] = dict(self.values)
+        return serialization.json_safe(record)
 
     def __str__(self) -> str:
         return f"[{self.severity.value}] {self.code}: {self.message} Suggested action: {self.action}"
@@ -75,7 +74,13 @@ class Alert:
 
 @dataclass(frozen=True)
 class AlertThresholds:
-    """Thresholds of every rule (defaults from the LoRA research agenda)."""
+    """Thresholds of every rule (defaults from the LoRA research agenda).
+
+    Checked when made: every threshold is a number (the step and check counts whole numbers) in its range,
+    and ``dominance_warning ≤ dominance_critical``, ``update_scale_low ≤ update_scale_high``; anything
+    else raises :class:`~lora_monitor.errors.LoraMonitorError` naming the threshold and its value. An
+    upper limit may be ``inf`` to switch its rule off.
+    """
 
     low_rank_fraction: float = 0.25
     max_condition_number: float = 1000.0
@@ -89,6 +94,19 @@ class AlertThresholds:
     update_scale_low: float = 1e-4
     update_scale_low_after_steps: int = 100
 
+    def __post_init__(self) -> None:
+        for name, allowed in _THRESHOLD_RANGES.items():
+            _check_threshold(name, getattr(self, name), allowed)
+        for lower, upper in (
+            ("dominance_warning", "dominance_critical"),
+            ("update_scale_low", "update_scale_high"),
+        ):
+            if getattr(self, lower) > getattr(self, upper):
+                raise LoraMonitorError(
+                    f"alert threshold {lower}={getattr(self, lower)!r} must not exceed "
+                    f"{upper}={getattr(self, upper)!r}"
+                )
+
     @classmethod
     def from_value(cls, value: AlertThresholds | Mapping[str, Any] | None) -> AlertThresholds:
         """Thresholds from None (defaults), an :class:`AlertThresholds`, or a dict of overrides."""
@@ -96,13 +114,61 @@ class AlertThresholds:
             return cls()
         if isinstance(value, AlertThresholds):
             return value
+        if not isinstance(value, Mapping):
+            raise LoraMonitorError(
+                f"alert thresholds must be an AlertThresholds or a dict of overrides, got {value!r}"
+            )
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
+        unknown = sorted(str(key) for key in set(value) - known)
         if unknown:
             raise LoraMonitorError(
                 f"unknown alert threshold(s) {unknown}; the thresholds are {sorted(known)}"
             )
         return replace(cls(), **dict(value))
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Allowed values of one threshold: ``kind`` (int: whole numbers only), bounds, and whether ``inf``
+    (which switches an upper-limit rule off) is allowed."""
+
+    kind: type
+    low: float
+    high: float = math.inf
+    positive: bool = False  # low excluded: the threshold must be above it
+    infinite_ok: bool = False
+
+
+_THRESHOLD_RANGES: dict[str, _Range] = {
+    "low_rank_fraction": _Range(float, 0.0, 1.0),  # rank utilization is at most 1; 0 switches the rule off
+    "max_condition_number": _Range(float, 1.0, infinite_ok=True),  # κ is at least 1
+    "early_collapse_drop": _Range(float, 0.0, 1.0, positive=True),  # a fraction of the peak
+    "early_collapse_steps": _Range(int, 0),
+    "saturation_checks": _Range(int, 2),  # one check alone is trivially unchanged
+    "saturation_tolerance": _Range(float, 0.0),  # 0: exactly unchanged
+    "dominance_warning": _Range(float, 0.0, positive=True, infinite_ok=True),
+    "dominance_critical": _Range(float, 0.0, positive=True, infinite_ok=True),
+    "update_scale_high": _Range(float, 0.0, positive=True, infinite_ok=True),
+    "update_scale_low": _Range(float, 0.0),  # 0 switches the rule off
+    "update_scale_low_after_steps": _Range(int, 0),
+}
+
+
+def _check_threshold(name: str, value: Any, allowed: _Range) -> None:
+    """Raise :class:`LoraMonitorError` naming ``name`` and ``value`` unless it is a number in range."""
+    # bool is an int subclass, but True is no threshold.
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if allowed.kind is int and not (is_number and isinstance(value, int)):
+        raise LoraMonitorError(f"alert threshold {name} must be a whole number, got {value!r}")
+    if not is_number:
+        raise LoraMonitorError(f"alert threshold {name} must be a number, got {value!r}")
+    if math.isnan(value) or (math.isinf(value) and not allowed.infinite_ok):
+        raise LoraMonitorError(f"alert threshold {name} must be a finite number, got {value!r}")
+    too_low = value <= allowed.low if allowed.positive else value < allowed.low
+    if too_low or value > allowed.high:
+        lowest = f"above {allowed.low:g}" if allowed.positive else f"at least {allowed.low:g}"
+        highest = "" if math.isinf(allowed.high) else f" and at most {allowed.high:g}"
+        raise LoraMonitorError(f"alert threshold {name} must be {lowest}{highest}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -194,17 +260,16 @@ def _early_collapse(metrics, history, limits, step) -> list[_Hit]:
 def _saturated(metrics, history, limits, step) -> list[_Hit]:
     if history is None:
         return []
-    hits = []
-    for m in _live(metrics):
-        points = history.series(m.name, nominal_rank=m.nominal_rank)[-limits.saturation_checks :]
-        if len(points) < limits.saturation_checks:
-            continue
-        values = [v for _, v in points]
-        if all(math.isfinite(v) for v in values) and (max(values) - min(values)) <= (
-            limits.saturation_tolerance * max(values)
-        ):
-            hits.append((m.name, m.effective_rank))
-    return hits
+    # One definition of "unchanged" (MetricsHistory's), with this rule's thresholds; it compares only the
+    # checks at the module's current rank, so a resize starts the count over.
+    return [
+        (m.name, m.effective_rank)
+        for m in _live(metrics)
+        if history.saturated_since(
+            m.name, tolerance=limits.saturation_tolerance, checks=limits.saturation_checks
+        )
+        is not None
+    ]
 
 
 def _examples(hits: list[_Hit], limit: int = 3) -> list[_Hit]:

@@ -33,7 +33,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .adapters import describe_module, pattern_key
 from .errors import LoraMonitorError
+from .serialization import json_number
 from .spectrum import energy_curve, rank_for_energy, weight_singular_values
 
 Tensor = torch.Tensor
@@ -50,8 +52,6 @@ REJECTED_RESIDUAL = 1000.0
 
 FitRule = Literal["median", "ks"]
 Scaling = Literal["linear", "log", "sqrt"]
-
-_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -402,11 +402,6 @@ def _dense_weight(record: _Weight) -> Tensor:
     return weight
 
 
-def _describe(name: str) -> tuple[str, int | None]:
-    match = _LAYER_INDEX.search(name)
-    return name.rsplit(".", 1)[-1], int(match.group(1)) if match else None
-
-
 # --------------------------------------------------------------------------------------------------------
 # Spectral analysis of a model
 # --------------------------------------------------------------------------------------------------------
@@ -471,7 +466,7 @@ def spectra_from_eigenvalues(
     values = torch.sort(eigenvalues.detach().to(torch.float64).flatten().cpu(), descending=True).values
     power_law = fit_power_law(values, fit)
     bulk = fit_marchenko_pastur(values, rows, columns)
-    module_type, layer_index = _describe(name)
+    module_type, layer_index = describe_module(name)
     top = float(values[0]) if values.numel() else 0.0
     return LayerSpectrum(
         name=name,
@@ -675,23 +670,6 @@ def _budget_ranks(fractions: Tensor, steps: Tensor, caps: Tensor, budget: int, n
     return ranks.to(torch.int64)
 
 
-def _pattern_keys(names: list[str], all_names: list[str]) -> dict[str, str]:
-    """Pattern keys PEFT's ``get_pattern_key`` maps back to exactly their own module.
-
-    Plain module paths work unless a ``.`` (a regex wildcard) lets one path match another module; those
-    get their dots escaped.
-    """
-    from peft.utils.other import get_pattern_key
-
-    keys = {name: name for name in names}
-    for name in all_names:
-        chosen = get_pattern_key(list(keys.values()), name)
-        owner = next((n for n, k in keys.items() if k == chosen), None)
-        if owner is not None and owner != name:
-            keys[owner] = re.escape(owner)
-    return keys
-
-
 def allocate_ranks(
     model_or_spectra: nn.Module | Sequence[LayerSpectrum],
     *,
@@ -762,23 +740,18 @@ def allocate_ranks(
         )
 
     rank_of = {spectra[i].name: int(r) for i, r in zip(chosen, ranks.tolist(), strict=True)}
-    keys = _pattern_keys(list(rank_of), [s.name for s in spectra])
+    keys = {name: pattern_key(name) for name in rank_of}
     layers = []
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     for index, spectrum in enumerate(spectra):
         rank = rank_of.get(spectrum.name, 0)
-        alpha = _clean_number(alpha_factor * rank)
+        alpha = json_number(alpha_factor * rank)
         layers.append(LayerAllocation(spectrum, float(scores[index]), rank > 0, rank, alpha if rank else 0.0))
         if rank:
             rank_pattern[keys[spectrum.name]] = rank
             alpha_pattern[keys[spectrum.name]] = alpha
     return RankAllocation(rank_pattern, alpha_pattern, list(rank_of), layers, parameter_budget)
-
-
-def _clean_number(value: float) -> float:
-    """An integral float as an int (``8`` not ``8.0`` in a config), anything else unchanged (never rounded)."""
-    return int(value) if float(value).is_integer() else float(value)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -885,7 +858,7 @@ def probe_rank(
         curves[record.name] = energy_curve(values)
         module_ranks[record.name] = rank_for_energy(values, threshold)
         if not torch.isnan(curves[record.name]).all():
-            by_type.setdefault(_describe(record.name)[0], []).append(curves[record.name])
+            by_type.setdefault(describe_module(record.name)[0], []).append(curves[record.name])
     type_ranks: dict[str, int] = {}
     for kind, kind_curves in by_type.items():
         length = min(c.shape[0] for c in kind_curves)

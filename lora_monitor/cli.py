@@ -14,13 +14,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import LoraMonitorError
+from .serialization import json_safe
 
 EXIT_BAD_INPUT = 2
 
 
 def print_json(payload: Any) -> None:
     """Write a JSON document to stdout (the ``--json`` output of every sub-command)."""
-    json.dump(payload, sys.stdout, indent=2, default=str)
+    # Strict JSON: NaN and infinity (an undefined or infinite κ) are written as null.
+    json.dump(json_safe(payload), sys.stdout, indent=2, default=str, allow_nan=False)
     sys.stdout.write("\n")
 
 
@@ -543,6 +545,13 @@ def read_texts(path: str) -> list[str]:
     return texts
 
 
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise LoraMonitorError(f"{option} takes comma-separated integers, got {text!r}") from error
+
+
 def _run_edit(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
@@ -578,7 +587,7 @@ def _run_edit(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         mode=args.mode,
         target_modules=[t for t in args.target_modules.split(",") if t],
-        layers=[int(i) for i in args.layers.split(",")] if args.layers else None,
+        layers=_integers(args.layers, "--layers") if args.layers else None,
         core_frac=args.core_frac,
         noise_frac=args.noise_frac,
         amp_factor=args.amp_factor,

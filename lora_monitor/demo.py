@@ -51,15 +51,17 @@ def _tokenizer(texts: list[str]):
     )
 
 
-def _dataset(tokenizer, texts: list[str]):
-    from datasets import Dataset
-
+def _dataset(tokenizer, texts: list[str]) -> list[dict[str, list[int]]]:
+    """Padded token blocks with labels (padding masked with -100): a plain list is all a Trainer needs."""
     encoded = tokenizer(texts, padding="max_length", max_length=12, truncation=True)
-    encoded["labels"] = [
-        [token if keep else -100 for token, keep in zip(ids, mask, strict=True)]
+    return [
+        {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": [t if keep else -100 for t, keep in zip(ids, mask, strict=True)],
+        }
         for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
     ]
-    return Dataset.from_dict(dict(encoded))
 
 
 def _base_model(vocab_size: int):
@@ -223,7 +225,7 @@ def run_demo(output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 6
         + f", In-Squeeze to {target} {figures['heldout_loss_in_squeeze']:.4f}.\n"
         f"Everything is in {output}/ (monitor JSONL, squeeze manifest, adapters); "
         f"plots and the HTML report: {figures['report']}.\n"
-        "(The base here is a randomly initialised Llama, since nothing is downloaded: its weights are small,\n"
+        "(The base here is a randomly initialised Llama, since nothing is downloaded: its weights are small, "
         "so the adapter soon dominates them. That is what the dominance alerts above are saying.)",
         highlight=False,
     )

@@ -12,7 +12,6 @@ the same counts are picked at random as a control (``random_index``), or ``σ`` 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -24,6 +23,7 @@ import torch
 
 from .adapters import LoraModule
 from .errors import LoraMonitorError
+from .serialization import json_safe
 from .spectrum import factored_svd
 
 EDIT_META_NAME = "spectral_edit_meta.json"
@@ -136,6 +136,11 @@ def calibration_batches(
         )
     if tokenizer is None:
         raise LoraMonitorError("calibration texts need a tokenizer to turn them into tokens")
+    if tokenizer.pad_token is None:
+        raise LoraMonitorError(
+            "the tokenizer has no pad token, so texts cannot be batched; set one first "
+            "(tokenizer.pad_token = tokenizer.eos_token is the usual choice for causal LMs)"
+        )
     texts = texts[: max_samples or None]
     batches = []
     for start in range(0, len(texts), batch_size):
@@ -301,6 +306,12 @@ def _select(modules: list[LoraModule], config: EditConfig) -> list[LoraModule]:
         and (not config.target_modules or m.module_type in config.target_modules)
         and (config.layers is None or m.layer_index in config.layers)
     ]
+    masked = [m.name for m in chosen if m.module.lora_A[m.adapter_name].weight.shape[0] != m.rank]
+    if masked:
+        raise LoraMonitorError(
+            f"{masked[0]} (and {len(masked) - 1} more) is masked by In-Squeeze: compact it first "
+            "(lora_monitor.compact_masks(model)) or edit the saved adapter"
+        )
     if not chosen:
         available = sorted({m.module_type for m in modules})
         raise LoraMonitorError(
@@ -445,20 +456,20 @@ def _write(
     source_folder: Path | None,
     overwrite: bool,
 ) -> Path:
-    from .squeeze import _open, write_adapter_folder
+    from .squeeze import open_adapter, write_adapter_folder
 
-    adapter = _open(result.model, adapter_name, with_state=True)
+    adapter = open_adapter(result.model, adapter_name)
     tensors = {key: adapter.tensor(key) for key in adapter.keys}
     if source_folder is not None:
         # PEFT loaded the adapter in the base model's dtype: write each tensor back in its stored dtype.
-        stored = _open(source_folder, adapter_name, with_state=True)
+        stored = open_adapter(source_folder, adapter_name)
         tensors = {
             key: tensor.to(stored.tensor(key).dtype) if key in stored.keys else tensor
             for key, tensor in tensors.items()
         }
     with tempfile.TemporaryDirectory() as scratch:
         meta = Path(scratch) / EDIT_META_NAME
-        meta.write_text(json.dumps(_json_safe(result.to_dict()), indent=2) + "\n")
+        meta.write_text(json.dumps(json_safe(result.to_dict()), indent=2) + "\n")
         return write_adapter_folder(
             output_path,
             adapter.config,
@@ -467,13 +478,3 @@ def _write(
             source_folder=source_folder,
             overwrite=overwrite,
         )
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import serialization
 from .adapters import LoraModule
 from .spectrum import (
     condition_number_from_singular_values,
@@ -106,7 +107,7 @@ class ModuleMetrics:
         """
         record = asdict(self)
         if json_safe:
-            record = {key: _json_number(value) for key, value in record.items()}
+            record = serialization.json_safe(record)
         return record
 
     @classmethod
@@ -129,12 +130,6 @@ class ModuleMetrics:
                 values[key] = NAN if values.get("is_zero") else math.inf
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in values.items() if key in known})
-
-
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 @dataclass(frozen=True)
@@ -382,7 +377,7 @@ class GroupSummary:
         return {
             "num_modules": self.num_modules,
             "num_zero": self.num_zero,
-            "metrics": {key: _json_safe(asdict(value)) for key, value in self.metrics.items()},
+            "metrics": {key: serialization.json_safe(asdict(value)) for key, value in self.metrics.items()},
         }
 
 
@@ -398,7 +393,8 @@ class AdapterSummary:
         """Flat scalars for a logger: ``{prefix}mean_<metric>`` and ``{prefix}min_/max_<metric>``
         (min for ranks, max for conditioning, magnitude and dominance), those of effective rank, rank
         utilization and dominance per module type under ``{prefix}attention/`` and ``{prefix}mlp/``, and
-        module counts. Undefined values are left out."""
+        module counts. Undefined and non-finite values (an infinite worst κ) are left out: loggers and
+        strict JSON take finite numbers only; :meth:`to_dict` still holds them (``inf`` as null)."""
         scalars: dict[str, float] = {
             f"{prefix}num_modules": float(self.overall.num_modules),
             f"{prefix}num_zero_modules": float(self.overall.num_zero),
@@ -422,15 +418,11 @@ def _group_scalars(group: GroupSummary, prefix: str, only: Sequence[str] | None 
         if only is not None and metric not in only:
             continue
         worst_word = "min" if metric in LOWER_IS_WORSE else "max"
-        if summary.mean is not None:
+        if summary.mean is not None and math.isfinite(summary.mean):
             scalars[f"{prefix}mean_{metric}"] = summary.mean
-        if summary.worst is not None:
+        if summary.worst is not None and math.isfinite(summary.worst):
             scalars[f"{prefix}{worst_word}_{metric}"] = summary.worst
     return scalars
-
-
-def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
-    return {key: _json_number(value) for key, value in record.items()}
 
 
 def _summarize_metric(metrics: Sequence[ModuleMetrics], metric: str) -> MetricSummary:
@@ -490,7 +482,9 @@ class ModuleDynamics:
     the effective rank has stayed within the tolerance (None if it has not for ``saturation_checks``
     checks); ``steps_to_saturation`` counts steps from the first non-zero check to it. ``kappa_*_volatility``
     is the standard deviation of ``log10 κ`` over the window (orders of magnitude; None without two finite
-    values). ``gradient_effective_rank`` is the latest one.
+    values). Trend, saturation and volatility use only the checks at the module's current nominal rank (a
+    module resized during training starts over); ``checks`` counts every non-zero check.
+    ``gradient_effective_rank`` is the latest one.
     """
 
     name: str
@@ -504,7 +498,7 @@ class ModuleDynamics:
     gradient_effective_rank: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(asdict(self))
+        return serialization.json_safe(asdict(self))
 
 
 @dataclass
@@ -550,9 +544,24 @@ class MetricsHistory:
             and (nominal_rank is None or record.nominal_rank == nominal_rank)
         ]
 
+    def latest_rank(self, name: str) -> int | None:
+        """The nominal rank of module ``name`` at its latest check (None if it was never checked)."""
+        series = self.records.get(name)
+        return series[-1][1].nominal_rank if series else None
+
+    def current_series(self, name: str, metric: str = "effective_rank") -> list[tuple[int, float]]:
+        """:meth:`series` over the checks made at the module's latest nominal rank only.
+
+        The dynamics (trend, saturation, κ volatility) are of this series: after a resize the module's
+        earlier checks at another rank are another adapter, and comparing with them would show a trend
+        (or a plateau) that training did not make.
+        """
+        return self.series(name, metric, nominal_rank=self.latest_rank(name))
+
     def trend(self, name: str) -> tuple[str | None, float | None]:
-        """Trend of rank utilization over the last ``window`` non-zero checks, and its relative change."""
-        points = self.series(name, "rank_utilization")[-self.window :]
+        """Trend of rank utilization over the last ``window`` non-zero checks at the current rank, and its
+        relative change."""
+        points = self.current_series(name, "rank_utilization")[-self.window :]
         if len(points) < 2:
             return None, None
         change = _fitted_relative_change(points)
@@ -564,25 +573,36 @@ class MetricsHistory:
             return "collapsing", change
         return "stable", change
 
-    def saturated_since(self, name: str) -> int | None:
-        """First step of the current run of ≥ ``saturation_checks`` checks with an unchanged effective rank."""
-        points = self.series(name)
-        if len(points) < self.saturation_checks:
+    def saturated_since(
+        self, name: str, *, tolerance: float | None = None, checks: int | None = None
+    ) -> int | None:
+        """First step of the current run of ≥ ``checks`` checks (at the current rank) with an unchanged
+        effective rank: one whose spread ``max − min`` is at most ``tolerance × max |value|``.
+
+        ``tolerance`` and ``checks`` default to ``saturation_tolerance`` and ``saturation_checks``; the alert
+        rule passes its own thresholds. None while the effective rank has not stayed that long.
+        """
+        tolerance = self.saturation_tolerance if tolerance is None else tolerance
+        checks = self.saturation_checks if checks is None else checks
+        points = self.current_series(name)
+        if not points or len(points) < checks:
             return None
         start = len(points) - 1
         while start > 0:
             values = [value for _, value in points[start - 1 :]]
-            if not _within(values, self.saturation_tolerance):
+            if not _within(values, tolerance):
                 break
             start -= 1
-        if len(points) - start < self.saturation_checks:
+        if len(points) - start < checks:
             return None
         return points[start][0]
 
     def kappa_volatility(self, name: str, factor: str) -> float | None:
+        """Standard deviation of ``log10 κ`` of factor ``"A"`` or ``"B"`` over the last ``window`` checks at
+        the current rank (None without two finite values)."""
         values = [
             math.log10(value)
-            for _, value in self.series(name, f"kappa_{factor}")[-self.window :]
+            for _, value in self.current_series(name, f"kappa_{factor}")[-self.window :]
             if math.isfinite(value) and value > 0
         ]
         return statistics.pstdev(values) if len(values) >= 2 else None
@@ -611,6 +631,7 @@ class MetricsHistory:
 
 
 def _within(values: Sequence[float], tolerance: float) -> bool:
+    """Unchanged within ``tolerance``: all finite, and ``max − min ≤ tolerance × max |value|``."""
     finite = [value for value in values if math.isfinite(value)]
     if len(finite) != len(values):
         return False

@@ -66,7 +66,7 @@ def load_squeeze_analysis(run_dir: Path) -> dict[str, Any] | None:
         except json.JSONDecodeError as error:
             raise LoraMonitorError(f"{path}: not valid JSON ({error})") from error
         if name == "manifest.json":
-            document = document.get("squeeze")
+            document = document.get("squeeze") if isinstance(document, dict) else None
         if isinstance(document, dict) and "mean_variance" in document:
             return document
     return None
@@ -77,7 +77,12 @@ def _color(module_type: str) -> str:
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise LoraMonitorError(
+            "drawing the report needs matplotlib: pip install 'lora-monitor[plot]'"
+        ) from error
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
@@ -110,12 +115,23 @@ def plot_spectra(analysis: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _has_retention(analysis: dict[str, Any]) -> bool:
+    """False for an adapter whose every delta is zero (nothing retained or lost: the values are null)."""
+    return any(value is not None for value in analysis.get("mean_variance", {}).values())
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
 def plot_retention(analysis: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     ranks = sorted(int(rank) for rank in analysis["mean_variance"])
 
     def series(key: str) -> list[float]:
-        return [100 * analysis[key][str(rank)] for rank in ranks]
+        return [
+            math.nan if analysis[key][str(rank)] is None else 100 * analysis[key][str(rank)] for rank in ranks
+        ]
 
     figure, axes = plt.subplots(figsize=(7, 4.2))
     for module in analysis.get("modules", []):
@@ -240,7 +256,7 @@ def write_report(run_dir: str | os.PathLike, output_dir: str | os.PathLike | Non
     output.mkdir(parents=True, exist_ok=True)
 
     figures: list[tuple[Path, str]] = []
-    if analysis is not None:
+    if analysis is not None and _has_retention(analysis):
         figures.append((plot_retention(analysis, output / "retention.png"), "Variance retained per rank"))
         figures.append((plot_spectra(analysis, output / "spectra.png"), "Singular values of each ΔW"))
     heatmap = plot_effective_rank_heatmap(records, output / "effective_rank_heatmap.png")
@@ -259,9 +275,9 @@ def write_report(run_dir: str | os.PathLike, output_dir: str | os.PathLike | Non
             rows.append(
                 [
                     rank,
-                    f"{100 * analysis['mean_variance'][key]:.2f}%",
-                    f"{100 * analysis['min_variance'][key]:.2f}%",
-                    f"{100 * analysis['max_variance'][key]:.2f}%",
+                    _percent(analysis["mean_variance"][key]),
+                    _percent(analysis["min_variance"][key]),
+                    _percent(analysis["max_variance"][key]),
                     "← recommended" if rank == recommended else "",
                 ]
             )

@@ -34,15 +34,15 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .adapters import KEPT_RANK_ATTRIBUTE, REFERENCE_ADAPTER_NAMES, LoraModule, find_lora_modules
-from .errors import LoraMonitorError
-from .spectrum import (
-    LinearOperator,
-    lora_spectra,
-    randomized_svd,
-    rank_for_energy,
-    truncate_factors,
+from .adapters import (
+    KEPT_RANK_ATTRIBUTE,
+    REFERENCE_ADAPTER_NAMES,
+    LoraModule,
+    find_lora_modules,
+    pattern_key,
 )
+from .errors import LoraMonitorError
+from .spectrum import lora_spectra, rank_for_energy, truncate_factors
 
 METHODS = ("qr", "rsvd")
 OPTIMIZER_STATES = ("project", "reset")
@@ -200,12 +200,19 @@ def _peft_config(model: nn.Module, adapter_name: str) -> Any | None:
 
 
 def _pattern_alpha(config: Any, name: str, rank: int, alpha: float) -> None:
-    """Write ``rank_pattern``/``alpha_pattern`` entries under the module's full path, matched first."""
+    """Write ``rank_pattern``/``alpha_pattern`` entries for module ``name`` alone, matched first.
+
+    The key is :func:`~lora_monitor.adapters.pattern_key` (an anchored, escaped full path), so it matches
+    this one module under PEFT's ``get_pattern_key`` and never a module whose path merely ends the same
+    way (``layers.1.q_proj`` vs ``layers.11.q_proj``).
+    """
+    key = pattern_key(name)
     for field_name, value in (("rank_pattern", int(rank)), ("alpha_pattern", float(alpha))):
         pattern = dict(getattr(config, field_name, None) or {})
-        pattern.pop(name, None)
-        # PEFT takes the first pattern key that matches: the full path goes in front of shorter patterns.
-        setattr(config, field_name, {name: value, **pattern})
+        pattern.pop(key, None)
+        # PEFT takes the first pattern key that matches, and a user's pattern (``q_proj``) may match this
+        # module too: ours goes in front.
+        setattr(config, field_name, {key: value, **pattern})
 
 
 def saved_rank_and_alpha(module: LoraLayer, adapter_name: str) -> tuple[int, float]:
@@ -224,12 +231,9 @@ def saved_rank_and_alpha(module: LoraLayer, adapter_name: str) -> tuple[int, flo
 # --------------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def _factor_working_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when a factor is float64, float32 otherwise (bf16/fp16 factors are decomposed in float32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _safe_rsqrt(values: torch.Tensor) -> torch.Tensor:
-    return torch.where(values > 0, values.clamp_min(1e-300).rsqrt(), torch.zeros_like(values))
 
 
 def _rank_k_factors(
@@ -243,32 +247,19 @@ def _rank_k_factors(
     generator: torch.Generator | None,
 ) -> _Factors:
     """Best (``qr``: exact) or approximate (``rsvd``) rank-``k`` factors of ``B@A`` with their maps."""
-    dtype = _compute_dtype(B, A)
-    if method == "qr":
-        truncated = truncate_factors(B, A, k, dtype=dtype)
-        return _Factors(
-            truncated.B, truncated.A, truncated.map_B.double(), truncated.map_A.double(), truncated.retained
-        )
-    # RSVD of the operator B@A (never formed): U S Vᵀ. Then B_new = U S^½ = B (A V S^-½) and
-    # A_new = S^½ Vᵀ = (S^-½ Uᵀ B) A, so the maps that carry the optimizer state are A V S^-½ and S^-½ Uᵀ B.
-    result = randomized_svd(
-        LinearOperator.from_factors(B, A),
+    truncated = truncate_factors(
+        B,
+        A,
         k,
+        dtype=_factor_working_dtype(B, A),
+        method=method,
         oversample=oversample,
         power_iters=power_iters,
         generator=generator,
-        dtype=dtype,
     )
-    root, inverse_root = result.S.sqrt(), _safe_rsqrt(result.S)
-    Bc, Ac = B.detach().to(dtype), A.detach().to(dtype)
-    new_B = (result.U * root).to(B.dtype)
-    new_A = (result.V * root).mT.to(A.dtype)
-    map_B = ((Ac @ result.V) * inverse_root).double()
-    map_A = ((result.U.mT @ Bc) * inverse_root.unsqueeze(-1)).double()
-    # ‖BA‖²_F = trace(BᵀB · AAᵀ): two r×r Gram matrices, no decomposition.
-    total = float(((Bc.mT @ Bc) * (Ac @ Ac.mT)).sum())
-    retained = float((result.S.double() ** 2).sum() / total) if total > 0 else math.nan
-    return _Factors(new_B, new_A, map_B, map_A, min(retained, 1.0))
+    return _Factors(
+        truncated.B, truncated.A, truncated.map_B.double(), truncated.map_A.double(), truncated.retained
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -546,6 +537,9 @@ def squeeze_model(
     rank that retains that fraction of its ``‖ΔW‖²_F``, never fewer than its target rank. Modules already at
     or below their target are left alone, so calling this again with the same targets changes nothing.
     TRL's frozen ``ref`` adapter is never touched. Same options as :func:`resize_lora_module`.
+
+    Under torch.distributed (world size > 1) rank 0 decides the per-module target ranks and broadcasts
+    them, so every process applies the same squeeze: every process must call this, as a collective.
     """
     if min_variance_retention is not None and not 0 < min_variance_retention <= 1:
         raise LoraMonitorError(f"min_variance_retention must be in (0, 1], got {min_variance_retention}")
@@ -574,10 +568,13 @@ def squeeze_model(
         for record, spectrum in zip(chosen, spectra, strict=True):
             needed = rank_for_energy(spectrum, min_variance_retention)
             targets[record.name] = max(targets[record.name], needed)
+    decided = _same_decision_everywhere({record.name: targets[record.name] for record in chosen})
     generator = torch.Generator(device="cpu").manual_seed(seed)
     events = []
-    for record in chosen:
-        target = targets[record.name]
+    for record in records:
+        if record.name not in decided:
+            continue
+        target = decided[record.name]
         if kept_rank(record.module, record.adapter_name) <= target:
             continue
         events.append(
@@ -597,6 +594,23 @@ def squeeze_model(
             )
         )
     return events
+
+
+def _same_decision_everywhere(targets: dict[str, int]) -> dict[str, int]:
+    """Rank 0's ``{module path: target rank}`` in every process of a torch.distributed run.
+
+    Each process decides from its own copy of the factors, and a ``min_variance_retention`` threshold can
+    fall on either side of a rounding difference; a module squeezed to different ranks in different
+    processes would break DDP's identical parameters. So rank 0 decides for all (a collective: every
+    process must call :func:`squeeze_model`).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return targets
+    if torch.distributed.get_world_size() <= 1:
+        return targets
+    message = [targets if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(message, src=0)
+    return dict(message[0])
 
 
 def _live_matrices(record: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:

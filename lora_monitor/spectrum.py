@@ -63,7 +63,7 @@ class _Cores:
     eig_B: Tensor  # (N, r) eigenvalues of BᵀB, descending, clipped below resolution
     vec_B: Tensor  # (N, r, r)
     eig_A: Tensor
-    vec_A: Tensor
+    vec_A: Tensor | None  # None: values only
     core_U: Tensor | None  # (N, r, r) left singular vectors of the core (None: values only)
     core_S: Tensor  # (N, r) singular values of B@A (unscaled)
     core_V: Tensor | None
@@ -131,21 +131,31 @@ def _gram(matrix: Tensor, dtype: torch.dtype, rows: bool) -> Tensor:
 
 def _sym_eig_descending(gram: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    eigenvalues = eigenvalues.flip(-1)
-    eigenvectors = eigenvectors.flip(-1)
     # Eigenvalues below eps·λmax are rounding noise of the Gram product: they are zero directions.
+    return _floor_descending(eigenvalues, eps), eigenvectors.flip(-1)
+
+
+def _floor_descending(eigenvalues: Tensor, eps: float) -> Tensor:
+    """Descending eigenvalues with those below ``eps·λmax`` (rounding noise) set to exactly zero."""
+    eigenvalues = eigenvalues.flip(-1)
     floor = eigenvalues[..., :1].clamp_min(0) * eps
-    eigenvalues = torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
-    return eigenvalues, eigenvectors
+    return torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
 
 
 def _cores(gram_B: Tensor, gram_A: Tensor, eps: float, vectors: bool = True) -> _Cores:
     eig_B, vec_B = _sym_eig_descending(gram_B, eps)
+    if not vectors:
+        # Values only: σ(BA)² are the eigenvalues of R_B G_A R_Bᵀ (R_B = Λ_B^½ Q_Bᵀ), so one eigh and two
+        # eigvalsh replace two eigh and an SVD (a third less work on the r×r batch).
+        eig_A = _floor_descending(torch.linalg.eigvalsh(gram_A), eps)
+        root_B = vec_B * eig_B.sqrt().unsqueeze(-2)  # R_Bᵀ
+        squared = _floor_descending(
+            torch.linalg.eigvalsh(root_B.mT @ gram_A @ root_B), eps * gram_A.shape[-1]
+        )
+        return _Cores(eig_B, vec_B, eig_A, None, None, squared.sqrt(), None)
     eig_A, vec_A = _sym_eig_descending(gram_A, eps)
     # core = R_B R_Aᵀ = Λ_B^½ Q_Bᵀ Q_A Λ_A^½
     core = eig_B.sqrt().unsqueeze(-1) * (vec_B.mT @ vec_A) * eig_A.sqrt().unsqueeze(-2)
-    if not vectors:  # values only: a third of the cost of the full core SVD at r = 64
-        return _Cores(eig_B, vec_B, eig_A, vec_A, None, torch.linalg.svdvals(core), None)
     core_U, core_S, core_Vh = torch.linalg.svd(core)
     return _Cores(eig_B, vec_B, eig_A, vec_A, core_U, core_S, core_Vh.mT)
 
@@ -261,15 +271,36 @@ class TruncatedFactors:
     retained: float
 
 
-def truncate_factors(B: Tensor, A: Tensor, k: int, *, dtype: torch.dtype = torch.float32) -> TruncatedFactors:
-    """Best rank-``k`` factors of one LoRA pair, ``√S`` split between the new ``B`` and ``A``.
+def truncate_factors(
+    B: Tensor,
+    A: Tensor,
+    k: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    method: str = "qr",
+    oversample: int = 10,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> TruncatedFactors:
+    """Best (``method="qr"``) or near-best (``"rsvd"``) rank-``k`` factors of one LoRA pair, ``√S`` split
+    between the new ``B`` and ``A``.
 
-    The new factors have ``B``'s and ``A``'s dtype and device. ``k`` above the rank keeps the rank.
+    ``"qr"`` is the exact factored SVD. ``"rsvd"`` is a randomized SVD of the never-formed ``B@A`` (see
+    :func:`randomized_svd`: ``oversample`` extra probes, ``power_iters`` power iterations, ``generator`` for
+    the probes); it is exact whenever ``k + oversample`` reaches the rank. Either way ``map_B``/``map_A`` are
+    float64 and ``retained`` is the energy kept, ``ΣS_k²``, over ``‖B@A‖²_F`` computed exactly from the
+    factors' Gram matrices (``trace(BᵀB · AAᵀ)``), capped at 1. The new factors have ``B``'s and ``A``'s
+    dtype and device. ``k`` above the rank keeps the rank.
     """
     if k < 1:
         raise ValueError(f"target rank must be at least 1, got {k}")
+    if method not in ("qr", "rsvd"):
+        raise ValueError(f"method must be 'qr' or 'rsvd', got {method!r}")
     _check_pairs([B], [A])
-    _, cores = _grouped_cores([B], [A], _compute_dtype(dtype))
+    compute = _compute_dtype(dtype)
+    if method == "rsvd":
+        return _truncate_factors_randomized(B, A, k, compute, oversample, power_iters, generator)
+    _, cores = _grouped_cores([B], [A], compute)
     core = next(iter(cores.values()))
     keep = min(k, A.shape[0])
     S = core.core_S[0]
@@ -277,12 +308,45 @@ def truncate_factors(B: Tensor, A: Tensor, k: int, *, dtype: torch.dtype = torch
     # B_new = U_k S_k^½ = B · (Q_B Λ_B^-½ U_c,k S_k^½) ; A_new = S_k^½ V_kᵀ = (S_k^½ V_c,kᵀ Λ_A^-½ Q_Aᵀ) · A
     map_B = (core.vec_B[0] * _safe_inverse_sqrt(core.eig_B[0])) @ (core.core_U[0, :, :keep] * root)
     map_A = ((core.vec_A[0] * _safe_inverse_sqrt(core.eig_A[0])) @ (core.core_V[0, :, :keep] * root)).mT
-    compute = _compute_dtype(dtype)
     new_B = (B.detach().to(compute) @ map_B.to(compute)).to(B.dtype)
     new_A = (map_A.to(compute) @ A.detach().to(compute)).to(A.dtype)
     curve = energy_curve(S)
     retained = float(curve[keep - 1])
     return TruncatedFactors(new_B, new_A, map_B, map_A, S, retained)
+
+
+def _truncate_factors_randomized(
+    B: Tensor,
+    A: Tensor,
+    k: int,
+    dtype: torch.dtype,
+    oversample: int,
+    power_iters: int,
+    generator: torch.Generator | None,
+) -> TruncatedFactors:
+    # RSVD of the operator B@A (never formed): U S Vᵀ. Then B_new = U S^½ = B (A V S^-½) and
+    # A_new = S^½ Vᵀ = (S^-½ Uᵀ B) A, so the maps that made (and carry optimizer state to) the new factors
+    # are A V S^-½ and S^-½ Uᵀ B.
+    result = randomized_svd(
+        LinearOperator.from_factors(B, A),
+        k,
+        oversample=oversample,
+        power_iters=power_iters,
+        generator=generator,
+        dtype=dtype,
+    )
+    S = result.S.to(dtype)
+    root, inverse_root = S.sqrt(), _safe_inverse_sqrt(S)
+    B_work, A_work = B.detach().to(dtype), A.detach().to(dtype)
+    new_B = (result.U.to(dtype) * root).to(B.dtype)
+    new_A = (result.V.to(dtype) * root).mT.to(A.dtype)
+    map_B = ((A_work @ result.V.to(dtype)) * inverse_root).double()
+    map_A = ((result.U.to(dtype).mT @ B_work) * inverse_root.unsqueeze(-1)).double()
+    # ‖BA‖²_F = trace(BᵀB · AAᵀ): two r×r Gram matrices (float64), no decomposition.
+    total = float((_gram(B, torch.float64, rows=False) * _gram(A, torch.float64, rows=True)).sum())
+    kept_energy = float((result.S.double() ** 2).sum())
+    retained = min(kept_energy / total, 1.0) if total > 0 else math.nan
+    return TruncatedFactors(new_B, new_A, map_B, map_A, result.S.double(), retained)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -484,7 +548,8 @@ def condition_number(M: Tensor) -> Tensor:
     if M.dim() > 3 or M.dim() < 2:
         raise ValueError(f"condition_number expects a matrix or a stack, got shape {tuple(M.shape)}")
     rows = M.shape[-2] <= M.shape[-1]
-    eigenvalues, _ = _sym_eig_descending(_gram(M, torch.float64, rows=rows), torch.finfo(torch.float64).eps)
+    gram = _gram(M, torch.float64, rows=rows)
+    eigenvalues = _floor_descending(torch.linalg.eigvalsh(gram), torch.finfo(torch.float64).eps)
     return condition_number_from_singular_values(eigenvalues.sqrt())
 
 

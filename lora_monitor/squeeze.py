@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import uuid
@@ -44,8 +43,10 @@ from .adapters import (
     SavedAdapter,
     find_lora_modules,
     load_adapter,
+    pattern_key,
 )
 from .errors import LoraMonitorError
+from .serialization import json_number, json_safe
 from .spectrum import energy_curve, lora_spectra, rank_for_energy, truncate_factors
 
 DEFAULT_THRESHOLD = 0.95
@@ -109,7 +110,7 @@ class ModuleSqueeze:
             "scale": self.scale,
             "energy": self.energy,
             "minimal_rank": self.minimal_rank,
-            "retained": {str(k): _json_float(v) for k, v in self.retained.items()},
+            "retained": {str(k): json_safe(v) for k, v in self.retained.items()},
             "singular_values": self.singular_values,
         }
 
@@ -126,7 +127,7 @@ class GroupRecommendation:
         return {
             "num_modules": self.num_modules,
             "recommended_rank": self.recommended_rank,
-            "mean_variance": {str(k): _json_float(v) for k, v in self.mean_variance.items()},
+            "mean_variance": {str(k): json_safe(v) for k, v in self.mean_variance.items()},
         }
 
 
@@ -172,7 +173,7 @@ class SqueezeAnalysis:
         """Everything as plain JSON types (rank keys become strings, NaN becomes null)."""
 
         def by_rank(values: Mapping[int, float]) -> dict[str, float | None]:
-            return {str(k): _json_float(v) for k, v in values.items()}
+            return {str(k): json_safe(v) for k, v in values.items()}
 
         return {
             "source": self.source,
@@ -228,7 +229,7 @@ class CompressionResult:
             "output_path": str(self.output_path),
             "ranks": self.ranks,
             "source_ranks": self.source_ranks,
-            "retained": {name: _json_float(v) for name, v in self.retained.items()},
+            "retained": {name: json_safe(v) for name, v in self.retained.items()},
             "r": self.config.get("r"),
             "lora_alpha": self.config.get("lora_alpha"),
             "rank_pattern": self.config.get("rank_pattern"),
@@ -242,7 +243,7 @@ class CompressionResult:
 
 
 @dataclass
-class _Adapter:
+class OpenedAdapter:
     description: str
     modules: list[LoraModule]
     config: dict[str, Any] | None = None
@@ -251,10 +252,14 @@ class _Adapter:
     folder: Path | None = None
 
 
-def _open(source: Any, adapter_name: str | None, *, with_state: bool) -> _Adapter:
+def open_adapter(source: Any, adapter_name: str | None = None, *, with_state: bool = True) -> OpenedAdapter:
+    """An adapter folder, a ``SavedAdapter`` or a live PEFT model, as records plus (``with_state``) its config
+    and stored tensors keyed as ``save_pretrained`` writes them: what every adapter writer starts from."""
     if isinstance(source, str | Path | SavedAdapter):
         saved = source if isinstance(source, SavedAdapter) else load_adapter(source, adapter_name)
-        return _Adapter(str(saved.path), saved.modules, saved.config, saved.keys, saved.tensor, saved.path)
+        return OpenedAdapter(
+            str(saved.path), saved.modules, saved.config, saved.keys, saved.tensor, saved.path
+        )
     if not isinstance(source, torch.nn.Module):
         raise LoraMonitorError(
             f"expected an adapter folder, a SavedAdapter or a PEFT model, got {type(source).__name__}"
@@ -264,7 +269,7 @@ def _open(source: Any, adapter_name: str | None, *, with_state: bool) -> _Adapte
     chosen = modules[0].adapter_name
     description = f"{type(model).__name__} (adapter {chosen!r})"
     if not with_state:
-        return _Adapter(description, modules)
+        return OpenedAdapter(description, modules)
     peft_config = getattr(model, "peft_config", None)
     if not isinstance(peft_config, dict) or chosen not in peft_config:
         raise LoraMonitorError(
@@ -289,7 +294,7 @@ def _open(source: Any, adapter_name: str | None, *, with_state: bool) -> _Adapte
         missing = [key for key in module.keys.values() if key not in state]
         if missing:
             raise LoraMonitorError(f"{description}: {module.name} is missing from its state dict ({missing})")
-    return _Adapter(description, modules, config, list(state), state.__getitem__, None)
+    return OpenedAdapter(description, modules, config, list(state), state.__getitem__, None)
 
 
 def _plain_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -377,7 +382,7 @@ def _progress(total: int, description: str, enabled: bool | None):
 
 
 def _module_spectra(
-    adapter: _Adapter, device: str | torch.device | None, progress: bool | None
+    adapter: OpenedAdapter, device: str | torch.device | None, progress: bool | None
 ) -> list[torch.Tensor]:
     """Singular values (float64, CPU, ``rank`` each) of every module's ``s·B@A``, in chunks of modules."""
     spectra: list[torch.Tensor] = []
@@ -446,12 +451,12 @@ def analyze_adapter(
         target_ranks = [validate_rank(k, "every target rank") for k in target_ranks]
         if not target_ranks:
             raise LoraMonitorError("target_ranks is empty: give at least one rank, or None for the default")
-    adapter = _open(path_or_model, adapter_name, with_state=False)
+    adapter = open_adapter(path_or_model, adapter_name, with_state=False)
     return _analyse(adapter, threshold, target_ranks, device, progress)
 
 
 def _analyse(
-    adapter: _Adapter,
+    adapter: OpenedAdapter,
     threshold: float,
     target_ranks: Sequence[int] | None,
     device: str | torch.device | None,
@@ -593,29 +598,11 @@ def print_analysis(analysis: SqueezeAnalysis, console: Any = None) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _pattern_key(name: str) -> str:
-    """A ``rank_pattern``/``alpha_pattern`` key that PEFT matches to module ``name`` and to no other.
-
-    PEFT matches a key ``K`` as the regex ``(.*\\.)?(K)$`` against each module name: escaping the dots and
-    anchoring at the start makes the key match exactly one full module name.
-    """
-    return "^" + re.escape(name)
-
-
 def _alpha_for(module: LoraModule, new_rank: int) -> float:
     """The ``lora_alpha`` that keeps ``module``'s scale at ``new_rank`` (rsLoRA: ``α/√r``, else ``α/r``)."""
     if module.use_rslora:
         return module.scale * math.sqrt(new_rank)
     return module.scale * new_rank
-
-
-def _json_number(value: float) -> int | float:
-    # A whole alpha is written as an int (as PEFT writes it); anything else stays a float, never rounded.
-    return int(value) if float(value).is_integer() else float(value)
-
-
-def _json_float(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def lora_config_for_ranks(
@@ -635,12 +622,12 @@ def lora_config_for_ranks(
     default_rank, default_alpha = max(counts, key=lambda pair: (counts[pair], pair[0]))
     new = dict(config)
     new["r"] = default_rank
-    new["lora_alpha"] = _json_number(default_alpha)
+    new["lora_alpha"] = json_number(default_alpha)
     new["rank_pattern"] = {
-        _pattern_key(name): rank for name, (rank, _) in targets.items() if rank != default_rank
+        pattern_key(name): rank for name, (rank, _) in targets.items() if rank != default_rank
     }
     new["alpha_pattern"] = {
-        _pattern_key(name): _json_number(alpha)
+        pattern_key(name): json_number(alpha)
         for name, (_, alpha) in targets.items()
         if alpha != default_alpha
     }
@@ -648,7 +635,7 @@ def lora_config_for_ranks(
 
 
 def _plan(
-    adapter: _Adapter,
+    adapter: OpenedAdapter,
     target_rank: int | None,
     threshold: float | None,
     per_module: bool,
@@ -701,7 +688,7 @@ def compress_adapter(
     may not be the input or inside it, and an existing non-empty ``output_path`` is replaced only with
     ``overwrite=True``. Raises :class:`LoraMonitorError` on bad input (nothing is written then).
     """
-    adapter = _open(path_or_model, adapter_name, with_state=True)
+    adapter = open_adapter(path_or_model, adapter_name, with_state=True)
     output = Path(output_path)
     _check_output(output, adapter.folder, overwrite)
     ranks, analysis = _plan(adapter, target_rank, min_variance_retention, per_module, device, progress)
@@ -829,7 +816,11 @@ def write_adapter_folder(
         if output.exists():
             retired = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
             output.rename(retired)
-            staging.rename(output)
+            try:
+                staging.rename(output)
+            except BaseException:
+                retired.rename(output)  # put the previous folder back where it was
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
             staging.rename(output)

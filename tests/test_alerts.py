@@ -203,6 +203,56 @@ def test_thresholds_are_configurable():
         AlertThresholds.from_value({"dominance_warnin": 0.1})
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dominance_warning": "0.2"}, "dominance_warning must be a number, got '0.2'"),  # as a config may
+        ({"saturation_checks": 2.5}, "saturation_checks must be a whole number, got 2.5"),
+        ({"early_collapse_steps": True}, "early_collapse_steps must be a whole number, got True"),
+        ({"max_condition_number": -5.0}, "max_condition_number must be at least 1, got -5.0"),
+        ({"saturation_tolerance": math.nan}, "saturation_tolerance must be a finite number, got nan"),
+        ({"low_rank_fraction": 1.5}, "low_rank_fraction must be at least 0 and at most 1, got 1.5"),
+        ({"update_scale_high": 0.0}, "update_scale_high must be above 0, got 0.0"),
+        ({"dominance_warning": 0.6}, "dominance_warning=0.6 must not exceed dominance_critical=0.5"),
+    ],
+)
+def test_bad_thresholds_are_rejected_with_their_name_and_value(overrides, message):
+    for make in (AlertThresholds.from_value, lambda values: AlertThresholds(**values)):
+        with pytest.raises(LoraMonitorError) as raised:
+            make(overrides)
+        assert message in str(raised.value)
+    with pytest.raises(LoraMonitorError, match=r"unknown alert threshold\(s\) \['extra'\]"):
+        AlertThresholds.from_value({**overrides, "extra": 1})
+
+
+def test_valid_thresholds_are_kept():
+    limits = AlertThresholds.from_value({"max_condition_number": math.inf, "saturation_checks": 3})
+    assert limits.max_condition_number == math.inf and limits.saturation_checks == 3
+    assert AlertThresholds(dominance_warning=0.5, dominance_critical=0.5).dominance_warning == 0.5
+    with pytest.raises(LoraMonitorError, match="dict of overrides"):
+        AlertThresholds.from_value([("dominance_warning", 0.2)])
+
+
+def test_saturation_counts_only_the_checks_at_the_current_rank():
+    """The saturation rule uses MetricsHistory.saturated_since: a resize starts the count over."""
+    from dataclasses import replace
+
+    metrics = measure(healthy_model(), BaseNormCache())
+    limits = AlertThresholds(saturation_checks=3)
+    history = MetricsHistory()
+    history.add(10, metrics)
+    history.add(20, metrics)
+    # Cut to rank 4 with the same effective rank (all checks unchanged): only the rank-4 checks count.
+    squeezed = [replace(m, nominal_rank=4, rank_utilization=m.effective_rank / 4) for m in metrics]
+    fired = []
+    for step in (30, 40, 50):
+        history.add(step, squeezed)
+        alerts = check_alerts(squeezed, history, limits, step)
+        fired.append(any(a.code == "rank_saturated" for a in alerts))
+    assert fired == [False, False, True]
+    assert history.saturated_since(metrics[0].name, checks=3) == 30
+
+
 def test_a_resized_module_starts_a_new_history():
     """A rank cut (In-Squeeze) is a decision, not a collapse: history rules only compare equal ranks."""
     from dataclasses import replace

@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_llama
 from torch import nn
 
+from lora_monitor.adapters import pattern_key
 from lora_monitor.allocation import (
     allocate_ranks,
     fit_marchenko_pastur,
@@ -276,10 +277,10 @@ def test_get_peft_model_gives_each_module_the_rank_asked_for():
     adapted = lora_layers(peft_model)
     assert set(adapted) == set(allocation.target_modules)
     for name, module in adapted.items():
-        rank = allocation.rank_pattern[name]
+        rank = allocation.rank_pattern[pattern_key(name)]  # keys match exactly one module path
         assert module.r["default"] == rank
         assert module.lora_A["default"].weight.shape[0] == rank
-        assert module.scaling["default"] == pytest.approx(allocation.alpha_pattern[name] / rank)
+        assert module.scaling["default"] == pytest.approx(allocation.alpha_pattern[pattern_key(name)] / rank)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert trainable == allocation.trainable_parameters
 
@@ -308,7 +309,7 @@ def test_parameter_budget_is_met_within_one_rank_step(budget):
     )
     assert budget - largest_step < trainable <= budget
     for name, module in lora_layers(peft_model).items():
-        assert module.r["default"] == allocation.rank_pattern[name]
+        assert module.r["default"] == allocation.rank_pattern[pattern_key(name)]
 
 
 def test_budget_out_of_reach_and_bad_options_are_clear_errors():
@@ -407,7 +408,7 @@ def test_cli_allocate_prints_the_table_and_json(tmp_path, capsys):
     payload = json.loads(capsys.readouterr().out)
     config = payload["lora_config"]
     assert len(payload["layers"]) == 14 and len(config["target_modules"]) == 7
-    assert set(config["rank_pattern"]) == set(config["target_modules"])
+    assert set(config["rank_pattern"]) == {pattern_key(name) for name in config["target_modules"]}
     assert 8000 - 256 < payload["trainable_parameters"] <= 8000
 
 

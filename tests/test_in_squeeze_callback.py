@@ -130,6 +130,9 @@ def test_resize_run_logs_each_squeeze_and_keeps_learning(resize_run):
             entry["in_squeeze/loss_after"] - entry["in_squeeze/loss_before"]
         )
     losses = _losses(trainer)
+    # The squeeze's own log event must not swallow the Trainer's loss log of the same step (logging_steps=1).
+    assert trainer.args.logging_steps == 1
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
     after_last_squeeze = statistics.mean(losses[step] for step in range(41, 51))
     last = statistics.mean(losses[step] for step in range(51, 61))
     assert last < after_last_squeeze
@@ -235,6 +238,13 @@ def test_schedules():
         _resolve_step(1.5, 100, "start_step")
     with pytest.raises(LoraMonitorError, match="optimizer_state"):
         InSqueezeCallback(optimizer_state="keep")
+    for bad_rank in (2.7, 0, -4, True, "4"):
+        with pytest.raises(LoraMonitorError, match="target_rank"):
+            InSqueezeCallback(target_rank=bad_rank)
+    assert InSqueezeCallback(target_rank=4.0).target_rank == 4
+    for bad_fraction in (0, 1.5, -0.1, "0.9"):
+        with pytest.raises(LoraMonitorError, match="min_variance_retention"):
+            InSqueezeCallback(min_variance_retention=bad_fraction)
 
 
 def test_works_in_trl_sft_trainer(tmp_path, tokenizer):

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     from transformers import Trainer, TrainerCallback
     from lora_monitor import find_lora_modules
     from lora_monitor.callbacks.in_squeeze import InSqueezeCallback
-    from lora_monitor.resize import unwrap_optimizer
+    from lora_monitor.resize import _same_decision_everywhere, unwrap_optimizer
 
     out = sys.argv[1]
     rank = int(os.environ["RANK"])
@@ -65,6 +65,8 @@ SCRIPT = textwrap.dedent(
         "events": [(e["step"], sorted(set(e["ranks"].values()))) for e in squeeze.events],
         "nominal_shapes": sorted(nominal_shapes),
         "mismatches": mismatches,
+        # Each process proposes its own targets; all must come back with rank 0's.
+        "decision": _same_decision_everywhere({"model.layers.0.self_attn.q_proj": 4 + rank}),
     }
     with open(os.path.join(out, f"process{rank}.json"), "w") as handle:
         json.dump(report, handle)
@@ -93,6 +95,7 @@ def test_two_process_ddp_run_masks_and_ends_with_identical_adapters(tmp_path):
         assert report["events"] == [[6, [8]], [12, [4]]]
         assert report["nominal_shapes"] == [16]  # the DDP parameter set never changed
         assert report["mismatches"] == []
+        assert report["decision"] == {"model.layers.0.self_attn.q_proj": 4}
     first, second = (torch.load(tmp_path / f"process{rank}.pt") for rank in (0, 1))
     assert first["factors"].keys() == second["factors"].keys()
     for key, tensor in first["factors"].items():

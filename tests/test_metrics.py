@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -115,6 +116,28 @@ def test_rank_deficient_factor_has_infinite_kappa():
     assert math.isinf(ModuleMetrics.from_dict(record.to_dict(json_safe=True)).kappa_B)
 
 
+def test_scalars_leave_out_an_infinite_worst_kappa():
+    """Loggers and strict JSON take finite numbers only: an infinite worst κ stays out of the scalars."""
+    model = peft_llama(target_modules=["v_proj"])
+    deficient, healthy = find_lora_modules(model)
+    with torch.no_grad():
+        deficient.module.lora_B["default"].weight[:, 5:] = 0
+    metrics = compute_module_metrics([deficient, healthy])
+    summary = summarize(metrics)
+    scalars = summary.scalars()
+    assert "lora/max_kappa_B" not in scalars
+    assert all(math.isfinite(value) for value in scalars.values())
+    json.dumps(scalars, allow_nan=False)
+    # The mean is over the finite κ: the healthy module's, from a dense SVD of its B.
+    S_B = torch.linalg.svdvals(healthy.B.double())
+    assert scalars["lora/mean_kappa_B"] == pytest.approx(float(S_B[0] / S_B[-1]), rel=1e-9)
+    assert scalars["lora/max_kappa_A"] == max(m.kappa_A for m in metrics)
+    # The summary record still holds the infinite worst, as null in JSON.
+    kappa_B = summary.to_dict()["overall"]["metrics"]["kappa_B"]
+    assert kappa_B["worst"] is None and kappa_B["worst_module"] == deficient.name
+    assert math.isinf(summary.overall.metrics["kappa_B"].worst)
+
+
 def test_base_norms_are_computed_once_per_module(model):
     modules = find_lora_modules(model)
     reads = []
@@ -222,6 +245,34 @@ def test_history_trend_saturation_and_volatility(model):
     zero = MetricsHistory()
     zero.add(0, [replace(template, is_zero=True, effective_rank=math.nan)])
     assert zero.dynamics(name).trend is None and zero.dynamics(name).checks == 0
+
+
+def test_a_resized_module_starts_its_dynamics_over(model):
+    """After a resize (In-Squeeze, rank 16 → 8) its utilization jumps; only the rank-8 checks count."""
+    template = compute_module_metrics(find_lora_modules(model)[:1])[0]
+    name = template.name
+    history = MetricsHistory(saturation_checks=3)
+    wide, narrow = replace(template, nominal_rank=16), replace(template, nominal_rank=8)
+    for step in (10, 20):  # effective rank 7: utilization 0.44 at rank 16, and a different κ(A)
+        history.add(step, [_series_record(wide, 7.0, kappa=1e4)])
+    for step in (30, 40, 50):  # the same effective rank after the cut: utilization 0.875, flat
+        history.add(step, [_series_record(narrow, 7.0, kappa=10.0)])
+    dynamics = history.dynamics(name)
+    assert dynamics.trend == "stable" and dynamics.rank_utilization_change == pytest.approx(0.0)
+    assert dynamics.saturated_since == 30  # not 10: the rank-16 checks are another adapter
+    assert dynamics.kappa_A_volatility == pytest.approx(0.0)
+    assert dynamics.checks == 5
+    # Over every check, rank-blind, the same numbers would read as a rising utilization.
+    everything = history.series(name, "rank_utilization")
+    assert [value for _, value in everything] == pytest.approx([7 / 16, 7 / 16, 7 / 8, 7 / 8, 7 / 8])
+    assert history.latest_rank(name) == 8
+    assert history.current_series(name) == [(30, 7.0), (40, 7.0), (50, 7.0)]
+    # Two checks at the new rank are not yet a trend at all.
+    fresh = MetricsHistory()
+    fresh.add(10, [_series_record(wide, 7.0)])
+    fresh.add(20, [_series_record(wide, 7.0)])
+    fresh.add(30, [_series_record(narrow, 7.0)])
+    assert fresh.dynamics(name).trend is None
 
 
 # ---- lora-monitor analyze ----------------------------------------------------------------------------

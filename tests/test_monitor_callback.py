@@ -115,6 +115,14 @@ def test_attach_and_every_n_steps(tmp_path, lm_dataset):
     assert all(m.gradient_effective_rank is None for m in monitor.latest)
 
 
+def test_every_n_steps_below_one_is_refused():
+    from lora_monitor.errors import LoraMonitorError
+
+    for bad in (0, -3):
+        with pytest.raises(LoraMonitorError, match=f"every_n_steps must be at least 1, got {bad}"):
+            SpectralMonitorCallback(every_n_steps=bad)
+
+
 def test_wandb_offline_run_holds_the_keys(tmp_path, lm_dataset, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -88,3 +89,15 @@ def test_bad_run_folders(tmp_path, capsys):
         write_report(tmp_path)
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no such run folder" in capsys.readouterr().err
+
+
+def test_report_of_an_untrained_adapter_has_no_retention_to_draw(tmp_path):
+    """B = 0 everywhere: the squeeze analysis holds nulls, and the report says so instead of failing."""
+    from lora_monitor import analyze_adapter
+    from lora_monitor.serialization import json_safe
+
+    analysis = analyze_adapter(peft_llama(init_lora_weights=True), progress=False)
+    assert analysis.recommended_rank is None
+    (tmp_path / "squeeze_manifest.json").write_text(json.dumps(json_safe(analysis.to_dict())))
+    page = write_report(tmp_path).read_text()
+    assert "—" in page and not (tmp_path / "retention.png").exists()

@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
+from lora_monitor.adapters import pattern_key
 from lora_monitor.resize import (
     compact_masks,
     current_ranks,
@@ -62,9 +63,11 @@ def test_resize_is_the_best_rank_k_delta_with_the_scale_kept(tmp_path, use_rslor
         event = next(e for e in events if e.name == record.name)
         assert event.retained_variance == pytest.approx(float((S[:4] ** 2).sum() / (S**2).sum()), rel=1e-8)
     config = model.peft_config["default"]
-    assert config.rank_pattern[Q_PROJ] == 4
+    # One anchored key per module: it names that full module path and no other.
+    assert config.rank_pattern[pattern_key(Q_PROJ)] == 4
+    assert set(config.rank_pattern) == {pattern_key(r.name) for r in find_lora_modules(model)}
     expected_alpha = 32 * (math.sqrt(4 / 16) if use_rslora else 4 / 16)
-    assert config.alpha_pattern[Q_PROJ] == pytest.approx(expected_alpha)
+    assert config.alpha_pattern[pattern_key(Q_PROJ)] == pytest.approx(expected_alpha)
 
     # Saved and reloaded on a fresh base: same shapes, same function.
     model.save_pretrained(tmp_path)
@@ -271,7 +274,7 @@ def test_bad_input_is_one_clear_error():
         squeeze_model(model, 2)
 
 
-def test_variance_threshold_gives_per_module_ranks():
+def test_variance_threshold_gives_per_module_ranks(tmp_path):
     model = peft_llama(r=16).double()
     weights = {}
     for index, record in enumerate(find_lora_modules(model)):
@@ -286,3 +289,25 @@ def test_variance_threshold_gives_per_module_ranks():
     assert all(e.retained_variance == pytest.approx(1.0) for e in events)
     # Calling again with the same targets changes nothing.
     assert squeeze_model(model, 1, min_variance_retention=0.999999) == []
+    # Per-module ranks survive a save and a reload on a fresh base (each pattern key hits one module).
+    model.save_pretrained(tmp_path)
+    assert {m.name: m.rank for m in load_adapter(tmp_path)} == weights
+    reloaded = PeftModel.from_pretrained(tiny_llama(0).double(), tmp_path)
+    assert current_ranks(reloaded) == weights
+
+
+def test_compressing_a_masked_live_model_keeps_every_scale(tmp_path):
+    """A masked module is the adapter it saves as: compressing it must write the alpha of its kept rank."""
+    from lora_monitor import compress_adapter
+
+    model = peft_llama(r=16, lora_alpha=32).double()
+    squeeze_model(model, {"model.layers.0.self_attn.q_proj": 8}, mode="mask")  # one module masked 16 → 8
+    reference = {r.name: r.scale * r.B.double() @ r.A.double() for r in find_lora_modules(model)}
+    compress_adapter(model, tmp_path / "compressed", target_rank=8)  # the masked one is already at 8
+    reloaded = PeftModel.from_pretrained(tiny_llama(0).double(), tmp_path / "compressed")
+    for record in find_lora_modules(reloaded):
+        assert record.rank == 8
+        assert record.scale == pytest.approx(32 / 16)  # α/r of the source, kept for every module
+        if record.name == "model.layers.0.self_attn.q_proj":  # unchanged by compression: exactly its delta
+            delta = record.scale * record.B.double() @ record.A.double()
+            assert torch.allclose(delta, reference[record.name], atol=1e-12)

@@ -114,6 +114,31 @@ def test_truncate_factors_is_the_best_rank_k_approximation_and_maps_make_the_fac
         truncate_factors(B, A, 0)
 
 
+def test_truncate_factors_rsvd_matches_the_dense_svd_and_its_maps_make_the_factors():
+    generator = torch.Generator().manual_seed(6)
+    # A decaying spectrum, rank 12: with k + oversample ≥ 12 the probes span the whole range (exact).
+    B = torch.randn(64, 12, generator=generator, dtype=torch.float64) * torch.logspace(0, -1.5, 12)
+    A = torch.randn(12, 48, generator=generator, dtype=torch.float64)
+    U, S, Vh = dense_svd(B, A)
+    best = (U[:, :5] * S[:5]) @ Vh[:5]
+    probes = torch.Generator().manual_seed(0)
+    result = truncate_factors(B, A, 5, dtype=torch.float64, method="rsvd", oversample=7, generator=probes)
+    assert result.B.shape == (64, 5) and result.A.shape == (5, 48) and result.map_B.dtype == torch.float64
+    assert torch.allclose(result.B @ result.A, best, atol=1e-9 * float(S[0]))
+    assert torch.allclose(result.singular_values, S[:5], rtol=1e-9)
+    assert torch.allclose(B @ result.map_B, result.B, atol=1e-9 * float(S[0]))
+    assert torch.allclose(result.map_A @ A, result.A, atol=1e-9 * float(S[0]))
+    assert result.retained == pytest.approx(float((S[:5] ** 2).sum() / (S**2).sum()), rel=1e-9)
+    # Fewer probes than the rank: an approximation, but close, and never more energy than the best rank-5.
+    rough = truncate_factors(B, A, 5, dtype=torch.float64, method="rsvd", oversample=2)
+    error = torch.linalg.matrix_norm(B @ A - rough.B @ rough.A)
+    best_error = torch.linalg.matrix_norm(B @ A - best)
+    assert best_error * (1 - 1e-12) <= error <= 1.02 * best_error
+    assert rough.retained <= result.retained + 1e-12
+    with pytest.raises(ValueError, match="method"):
+        truncate_factors(B, A, 5, method="svd")
+
+
 def test_randomized_svd_on_matrix_and_operator():
     generator = torch.Generator().manual_seed(5)
     left, _ = torch.linalg.qr(torch.randn(200, 30, generator=generator, dtype=torch.float64))

@@ -241,7 +241,7 @@ def test_compressed_adapter_reloads_with_best_rank_k_deltas(tmp_path, variant):
 def test_pattern_keys_match_exactly_one_module():
     from peft.utils.other import get_pattern_key
 
-    from lora_monitor.squeeze import _pattern_key
+    from lora_monitor.adapters import pattern_key
 
     names = [
         "model.layers.1.mlp.up_proj",
@@ -250,7 +250,7 @@ def test_pattern_keys_match_exactly_one_module():
         "model.layers.1Xmlp.up_proj",  # an unescaped "." would match this
         "up_proj",
     ]
-    keys = [_pattern_key(name) for name in names]
+    keys = [pattern_key(name) for name in names]
     for name, key in zip(names, keys, strict=True):
         # every ordering: PEFT takes the first key that matches
         assert get_pattern_key(keys, name) == key

@@ -1,0 +1,55 @@
+"""What every lora-monitor callback needs from the Trainer: its callback handler, a log event, the process."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
+
+
+def find_calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
+    """The ``CallbackHandler`` that is calling ``callback`` right now (None when not called by a Trainer).
+
+    Called from ``on_init_end``/``on_train_begin``: searching at every train begin keeps a callback reused by
+    a second Trainer bound to the new one.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, CallbackHandler) and any(c is callback for c in owner.callbacks):
+                return owner
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def emit_log(handler: CallbackHandler | None, args: Any, state: Any, control: Any, scalars: dict[str, float]):
+    """A log event of its own, made the way ``Trainer.log`` makes one, so every ``report_to`` integration sees it.
+
+    ``Trainer.log`` itself is not called: TRL's trainers override it to flush (and clear) their own
+    accumulated metrics. ``CallbackHandler.on_log`` clears ``control.should_log`` because it assumes the
+    Trainer's own log was just written; this event is an extra one, so the flag is put back, and the
+    Trainer's pending loss log at this step survives. Returns the control to hand back to the Trainer.
+    """
+    logs = dict(scalars)
+    if state.epoch is not None:
+        logs["epoch"] = state.epoch
+    state.log_history.append({**logs, "step": state.global_step})
+    if handler is None:
+        return None
+    should_log = control.should_log
+    control = handler.on_log(args, state, control, logs)
+    control.should_log = should_log or control.should_log
+    return control
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process under torch.distributed, ``(0, 1)`` otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
