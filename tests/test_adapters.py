@@ -32,7 +32,7 @@ def check_live_model(model, adapter_name=None, rtol=1e-5):
     spectra = lora_spectra([r.B for r in records], [r.A for r in records], [r.scale for r in records])
     for record, S in zip(records, spectra.delta, strict=True):
         assert record.scale == record.module.scaling[record.adapter_name]
-        reference = peft_reference_spectrum(record)
+        reference = peft_reference_spectrum(record).detach()
         S = S[: record.rank]
         assert torch.allclose(
             S.detach(), reference.detach(), rtol=rtol, atol=rtol * float(reference.max())
