@@ -1,6 +1,6 @@
 """Evidence for LoRA-Squeeze at small scale: a real pretrained model, a real labelled task, 3 seeds.
 
-    python bench/evidence.py [--steps 120] [--seeds 0,1,2] [--ranks 1,2,4,8,16,32,64]
+    python bench/evidence.py [--steps 80] [--seeds 0,1,2] [--ranks 1,2,4,8,16,64] [--lr 3e-4]
 
 all-MiniLM-L6-v2 (BERT, 22.7M parameters, pretrained) with LoRA on query/key/value/dense, classifying the 200
 Pang & Lee movie-review sentences (positive/negative; 150 to train, 50 held out), offline (see
@@ -60,14 +60,14 @@ def model_with_lora(rank: int, seed: int):
     return get_peft_model(base, config), tokenizer
 
 
-def train(model, dataset, steps: int, seed: int, callbacks=(), output_dir: str | None = None):
+def train(model, dataset, steps: int, seed: int, lr: float, callbacks=()):
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     arguments = TrainingArguments(
-        output_dir=output_dir or tempfile.mkdtemp(),
+        output_dir=tempfile.mkdtemp(),
         max_steps=steps,
         per_device_train_batch_size=16,
-        learning_rate=1e-3,
+        learning_rate=lr,
         warmup_steps=max(1, steps // 10),
         logging_steps=steps,
         save_strategy="no",
@@ -94,7 +94,7 @@ def evaluate(model, dataset) -> tuple[float, float]:
     return accuracy, float(output.loss)
 
 
-def run_condition(name: str, seed: int, steps: int, train_set, heldout) -> dict:
+def run_condition(name: str, seed: int, steps: int, lr: float, train_set, heldout) -> dict:
     from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
     from peft import PeftModel
 
@@ -103,12 +103,12 @@ def run_condition(name: str, seed: int, steps: int, train_set, heldout) -> dict:
     extra: dict = {}
     if name == "direct r=8":
         model, _ = model_with_lora(8, seed)
-        train(model, train_set, steps, seed)
+        train(model, train_set, steps, seed, lr)
     elif name == "r=64 (no squeeze)":
         model, _ = model_with_lora(64, seed)
         monitor = SpectralMonitorCallback(every_n_steps=steps, jsonl_name=None, log_alerts=False)
         post = PostSqueezeCallback(min_variance_retention=0.95, print_table=False)
-        train(model, train_set, steps, seed, [monitor, post])
+        train(model, train_set, steps, seed, lr, [monitor, post])
         mean_effective_rank = statistics.mean(m.effective_rank for m in monitor.latest if not m.is_zero)
         extra = {
             "model": model,
@@ -126,14 +126,22 @@ def run_condition(name: str, seed: int, steps: int, train_set, heldout) -> dict:
             train_set,
             steps,
             seed,
+            lr,
             [InSqueezeCallback(target_rank=8, schedule=[(int(0.75 * steps), 8)])],
         )
     elif name == "in-squeeze 64→8 (30-60%)":
         model, _ = model_with_lora(64, seed)
-        train(model, train_set, steps, seed, [InSqueezeCallback(target_rank=8, start_step=0.3, end_step=0.6)])
+        train(
+            model,
+            train_set,
+            steps,
+            seed,
+            lr,
+            [InSqueezeCallback(target_rank=8, start_step=0.3, end_step=0.6)],
+        )
     elif name.startswith("direct r="):
         model, _ = model_with_lora(int(name.split("=")[1]), seed)
-        train(model, train_set, steps, seed)
+        train(model, train_set, steps, seed, lr)
     else:
         raise ValueError(name)
     accuracy, loss = evaluate(model, heldout)
@@ -161,9 +169,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--ranks", default="1,2,4,8,16,32,64")
+    parser.add_argument("--ranks", default="1,2,4,8,16,64")
+    parser.add_argument("--lr", type=float, default=3e-4)
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -175,7 +184,7 @@ def main() -> None:
     conditions = ["direct r=8", "r=64 (no squeeze)", "cont-squeeze 64→8 at 75%", "in-squeeze 64→8 (30-60%)"]
     for seed in seeds:
         for name in conditions:
-            outcome = run_condition(name, seed, args.steps, train_set, heldout)
+            outcome = run_condition(name, seed, args.steps, args.lr, train_set, heldout)
             results.setdefault(name, []).append(outcome)
             if "post" in outcome:
                 results.setdefault("post-squeeze 64→8", []).append(outcome["post"])
@@ -183,12 +192,13 @@ def main() -> None:
             if rank in (8, 64):
                 continue  # already trained above
             results.setdefault(f"direct r={rank}", []).append(
-                run_condition(f"direct r={rank}", seed, args.steps, train_set, heldout)
+                run_condition(f"direct r={rank}", seed, args.steps, args.lr, train_set, heldout)
             )
 
     console = Console()
     table = Table(
-        title=f"MiniLM + LoRA on Pang & Lee polarity (150 train / 50 held out), {args.steps} steps, seeds {seeds}"
+        title=f"MiniLM + LoRA on Pang & Lee polarity (150 train / 50 held out), {args.steps} steps, "
+        f"lr {args.lr:g}, seeds {seeds}"
     )
     for column in ("condition", "held-out accuracy", "held-out loss"):
         table.add_column(column, justify="right" if column != "condition" else "left")
