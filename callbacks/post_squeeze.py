@@ -20,6 +20,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.errors import LoraMonitorError
+from lora_monitor.report import write_report
 from lora_monitor.squeeze import (
     CompressionResult,
     SqueezeAnalysis,
@@ -49,7 +50,9 @@ class PostSqueezeCallback(TrainerCallback):
     and the ``squeeze/*`` summary keys when the run reports to W&B, and with ``compress=True`` writes the
     adapter compressed to the recommended rank (or one rank per module with ``per_module=True``) to
     ``output_dir/<output_subdir>``. The result is kept as ``callback.analysis`` (and
-    ``callback.compression``). A failed analysis (e.g. NaN weights) is logged and kept as
+    ``callback.compression``). With ``report=True`` it also draws the run's plots and ``report.html`` into
+    ``output_dir`` (list it after a SpectralMonitorCallback so the monitor's last check is drawn too).
+    A failed analysis (e.g. NaN weights) is logged and kept as
     ``callback.error``; it never takes the trained model down with it.
     """
 
@@ -63,6 +66,7 @@ class PostSqueezeCallback(TrainerCallback):
         per_module: bool = False,
         adapter_name: str | None = None,
         print_table: bool = True,
+        report: bool = False,
     ) -> None:
         self.min_variance_retention = validate_threshold(min_variance_retention)
         self.target_ranks = (
@@ -77,6 +81,8 @@ class PostSqueezeCallback(TrainerCallback):
         self.per_module = per_module
         self.adapter_name = adapter_name
         self.print_table = print_table
+        self.report = report
+        self.report_path: Path | None = None
         self.analysis: SqueezeAnalysis | None = None
         self.compression: CompressionResult | None = None
         self.error: str | None = None
@@ -118,6 +124,8 @@ class PostSqueezeCallback(TrainerCallback):
                 self.compression = self._compress(model, output_dir)
             self._write_manifest(output_dir)
             self._log_to_wandb(args)
+            if self.report:
+                self.report_path = write_report(output_dir)
         except LoraMonitorError as error:
             self.error = str(error)
             logger.warning("PostSqueezeCallback: no squeeze analysis: %s", error)

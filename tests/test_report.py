@@ -28,9 +28,15 @@ def run_dir(tmp_path_factory, tokenizer):
         model=peft_llama(init_lora_weights=True),
         args=training_args(output, max_steps=8),
         train_dataset=make_lm_dataset(tokenizer),
-        callbacks=[SpectralMonitorCallback(every_n_steps=2), PostSqueezeCallback(print_table=False)],
+        callbacks=[
+            SpectralMonitorCallback(every_n_steps=2),
+            PostSqueezeCallback(print_table=False, report=True),
+        ],
     )
     trainer.train()
+    # The callback drew the report at the end of training, the monitor's last check (step 8) included.
+    assert (output / "report.html").is_file() and (output / "dominance.png").is_file()
+    assert "last at step 8" in (output / "report.html").read_text()
     return output
 
 
