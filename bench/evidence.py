@@ -94,6 +94,13 @@ def evaluate(model, dataset) -> tuple[float, float]:
     return accuracy, float(output.loss)
 
 
+# The two In-Squeeze conditions: one squeeze to 8 at 75% (then Cont-Squeeze), or 64 → 32 → 16 → 8 over 30-60%.
+SQUEEZE_SCHEDULES = {
+    "cont-squeeze 64→8 at 75%": lambda steps: {"schedule": [(int(0.75 * steps), 8)]},
+    "in-squeeze 64→8 (30-60%)": lambda steps: {"start_step": 0.3, "end_step": 0.6},
+}
+
+
 def run_condition(name: str, seed: int, steps: int, lr: float, train_set, heldout) -> dict:
     from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
     from peft import PeftModel
@@ -119,7 +126,7 @@ def run_condition(name: str, seed: int, steps: int, lr: float, train_set, heldou
                 r for r in post.analysis.target_ranks if post.analysis.mean_variance[r] >= 0.9
             ),
         }
-    elif name == "cont-squeeze 64→8 at 75%":
+    elif name in SQUEEZE_SCHEDULES:
         model, _ = model_with_lora(64, seed)
         train(
             model,
@@ -127,17 +134,7 @@ def run_condition(name: str, seed: int, steps: int, lr: float, train_set, heldou
             steps,
             seed,
             lr,
-            [InSqueezeCallback(target_rank=8, schedule=[(int(0.75 * steps), 8)])],
-        )
-    elif name == "in-squeeze 64→8 (30-60%)":
-        model, _ = model_with_lora(64, seed)
-        train(
-            model,
-            train_set,
-            steps,
-            seed,
-            lr,
-            [InSqueezeCallback(target_rank=8, start_step=0.3, end_step=0.6)],
+            [InSqueezeCallback(target_rank=8, **SQUEEZE_SCHEDULES[name](steps))],
         )
     elif name.startswith("direct r="):
         model, _ = model_with_lora(int(name.split("=")[1]), seed)
