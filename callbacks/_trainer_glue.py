@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
@@ -46,10 +45,3 @@ def emit_log(handler: CallbackHandler | None, args: Any, state: Any, control: An
     control = handler.on_log(args, state, control, logs)
     control.should_log = should_log or control.should_log
     return control
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world size)`` of this process under torch.distributed, ``(0, 1)`` otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1

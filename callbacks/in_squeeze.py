@@ -14,9 +14,10 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
+from lora_monitor._distributed import rank_and_world
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.resize import (
+from lora_monitor.in_squeeze.resize import (
     METHODS,
     OPTIMIZER_STATES,
     compact_masks,
@@ -26,7 +27,7 @@ from lora_monitor.resize import (
     unwrap_optimizer,
 )
 
-from ._trainer_glue import emit_log, find_calling_handler, rank_and_world
+from ._trainer_glue import emit_log, find_calling_handler
 
 SCHEDULES = ("geometric", "linear")
 LOG_PREFIX = "in_squeeze/"

@@ -44,10 +44,12 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
+from lora_monitor._distributed import rank_and_world
+from lora_monitor._io import json_safe
 from lora_monitor.adapters import find_lora_modules
-from lora_monitor.alerts import Alert, AlertMonitor, AlertThresholds, Severity
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.metrics import (
+from lora_monitor.monitor.alerts import Alert, AlertMonitor, AlertThresholds, Severity
+from lora_monitor.monitor.metrics import (
     AdapterSummary,
     BaseNormCache,
     MetricsHistory,
@@ -57,9 +59,8 @@ from lora_monitor.metrics import (
     gradient_effective_ranks,
     summarize,
 )
-from lora_monitor.serialization import json_safe
 
-from ._trainer_glue import emit_log, find_calling_handler, rank_and_world
+from ._trainer_glue import emit_log, find_calling_handler
 
 logger = logging.getLogger("lora_monitor")
 

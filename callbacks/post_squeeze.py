@@ -20,7 +20,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.report import write_report
+from lora_monitor.render.report import write_report
 from lora_monitor.squeeze import (
     CompressionResult,
     SqueezeAnalysis,

@@ -17,7 +17,7 @@ from offline_assets import causal_lm_dataset, news_texts, smollm2
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
-from lora_monitor.report import write_report
+from lora_monitor.render.report import write_report
 
 
 def main() -> None:

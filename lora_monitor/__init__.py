@@ -18,14 +18,32 @@ The public API, one screen:
     Errors                 LoraMonitorError (bad input, with a message naming the file or module)
 """
 
-from .adapters import LoraModule, SavedAdapter, find_lora_modules, load_adapter, lora_modules, scale_for
-from .alerts import Alert, AlertMonitor, AlertThresholds, Severity, check_alerts
+from .adapters import (
+    LoraModule,
+    SavedAdapter,
+    find_lora_modules,
+    load_adapter,
+    lora_modules,
+    scale_for,
+    write_adapter_folder,
+)
 from .allocation import RankAllocation, RankProbe, allocate_ranks, probe_rank, spectral_analysis
 from .edit import SpectralEditResult, spectral_edit
 from .errors import LoraMonitorError
-from .metrics import BaseNormCache, MetricsHistory, ModuleMetrics, compute_module_metrics, summarize
-from .report import write_report
-from .resize import ResizeEvent, compact_masks, current_ranks, resize_lora_module, squeeze_model
+from .in_squeeze import ResizeEvent, compact_masks, current_ranks, resize_lora_module, squeeze_model
+from .monitor import (
+    Alert,
+    AlertMonitor,
+    AlertThresholds,
+    BaseNormCache,
+    MetricsHistory,
+    ModuleMetrics,
+    Severity,
+    check_alerts,
+    compute_module_metrics,
+    summarize,
+)
+from .render import write_report
 from .spectrum import (
     LinearOperator,
     LoraSpectra,
@@ -43,7 +61,7 @@ from .spectrum import (
     truncate_factors,
     weight_singular_values,
 )
-from .squeeze import SqueezeAnalysis, analyze_adapter, compress_adapter, write_adapter_folder
+from .squeeze import SqueezeAnalysis, analyze_adapter, compress_adapter
 
 __version__ = "0.1.0"
 

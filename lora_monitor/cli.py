@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._io import json_safe
 from .errors import LoraMonitorError
-from .serialization import json_safe
 
 EXIT_BAD_INPUT = 2
 
@@ -49,8 +49,7 @@ def register_analyze(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_analyze(args: argparse.Namespace) -> int:
     from .adapters import load_adapter
-    from .alerts import check_alerts
-    from .metrics import BaseNormCache, compute_module_metrics, summarize
+    from .monitor import BaseNormCache, check_alerts, compute_module_metrics, summarize
 
     adapter = load_adapter(args.adapter, args.adapter_name)
     base_norms = BaseNormCache(_base_weight_lookup(args.base, adapter.modules)) if args.base else None
@@ -75,34 +74,9 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 def _base_weight_lookup(base_dir: str, modules: Sequence[Any]):
     """Load the base model once and return ``name -> frozen weight``, checked against the adapter's shapes."""
-    import math
+    from .adapters.base_model import base_weights, load_base_model
 
-    from peft.utils.integrations import dequantize_module_weight
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base_dir)
-    except (OSError, ValueError) as error:
-        raise LoraMonitorError(f"{base_dir}: cannot load the base model ({error})") from error
-    layers = dict(model.named_modules())
-    weights = {}
-    for module in modules:
-        layer = layers.get(module.name)
-        if layer is None or getattr(layer, "weight", None) is None:
-            raise LoraMonitorError(
-                f"{base_dir}: the base model has no weight for module {module.name}: the adapter was not "
-                f"trained on this base"
-            )
-        weight = dequantize_module_weight(layer).detach()
-        weight = weight.reshape(weight.shape[0], -1)
-        delta_shape = (module.B_shape[0], math.prod(module.A_shape[1:]))
-        if tuple(weight.shape) not in (delta_shape, delta_shape[::-1]):
-            raise LoraMonitorError(
-                f"{base_dir}: module {module.name} has a base weight of shape {list(weight.shape)} but the "
-                f"adapter's ΔW is {list(delta_shape)}: the adapter was not trained on this base"
-            )
-        weights[module.name] = weight
-    return weights.get
+    return base_weights(load_base_model(base_dir), modules, base_dir)
 
 
 def _print_analysis(path, metrics, summary, alerts, *, with_base: bool) -> None:
@@ -379,30 +353,11 @@ def register_allocate(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_allocate)
 
 
-def _load_base_model(folder_name: str):
-    """A model folder loaded offline with transformers (causal LM head if it has one)."""
-    from pathlib import Path
-
-    folder = Path(folder_name)
-    if not folder.is_dir():
-        raise LoraMonitorError(f"{folder}: not a folder (expected a model saved with save_pretrained)")
-    if not (folder / "config.json").is_file():
-        raise LoraMonitorError(f"{folder}: no config.json (expected a model saved with save_pretrained)")
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    errors = []
-    for auto_class in (AutoModelForCausalLM, AutoModel):
-        try:
-            return auto_class.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
-            errors.append(f"{auto_class.__name__}: {error}".splitlines()[0])
-    raise LoraMonitorError(f"{folder}: could not load the model ({'; '.join(errors)})")
-
-
 def _run_allocate(args: argparse.Namespace) -> int:
+    from .adapters.base_model import load_base_model
     from .allocation import allocate_ranks, spectral_analysis
 
-    model = _load_base_model(args.model)
+    model = load_base_model(args.model)
     targets = (
         [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
     )
@@ -622,7 +577,7 @@ def register_report(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .render import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out)}")
     return 0
@@ -643,7 +598,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .callbacks.demo import run_demo
 
     run_demo(output_dir=args.out, steps=args.steps)
     return 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 
 class LoraMonitorError(ValueError):
     """Bad input: a missing or corrupt adapter, a model without LoRA, an unknown adapter name, a bad option.
@@ -9,3 +12,38 @@ class LoraMonitorError(ValueError):
     The message names the file, folder, module or option concerned and what is wrong with it. The command
     line prints it (without a traceback) and exits with status 2.
     """
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    whole: bool = False,
+    infinite_ok: bool = False,
+    hint: str = "",
+) -> float:
+    """``value`` if it is a number in range, else a :class:`LoraMonitorError` naming ``name`` and ``value``.
+
+    The one validator of numeric options (thresholds, fractions, ranks): ``low``/``high`` bounds (``low``
+    excluded with ``low_open``), whole numbers only with ``whole``, ``inf`` only with ``infinite_ok``.
+    ``hint`` is appended to the message (``"0.95 = keep 95%"``).
+    """
+    hint = f" ({hint})" if hint else ""
+    # bool is an int subclass, but True is no number here.
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if whole and not (
+        is_number and (isinstance(value, int) or (math.isfinite(value) and value == int(value)))
+    ):
+        raise LoraMonitorError(f"{name} must be a whole number, got {value!r}{hint}")
+    if not is_number:
+        raise LoraMonitorError(f"{name} must be a number, got {value!r}{hint}")
+    if math.isnan(value) or (math.isinf(value) and not infinite_ok):
+        raise LoraMonitorError(f"{name} must be a finite number, got {value!r}{hint}")
+    if (value <= low if low_open else value < low) or value > high:
+        lowest = f"above {low:g}" if low_open else f"at least {low:g}"
+        highest = "" if math.isinf(high) else f" and at most {high:g}"
+        raise LoraMonitorError(f"{name} must be {lowest}{highest}, got {value!r}{hint}")
+    return value

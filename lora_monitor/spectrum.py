@@ -564,11 +564,20 @@ def energy_curve(S: Tensor) -> Tensor:
     return torch.where(total > 0, cumulative / total.clamp_min(1e-300), torch.full_like(cumulative, math.nan))
 
 
+# A retained fraction within this of a threshold reaches it, so that 1.0 is reached despite the rounding
+# of a cumulative sum. The one place this rule is written: every "smallest rank that keeps X" uses it.
+REACH_TOLERANCE = 1e-12
+
+
+def reaches(fraction: float | Tensor, threshold: float) -> bool | Tensor:
+    """True where a retained ``fraction`` reaches ``threshold`` (NaN never does)."""
+    return fraction >= threshold - REACH_TOLERANCE
+
+
 def rank_for_energy(S: Tensor, threshold: float) -> int:
     """Smallest ``k`` whose retained energy reaches ``threshold`` (0 for an all-zero spectrum)."""
     curve = energy_curve(S)
     if torch.isnan(curve).all():
         return 0
-    # A small tolerance so that a threshold of 1.0 is reached despite rounding in the cumulative sum.
-    reached = (curve >= threshold - 1e-12).nonzero()
+    reached = reaches(curve, threshold).nonzero()
     return int(reached[0]) + 1 if len(reached) else int(S.shape[-1])

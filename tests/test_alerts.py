@@ -9,9 +9,9 @@ import torch
 from conftest import peft_llama
 
 from lora_monitor.adapters import find_lora_modules
-from lora_monitor.alerts import AlertMonitor, AlertThresholds, Severity, check_alerts
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.metrics import BaseNormCache, MetricsHistory, compute_module_metrics
+from lora_monitor.monitor.alerts import AlertMonitor, AlertThresholds, Severity, check_alerts
+from lora_monitor.monitor.metrics import BaseNormCache, MetricsHistory, compute_module_metrics
 
 HISTORY_CODES = {"early_rank_collapse", "rank_saturated"}
 

@@ -12,7 +12,7 @@ from conftest import tiny_llama
 from torch import nn
 
 from lora_monitor.adapters import pattern_key
-from lora_monitor.allocation import (
+from lora_monitor.allocation.allocate import (
     allocate_ranks,
     fit_marchenko_pastur,
     fit_power_law,

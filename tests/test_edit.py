@@ -10,7 +10,7 @@ from conftest import SENTENCES, peft_llama, tiny_llama
 from peft import PeftModel
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
-from lora_monitor.edit import (
+from lora_monitor.edit.edit import (
     EDIT_META_NAME,
     _decompose,
     calibration_batches,

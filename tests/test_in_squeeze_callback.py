@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
-from lora_monitor.resize import current_ranks, unwrap_optimizer
+from lora_monitor.in_squeeze.resize import current_ranks, unwrap_optimizer
 
 MAX_STEPS = 60
 SQUEEZE = dict(target_rank=4, schedule="geometric", start_step=20, end_step=40)

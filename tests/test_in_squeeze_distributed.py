@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     from transformers import Trainer, TrainerCallback
     from lora_monitor import find_lora_modules
     from lora_monitor.callbacks.in_squeeze import InSqueezeCallback
-    from lora_monitor.resize import _same_decision_everywhere, unwrap_optimizer
+    from lora_monitor.in_squeeze.resize import _same_decision_everywhere, unwrap_optimizer
 
     out = sys.argv[1]
     rank = int(os.environ["RANK"])

@@ -11,7 +11,7 @@ import torch
 from conftest import peft_llama
 
 from lora_monitor.adapters import find_lora_modules
-from lora_monitor.metrics import (
+from lora_monitor.monitor.metrics import (
     BaseNorm,
     BaseNormCache,
     MetricsHistory,

@@ -14,7 +14,7 @@ from lora_monitor.callbacks.monitor import SpectralMonitorCallback
 from transformers import Trainer, TrainerCallback
 
 from lora_monitor.adapters import find_lora_modules
-from lora_monitor.metrics import ModuleMetrics, compute_module_metrics
+from lora_monitor.monitor.metrics import ModuleMetrics, compute_module_metrics
 
 
 class RecordingCallback(TrainerCallback):

@@ -42,7 +42,7 @@ def _worker(rank: int, port: int, output_dir: str, result_dir: str) -> None:
     from transformers import Trainer
 
     from lora_monitor.adapters import find_lora_modules
-    from lora_monitor.metrics import BaseNormCache, compute_module_metrics
+    from lora_monitor.monitor.metrics import BaseNormCache, compute_module_metrics
 
     monitor = SpectralMonitorCallback(every_n_steps=1)
     trainer = Trainer(

@@ -13,7 +13,7 @@ import pytest
 from conftest import make_lm_dataset, peft_llama, training_args
 
 from lora_monitor import LoraMonitorError
-from lora_monitor.report import write_report
+from lora_monitor.render.report import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -100,7 +100,7 @@ def test_bad_run_folders(tmp_path, capsys):
 def test_report_of_an_untrained_adapter_has_no_retention_to_draw(tmp_path):
     """B = 0 everywhere: the squeeze analysis holds nulls, and the report says so instead of failing."""
     from lora_monitor import analyze_adapter
-    from lora_monitor.serialization import json_safe
+    from lora_monitor._io import json_safe
 
     analysis = analyze_adapter(peft_llama(init_lora_weights=True), progress=False)
     assert analysis.recommended_rank is None

@@ -23,14 +23,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lora_monitor.adapters import write_adapter_folder
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.squeeze import (
-    analyze_adapter,
-    compress_adapter,
-    default_target_ranks,
-    print_analysis,
-    write_adapter_folder,
-)
+from lora_monitor.squeeze import analyze_adapter, compress_adapter, default_target_ranks, print_analysis
 
 SEED = 0
 
@@ -467,13 +462,13 @@ def test_existing_output_needs_overwrite(tmp_path, adapter_folder):
 
 
 def test_a_failed_write_leaves_no_folder(tmp_path, monkeypatch):
-    import lora_monitor.squeeze as squeeze
+    import lora_monitor.adapters.folder as folder
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(squeeze, "save_file", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(folder, "save_file", broken_save)
+    with pytest.raises(LoraMonitorError, match=r"out: cannot write .*disk full"):
         write_adapter_folder(tmp_path / "out", {"r": 1}, {"x": torch.zeros(2)})
     assert_nothing_written(tmp_path, tmp_path / "out")
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from . import serialization
-from .adapters import LoraModule
-from .spectrum import (
+from .. import _io as serialization
+from ..adapters import LoraModule, module_block
+from ..spectrum import (
     condition_number_from_singular_values,
     effective_rank,
     lora_spectra,
@@ -458,7 +458,7 @@ def summarize(metrics: Sequence[ModuleMetrics]) -> AdapterSummary:
     by_type: dict[str, list[ModuleMetrics]] = {}
     by_layer: dict[int, list[ModuleMetrics]] = {}
     for record in metrics:
-        by_type.setdefault("attention" if record.is_attention else "mlp", []).append(record)
+        by_type.setdefault(module_block(record.name), []).append(record)
         if record.layer_index is not None:
             by_layer.setdefault(record.layer_index, []).append(record)
     return AdapterSummary(

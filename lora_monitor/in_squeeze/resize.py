@@ -34,15 +34,15 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .adapters import (
+from ..adapters import (
     KEPT_RANK_ATTRIBUTE,
     REFERENCE_ADAPTER_NAMES,
     LoraModule,
     find_lora_modules,
     pattern_key,
 )
-from .errors import LoraMonitorError
-from .spectrum import lora_spectra, rank_for_energy, truncate_factors
+from ..errors import LoraMonitorError
+from ..spectrum import lora_spectra, rank_for_energy, truncate_factors
 
 METHODS = ("qr", "rsvd")
 OPTIMIZER_STATES = ("project", "reset")

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from .adapters import LoraModule
-from .errors import LoraMonitorError
-from .serialization import json_safe
-from .spectrum import factored_svd
+from .._io import json_safe
+from ..adapters import LoraModule
+from ..errors import LoraMonitorError
+from ..spectrum import factored_svd
 
 EDIT_META_NAME = "spectral_edit_meta.json"
 MODES = ("abs_select", "random_index", "gd")
@@ -356,7 +356,7 @@ def spectral_edit(
     config.validate()
 
     model, source_folder = _live_model(model_or_path, base_model, adapter_name)
-    from .adapters import find_lora_modules
+    from ..adapters import find_lora_modules
 
     modules = _select(find_lora_modules(model, adapter_name), config)
     batches = calibration_batches(
@@ -421,7 +421,7 @@ def _live_model(
         return model_or_path, None
     from peft import PeftModel
 
-    from .adapters import load_adapter
+    from ..adapters import load_adapter
 
     folder = Path(model_or_path)
     load_adapter(folder, adapter_name)  # validates the folder with a clear message
@@ -430,23 +430,14 @@ def _live_model(
             f"{folder}: editing a saved adapter needs its base model (base_model=... / --base)"
         )
     if isinstance(base_model, str | Path):
-        base_model = _load_base_model(Path(base_model))
+        from ..adapters.base_model import load_base_model
+
+        base_model = load_base_model(base_model)
     try:
         model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=False)
     except Exception as error:  # PEFT raises many types for a mismatched base; name both folders
         raise LoraMonitorError(f"{folder}: does not load onto the base model ({error})") from error
     return model, folder
-
-
-def _load_base_model(folder: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    if not (folder / "config.json").is_file():
-        raise LoraMonitorError(f"{folder}: no config.json here, so this is not a base model folder")
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(folder))
-    except (OSError, ValueError) as error:
-        raise LoraMonitorError(f"{folder}: cannot load the base model ({error})") from error
 
 
 def _write(
@@ -456,7 +447,7 @@ def _write(
     source_folder: Path | None,
     overwrite: bool,
 ) -> Path:
-    from .squeeze import open_adapter, write_adapter_folder
+    from ..adapters import open_adapter, write_adapter_folder
 
     adapter = open_adapter(result.model, adapter_name)
     tensors = {key: adapter.tensor(key) for key in adapter.keys}

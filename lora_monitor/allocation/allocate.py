@@ -33,10 +33,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .adapters import describe_module, pattern_key
-from .errors import LoraMonitorError
-from .serialization import json_number
-from .spectrum import energy_curve, rank_for_energy, weight_singular_values
+from .._io import json_number
+from ..adapters import describe_module, pattern_key
+from ..errors import LoraMonitorError
+from ..spectrum import energy_curve, rank_for_energy, weight_singular_values
 
 Tensor = torch.Tensor
 

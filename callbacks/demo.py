@@ -122,10 +122,10 @@ def _losses(trainer) -> list[float]:
 
 def run_demo(output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 60) -> dict[str, Any]:
     """Run the demo and print its findings; returns the figures it printed (for tests and scripts)."""
+    from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
     from peft import PeftModel
 
-    from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
-    from lora_monitor.edit import calibration_batches, evaluate_loss
+    from lora_monitor.edit.edit import calibration_batches, evaluate_loss
 
     os.environ.setdefault("WANDB_MODE", "offline")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -210,7 +210,7 @@ def run_demo(output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 6
     figures["heldout_loss_in_squeeze"] = evaluate_loss(model2, heldout)
     figures["run2_final_loss"] = (_losses(trainer2) or [None])[-1]
 
-    from lora_monitor.report import write_report
+    from lora_monitor.render.report import write_report
 
     figures["report"] = str(write_report(output / "run1"))
     console.rule("[bold]Summary")

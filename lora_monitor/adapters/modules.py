@@ -8,7 +8,6 @@ kind of layer it adapts. Everything else in lora-monitor works on these records.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,35 +16,28 @@ from typing import Any
 
 import torch
 from peft.tuners.lora import LoraLayer
-from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
-from .errors import LoraMonitorError
+from ..errors import LoraMonitorError
+from .factors import (
+    MAGNITUDE_SUFFIX,
+    PEFT_PREFIX,
+    SAVED_A_SUFFIXES,
+    factor_kind,
+    factor_parameters,
+    is_masked,
+    kept_rank,
+    live_factors,
+    saved_keys,
+    strip_prefix,
+)
+from .scaling import alpha_for_scale, describe_module, module_block, scale_for
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
-# In-Squeeze's mask mode keeps shapes and records on the layer how many leading directions are alive
-# ({adapter name: rank}); every record and every saved adapter then shows only those directions.
-KEPT_RANK_ATTRIBUTE = "lora_monitor_kept_rank"
 # TRL's GRPOTrainer adds a frozen copy of a pretrained adapter under this name as its reference policy.
 REFERENCE_ADAPTER_NAMES = ("ref",)
-
-_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
-_A_SUFFIXES = {".lora_A.weight": "linear", ".lora_embedding_A": "embedding"}
-_ATTENTION_TYPES = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "qkv_proj",
-    "query",
-    "key",
-    "value",
-    "c_attn",
-    "out_proj",
-)
 
 
 @dataclass
@@ -92,7 +84,12 @@ class LoraModule:
     @property
     def is_attention(self) -> bool:
         """True for attention projections (q, k, v, o and their fused forms), False for MLP and others."""
-        return self.module_type in _ATTENTION_TYPES or "attn" in self.name or "attention" in self.name
+        return self.block == "attention"
+
+    @property
+    def block(self) -> str:
+        """``"attention"``, ``"mlp"`` or ``"other"`` (see :func:`~lora_monitor.adapters.scaling.module_block`)."""
+        return module_block(self.name)
 
     @property
     def base_layer(self) -> torch.nn.Module | None:
@@ -108,42 +105,6 @@ class LoraModule:
 
         weight = dequantize_module_weight(layer).detach()
         return weight.reshape(weight.shape[0], -1)
-
-
-def pattern_key(name: str) -> str:
-    """The ``rank_pattern``/``alpha_pattern`` key that PEFT matches to module ``name`` and to no other.
-
-    PEFT matches a key ``K`` as the regex ``(.*\\.)?(K)$`` against each module path: escaping the dots and
-    anchoring at the start makes the key match exactly one full module path (``layers.1.q_proj`` would
-    also match ``layers.11.q_proj``'s tail otherwise, and ``q_proj`` every q_proj).
-    """
-    return "^" + re.escape(name)
-
-
-def describe_module(name: str) -> tuple[str, int | None]:
-    """``(module type, layer index)`` of a module path: ``("q_proj", 3)`` for ``model.layers.3.self_attn.q_proj``."""
-    match = _LAYER_INDEX.search(name)
-    return name.rsplit(".", 1)[-1], int(match.group(1)) if match else None
-
-
-def scale_for(config: dict[str, Any], name: str, rank: int | None = None) -> tuple[int, float, float]:
-    """``(r, alpha, scale)`` of module ``name`` from an adapter config, as PEFT computes them.
-
-    ``rank_pattern``/``alpha_pattern`` are matched with PEFT's own ``get_pattern_key``; rsLoRA uses
-    ``alpha/√r``. ``rank`` (from the stored weights) overrides the configured r where given.
-    """
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(list(rank_pattern), name), config.get("r", 8))
-    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), name), config.get("lora_alpha", 8))
-    if rank is not None:
-        r = rank
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return int(r), float(alpha), float(scale)
-
-
-def _strip_prefix(name: str) -> str:
-    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -185,29 +146,27 @@ def find_lora_modules(model: torch.nn.Module, adapter_name: str | None = None) -
     Without ``adapter_name`` the active adapter is taken, never TRL's frozen ``ref`` adapter. The records
     hold views of the live parameters: read them again after a step to see the new values.
     """
-    model = getattr(model, "module", model)  # DistributedDataParallel and friends
+    model = unwrap_model(model)
     chosen = _choose_adapter(model, adapter_name, adapter_names(model))
     records: list[LoraModule] = []
     for qualified_name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
+        if not isinstance(module, LoraLayer) or (
+            chosen not in module.lora_A and chosen not in module.lora_embedding_A
+        ):
             continue
-        if chosen in module.lora_A:
-            A_holder, B_holder = module.lora_A[chosen], module.lora_B[chosen]
-            A_param, B_param = A_holder.weight, B_holder.weight
-            kind = "conv" if A_param.dim() > 2 else "linear"
-        elif chosen in module.lora_embedding_A:
-            A_param, B_param = module.lora_embedding_A[chosen], module.lora_embedding_B[chosen]
-            kind = "embedding"
-        else:
-            continue
-        name = _strip_prefix(qualified_name)
+        kind = factor_kind(module, chosen)
+        B_param, A_param = factor_parameters(module, chosen)
+        name = strip_prefix(qualified_name)
         module_type, layer_index = describe_module(name)
-        kept = getattr(module, KEPT_RANK_ATTRIBUTE, {}).get(chosen)
-        rank = int(kept) if kept is not None else int(module.r[chosen])
+        rank = kept_rank(module, chosen)
         scale = float(module.scaling[chosen])
         use_rslora = bool(module.use_rslora.get(chosen, False))
         # A masked module is the adapter it saves as: rank ``kept`` with the alpha that keeps its scale.
-        alpha = float(module.lora_alpha[chosen]) if kept is None else _alpha_keeping(scale, rank, use_rslora)
+        alpha = (
+            alpha_for_scale(scale, rank, use_rslora)
+            if is_masked(module, chosen)
+            else float(module.lora_alpha[chosen])
+        )
         records.append(
             LoraModule(
                 name=name,
@@ -222,33 +181,23 @@ def find_lora_modules(model: torch.nn.Module, adapter_name: str | None = None) -
                 adapter_name=chosen,
                 A_shape=(rank, *A_param.shape[1:]),
                 B_shape=(B_param.shape[0], rank, *B_param.shape[2:]),
-                load_A=_live_loader(module, chosen, kind, "A", kept),
-                load_B=_live_loader(module, chosen, kind, "B", kept),
+                # Looked up at every read: a record stays valid after In-Squeeze swaps or masks the factors.
+                load_A=lambda m=module: live_factors(m, chosen)[1],
+                load_B=lambda m=module: live_factors(m, chosen)[0],
                 module=module,
             )
         )
     return records
 
 
-def _alpha_keeping(scale: float, rank: int, use_rslora: bool) -> float:
-    """The ``lora_alpha`` that gives ``scale`` at ``rank`` (``α/√r`` with rsLoRA, ``α/r`` otherwise)."""
-    return scale * math.sqrt(rank) if use_rslora else scale * rank
-
-
-def _live_loader(
-    module: LoraLayer, adapter: str, kind: str, which: str, kept: int | None
-) -> Callable[[], torch.Tensor]:
-    # Looked up on every call, so that a record stays valid after In-Squeeze swaps the parameters.
-    if kind == "embedding":
-        holder = module.lora_embedding_A if which == "A" else module.lora_embedding_B
-        read = lambda: holder[adapter].detach()  # noqa: E731
-    else:
-        holder = module.lora_A if which == "A" else module.lora_B
-        read = lambda: holder[adapter].weight.detach()  # noqa: E731
-    if kept is None:
-        return read
-    # Masked: only the leading ``kept`` directions are alive (rows of A, columns of B).
-    return (lambda: read()[:kept]) if which == "A" else (lambda: read()[:, :kept])
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model behind DDP/FSDP/DeepSpeed wrappers (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    for _ in range(8):  # wrappers nest (a compiled DDP model), never deeply
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+    return model
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -363,10 +312,10 @@ def load_adapter(path: str | Path, adapter_name: str | None = None) -> SavedAdap
     shapes = _stored_shapes(weights_file)
     modules = []
     for key, shape in shapes.items():
-        kind = next((k for suffix, k in _A_SUFFIXES.items() if key.endswith(suffix)), None)
+        kind = next((k for suffix, k in SAVED_A_SUFFIXES.items() if key.endswith(suffix)), None)
         if kind is None:
             continue
-        suffix = next(s for s in _A_SUFFIXES if key.endswith(s))
+        suffix = next(s for s in SAVED_A_SUFFIXES if key.endswith(s))
         prefix = key[: -len(suffix)]
         b_key = prefix + suffix.replace("_A", "_B")
         if b_key not in shapes:
@@ -380,8 +329,8 @@ def load_adapter(path: str | Path, adapter_name: str | None = None) -> SavedAdap
                 f"{weights_file}: {prefix} has A of shape {list(shape)} and B of shape {list(b_shape)}: "
                 f"their ranks differ"
             )
-        name = _strip_prefix(prefix)
-        configured_rank, alpha, scale = scale_for(config, name)
+        name = strip_prefix(prefix)
+        configured_rank, alpha, scale = scale_for(config, name, where=str(folder / CONFIG_NAME))
         if configured_rank != rank:
             raise LoraMonitorError(
                 f"{folder}: module {name} has rank {rank} in its weights but {configured_rank} in "
@@ -389,8 +338,8 @@ def load_adapter(path: str | Path, adapter_name: str | None = None) -> SavedAdap
             )
         module_type, layer_index = describe_module(name)
         keys = {"A": key, "B": b_key}
-        if prefix + ".lora_magnitude_vector" in shapes:
-            keys["magnitude"] = prefix + ".lora_magnitude_vector"
+        if prefix + MAGNITUDE_SUFFIX in shapes:
+            keys["magnitude"] = prefix + MAGNITUDE_SUFFIX
         modules.append(
             LoraModule(
                 name=name,
@@ -420,14 +369,70 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+@dataclass
+class OpenedAdapter:
+    """An adapter opened for reading and writing: records, and (folders, PeftModels) config and stored tensors."""
+
+    description: str
+    modules: list[LoraModule]
+    config: dict[str, Any] | None = None
+    keys: list[str] = field(default_factory=list)
+    tensor: Callable[[str], torch.Tensor] | None = None
+    folder: Path | None = None
+
+
+def open_adapter(source: Any, adapter_name: str | None = None, *, with_state: bool = True) -> OpenedAdapter:
+    """An adapter folder, a ``SavedAdapter`` or a live PEFT model, as records plus (``with_state``) its config
+    and stored tensors keyed as ``save_pretrained`` writes them: what every adapter writer starts from."""
+    if isinstance(source, str | Path | SavedAdapter):
+        saved = source if isinstance(source, SavedAdapter) else load_adapter(source, adapter_name)
+        return OpenedAdapter(
+            str(saved.path), saved.modules, saved.config, saved.keys, saved.tensor, saved.path
+        )
+    if not isinstance(source, torch.nn.Module):
+        raise LoraMonitorError(
+            f"expected an adapter folder, a SavedAdapter or a PEFT model, got {type(source).__name__}"
+        )
+    model = unwrap_model(source)
+    modules = find_lora_modules(model, adapter_name)  # raises when the model has no LoRA
+    chosen = modules[0].adapter_name
+    description = f"{type(model).__name__} (adapter {chosen!r})"
+    if not with_state:
+        return OpenedAdapter(description, modules)
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, dict) or chosen not in peft_config:
+        raise LoraMonitorError(
+            f"{description}: not a PeftModel (no peft_config for {chosen!r}), so there is no adapter config "
+            "to write; wrap it with peft.get_peft_model, or save it and compress the folder"
+        )
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=chosen)
+    config = _plain_config(peft_config[chosen].to_dict())
+    config["inference_mode"] = True  # as save_pretrained writes it
+    for module in modules:
+        module.keys = saved_keys(module.name, module.kind)
+        magnitude = PEFT_PREFIX + module.name + MAGNITUDE_SUFFIX
+        if magnitude in state:
+            module.keys["magnitude"] = magnitude
+        missing = [key for key in module.keys.values() if key not in state]
+        if missing:
+            raise LoraMonitorError(f"{description}: {module.name} is missing from its state dict ({missing})")
+    return OpenedAdapter(description, modules, config, list(state), state.__getitem__, None)
+
+
+def _plain_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A PEFT config dict with JSON types only (sets become sorted lists, enums their values)."""
+    plain: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, set):
+            value = sorted(value)
+        elif hasattr(value, "value") and isinstance(value, str):
+            value = value.value
+        plain[key] = value
+    return plain
+
+
 def lora_modules(source: Any, adapter_name: str | None = None) -> list[LoraModule]:
     """LoRA pairs of a live model, a :class:`SavedAdapter`, or an adapter folder path."""
-    if isinstance(source, SavedAdapter):
-        return source.modules
-    if isinstance(source, str | Path):
-        return load_adapter(source, adapter_name).modules
-    if isinstance(source, torch.nn.Module):
-        return find_lora_modules(source, adapter_name)
-    raise LoraMonitorError(
-        f"expected a model, an adapter folder or a SavedAdapter, got {type(source).__name__}"
-    )
+    return open_adapter(source, adapter_name, with_state=False).modules

@@ -19,35 +19,32 @@ kept. :func:`write_adapter_folder` is the writer (a temporary sibling folder ren
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import sys
-import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from .adapters import (
+from .._io import json_safe
+from ..adapters import (
+    BIN_NAME,
     CONFIG_NAME,
-    PEFT_PREFIX,
     SAFETENSORS_NAME,
     LoraModule,
-    SavedAdapter,
-    find_lora_modules,
-    load_adapter,
-    pattern_key,
+    OpenedAdapter,
+    lora_config_for_ranks,
+    module_block,
+    open_adapter,
+    write_adapter_folder,
 )
-from .errors import LoraMonitorError
-from .serialization import json_number, json_safe
-from .spectrum import energy_curve, lora_spectra, rank_for_energy, truncate_factors
+from ..adapters.folder import check_output
+from ..errors import LoraMonitorError
+from ..spectrum import energy_curve, lora_spectra, rank_for_energy, truncate_factors
 
 DEFAULT_THRESHOLD = 0.95
 # Modules decomposed per call of the engine: large enough to batch the r×r work, small enough that only
@@ -55,20 +52,6 @@ DEFAULT_THRESHOLD = 0.95
 CHUNK_SIZE = 32
 # A progress bar appears from this many LoRA pairs on (a 7B model has ~200).
 PROGRESS_MIN_MODULES = 64
-_MLP_TYPES = {
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "fc1",
-    "fc2",
-    "c_fc",
-    "w1",
-    "w2",
-    "w3",
-    "dense_h_to_4h",
-    "dense_4h_to_h",
-    "gate_up_proj",
-}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -237,78 +220,6 @@ class CompressionResult:
         }
 
 
-# --------------------------------------------------------------------------------------------------------
-# Opening an adapter: a folder, a SavedAdapter or a live PEFT model, with its config and stored tensors
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class OpenedAdapter:
-    description: str
-    modules: list[LoraModule]
-    config: dict[str, Any] | None = None
-    keys: list[str] = field(default_factory=list)
-    tensor: Callable[[str], torch.Tensor] | None = None
-    folder: Path | None = None
-
-
-def open_adapter(source: Any, adapter_name: str | None = None, *, with_state: bool = True) -> OpenedAdapter:
-    """An adapter folder, a ``SavedAdapter`` or a live PEFT model, as records plus (``with_state``) its config
-    and stored tensors keyed as ``save_pretrained`` writes them: what every adapter writer starts from."""
-    if isinstance(source, str | Path | SavedAdapter):
-        saved = source if isinstance(source, SavedAdapter) else load_adapter(source, adapter_name)
-        return OpenedAdapter(
-            str(saved.path), saved.modules, saved.config, saved.keys, saved.tensor, saved.path
-        )
-    if not isinstance(source, torch.nn.Module):
-        raise LoraMonitorError(
-            f"expected an adapter folder, a SavedAdapter or a PEFT model, got {type(source).__name__}"
-        )
-    model = getattr(source, "module", source)  # DistributedDataParallel and friends
-    modules = find_lora_modules(model, adapter_name)  # raises when the model has no LoRA
-    chosen = modules[0].adapter_name
-    description = f"{type(model).__name__} (adapter {chosen!r})"
-    if not with_state:
-        return OpenedAdapter(description, modules)
-    peft_config = getattr(model, "peft_config", None)
-    if not isinstance(peft_config, dict) or chosen not in peft_config:
-        raise LoraMonitorError(
-            f"{description}: not a PeftModel (no peft_config for {chosen!r}), so there is no adapter config "
-            "to write; wrap it with peft.get_peft_model, or save it and compress the folder"
-        )
-    from peft import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(model, adapter_name=chosen)
-    config = _plain_config(peft_config[chosen].to_dict())
-    config["inference_mode"] = True  # as save_pretrained writes it
-    for module in modules:
-        stem = PEFT_PREFIX + module.name
-        suffixes = (
-            (".lora_embedding_A", ".lora_embedding_B")
-            if module.kind == "embedding"
-            else (".lora_A.weight", ".lora_B.weight")
-        )
-        module.keys = {"A": stem + suffixes[0], "B": stem + suffixes[1]}
-        if stem + ".lora_magnitude_vector" in state:
-            module.keys["magnitude"] = stem + ".lora_magnitude_vector"
-        missing = [key for key in module.keys.values() if key not in state]
-        if missing:
-            raise LoraMonitorError(f"{description}: {module.name} is missing from its state dict ({missing})")
-    return OpenedAdapter(description, modules, config, list(state), state.__getitem__, None)
-
-
-def _plain_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A PEFT config dict with JSON types only (sets become sorted lists, enums their values)."""
-    plain: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, set):
-            value = sorted(value)
-        elif hasattr(value, "value") and isinstance(value, str):
-            value = value.value
-        plain[key] = value
-    return plain
-
-
 def _check_finite(module: LoraModule, where: str, **tensors: torch.Tensor) -> None:
     for label, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
@@ -421,14 +332,6 @@ def _group(members: list[ModuleSqueeze], ranks: list[int], threshold: float) -> 
     return GroupRecommendation(len(members), mean, _recommend(mean, threshold))
 
 
-def _block_of(module: ModuleSqueeze, is_attention: bool) -> str:
-    if is_attention:
-        return "attention"
-    if module.module_type in _MLP_TYPES or ".mlp." in f".{module.name}.":
-        return "mlp"
-    return "other"
-
-
 def analyze_adapter(
     path_or_model: Any,
     *,
@@ -493,13 +396,12 @@ def _analyse(
     weighted = {
         k: (sum(m.energy * m.retained[k] for m in live) / total_energy if live else math.nan) for k in ranks
     }
-    attention = {module.name: module.is_attention for module in adapter.modules}
     by_type: dict[str, list[ModuleSqueeze]] = {}
     by_block: dict[str, list[ModuleSqueeze]] = {}
     by_layer: dict[int | None, list[ModuleSqueeze]] = {}
     for record in records:
         by_type.setdefault(record.module_type, []).append(record)
-        by_block.setdefault(_block_of(record, attention[record.name]), []).append(record)
+        by_block.setdefault(module_block(record.name), []).append(record)
         by_layer.setdefault(record.layer_index, []).append(record)
     return SqueezeAnalysis(
         source=adapter.description,
@@ -598,42 +500,6 @@ def print_analysis(analysis: SqueezeAnalysis, console: Any = None) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _alpha_for(module: LoraModule, new_rank: int) -> float:
-    """The ``lora_alpha`` that keeps ``module``'s scale at ``new_rank`` (rsLoRA: ``α/√r``, else ``α/r``)."""
-    if module.use_rslora:
-        return module.scale * math.sqrt(new_rank)
-    return module.scale * new_rank
-
-
-def lora_config_for_ranks(
-    config: Mapping[str, Any], modules: Sequence[LoraModule], ranks: Mapping[str, int]
-) -> dict[str, Any]:
-    """``config`` rewritten so that each module gets rank ``ranks[name]`` with its scale unchanged.
-
-    The commonest (rank, alpha) pair becomes ``r``/``lora_alpha``; every other module gets an anchored
-    ``rank_pattern``/``alpha_pattern`` entry. Alphas are exact (``α·k/r``, ``α·√(k/r)`` with rsLoRA).
-    """
-    targets: dict[str, tuple[int, float]] = {}
-    for module in modules:
-        rank = ranks[module.name]
-        # an unchanged module keeps its configured alpha as written, bit for bit
-        targets[module.name] = (rank, module.alpha if rank == module.rank else _alpha_for(module, rank))
-    counts = Counter(targets.values())
-    default_rank, default_alpha = max(counts, key=lambda pair: (counts[pair], pair[0]))
-    new = dict(config)
-    new["r"] = default_rank
-    new["lora_alpha"] = json_number(default_alpha)
-    new["rank_pattern"] = {
-        pattern_key(name): rank for name, (rank, _) in targets.items() if rank != default_rank
-    }
-    new["alpha_pattern"] = {
-        pattern_key(name): json_number(alpha)
-        for name, (_, alpha) in targets.items()
-        if alpha != default_alpha
-    }
-    return new
-
-
 def _plan(
     adapter: OpenedAdapter,
     target_rank: int | None,
@@ -690,7 +556,7 @@ def compress_adapter(
     """
     adapter = open_adapter(path_or_model, adapter_name, with_state=True)
     output = Path(output_path)
-    _check_output(output, adapter.folder, overwrite)
+    check_output(output, adapter.folder, overwrite)
     ranks, analysis = _plan(adapter, target_rank, min_variance_retention, per_module, device, progress)
     assert adapter.tensor is not None and adapter.config is not None
 
@@ -734,7 +600,7 @@ def compress_adapter(
         extra_files = [
             path
             for path in adapter.folder.iterdir()
-            if path.is_file() and path.name not in {CONFIG_NAME, SAFETENSORS_NAME, "adapter_model.bin"}
+            if path.is_file() and path.name not in {CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME}
         ]
     write_adapter_folder(
         output, config, tensors, extra_files=extra_files, source_folder=adapter.folder, overwrite=overwrite
@@ -747,84 +613,3 @@ def compress_adapter(
         config=config,
         analysis=analysis,
     )
-
-
-# --------------------------------------------------------------------------------------------------------
-# Writing an adapter folder
-# --------------------------------------------------------------------------------------------------------
-
-
-def _is_within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def _check_output(output: Path, source_folder: Path | None, overwrite: bool) -> None:
-    resolved = output.resolve()
-    if source_folder is not None:
-        source = source_folder.resolve()
-        if _is_within(resolved, source):
-            raise LoraMonitorError(
-                f"{output}: is the input adapter folder {source_folder} or inside it; "
-                "write the compressed adapter somewhere else (the input is never overwritten)"
-            )
-        if _is_within(source, resolved):
-            raise LoraMonitorError(
-                f"{output}: contains the input adapter folder {source_folder}; replacing it would delete "
-                "the input"
-            )
-    if output.exists():
-        if not output.is_dir():
-            raise LoraMonitorError(f"{output}: exists and is not a folder")
-        if any(output.iterdir()) and not overwrite:
-            raise LoraMonitorError(f"{output}: exists and is not empty; pass overwrite=True (--overwrite)")
-
-
-def write_adapter_folder(
-    output_path: str | os.PathLike,
-    config: Mapping[str, Any],
-    tensors: Mapping[str, torch.Tensor],
-    *,
-    extra_files: Iterable[Path] = (),
-    source_folder: Path | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (and ``extra_files``) as a folder.
-
-    All or nothing: the folder is built under a temporary sibling name and renamed into place, so a
-    failure leaves no partial ``output_path``. ``output_path`` may not be ``source_folder`` or lie inside
-    it; an existing non-empty folder is replaced only with ``overwrite=True``.
-    """
-    output = Path(output_path)
-    _check_output(output, source_folder, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        (staging / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-        seen: set[int] = set()
-        contiguous = {}
-        for key, tensor in tensors.items():
-            tensor = tensor.detach().cpu().contiguous()
-            pointer = tensor.untyped_storage().data_ptr()
-            if pointer in seen:  # safetensors refuses tensors that share memory (tied weights)
-                tensor = tensor.clone()
-            seen.add(tensor.untyped_storage().data_ptr())
-            contiguous[key] = tensor
-        save_file(contiguous, str(staging / SAFETENSORS_NAME), metadata={"format": "pt"})
-        for extra in extra_files:
-            shutil.copy2(extra, staging / Path(extra).name)
-        if output.exists():
-            retired = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            output.rename(retired)
-            try:
-                staging.rename(output)
-            except BaseException:
-                retired.rename(output)  # put the previous folder back where it was
-                raise
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output

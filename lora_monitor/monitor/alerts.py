@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
-from . import serialization
-from .errors import LoraMonitorError
+from .. import _io as serialization
+from ..errors import LoraMonitorError
 from .metrics import MetricsHistory, ModuleMetrics
 
 

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import LoraMonitorError
+from ..errors import LoraMonitorError
 
 MONITOR_FILE = "lora_monitor.jsonl"
 SQUEEZE_FILES = ("squeeze_manifest.json", "manifest.json")

@@ -1,0 +1,137 @@
+"""Files: strict JSON, the one atomic writer, and the names of the files a run writes.
+
+Every file or folder lora-monitor writes goes through :func:`atomic_file` or :func:`staged_folder`: it is
+built under a hidden staging name beside its target and renamed into place, so a reader (or a crash)
+never sees half of it. A staging name left by a killed run is removed by the next run that writes the
+same target. Any ``OSError`` (read-only folder, full disk) becomes a :class:`LoraMonitorError` naming the
+path, with nothing left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import LoraMonitorError
+
+# The files a run writes into the Trainer's output_dir.
+MONITOR_FILE = "lora_monitor.jsonl"
+MANIFEST_NAME = "manifest.json"
+SQUEEZE_MANIFEST_NAME = "squeeze_manifest.json"
+SQUEEZE_FILES = (SQUEEZE_MANIFEST_NAME, MANIFEST_NAME)
+REPORT_NAME = "report.html"
+EDIT_META_NAME = "spectral_edit_meta.json"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by None, recursively through dicts/lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def json_number(value: float) -> int | float:
+    """A whole number as an int (as PEFT writes ``lora_alpha``), anything else as the exact float."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def dumps(document: Any, *, indent: int | None = 2, sort_keys: bool = False) -> str:
+    """Strict JSON text (non-finite numbers become null) ending in a newline."""
+    return json.dumps(json_safe(document), indent=indent, sort_keys=sort_keys, allow_nan=False) + "\n"
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Remove staging files/folders a killed run left beside ``target`` (they hold partial output)."""
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    for leftover in parent.glob(f"{_staging_prefix(target)}*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def _unwritable(path: Path, error: OSError) -> LoraMonitorError:
+    reason = error.strerror or str(error)
+    return LoraMonitorError(f"{path}: cannot write here ({reason}); nothing was written")
+
+
+@contextlib.contextmanager
+def staged_folder(output: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it becomes ``output`` (replacing it when ``replace``).
+
+    On any error the staging folder is removed and ``output`` is as it was. ``OSError`` from the file
+    system becomes a :class:`LoraMonitorError` naming ``output``.
+    """
+    staging = output.parent / f"{_staging_prefix(output)}{uuid.uuid4().hex[:8]}"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(output)
+        staging.mkdir()
+    except OSError as error:
+        raise _unwritable(output, error) from error
+    try:
+        yield staging
+        if output.exists() and replace:
+            retired = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+            output.rename(retired)
+            try:
+                staging.rename(output)
+            except BaseException:
+                retired.rename(output)  # put the previous folder back where it was
+                raise
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            if output.exists():
+                output.rmdir()  # an empty folder (checked by the caller): replaced by the staged one
+            staging.rename(output)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _unwritable(output, error) from error
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` all at once: a reader sees the old file or the new one, never half."""
+    staging = path.with_name(f"{_staging_prefix(path)}{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(path)
+        staging.write_text(text, encoding="utf-8")
+        os.replace(staging, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            staging.unlink()
+        raise _unwritable(path, error) from error
+    return path
+
+
+def atomic_write_json(path: Path, document: Any) -> Path:
+    """Strict JSON (:func:`dumps`) written with :func:`atomic_write_text`."""
+    return atomic_write_text(path, dumps(document))
+
+
+def append_json_line(path: Path, record: Any) -> None:
+    """Append one strict-JSON line to ``path`` (a log: appended, never rewritten)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(dumps(record, indent=None))

@@ -1,0 +1,90 @@
+"""LoRA pairs, live and saved: the only room that knows PEFT's internals.
+
+- :mod:`.modules`: :class:`LoraModule` records, :func:`find_lora_modules` (live), :func:`load_adapter`
+  (a folder), :func:`open_adapter` (either, with config and stored tensors), :func:`unwrap_model`;
+- :mod:`.factors`: per-kind access to ``B`` and ``A``, the kept rank of a masked pair, state-dict key names;
+- :mod:`.scaling`: the scale rule (α/r, α/√r), the alpha at a new rank, pattern keys, module blocks;
+- :mod:`.folder`: the config at new ranks and the adapter-folder writer.
+"""
+
+from .factors import (
+    KEPT_RANK_ATTRIBUTE,
+    PEFT_PREFIX,
+    as_A_matrix,
+    as_B_matrix,
+    factor_kind,
+    factor_parameters,
+    is_masked,
+    kept_rank,
+    live_factors,
+    live_state_keys,
+    nominal_rank,
+    saved_keys,
+    set_kept_rank,
+)
+from .folder import check_output, lora_config_for_ranks, write_adapter_folder
+from .modules import (
+    BIN_NAME,
+    CONFIG_NAME,
+    REFERENCE_ADAPTER_NAMES,
+    SAFETENSORS_NAME,
+    LoraModule,
+    OpenedAdapter,
+    SavedAdapter,
+    adapter_names,
+    find_lora_modules,
+    load_adapter,
+    lora_modules,
+    open_adapter,
+    read_adapter_config,
+    unwrap_model,
+)
+from .scaling import (
+    alpha_at_rank,
+    alpha_for_scale,
+    describe_module,
+    lora_scale,
+    module_block,
+    pattern_key,
+    scale_for,
+)
+
+__all__ = [
+    "BIN_NAME",
+    "CONFIG_NAME",
+    "KEPT_RANK_ATTRIBUTE",
+    "PEFT_PREFIX",
+    "REFERENCE_ADAPTER_NAMES",
+    "SAFETENSORS_NAME",
+    "LoraModule",
+    "OpenedAdapter",
+    "SavedAdapter",
+    "adapter_names",
+    "alpha_at_rank",
+    "alpha_for_scale",
+    "as_A_matrix",
+    "as_B_matrix",
+    "check_output",
+    "describe_module",
+    "factor_kind",
+    "factor_parameters",
+    "find_lora_modules",
+    "is_masked",
+    "kept_rank",
+    "live_factors",
+    "live_state_keys",
+    "load_adapter",
+    "lora_config_for_ranks",
+    "lora_modules",
+    "lora_scale",
+    "module_block",
+    "nominal_rank",
+    "open_adapter",
+    "pattern_key",
+    "read_adapter_config",
+    "saved_keys",
+    "scale_for",
+    "set_kept_rank",
+    "unwrap_model",
+    "write_adapter_folder",
+]

@@ -1,0 +1,66 @@
+"""Loading the base model an adapter was trained on, offline, and its frozen weights per LoRA module."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import LoraMonitorError
+from .modules import LoraModule
+
+
+def load_base_model(folder: str | os.PathLike, *, causal_lm_first: bool = True) -> torch.nn.Module:
+    """A model folder saved with ``save_pretrained``, loaded offline (``local_files_only``).
+
+    Tries ``AutoModelForCausalLM`` and then ``AutoModel`` (an encoder such as BERT has no causal head);
+    with ``causal_lm_first=False`` only ``AutoModel``. Raises :class:`LoraMonitorError` naming the folder.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise LoraMonitorError(f"{path}: not a folder (expected a model saved with save_pretrained)")
+    if not (path / "config.json").is_file():
+        raise LoraMonitorError(f"{path}: no config.json (expected a model saved with save_pretrained)")
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    errors = []
+    for auto_class in (AutoModelForCausalLM, AutoModel) if causal_lm_first else (AutoModel,):
+        try:
+            return auto_class.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            errors.append(f"{auto_class.__name__}: {error}".splitlines()[0])
+    raise LoraMonitorError(f"{path}: could not load the base model ({'; '.join(errors)})")
+
+
+def base_weights(
+    model: torch.nn.Module, modules: Sequence[LoraModule], where: str
+) -> Callable[[str], torch.Tensor | None]:
+    """``name -> frozen weight matrix`` of ``model`` for each LoRA module, checked against the adapter's shapes.
+
+    Quantized weights are dequantized (PEFT's ``dequantize_module_weight``). Raises
+    :class:`LoraMonitorError` naming ``where`` when a module is missing or has the wrong shape.
+    """
+    from peft.utils.integrations import dequantize_module_weight
+
+    layers = dict(model.named_modules())
+    weights = {}
+    for module in modules:
+        layer = layers.get(module.name)
+        if layer is None or getattr(layer, "weight", None) is None:
+            raise LoraMonitorError(
+                f"{where}: the base model has no weight for module {module.name}: the adapter was not "
+                f"trained on this base"
+            )
+        weight = dequantize_module_weight(layer).detach()
+        weight = weight.reshape(weight.shape[0], -1)
+        delta_shape = (module.B_shape[0], math.prod(module.A_shape[1:]))
+        if tuple(weight.shape) not in (delta_shape, delta_shape[::-1]):
+            raise LoraMonitorError(
+                f"{where}: module {module.name} has a base weight of shape {list(weight.shape)} but the "
+                f"adapter's ΔW is {list(delta_shape)}: the adapter was not trained on this base"
+            )
+        weights[module.name] = weight
+    return weights.get
