@@ -1,0 +1,147 @@
+"""Intruder dimensions: new high-ranking directions of the fine-tuned weight that the base weight never had.
+
+Shuttleworth et al., "LoRA vs Full Fine-tuning: An Illusion of Equivalence" (arXiv 2410.21228): take the
+top-``k`` left singular vectors ``y_j`` of the fine-tuned weight ``W + s·B@A``; ``y_j`` is an *intruder* when
+its largest cosine similarity to the base weight's singular vectors ``x_i`` is below ``ε``. LoRA adapters
+grow such directions where full fine-tuning does not, and the paper ties them to forgetting.
+
+Cost: the fine-tuned top-``k`` comes from a randomized SVD of the implicit ``W + s·B@A`` (``ΔW`` is never
+formed: only products with ``W``, ``A`` and ``B``), on the module's device. The base singular vectors do
+not change while training (the base is frozen), so they are computed once per module and cached
+(:class:`BaseSubspaceCache`): all of them by default (the paper's definition, exact), or the top
+``reference_rank`` by randomized SVD, which is far cheaper for 4096-wide weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import LoraModule
+from ..spectrum import LinearOperator, randomized_svd
+
+DEFAULT_TOP_K = 10
+DEFAULT_EPSILON = 0.5
+
+
+@dataclass
+class IntruderDimensions:
+    """One module's intruder count among the fine-tuned weight's top ``top_k`` directions.
+
+    ``similarities[j]`` is the largest ``|cos|`` between the ``j``-th fine-tuned left singular vector and
+    any base singular vector it was compared with; ``count`` is how many are below ``epsilon``.
+    """
+
+    name: str
+    count: int
+    top_k: int
+    epsilon: float
+    similarities: list[float] = field(repr=False)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "count": self.count,
+            "top_k": self.top_k,
+            "epsilon": self.epsilon,
+            "similarities": self.similarities,
+        }
+
+
+class BaseSubspaceCache:
+    """The base weights' left singular vectors, computed once per module (the base is frozen).
+
+    ``reference_rank=None`` keeps all of them (exact SVD); an int keeps the top ``reference_rank`` from a
+    randomized SVD.
+    """
+
+    def __init__(self, reference_rank: int | None = None) -> None:
+        if reference_rank is not None and reference_rank < 1:
+            raise ValueError(f"reference_rank must be at least 1, got {reference_rank}")
+        self.reference_rank = reference_rank
+        self._vectors: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def vectors(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``m × p`` orthonormal columns: the base's top ``p`` left singular vectors (float32)."""
+        cached = self._vectors.get(name)
+        if cached is None:
+            matrix = weight.detach().float()
+            if self.reference_rank is None or self.reference_rank >= min(matrix.shape):
+                cached = torch.linalg.svd(matrix, full_matrices=False).U
+            else:
+                cached = randomized_svd(matrix, self.reference_rank).U
+            self._vectors[name] = cached
+        return cached
+
+
+def _fine_tuned_operator(weight: torch.Tensor, module: LoraModule) -> LinearOperator:
+    """``W + s·B@A`` as an operator: products with ``W`` and the factors, ``ΔW`` never formed."""
+    W = weight.detach().float()
+    B, A = (
+        module.B.to(device=W.device, dtype=torch.float32),
+        module.A.to(device=W.device, dtype=torch.float32),
+    )
+    # GPT-2's Conv1D stores its weight as in×out (PEFT's fan_in_fan_out); a saved adapter has no layer to
+    # ask, so the shape decides there.
+    if getattr(module.module, "fan_in_fan_out", False) or W.shape != (B.shape[0], A.shape[1]):
+        W = W.mT
+    scale = module.scale
+    return LinearOperator(
+        (W.shape[0], W.shape[1]),
+        lambda X: W @ X + scale * (B @ (A @ X)),
+        lambda Y: W.mT @ Y + scale * (A.mT @ (B.mT @ Y)),
+        dtype=torch.float32,
+        device=W.device,
+    )
+
+
+def operator_base(operator: LinearOperator, weight: torch.Tensor) -> torch.Tensor:
+    """The base weight in the operator's orientation (``m × n``)."""
+    return weight if tuple(weight.shape) == tuple(operator.shape) else weight.mT
+
+
+def intruder_dimensions(
+    modules: Sequence[LoraModule],
+    base_weight: Callable[[LoraModule], torch.Tensor | None],
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    epsilon: float = DEFAULT_EPSILON,
+    cache: BaseSubspaceCache | None = None,
+    oversample: int = 10,
+    power_iters: int = 4,
+) -> list[IntruderDimensions]:
+    """Count intruder dimensions per module (modules without a base weight are skipped).
+
+    ``base_weight(module)`` returns the frozen (dequantized) base weight as a matrix, or None. ``top_k``
+    and ``epsilon`` follow the paper (10 directions; ``ε = 0.5``); ``cache`` keeps the base subspaces
+    between calls (pass the same one at every check of a training run). ``oversample`` and ``power_iters``
+    set the randomized SVD's accuracy (``oversample`` large enough to cover the matrix makes it exact).
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if not 0 < epsilon <= 1:
+        raise ValueError(f"epsilon must be in (0, 1], got {epsilon}")
+    cache = cache if cache is not None else BaseSubspaceCache()
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for module in modules:
+        weight = base_weight(module)
+        if weight is None:
+            continue
+        operator = _fine_tuned_operator(weight, module)
+        k = min(top_k, *operator.shape)
+        fine_tuned = randomized_svd(
+            operator, k, oversample=oversample, power_iters=power_iters, generator=generator
+        ).U
+        reference = cache.vectors(module.name, operator_base(operator, weight))
+        similarity = (reference.mT @ fine_tuned.to(reference.device)).abs().amax(dim=0)
+        values = [float(v) for v in similarity.cpu()]
+        results.append(
+            IntruderDimensions(module.name, sum(v < epsilon for v in values), k, float(epsilon), values)
+        )
+    return results

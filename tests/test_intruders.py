@@ -1,0 +1,90 @@
+"""Intruder dimensions checked against a dense computation on a real PEFT model's weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import peft_llama
+
+from lora_monitor.adapters import find_lora_modules
+from lora_monitor.monitor.intruders import BaseSubspaceCache, intruder_dimensions
+
+
+def _dense_similarities(base: torch.Tensor, fine_tuned: torch.Tensor, top_k: int) -> torch.Tensor:
+    base_vectors = torch.linalg.svd(base.double(), full_matrices=False).U
+    tuned_vectors = torch.linalg.svd(fine_tuned.double(), full_matrices=False).U[:, :top_k]
+    return (base_vectors.mT @ tuned_vectors).abs().amax(dim=0)
+
+
+def _plant_direction(layer, adapter: str, strength: float, seed: int) -> None:
+    """Make ΔW one strong direction (a fine-tuned weight with a clear top singular vector)."""
+    generator = torch.Generator().manual_seed(seed)
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    with torch.no_grad():
+        A.zero_()
+        B.zero_()
+        A[0] = torch.randn(A.shape[1], generator=generator)
+        B[:, 0] = torch.randn(B.shape[0], generator=generator)
+        B[:, 0] *= strength / (B[:, 0].norm() * A[0].norm() * layer.scaling[adapter])
+
+
+def test_similarities_and_counts_match_a_dense_svd_of_w_plus_delta():
+    model = peft_llama(0, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    modules = find_lora_modules(model)
+    # One module gets a dominant new direction, so that intruders exist; the others are small random updates.
+    _plant_direction(modules[0].module, "default", strength=20.0, seed=3)
+    top_k, epsilon = 10, 0.5
+    # Oversampling past the matrix size makes the randomized SVD exact: the comparison is then to 1e-5.
+    results = intruder_dimensions(
+        modules, lambda m: m.base_weight(), top_k=top_k, epsilon=epsilon, oversample=256, power_iters=2
+    )
+    assert [r.name for r in results] == [m.name for m in modules]
+    for module, result in zip(modules, results, strict=True):
+        base = module.base_weight()
+        delta = module.module.get_delta_weight("default")
+        expected = _dense_similarities(base, base + delta, top_k)
+        assert result.similarities == pytest.approx(expected.tolist(), abs=1e-4)
+        assert result.count == int((expected < epsilon).sum())
+    assert results[0].count >= 1, "a planted direction unrelated to the base must show as an intruder"
+    assert results[0].similarities[0] < epsilon
+
+
+def test_zero_adapter_has_no_intruders_and_base_vectors_are_cached():
+    model = peft_llama(1, init_lora_weights=True)  # B = 0: the fine-tuned weight is the base
+    modules = find_lora_modules(model)
+    cache = BaseSubspaceCache()
+    results = intruder_dimensions(modules, lambda m: m.base_weight(), cache=cache, oversample=256)
+    assert all(r.count == 0 for r in results)
+    assert all(min(r.similarities) > 0.999 for r in results)
+    assert len(cache) == len(modules)
+    first = cache.vectors(modules[0].name, modules[0].base_weight())
+    again = intruder_dimensions(modules[:1], lambda m: m.base_weight(), cache=cache)
+    assert cache.vectors(modules[0].name, modules[0].base_weight()) is first and again[0].count == 0
+
+
+def test_top_reference_subspace_by_randomized_svd_matches_the_dense_top_vectors():
+    model = peft_llama(2, r=4, target_modules=["q_proj"])
+    modules = find_lora_modules(model)
+    generator = torch.Generator().manual_seed(5)
+    for module in modules:  # base weights with a decaying spectrum: well-separated top directions
+        layer = module.base_layer
+        m, n = layer.weight.shape
+        U, _ = torch.linalg.qr(torch.randn(m, m, generator=generator))
+        V, _ = torch.linalg.qr(torch.randn(n, n, generator=generator))
+        with torch.no_grad():
+            layer.weight.copy_((U[:, :n] * (0.7 ** torch.arange(n))) @ V.mT)
+    reference_rank, top_k = 8, 5
+    results = intruder_dimensions(
+        modules,
+        lambda m: m.base_weight(),
+        top_k=top_k,
+        cache=BaseSubspaceCache(reference_rank=reference_rank),
+        oversample=256,
+    )
+    for module, result in zip(modules, results, strict=True):
+        base = module.base_weight().double()
+        tuned = base + module.module.get_delta_weight("default").double()
+        base_top = torch.linalg.svd(base, full_matrices=False).U[:, :reference_rank]
+        tuned_top = torch.linalg.svd(tuned, full_matrices=False).U[:, :top_k]
+        expected = (base_top.mT @ tuned_top).abs().amax(dim=0)
+        assert result.similarities == pytest.approx(expected.tolist(), abs=1e-4)
