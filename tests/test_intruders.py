@@ -52,7 +52,7 @@ def test_similarities_and_counts_match_a_dense_svd_of_w_plus_delta():
 def test_zero_adapter_has_no_intruders_and_base_vectors_are_cached():
     model = peft_llama(1, init_lora_weights=True)  # B = 0: the fine-tuned weight is the base
     modules = find_lora_modules(model)
-    cache = BaseSubspaceCache()
+    cache = BaseSubspaceCache(reference_rank=None)
     results = intruder_dimensions(modules, lambda m: m.base_weight(), cache=cache, oversample=256)
     assert all(r.count == 0 for r in results)
     assert all(min(r.similarities) > 0.999 for r in results)
