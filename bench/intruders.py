@@ -101,15 +101,15 @@ def main() -> None:
     shapes = {"attention": (args.hidden, args.hidden), "mlp": (args.hidden, args.intermediate)}
     for label, (m, n) in shapes.items():
         samples = measure(label, m, n, args, console)
-        count = MODULES_PER_LAYER[label] * 32
+        count = MODULES_PER_LAYER[label] * args.layers
         for route, times in samples.items():
-            totals[route] += min(times) * count
+            totals[route] = totals.get(route, 0.0) + min(times) * count
             table.add_row(
-                label,
+                f"{label} {m}×{n}",
                 route,
                 f"{min(times):.3f}",
                 f"{statistics.median(times):.3f}",
-                f"{min(times) * count:.0f} s",
+                f"{min(times) * count:.1f} s",
             )
     console.print(table)
     ratio = totals["dense per check"] / totals["ours per check"]
