@@ -18,52 +18,123 @@ The public API, one screen:
     Errors                 LoraMonitorError (bad input, with a message naming the file or module)
 """
 
-from .adapters import (
-    LoraModule,
-    SavedAdapter,
-    find_lora_modules,
-    load_adapter,
-    lora_modules,
-    scale_for,
-    write_adapter_folder,
-)
-from .allocation import RankAllocation, RankProbe, allocate_ranks, probe_rank, spectral_analysis
-from .edit import SpectralEditResult, spectral_edit
-from .errors import LoraMonitorError
-from .in_squeeze import ResizeEvent, compact_masks, current_ranks, resize_lora_module, squeeze_model
-from .monitor import (
-    Alert,
-    AlertMonitor,
-    AlertThresholds,
-    BaseNormCache,
-    MetricsHistory,
-    ModuleMetrics,
-    Severity,
-    check_alerts,
-    compute_module_metrics,
-    summarize,
-)
-from .render import write_report
-from .spectrum import (
-    LinearOperator,
-    LoraSpectra,
-    SVDResult,
-    TruncatedFactors,
-    condition_number,
-    effective_rank,
-    energy_curve,
-    factored_svd,
-    lora_spectra,
-    randomized_svd,
-    rank_for_energy,
-    spectral_norm,
-    stable_rank,
-    truncate_factors,
-    weight_singular_values,
-)
-from .squeeze import SqueezeAnalysis, analyze_adapter, compress_adapter
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Where each public name lives. Importing lora_monitor itself is cheap: a room (and torch, PEFT and
+# transformers behind it) is imported the first time one of its names is used, so that the command's
+# --help and argument errors answer at once.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    ".adapters": (
+        "LoraModule",
+        "SavedAdapter",
+        "find_lora_modules",
+        "load_adapter",
+        "lora_modules",
+        "scale_for",
+        "write_adapter_folder",
+    ),
+    ".allocation": ("RankAllocation", "RankProbe", "allocate_ranks", "probe_rank", "spectral_analysis"),
+    ".edit": ("SpectralEditResult", "spectral_edit"),
+    ".errors": ("LoraMonitorError",),
+    ".in_squeeze": ("ResizeEvent", "compact_masks", "current_ranks", "resize_lora_module", "squeeze_model"),
+    ".monitor": (
+        "Alert",
+        "AlertMonitor",
+        "AlertThresholds",
+        "BaseNormCache",
+        "MetricsHistory",
+        "ModuleMetrics",
+        "Severity",
+        "check_alerts",
+        "compute_module_metrics",
+        "summarize",
+    ),
+    ".render": ("write_report",),
+    ".spectrum": (
+        "LinearOperator",
+        "LoraSpectra",
+        "SVDResult",
+        "TruncatedFactors",
+        "condition_number",
+        "effective_rank",
+        "energy_curve",
+        "factored_svd",
+        "lora_spectra",
+        "randomized_svd",
+        "rank_for_energy",
+        "spectral_norm",
+        "stable_rank",
+        "truncate_factors",
+        "weight_singular_values",
+    ),
+    ".squeeze": ("SqueezeAnalysis", "analyze_adapter", "compress_adapter"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lora_monitor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})
+
+
+if TYPE_CHECKING:  # what static checkers and IDEs see
+    from .adapters import (
+        LoraModule,
+        SavedAdapter,
+        find_lora_modules,
+        load_adapter,
+        lora_modules,
+        scale_for,
+        write_adapter_folder,
+    )
+    from .allocation import RankAllocation, RankProbe, allocate_ranks, probe_rank, spectral_analysis
+    from .edit import SpectralEditResult, spectral_edit
+    from .errors import LoraMonitorError
+    from .in_squeeze import ResizeEvent, compact_masks, current_ranks, resize_lora_module, squeeze_model
+    from .monitor import (
+        Alert,
+        AlertMonitor,
+        AlertThresholds,
+        BaseNormCache,
+        MetricsHistory,
+        ModuleMetrics,
+        Severity,
+        check_alerts,
+        compute_module_metrics,
+        summarize,
+    )
+    from .render import write_report
+    from .spectrum import (
+        LinearOperator,
+        LoraSpectra,
+        SVDResult,
+        TruncatedFactors,
+        condition_number,
+        effective_rank,
+        energy_curve,
+        factored_svd,
+        lora_spectra,
+        randomized_svd,
+        rank_for_energy,
+        spectral_norm,
+        stable_rank,
+        truncate_factors,
+        weight_singular_values,
+    )
+    from .squeeze import SqueezeAnalysis, analyze_adapter, compress_adapter
 
 __all__ = [
     "Alert",

@@ -78,10 +78,26 @@ def set_kept_rank(module: LoraLayer, adapter_name: str, rank: int | None) -> Non
     setattr(module, KEPT_RANK_ATTRIBUTE, kept)
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a DTensor (FSDP2 shards every parameter into one): each process holds only a part."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard (a collective: every process must ask, in the same order);
+    a plain tensor as it is."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
 def live_factors(module: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, A)`` as matrices, detached views of the live parameters, restricted to the kept directions."""
+    """``(B, A)`` as matrices, detached views of the live parameters, restricted to the kept directions.
+
+    Under FSDP2 the parameters are shards: this gathers them, a collective (see :func:`gather_records`).
+    """
     B_param, A_param = factor_parameters(module, adapter_name)
-    B, A = as_B_matrix(B_param.detach()), as_A_matrix(A_param.detach())
+    B, A = as_B_matrix(full_tensor(B_param.detach())), as_A_matrix(full_tensor(A_param.detach()))
     if not is_masked(module, adapter_name):
         return B, A
     kept = kept_rank(module, adapter_name)

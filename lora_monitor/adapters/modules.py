@@ -7,6 +7,7 @@ kind of layer it adapts. Everything else in lora-monitor works on these records.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from .factors import (
     factor_kind,
     factor_parameters,
     is_masked,
+    is_sharded,
     kept_rank,
     live_factors,
     saved_keys,
@@ -188,6 +190,27 @@ def find_lora_modules(model: torch.nn.Module, adapter_name: str | None = None) -
             )
         )
     return records
+
+
+def gather_records(records: list[LoraModule]) -> list[LoraModule]:
+    """Records whose factors are read now, in full, in every process: what FSDP2 needs.
+
+    Under FSDP2 each process holds a shard of every factor, and gathering one is a collective that every
+    process must join in the same order; so before any process works on its own share of the modules,
+    all of them gather every module here, in record order. The returned records hold those full tensors
+    (a snapshot: read again after the next step). Records of unsharded models come back unchanged.
+    """
+    if not any(record.module is not None and _sharded(record) for record in records):
+        return records
+    gathered = []
+    for record in records:
+        B, A = record.B, record.A  # full_tensor() inside: the same collective order in every process
+        gathered.append(dataclasses.replace(record, load_A=lambda A=A: A, load_B=lambda B=B: B))
+    return gathered
+
+
+def _sharded(record: LoraModule) -> bool:
+    return is_sharded(factor_parameters(record.module, record.adapter_name)[1])
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
