@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -631,6 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lora-monitor`` command; returns (and exits with) the status."""
     args = build_parser().parse_args(argv)
+    # PEFT imports bitsandbytes where it is installed, and on some CPUs bitsandbytes warns at import about
+    # a 4-bit kernel package it could not load; no command here runs that kernel, so the warning would only
+    # bury the command's own one-line messages. Its errors still show.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         status = args.handler(args)
     except LoraMonitorError as error:
