@@ -15,11 +15,14 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 SOURCE_RANK = 32
 SUBJECTS = ["the model", "a small adapter", "the frozen base", "our optimizer", "the monitor", "each layer"]
@@ -66,7 +69,7 @@ def _dataset(tokenizer, texts: list[str]) -> list[dict[str, list[int]]]:
 
 def tiny_llama_config(
     vocab_size: int = 128, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides: Any
-) -> Any:
+) -> LlamaConfig:
     """The ``LlamaConfig`` of a tiny Llama (4 heads, 2 key-value heads, MLP twice as wide, untied head).
 
     The one tiny model of the demo, the tests and the benchmarks; ``overrides`` replace any field.

@@ -26,6 +26,15 @@ def print_json(payload: Any) -> None:
     sys.stdout.write("\n")
 
 
+def _command(
+    subparsers: argparse._SubParsersAction, name: str, help: str, handler
+) -> argparse.ArgumentParser:
+    """A sub-command's parser, with ``handler`` set to run it."""
+    parser = subparsers.add_parser(name, help=help)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 # ---- analyze (SpectralMonitor metrics of a saved adapter) ------------------------------------------------
 
 
@@ -316,15 +325,6 @@ def _run_squeeze(args: argparse.Namespace) -> int:
 # ---- allocate (per-layer ranks from base-weight spectra) -------------------------------------------------
 
 
-def _command(
-    subparsers: argparse._SubParsersAction, name: str, help: str, handler
-) -> argparse.ArgumentParser:
-    """A sub-command's parser, with ``handler`` set to run it."""
-    parser = subparsers.add_parser(name, help=help)
-    parser.set_defaults(handler=handler)
-    return parser
-
-
 def register_allocate(subparsers: argparse._SubParsersAction) -> None:
     parser = _command(
         subparsers, "allocate", "per-layer LoRA ranks from the base model's weight spectra", _run_allocate
@@ -348,15 +348,10 @@ def register_allocate(subparsers: argparse._SubParsersAction) -> None:
         "--fit", choices=["median", "ks"], default="median", help="power-law xmin rule (default: %(default)s)"
     )
     parser.add_argument(
-        "--budget",
-        type=int,
-        default=None,
-        help="total trainable LoRA parameters to hit (within one rank step)",
+        "--budget", type=int, help="total trainable LoRA parameters to hit (within one rank step)"
     )
     parser.add_argument(
-        "--target-modules",
-        default=None,
-        help="comma-separated module names to consider (default: all linear)",
+        "--target-modules", help="comma-separated module names to consider (default: all linear)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

@@ -371,15 +371,11 @@ def spectra_from_eigenvalues(
         shape=(rows, columns),
         eigenvalues=values,
         fit=fit,
-        alpha=power_law.alpha,
-        xmin=power_law.xmin,
-        ks_distance=power_law.ks_distance,
-        tail_size=power_law.tail_size,
-        sigma_mp=bulk.sigma_mp,
-        bulk_max=bulk.bulk_max,
-        edge=bulk.edge,
-        num_spikes=bulk.num_spikes,
-        mp_softrank=bulk.mp_softrank,
+        **{name: getattr(power_law, name) for name in ("alpha", "xmin", "ks_distance", "tail_size")},
+        **{
+            name: getattr(bulk, name)
+            for name in ("sigma_mp", "bulk_max", "edge", "num_spikes", "mp_softrank")
+        },
         stable_rank=float(values.sum()) / top if top > 0 else 0.0,
         spectral_norm=math.sqrt(max(top, 0.0)),
     )
