@@ -176,6 +176,15 @@ def test_written_folder_loads_with_peft_and_holds_the_metadata(tmp_path, tokeniz
     assert torch.allclose(logits(reloaded, batch), logits(result.model, batch), atol=1e-5)
 
 
+def test_a_module_masked_by_in_squeeze_is_refused(tokenizer):
+    from lora_monitor.in_squeeze.resize import squeeze_model
+
+    model = lora_model()
+    squeeze_model(model, {"model.layers.1.mlp.down_proj": 4}, mode="mask")  # r=8 parameters, 4 kept
+    with pytest.raises(LoraMonitorError, match=r"model\.layers\.1\.mlp\.down_proj .*masked by In-Squeeze"):
+        spectral_edit(model, SENTENCES[:2], tokenizer=tokenizer)
+
+
 def test_bad_options_and_inputs(tmp_path, tokenizer):
     with pytest.raises(LoraMonitorError, match="mode must be"):
         spectral_edit(lora_model(), SENTENCES[:2], tokenizer=tokenizer, mode="best")
