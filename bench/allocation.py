@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lora_monitor.allocation.allocate import spectral_analysis
+from lora_monitor.allocation import spectral_analysis
 from lora_monitor.spectrum import weight_singular_values
 
 

@@ -15,11 +15,14 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 SOURCE_RANK = 32
 SUBJECTS = ["the model", "a small adapter", "the frozen base", "our optimizer", "the monitor", "each layer"]
@@ -64,23 +67,36 @@ def _dataset(tokenizer, texts: list[str]) -> list[dict[str, list[int]]]:
     ]
 
 
+def tiny_llama_config(
+    vocab_size: int = 128, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides: Any
+) -> LlamaConfig:
+    """The ``LlamaConfig`` of a tiny Llama (4 heads, 2 key-value heads, MLP twice as wide, untied head).
+
+    The one tiny model of the demo, the tests and the benchmarks; ``overrides`` replace any field.
+    """
+    from transformers import LlamaConfig
+
+    fields = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+    }
+    return LlamaConfig(**{**fields, **overrides})
+
+
 def _base_model(vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(tiny_llama_config(vocab_size, hidden_size=128, max_position_embeddings=64))
 
 
 def _peft_model(vocab_size: int):
@@ -122,10 +138,10 @@ def _losses(trainer) -> list[float]:
 
 def run_demo(output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 60) -> dict[str, Any]:
     """Run the demo and print its findings; returns the figures it printed (for tests and scripts)."""
-    from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
     from peft import PeftModel
 
-    from lora_monitor.edit.edit import calibration_batches, evaluate_loss
+    from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
+    from lora_monitor.edit import calibration_batches, evaluate_loss
 
     os.environ.setdefault("WANDB_MODE", "offline")
     logging.getLogger("transformers").setLevel(logging.ERROR)

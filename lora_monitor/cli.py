@@ -27,6 +27,15 @@ def print_json(payload: Any) -> None:
     sys.stdout.write("\n")
 
 
+def _command(
+    subparsers: argparse._SubParsersAction, name: str, help: str, handler
+) -> argparse.ArgumentParser:
+    """A sub-command's parser, with ``handler`` set to run it."""
+    parser = subparsers.add_parser(name, help=help)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 # ---- analyze (SpectralMonitor metrics of a saved adapter) ------------------------------------------------
 
 
@@ -318,8 +327,8 @@ def _run_squeeze(args: argparse.Namespace) -> int:
 
 
 def register_allocate(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "allocate", help="per-layer LoRA ranks from the base model's weight spectra"
+    parser = _command(
+        subparsers, "allocate", "per-layer LoRA ranks from the base model's weight spectra", _run_allocate
     )
     parser.add_argument("model", help="base model folder (config.json + weights)")
     parser.add_argument("--min-rank", type=int, default=4, help="smallest rank given (default: %(default)s)")
@@ -340,23 +349,18 @@ def register_allocate(subparsers: argparse._SubParsersAction) -> None:
         "--fit", choices=["median", "ks"], default="median", help="power-law xmin rule (default: %(default)s)"
     )
     parser.add_argument(
-        "--budget",
-        type=int,
-        default=None,
-        help="total trainable LoRA parameters to hit (within one rank step)",
+        "--budget", type=int, help="total trainable LoRA parameters to hit (within one rank step)"
     )
     parser.add_argument(
-        "--target-modules",
-        default=None,
-        help="comma-separated module names to consider (default: all linear)",
+        "--target-modules", help="comma-separated module names to consider (default: all linear)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(handler=_run_allocate)
 
 
 def _run_allocate(args: argparse.Namespace) -> int:
     from .adapters.base_model import load_base_model
     from .allocation import allocate_ranks, spectral_analysis
+    from .render.console import print_allocation
 
     model = load_base_model(args.model)
     targets = (
@@ -372,78 +376,24 @@ def _run_allocate(args: argparse.Namespace) -> int:
         alpha_factor=args.alpha_factor,
         parameter_budget=args.budget,
     )
-    config = allocation.lora_config_kwargs()
     if args.json:
-        layers = [
-            {
-                **layer.spectrum.as_dict(),
-                "score": layer.score,
-                "selected": layer.selected,
-                "rank": layer.rank,
-                "lora_alpha": layer.alpha,
-            }
-            for layer in allocation.layers
-        ]
-        print_json(
-            {
-                "model": args.model,
-                "layers": layers,
-                "lora_config": config,
-                "trainable_parameters": allocation.trainable_parameters,
-                "parameter_budget": args.budget,
-            }
-        )
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"Ranks from the weight spectra of {args.model} ({args.fit} fit)")
-    for column in (
-        "layer",
-        "shape",
-        "α",
-        "spikes",
-        "λ+ (TW)",
-        "stable rank",
-        "‖W‖₂",
-        "score",
-        "rank",
-        "alpha",
-    ):
-        table.add_column(column, justify="left" if column == "layer" else "right")
-    for layer in allocation.layers:
-        s = layer.spectrum
-        table.add_row(
-            s.name,
-            f"{s.shape[0]}×{s.shape[1]}",
-            f"{s.alpha:.2f}",
-            str(s.num_spikes),
-            f"{s.edge:.3g}",
-            f"{s.stable_rank:.1f}",
-            f"{s.spectral_norm:.3g}",
-            f"{layer.score:.3f}",
-            str(layer.rank) if layer.selected else "-",
-            f"{layer.alpha:g}" if layer.selected else "-",
-            style=None if layer.selected else "dim",
-        )
-    console = Console(width=max(140, Console().width))
-    console.print(table)
-    budget = f" (budget {args.budget})" if args.budget is not None else ""
-    console.print(
-        f"{len(allocation.target_modules)} of {len(allocation.layers)} layers adapted, "
-        f"{allocation.trainable_parameters} trainable LoRA parameters{budget}"
-    )
-    console.print("LoraConfig arguments:")
-    console.print_json(json.dumps(config))
+        print_json({"model": args.model, **allocation.as_dict()})
+    else:
+        print_allocation(allocation, model=args.model, fit=args.fit)
     return 0
 
 
 # ---- edit (spectral editing with calibration gradients) ---------------------------------------------------
 
+# The edit's numeric options (--core-frac etc.); left out, they take EditConfig's defaults.
+_EDIT_NUMBERS = ("core_frac", "noise_frac", "amp_factor", "sup_factor", "mid_factor", "eta")
+# The options spectral_edit takes exactly as the command line gives them.
+_EDIT_AS_GIVEN = ("mode", "update", "seed", "batch_size", "max_length", "overwrite")
+
 
 def register_edit(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "edit", help="amplify/suppress singular directions by calibration sensitivity"
+    parser = _command(
+        subparsers, "edit", "amplify/suppress singular directions by calibration sensitivity", _run_edit
     )
     parser.add_argument("adapter", help="adapter folder to edit (never modified)")
     parser.add_argument("--base", required=True, help="base model folder the adapter was trained on")
@@ -455,12 +405,8 @@ def register_edit(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mode", default="abs_select", choices=["abs_select", "random_index", "gd"])
     parser.add_argument("--target-modules", default="down_proj,o_proj", help="comma-separated module types")
     parser.add_argument("--layers", help="comma-separated layer indices (default: all)")
-    parser.add_argument("--core-frac", type=float, default=0.2)
-    parser.add_argument("--noise-frac", type=float, default=0.2)
-    parser.add_argument("--amp-factor", type=float, default=1.25)
-    parser.add_argument("--sup-factor", type=float, default=0.8)
-    parser.add_argument("--mid-factor", type=float, default=1.0)
-    parser.add_argument("--eta", type=float, default=0.2)
+    for name in _EDIT_NUMBERS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float)
     parser.add_argument("--update", default="multiplicative", choices=["multiplicative", "additive"])
     parser.add_argument("--preserve-energy", default="l1", choices=["l1", "l2", "none"])
     parser.add_argument("--seed", type=int, default=0)
@@ -473,32 +419,6 @@ def register_edit(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--heldout", help="held-out texts for --eval (default: the last 20%% of --data)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a summary")
-    parser.set_defaults(handler=_run_edit)
-
-
-def read_texts(path: str) -> list[str]:
-    """Texts from a .txt (one per non-empty line), .jsonl or .json file (strings or objects with "text")."""
-    from pathlib import Path
-
-    file = Path(path)
-    if not file.is_file():
-        raise LoraMonitorError(f"{file}: no such data file")
-    try:
-        raw = file.read_text()
-        if file.suffix == ".jsonl":
-            items = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        elif file.suffix == ".json":
-            items = json.loads(raw)
-        else:
-            items = [line for line in raw.splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LoraMonitorError(f"{file}: cannot be read as texts ({error})") from error
-    texts = [item["text"] if isinstance(item, dict) and "text" in item else item for item in items]
-    if not texts or not all(isinstance(text, str) for text in texts):
-        raise LoraMonitorError(
-            f"{file}: holds no texts (expected lines, or JSON strings / objects with 'text')"
-        )
-    return texts
 
 
 def _integers(text: str, option: str) -> list[int]:
@@ -509,9 +429,8 @@ def _integers(text: str, option: str) -> list[int]:
 
 
 def _run_edit(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from .edit import spectral_edit
+    from .edit import load_tokenizer, read_texts, spectral_edit
+    from .render.console import print_edit
 
     texts = read_texts(args.data)
     heldout = None
@@ -521,60 +440,38 @@ def _run_edit(args: argparse.Namespace) -> int:
         else:
             cut = max(1, int(len(texts) * 0.8))
             texts, heldout = texts[:cut], texts[cut:] or texts[-1:]
-    tokenizer_folder = args.tokenizer or args.base
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    except (OSError, ValueError) as error:
-        raise LoraMonitorError(
-            f"{tokenizer_folder}: no usable tokenizer here ({error}); pass --tokenizer"
-        ) from error
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     result = spectral_edit(
         args.adapter,
         texts,
-        tokenizer=tokenizer,
+        tokenizer=load_tokenizer(args.tokenizer or args.base, "pass --tokenizer"),
         base_model=args.base,
         output_path=args.out,
         heldout_data=heldout,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
         max_samples=args.samples,
-        overwrite=args.overwrite,
-        mode=args.mode,
         target_modules=[t for t in args.target_modules.split(",") if t],
         layers=_integers(args.layers, "--layers") if args.layers else None,
-        core_frac=args.core_frac,
-        noise_frac=args.noise_frac,
-        amp_factor=args.amp_factor,
-        sup_factor=args.sup_factor,
-        mid_factor=args.mid_factor,
-        eta=args.eta,
-        update=args.update,
         preserve_energy=None if args.preserve_energy == "none" else args.preserve_energy,
-        seed=args.seed,
+        **{name: getattr(args, name) for name in _EDIT_AS_GIVEN},
+        **{name: getattr(args, name) for name in _EDIT_NUMBERS if getattr(args, name) is not None},
     )
     if args.json:
         print_json({"output_path": str(result.output_path), **result.to_dict()})
-        return 0
-    print(f"edited {len(result.modules)} modules ({args.mode}); wrote {result.output_path}")
-    for name, value in result.losses.items():
-        print(f"  {name:>20}: {value:.4f}")
+    else:
+        print_edit(result)
     return 0
 
 
-# ---- report (plots and an HTML page of a run) ----------------------------------------------------------
+# ---- report and demo -----------------------------------------------------------------------------------
 
 
 def register_report(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "report", help="PNG plots and a self-contained HTML page of a training run"
+    parser = _command(
+        subparsers, "report", "PNG plots and a self-contained HTML page of a training run", _run_report
     )
     parser.add_argument(
         "run_dir", help="the Trainer's output_dir (lora_monitor.jsonl, squeeze_manifest.json)"
     )
     parser.add_argument("--out", help="folder for the plots and report.html (default: RUN_DIR)")
-    parser.set_defaults(handler=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -584,18 +481,14 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- demo ------------------------------------------------------------------------------------------------
-
-
 def register_demo(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="train a tiny model with the callbacks and show what they find"
+    parser = _command(
+        subparsers, "demo", "train a tiny model with the callbacks and show what they find", _run_demo
     )
     parser.add_argument(
         "--out", default="lora-monitor-demo", help="folder for the run (default: %(default)s)"
     )
     parser.add_argument("--steps", type=int, default=60, help="training steps (default: %(default)s)")
-    parser.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -606,13 +499,6 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _not_yet(name: str):
-    def handler(args: argparse.Namespace) -> int:
-        raise LoraMonitorError(f"'lora-monitor {name}' is not available in this version yet")
-
-    return handler
 
 
 def build_parser() -> argparse.ArgumentParser:

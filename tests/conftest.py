@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from lora_monitor.callbacks.demo import tiny_llama_config
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -28,26 +29,8 @@ SENTENCES = [
 ] * 4
 
 
-def tiny_llama_config(vocab_size: int = 128, hidden_size: int = 64, layers: int = 2):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-
-
 def tiny_llama(seed: int = 0, **config_overrides):
-    """A randomly initialised 2-layer Llama (hidden 64): a real ``LlamaForCausalLM``."""
+    """A randomly initialised 2-layer Llama (hidden 64; ``config_overrides`` change it): a real ``LlamaForCausalLM``."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)

@@ -12,7 +12,7 @@ from conftest import tiny_llama
 from torch import nn
 
 from lora_monitor.adapters import pattern_key
-from lora_monitor.allocation.allocate import (
+from lora_monitor.allocation import (
     allocate_ranks,
     fit_marchenko_pastur,
     fit_power_law,
@@ -322,6 +322,12 @@ def test_budget_out_of_reach_and_bad_options_are_clear_errors():
         allocate_ranks(spectra, layer_fraction=0)
     with pytest.raises(LoraMonitorError, match="scaling"):
         allocate_ranks(spectra, scaling="cubic")
+    with pytest.raises(LoraMonitorError, match=r"parameter_budget must be a whole number, got 2000\.5"):
+        allocate_ranks(spectra, parameter_budget=2000.5)
+    with pytest.raises(LoraMonitorError, match="alpha_factor must be above 0"):
+        allocate_ranks(spectra, alpha_factor=0)
+    with pytest.raises(LoraMonitorError, match="min_rank must be a whole number"):
+        allocate_ranks(spectra, min_rank=2.5)
 
 
 def test_pattern_keys_never_match_a_neighbour_module():
@@ -390,6 +396,10 @@ def test_probe_rank_needs_a_loss(tokenizer):
     with pytest.raises(LoraMonitorError, match="no loss"):
         probe_rank(model, [dict(batch)], steps=1)
     assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(LoraMonitorError, match="threshold must be above 0 and at most 1, got 0"):
+        probe_rank(model, [dict(batch)], threshold=0)
+    with pytest.raises(LoraMonitorError, match="steps must be at least 1, got 0"):
+        probe_rank(model, [dict(batch)], steps=0)
 
 
 # --------------------------------------------------------------------------------------------------------

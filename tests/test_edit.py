@@ -10,13 +10,9 @@ from conftest import SENTENCES, peft_llama, tiny_llama
 from peft import PeftModel
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
-from lora_monitor.edit.edit import (
-    EDIT_META_NAME,
-    _decompose,
-    calibration_batches,
-    sigma_sensitivities,
-    spectral_edit,
-)
+from lora_monitor._io import EDIT_META_NAME
+from lora_monitor.edit import calibration_batches, spectral_edit
+from lora_monitor.edit.edit import module_svds, sigma_sensitivities
 
 TARGETS = ["o_proj", "down_proj"]
 
@@ -45,7 +41,7 @@ def test_sensitivities_equal_finite_differences(tokenizer):
     model = lora_model(torch.float64)
     batches = calibration_batches(SENTENCES[:4], tokenizer, batch_size=2)
     modules = [m for m in find_lora_modules(model) if m.module_type in TARGETS]
-    decomposed = _decompose(model, modules)
+    decomposed = module_svds(model, modules)
     gradients = sigma_sensitivities(model, decomposed, batches)
 
     # Large enough to rise above the float32 parts of the forward (rotary tables), small enough for O(h²).
@@ -180,9 +176,28 @@ def test_written_folder_loads_with_peft_and_holds_the_metadata(tmp_path, tokeniz
     assert torch.allclose(logits(reloaded, batch), logits(result.model, batch), atol=1e-5)
 
 
+def test_a_module_masked_by_in_squeeze_is_refused(tokenizer):
+    from lora_monitor.in_squeeze.resize import squeeze_model
+
+    model = lora_model()
+    squeeze_model(model, {"model.layers.1.mlp.down_proj": 4}, mode="mask")  # r=8 parameters, 4 kept
+    with pytest.raises(LoraMonitorError, match=r"model\.layers\.1\.mlp\.down_proj .*masked by In-Squeeze"):
+        spectral_edit(model, SENTENCES[:2], tokenizer=tokenizer)
+
+
 def test_bad_options_and_inputs(tmp_path, tokenizer):
     with pytest.raises(LoraMonitorError, match="mode must be"):
         spectral_edit(lora_model(), SENTENCES[:2], tokenizer=tokenizer, mode="best")
+    bad_numbers = {
+        "core_frac": (1.5, "core_frac must be at least 0 and at most 1, got 1.5"),
+        "amp_factor": (-1.0, "amp_factor must be at least 0, got -1.0"),
+        "eta": (float("nan"), "eta must be a finite number, got nan"),
+        "seed": (0.5, "seed must be a whole number, got 0.5"),
+        "noise_frac": (0.9, "core_frac \\+ noise_frac must be at most 1"),
+    }
+    for option, (value, message) in bad_numbers.items():
+        with pytest.raises(LoraMonitorError, match=message):
+            spectral_edit(lora_model(), SENTENCES[:2], tokenizer=tokenizer, **{option: value})
     with pytest.raises(LoraMonitorError, match="no LoRA module matches"):
         spectral_edit(lora_model(), SENTENCES[:2], tokenizer=tokenizer, target_modules=["q_proj"])
     with pytest.raises(LoraMonitorError, match="need a tokenizer"):

@@ -1,19 +1,26 @@
-"""Rank before training: heavy-tailed spectra of the base weights, per-layer rank allocation, a gradient probe."""
+"""Rank before training: heavy-tailed spectra of the base weights, per-layer rank allocation, a gradient probe.
 
-from .allocate import (
+- :mod:`.htsr`: power-law and Marchenko-Pastur fits of one weight's eigenvalues, :class:`LayerSpectrum`;
+- :mod:`.allocate`: the weights LoRA could adapt, their spectra, :func:`allocate_ranks`;
+- :mod:`.probe`: :func:`probe_rank`, the rank the loss gradient of a few batches asks for.
+"""
+
+from .allocate import LayerAllocation, RankAllocation, allocate_ranks, spectral_analysis
+from .htsr import (
+    BulkFit,
     LayerSpectrum,
-    RankAllocation,
-    RankProbe,
-    allocate_ranks,
+    PowerLawFit,
     fit_marchenko_pastur,
     fit_power_law,
-    probe_rank,
     spectra_from_eigenvalues,
-    spectral_analysis,
 )
+from .probe import RankProbe, probe_rank
 
 __all__ = [
+    "BulkFit",
+    "LayerAllocation",
     "LayerSpectrum",
+    "PowerLawFit",
     "RankAllocation",
     "RankProbe",
     "allocate_ranks",

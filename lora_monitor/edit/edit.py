@@ -11,22 +11,20 @@ the same counts are picked at random as a control (``random_index``), or ``σ`` 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._io import json_safe
-from ..adapters import LoraModule
-from ..errors import LoraMonitorError
+from .._io import EDIT_META_NAME, dumps
+from ..adapters import LoraModule, factor_parameters, is_masked
+from ..errors import LoraMonitorError, check_number
 from ..spectrum import factored_svd
+from .data import calibration_batches, evaluate_loss, to_device
 
-EDIT_META_NAME = "spectral_edit_meta.json"
 MODES = ("abs_select", "random_index", "gd")
 
 
@@ -48,6 +46,7 @@ class EditConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        """Raise :class:`LoraMonitorError` naming the first option that is out of range."""
         if self.mode not in MODES:
             raise LoraMonitorError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.update not in ("multiplicative", "additive"):
@@ -57,15 +56,15 @@ class EditConfig:
                 f"preserve_energy must be 'l1', 'l2' or None, got {self.preserve_energy!r}"
             )
         for name in ("core_frac", "noise_frac"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise LoraMonitorError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+            check_number(getattr(self, name), name, low=0, high=1)
         if self.core_frac + self.noise_frac > 1:
             raise LoraMonitorError(
                 f"core_frac + noise_frac must be at most 1, got {self.core_frac + self.noise_frac}"
             )
         for name in ("amp_factor", "sup_factor", "mid_factor"):
-            if getattr(self, name) < 0:
-                raise LoraMonitorError(f"{name} must be non-negative, got {getattr(self, name)}")
+            check_number(getattr(self, name), name, low=0)
+        check_number(self.eta, "eta")
+        check_number(self.seed, "seed", whole=True)
 
 
 @dataclass
@@ -102,100 +101,14 @@ class SpectralEditResult:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Calibration data
-# --------------------------------------------------------------------------------------------------------
-
-
-def calibration_batches(
-    data: Any,
-    tokenizer: Any = None,
-    *,
-    batch_size: int = 2,
-    max_length: int = 256,
-    max_samples: int | None = 32,
-    text_field: str = "text",
-) -> list[dict[str, torch.Tensor]]:
-    """Batches of ``input_ids``/``attention_mask``/``labels`` from texts, a ``datasets.Dataset`` or batches.
-
-    ``data`` may be a list of strings (tokenized with ``tokenizer``), a ``datasets.Dataset`` with a
-    ``text_field`` column (tokenized) or already tokenized ``input_ids``, or a list of ready batches
-    (dicts of tensors). Padding positions get label ``-100``.
-    """
-    ready = isinstance(data, Sequence) and data and isinstance(data[0], dict)
-    if ready and isinstance(data[0].get("input_ids"), torch.Tensor) and data[0]["input_ids"].dim() == 2:
-        return list(data)  # already batches: used as given
-    columns = getattr(data, "column_names", None)
-    if columns is not None and text_field not in columns and "input_ids" in columns:
-        rows = list(data.select(range(min(len(data), max_samples or len(data)))))
-        ids = [row["input_ids"] for row in rows]
-        return _pad_batches(ids, batch_size, getattr(tokenizer, "pad_token_id", 0) or 0)
-    texts = list(data[text_field]) if columns is not None else list(data)
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise LoraMonitorError(
-            "calibration data must be texts, a Dataset with a text column, or tokenized batches"
-        )
-    if tokenizer is None:
-        raise LoraMonitorError("calibration texts need a tokenizer to turn them into tokens")
-    if tokenizer.pad_token is None:
-        raise LoraMonitorError(
-            "the tokenizer has no pad token, so texts cannot be batched; set one first "
-            "(tokenizer.pad_token = tokenizer.eos_token is the usual choice for causal LMs)"
-        )
-    texts = texts[: max_samples or None]
-    batches = []
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(
-            texts[start : start + batch_size],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-        )
-        labels = encoded["input_ids"].clone()
-        labels[encoded["attention_mask"] == 0] = -100
-        batches.append(
-            {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
-        )
-    return batches
-
-
-def _pad_batches(ids: list[list[int]], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    batches = []
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        width = max(len(row) for row in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, tokens in enumerate(chunk):
-            input_ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        labels = input_ids.masked_fill(mask == 0, -100)
-        batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
-    return batches
-
-
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-@torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
-    """Mean language-model loss of ``model`` over ``batches`` (eval mode, no dropout)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    losses = [float(model(**_to_device(batch, device)).loss) for batch in batches]
-    model.train(was_training)
-    return sum(losses) / max(len(losses), 1)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Sensitivities
 # --------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Decomposed:
+class ModuleSVD:
+    """One module's delta as ``U diag(σ) Vᵀ``, with the names its factors have in the model's parameters."""
+
     module: LoraModule
     A_name: str
     B_name: str
@@ -204,18 +117,18 @@ class _Decomposed:
     V: torch.Tensor  # (n, r)
 
 
-def _decompose(model: torch.nn.Module, modules: list[LoraModule]) -> list[_Decomposed]:
+def module_svds(model: torch.nn.Module, modules: list[LoraModule]) -> list[ModuleSVD]:
+    """The exact SVD of each module's delta (factored, no ``m×n`` matrix), ready for editing σ."""
     names = {id(param): name for name, param in model.named_parameters()}
     results = factored_svd([m.B for m in modules], [m.A for m in modules], [m.scale for m in modules])
     decomposed = []
     for module, (U, S, V) in zip(modules, results, strict=True):
-        adapter = module.adapter_name
-        A_param, B_param = module.module.lora_A[adapter].weight, module.module.lora_B[adapter].weight
-        decomposed.append(_Decomposed(module, names[id(A_param)], names[id(B_param)], U, S.float(), V))
+        B_param, A_param = factor_parameters(module.module, module.adapter_name)
+        decomposed.append(ModuleSVD(module, names[id(A_param)], names[id(B_param)], U, S.float(), V))
     return decomposed
 
 
-def _substitutes(item: _Decomposed, sigma: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _sigma_factors(item: ModuleSVD, sigma: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Factors that give exactly ``U diag(σ) Vᵀ`` through the module's own ``s·B@A``."""
     scale = item.module.scale
     B = (item.U * (sigma / scale)).to(dtype).reshape(item.module.B_shape)
@@ -224,7 +137,7 @@ def _substitutes(item: _Decomposed, sigma: torch.Tensor, dtype: torch.dtype) -> 
 
 
 def sigma_sensitivities(
-    model: torch.nn.Module, decomposed: list[_Decomposed], batches: list[dict[str, torch.Tensor]]
+    model: torch.nn.Module, decomposed: list[ModuleSVD], batches: list[dict[str, torch.Tensor]]
 ) -> list[torch.Tensor]:
     """``∂L/∂σ_k`` for every edited module, summed over ``batches`` (mean loss per batch) and averaged.
 
@@ -244,8 +157,8 @@ def sigma_sensitivities(
             substitutes: dict[str, torch.Tensor] = {}
             for item, sigma in zip(decomposed, sigmas, strict=True):
                 dtype = item.module.load_B().dtype
-                substitutes.update(_substitutes(item, sigma, dtype))
-            loss = functional_call(model, substitutes, args=(), kwargs=_to_device(batch, device)).loss
+                substitutes.update(_sigma_factors(item, sigma, dtype))
+            loss = functional_call(model, substitutes, args=(), kwargs=to_device(batch, device)).loss
             (loss / len(batches)).backward()
     finally:
         for param in trainable:
@@ -306,7 +219,7 @@ def _select(modules: list[LoraModule], config: EditConfig) -> list[LoraModule]:
         and (not config.target_modules or m.module_type in config.target_modules)
         and (config.layers is None or m.layer_index in config.layers)
     ]
-    masked = [m.name for m in chosen if m.module.lora_A[m.adapter_name].weight.shape[0] != m.rank]
+    masked = [m.name for m in chosen if is_masked(m.module, m.adapter_name)]
     if masked:
         raise LoraMonitorError(
             f"{masked[0]} (and {len(masked) - 1} more) is masked by In-Squeeze: compact it first "
@@ -355,7 +268,7 @@ def spectral_edit(
     config = EditConfig(**options)
     config.validate()
 
-    model, source_folder = _live_model(model_or_path, base_model, adapter_name)
+    model, source_folder = _model_to_edit(model_or_path, base_model, adapter_name)
     from ..adapters import find_lora_modules
 
     modules = _select(find_lora_modules(model, adapter_name), config)
@@ -374,7 +287,7 @@ def spectral_edit(
         losses["calibration_before"] = evaluate_loss(model, batches)
         losses["heldout_before"] = evaluate_loss(model, heldout)
 
-    decomposed = _decompose(model, modules)
+    decomposed = module_svds(model, modules)
     sensitivities = sigma_sensitivities(model, decomposed, batches)
     generator = torch.Generator().manual_seed(config.seed)
     edits = []
@@ -404,19 +317,20 @@ def spectral_edit(
     return result
 
 
-def _write_factors(item: _Decomposed, sigma: torch.Tensor) -> None:
-    module, adapter = item.module.module, item.module.adapter_name
+def _write_factors(item: ModuleSVD, sigma: torch.Tensor) -> None:
+    """Rebuild the module's factors at the same rank so that ``s·B@A = U diag(σ) Vᵀ`` with the new σ."""
     scale = item.module.scale
     root = (sigma / abs(scale)).sqrt()
     sign = -1.0 if scale < 0 else 1.0
-    A_param, B_param = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    B_param, A_param = factor_parameters(item.module.module, item.module.adapter_name)
     B_param.copy_((sign * item.U.double() * root).to(B_param.dtype).reshape(B_param.shape))
     A_param.copy_((root.unsqueeze(-1) * item.V.double().mT).to(A_param.dtype).reshape(A_param.shape))
 
 
-def _live_model(
+def _model_to_edit(
     model_or_path: Any, base_model: Any, adapter_name: str | None
 ) -> tuple[torch.nn.Module, Path | None]:
+    """The live PEFT model to edit in place, and the adapter folder it was loaded from (None if given live)."""
     if isinstance(model_or_path, torch.nn.Module):
         return model_or_path, None
     from peft import PeftModel
@@ -460,7 +374,7 @@ def _write(
         }
     with tempfile.TemporaryDirectory() as scratch:
         meta = Path(scratch) / EDIT_META_NAME
-        meta.write_text(json.dumps(json_safe(result.to_dict()), indent=2) + "\n")
+        meta.write_text(dumps(result.to_dict()))
         return write_adapter_folder(
             output_path,
             adapter.config,

@@ -23,11 +23,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .._io import MANIFEST_NAME, MONITOR_FILE, REPORT_NAME, SQUEEZE_FILES, atomic_write_text
 from ..errors import LoraMonitorError
 
-MONITOR_FILE = "lora_monitor.jsonl"
-SQUEEZE_FILES = ("squeeze_manifest.json", "manifest.json")
-REPORT_NAME = "report.html"
 _TYPE_COLORS = {
     "q_proj": "#1f77b4",
     "k_proj": "#ff7f0e",
@@ -65,7 +63,7 @@ def load_squeeze_analysis(run_dir: Path) -> dict[str, Any] | None:
             document = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise LoraMonitorError(f"{path}: not valid JSON ({error})") from error
-        if name == "manifest.json":
+        if name == MANIFEST_NAME:
             document = document.get("squeeze") if isinstance(document, dict) else None
         if isinstance(document, dict) and "mean_variance" in document:
             return document
@@ -342,8 +340,4 @@ def write_report(run_dir: str | os.PathLike, output_dir: str | os.PathLike | Non
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>lora-monitor report</title>'
         f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n"
     )
-    report = output / REPORT_NAME
-    staging = output / f".{REPORT_NAME}.tmp"
-    staging.write_text(page)
-    staging.replace(report)  # a reader never sees half a page
-    return report
+    return atomic_write_text(output / REPORT_NAME, page)  # a reader never sees half a page

@@ -1,0 +1,135 @@
+"""Calibration data for spectral editing: texts or tokenized rows made into padded batches, and their loss."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LoraMonitorError
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """Texts from a .txt (one per non-empty line), .jsonl or .json file (strings or objects with "text")."""
+    file = Path(path)
+    if not file.is_file():
+        raise LoraMonitorError(f"{file}: no such data file")
+    try:
+        raw = file.read_text()
+        if file.suffix == ".jsonl":
+            items = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        elif file.suffix == ".json":
+            items = json.loads(raw)
+        else:
+            items = [line for line in raw.splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LoraMonitorError(f"{file}: cannot be read as texts ({error})") from error
+    texts = [item["text"] if isinstance(item, dict) and "text" in item else item for item in items]
+    if not texts or not all(isinstance(text, str) for text in texts):
+        raise LoraMonitorError(
+            f"{file}: holds no texts (expected lines, or JSON strings / objects with 'text')"
+        )
+    return texts
+
+
+def load_tokenizer(folder: str | os.PathLike, hint: str = "") -> Any:
+    """The tokenizer saved in ``folder``, with the end-of-text token as padding where it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        hint = f"; {hint}" if hint else ""
+        raise LoraMonitorError(f"{folder}: no usable tokenizer here ({error}){hint}") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def calibration_batches(
+    data: Any,
+    tokenizer: Any = None,
+    *,
+    batch_size: int = 2,
+    max_length: int = 256,
+    max_samples: int | None = 32,
+    text_field: str = "text",
+) -> list[dict[str, torch.Tensor]]:
+    """Batches of ``input_ids``/``attention_mask``/``labels`` from texts, a ``datasets.Dataset`` or batches.
+
+    ``data`` may be a list of strings (tokenized with ``tokenizer``), a ``datasets.Dataset`` with a
+    ``text_field`` column (tokenized) or already tokenized ``input_ids``, or a list of ready batches
+    (dicts of tensors). Padding positions get label ``-100``.
+    """
+    ready = isinstance(data, Sequence) and data and isinstance(data[0], dict)
+    if ready and isinstance(data[0].get("input_ids"), torch.Tensor) and data[0]["input_ids"].dim() == 2:
+        return list(data)  # already batches: used as given
+    columns = getattr(data, "column_names", None)
+    if columns is not None and text_field not in columns and "input_ids" in columns:
+        rows = list(data.select(range(min(len(data), max_samples or len(data)))))
+        ids = [row["input_ids"] for row in rows]
+        return _pad_batches(ids, batch_size, getattr(tokenizer, "pad_token_id", 0) or 0)
+    texts = list(data[text_field]) if columns is not None else list(data)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise LoraMonitorError(
+            "calibration data must be texts, a Dataset with a text column, or tokenized batches"
+        )
+    if tokenizer is None:
+        raise LoraMonitorError("calibration texts need a tokenizer to turn them into tokens")
+    if tokenizer.pad_token is None:
+        raise LoraMonitorError(
+            "the tokenizer has no pad token, so texts cannot be batched; set one first "
+            "(tokenizer.pad_token = tokenizer.eos_token is the usual choice for causal LMs)"
+        )
+    texts = texts[: max_samples or None]
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(
+            texts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        )
+        labels = encoded["input_ids"].clone()
+        labels[encoded["attention_mask"] == 0] = -100
+        batches.append(
+            {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
+        )
+    return batches
+
+
+def _pad_batches(ids: list[list[int]], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of token lists, with ``-100`` labels on the padding."""
+    batches = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        width = max(len(row) for row in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, tokens in enumerate(chunk):
+            input_ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        labels = input_ids.masked_fill(mask == 0, -100)
+        batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch with every tensor moved to ``device``."""
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """Mean language-model loss of ``model`` over ``batches`` (eval mode, no dropout)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    losses = [float(model(**to_device(batch, device)).loss) for batch in batches]
+    model.train(was_training)
+    return sum(losses) / max(len(losses), 1)
