@@ -26,15 +26,21 @@ def validate_rank(rank: Any, what: str = "target_rank") -> int:
     return int(check_number(rank, what, low=1, whole=True))
 
 
-def validate_ranks(ranks: Iterable[Any] | None, what: str = "target_ranks") -> tuple[int, ...] | None:
-    """Candidate ranks for the table, sorted and without repeats; None (the default ranks) stays None."""
+def validate_ranks(
+    ranks: Iterable[Any] | None, what: str = "target_ranks", prefix: str = ""
+) -> tuple[int, ...] | None:
+    """Candidate ranks for the table, sorted and without repeats; None (the default ranks) stays None.
+
+    ``prefix`` (``"file: [squeeze] "``) starts every message."""
     if ranks is None:
         return None
     if isinstance(ranks, str | bytes) or not isinstance(ranks, Iterable):
-        raise LoraMonitorError(f"{what} must be a list of ranks, got {ranks!r}")
-    checked = sorted({validate_rank(rank, f"every rank of {what}") for rank in ranks})
+        raise LoraMonitorError(f"{prefix}{what} must be a list of ranks, got {ranks!r}")
+    checked = sorted({validate_rank(rank, f"{prefix}every rank of {what}") for rank in ranks})
     if not checked:
-        raise LoraMonitorError(f"{what} is empty: give at least one rank, or leave it out for the default")
+        raise LoraMonitorError(
+            f"{prefix}{what} is empty: give at least one rank, or leave it out for the default"
+        )
     return tuple(checked)
 
 
@@ -66,7 +72,7 @@ class SqueezeOptions:
         prefix = f"{self.where}: " if self.where else ""
         threshold = validate_threshold(self.min_variance_retention, f"{prefix}min_variance_retention")
         object.__setattr__(self, "min_variance_retention", threshold)
-        object.__setattr__(self, "target_ranks", validate_ranks(self.target_ranks, f"{prefix}target_ranks"))
+        object.__setattr__(self, "target_ranks", validate_ranks(self.target_ranks, "target_ranks", prefix))
         if self.target_rank is not None:
             object.__setattr__(self, "target_rank", validate_rank(self.target_rank, f"{prefix}target_rank"))
         if not isinstance(self.per_module, bool):
@@ -86,7 +92,7 @@ class SqueezeOptions:
             compress_to = None
         return cls(
             min_variance_retention=table.get("min_variance_retention", DEFAULT_THRESHOLD),
-            target_ranks=table.get("target_ranks") or None,
+            target_ranks=table.get("target_ranks"),
             target_rank=None if compress_to is None else validate_rank(compress_to, f"{where}: compress_to"),
             per_module=table.get("per_module", False),
             where=where,
