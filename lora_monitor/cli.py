@@ -173,6 +173,7 @@ _SQUEEZE_KEYS = (
     "target_ranks",
     "output_path",
     "compress_to",
+    "per_module",
     "device",
 )
 
@@ -206,7 +207,11 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _squeeze_toml(path: Any) -> dict[str, Any]:
-    """The [squeeze] table of a TOML file, checked key by key; paths stay relative to the current folder."""
+    """The [squeeze] table of a TOML file, checked key by key; paths stay relative to the current folder.
+
+    The numbers and choices (threshold, ranks, compress_to, per_module) are checked by ``SqueezeOptions``
+    when the command builds its options; here only the keys and the types of the paths.
+    """
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -226,28 +231,20 @@ def _squeeze_toml(path: Any) -> dict[str, Any]:
     unknown = sorted(set(table) - set(_SQUEEZE_KEYS))
     if unknown:
         raise LoraMonitorError(f"{path}: unknown key(s) {unknown} in [squeeze]; known: {list(_SQUEEZE_KEYS)}")
-    expected = {
-        "adapter_path": str,
-        "min_variance_retention": (int, float),
-        "source_rank": int,
-        "target_ranks": list,
-        "output_path": str,
-        "compress_to": int,
-        "device": str,
-    }
-    for key, value in table.items():
-        if isinstance(value, bool) or not isinstance(value, expected[key]):
-            raise LoraMonitorError(f"{path}: [squeeze] {key} = {value!r} has the wrong type")
+    for key in ("adapter_path", "output_path", "device"):
+        if key in table and not isinstance(table[key], str):
+            raise LoraMonitorError(f"{path}: [squeeze] {key} = {table[key]!r} must be a string")
     if not table.get("adapter_path"):
         raise LoraMonitorError(f"{path}: [squeeze] needs adapter_path")
     settings = dict(table)
     if not settings.get("source_rank"):
         # the seed's fallback: [model].lora_rank names the rank the adapter was trained at
         settings["source_rank"] = (document.get("model") or {}).get("lora_rank", 0)
-    if settings.get("compress_to", 0) < 0:
-        raise LoraMonitorError(
-            f"{path}: [squeeze] compress_to must be 0 (the recommended rank) or a rank >= 1"
-        )
+    source_rank = settings["source_rank"]
+    if source_rank != 0 or isinstance(source_rank, bool):
+        from .squeeze import validate_rank
+
+        validate_rank(source_rank, f"{path}: [squeeze] source_rank")
     return settings
 
 
@@ -261,26 +258,39 @@ def _parse_ranks(text: str) -> list[int]:
 
 
 def _run_squeeze(args: argparse.Namespace) -> int:
-    from .squeeze import DEFAULT_THRESHOLD, analyze_adapter, compress_adapter, print_analysis
+    import dataclasses
+
+    from .squeeze import SqueezeOptions, analyze_adapter, compress_adapter, print_analysis
 
     settings: dict[str, Any] = {"adapter_path": args.adapter}
+    where = "lora-monitor squeeze"
     if args.adapter.endswith(".toml"):
         from pathlib import Path
 
         settings = _squeeze_toml(Path(args.adapter))
-    threshold = args.threshold if args.threshold is not None else settings.get("min_variance_retention")
-    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
-    ranks = _parse_ranks(args.ranks) if args.ranks is not None else settings.get("target_ranks") or None
+        where = f"{args.adapter}: [squeeze]"
+    # The TOML table first, then what the command line overrides; one validator for both.
+    options = SqueezeOptions.from_mapping(settings, where)
+    overrides = {
+        "min_variance_retention": args.threshold,
+        "target_ranks": _parse_ranks(args.ranks) if args.ranks is not None else None,
+        "target_rank": args.rank,
+    }
+    if args.per_module:
+        overrides.update(per_module=True, target_rank=None)
+    elif args.rank is not None:
+        overrides["per_module"] = False
+    chosen = {key: value for key, value in overrides.items() if value is not None}
+    options = dataclasses.replace(options, **chosen, where="" if chosen else options.where)
     output = args.out or settings.get("output_path") or None
-    rank = args.rank if args.rank is not None else (settings.get("compress_to") or None)
     device = args.device or settings.get("device")
     if (args.rank is not None or args.per_module) and not output:
         raise LoraMonitorError("--rank and --per-module choose how to compress: give --out DIR as well")
 
     analysis = analyze_adapter(
         settings["adapter_path"],
-        min_variance_retention=threshold,
-        target_ranks=ranks,
+        min_variance_retention=options.min_variance_retention,
+        target_ranks=options.target_ranks,
         adapter_name=args.adapter_name,
         device=device,
     )
@@ -293,18 +303,20 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         )
     result = None
     if output:
-        if rank is None and not args.per_module:
+        rank = options.target_rank
+        if rank is None and not options.per_module:
             if analysis.recommended_rank is None:
                 raise LoraMonitorError(
-                    f"{settings['adapter_path']}: every LoRA delta is zero; give --rank to compress anyway"
+                    f"{settings['adapter_path']}: {analysis.why_no_recommendation()}; nothing was written "
+                    "(give --rank to compress anyway, or lower --threshold)"
                 )
             rank = analysis.recommended_rank
         result = compress_adapter(
             settings["adapter_path"],
             output,
             target_rank=rank,
-            min_variance_retention=threshold,
-            per_module=args.per_module,
+            min_variance_retention=options.min_variance_retention,
+            per_module=options.per_module,
             adapter_name=args.adapter_name,
             overwrite=args.overwrite,
             device=device,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from _squeeze_helpers import lora_layers, offline_wandb_summary
 from conftest import peft_llama, tiny_llama, training_args
-from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback
 from peft import PeftModel
 from transformers import Trainer, TrainerControl, TrainerState
 
+from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback
 from lora_monitor.errors import LoraMonitorError
 from lora_monitor.squeeze import analyze_adapter
 
@@ -33,7 +33,7 @@ def test_analysis_table_and_manifest(tmp_path, lm_dataset, capsys):
     direct = analyze_adapter(model, min_variance_retention=0.9)
     assert callback.analysis.recommended_rank == direct.recommended_rank is not None
     assert callback.analysis.mean_variance == pytest.approx(direct.mean_variance)
-    assert callback.analysis.num_layers == 14  # every module trained away from B = 0
+    assert callback.analysis.num_modules == 14  # every module trained away from B = 0
     out = capsys.readouterr().out
     assert "<--" in out and f"Recommended rank: {direct.recommended_rank}" in out
     manifest = json.loads((tmp_path / "run" / "squeeze_manifest.json").read_text())
@@ -77,7 +77,7 @@ def test_wandb_offline_summary(tmp_path, lm_dataset, monkeypatch):
     summary = offline_wandb_summary(runs[0])
     assert summary["squeeze/recommended_rank"] == callback.analysis.recommended_rank
     assert summary["squeeze/source_rank"] == 8
-    assert summary["squeeze/num_layers"] == 14
+    assert summary["squeeze/num_modules"] == 14
     assert summary["squeeze/min_variance_retention"] == 0.9
     # the logged table, as W&B stored it in the run's files
     table = json.loads((runs[0] / "files" / summary["squeeze/variance_table/path"]).read_text())

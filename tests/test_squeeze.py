@@ -64,7 +64,7 @@ def test_analysis_matches_dense_svd():
     deltas = dense_deltas(model)
     assert analysis.source_rank == 8
     assert analysis.target_ranks == [1, 2, 4, 8]
-    assert analysis.num_layers == len(deltas) == 14
+    assert analysis.num_modules == len(deltas) == 14
     assert analysis.zero_modules == []
     for record in analysis.modules:
         dense_S = torch.linalg.svdvals(deltas[record.name])[: record.rank]
@@ -116,7 +116,7 @@ def test_analysis_from_folder_equals_live_and_custom_ranks(tmp_path):
 def test_zero_deltas_are_reported_not_counted_as_retained():
     model = peft_llama(SEED, init_lora_weights=True)  # B = 0 everywhere
     analysis = analyze_adapter(model)
-    assert analysis.num_layers == 0
+    assert analysis.num_modules == 0
     assert len(analysis.zero_modules) == 14
     assert analysis.recommended_rank is None
     assert all(math.isnan(v) for v in analysis.mean_variance.values())
@@ -126,7 +126,7 @@ def test_zero_deltas_are_reported_not_counted_as_retained():
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_()
     analysis = analyze_adapter(model, min_variance_retention=0.5)
-    assert analysis.num_layers == 1 and len(analysis.zero_modules) == 13
+    assert analysis.num_modules == 1 and len(analysis.zero_modules) == 13
     delta = dense_deltas(model)["model.layers.0.self_attn.q_proj"]
     assert analysis.mean_variance[2] == pytest.approx(energy_retained(delta, 2), rel=1e-5)
     assert analysis.min_variance[2] == analysis.max_variance[2] == analysis.mean_variance[2]
@@ -401,7 +401,7 @@ def test_corrupt_safetensors(tmp_path, adapter_folder):
 def test_bad_target_rank(tmp_path, adapter_folder, rank):
     with pytest.raises(LoraMonitorError, match="target_rank"):
         compress_adapter(adapter_folder, tmp_path / "out", target_rank=rank)
-    with pytest.raises(LoraMonitorError, match="target rank"):
+    with pytest.raises(LoraMonitorError, match="target_ranks"):
         analyze_adapter(adapter_folder, target_ranks=[4, rank])
     assert_nothing_written(tmp_path, tmp_path / "out")
 

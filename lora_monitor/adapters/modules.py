@@ -290,11 +290,59 @@ def _stored_shapes(weights_file: Path) -> dict[str, tuple[int, ...]]:
         raise LoraMonitorError(f"{weights_file}: not a readable adapter weights file ({error})") from error
 
 
+def _no_config_message(folder: Path) -> str:
+    """Why ``folder`` is no adapter folder; PEFT saves an adapter named ``foo`` as ``folder/foo/``: say so."""
+    nested = (
+        sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else []
+    )
+    if not nested:
+        return f"{folder}: no {CONFIG_NAME} here, so this is not a PEFT adapter folder"
+    options = " or ".join(f"--adapter-name {name} (adapter_name={name!r})" for name in nested)
+    return (
+        f"{folder}: no {CONFIG_NAME} here, but PEFT saved adapter(s) {nested} in sub-folders: pass {options}, "
+        f"or give {folder / nested[0]}"
+    )
+
+
+def _check_target_modules(config: dict[str, Any], config_file: Path, modules: list[LoraModule]) -> None:
+    """Refuse a config whose ``target_modules`` would not put every stored pair back where it was.
+
+    Without ``target_modules`` PEFT falls back to its defaults for the architecture (``q_proj``/``v_proj``
+    for Llama), so ``from_pretrained`` would load only some of the stored pairs and silently drop the rest;
+    a compressed copy would inherit the defect.
+    """
+    stored_types = sorted({module.module_type for module in modules})
+    target = config.get("target_modules")
+    if target is None or target == [] or target == "":
+        raise LoraMonitorError(
+            f"{config_file}: target_modules is missing, so PEFT would apply this adapter only to its default "
+            f'modules for the architecture; add "target_modules": {json.dumps(stored_types)} (the stored '
+            "module types)"
+        )
+    if isinstance(target, str):
+        uncovered = [m.name for m in modules if not re.fullmatch(target, m.name)]
+    elif isinstance(target, list) and all(isinstance(item, str) for item in target):
+        # PEFT's rule for a list: the module path is the name itself or ends with "." + name.
+        uncovered = [
+            m.name for m in modules if not any(m.name == t or m.name.endswith("." + t) for t in target)
+        ]
+    else:
+        raise LoraMonitorError(
+            f"{config_file}: target_modules must be a list of module names or a regex string, got {target!r}"
+        )
+    if uncovered:
+        shown = ", ".join(uncovered[:3]) + (" ..." if len(uncovered) > 3 else "")
+        raise LoraMonitorError(
+            f"{config_file}: target_modules {target!r} does not cover {len(uncovered)} stored module(s) "
+            f"({shown}); PEFT would not load them. Stored module types: {stored_types}"
+        )
+
+
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """The folder's ``adapter_config.json`` as a dict, checked to be a LoRA config."""
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
-        raise LoraMonitorError(f"{folder}: no {CONFIG_NAME} here, so this is not a PEFT adapter folder")
+        raise LoraMonitorError(_no_config_message(folder))
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -384,6 +432,7 @@ def load_adapter(path: str | Path, adapter_name: str | None = None) -> SavedAdap
         )
     if not modules:
         raise LoraMonitorError(f"{weights_file}: holds no LoRA factors (no *.lora_A.weight keys)")
+    _check_target_modules(config, folder / CONFIG_NAME, modules)
     modules.sort(key=lambda m: _natural_key(m.name))
     return SavedAdapter(folder, config, weights_file, list(shapes), modules)
 

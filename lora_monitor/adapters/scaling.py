@@ -18,7 +18,7 @@ from typing import Any
 
 from peft.utils.other import get_pattern_key
 
-from ..errors import LoraMonitorError
+from ..errors import LoraMonitorError, check_number
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -95,21 +95,27 @@ def module_block(name: str) -> str:
     return "other"
 
 
-def _config_number(config: Mapping[str, Any], key: str, value: Any, where: str, *, positive: bool) -> float:
-    # bool is an int in Python, and a JSON true is no rank
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise LoraMonitorError(f"{where}: {key} must be a number, got {value!r}")
-    if positive and value <= 0:
-        raise LoraMonitorError(f"{where}: {key} must be positive, got {value!r}")
-    return value
+def _config_rank(value: Any, key: str, where: str) -> int:
+    return int(check_number(value, f"{where}: {key}", low=1, whole=True, hint="a LoRA rank"))
+
+
+def _config_alpha(value: Any, key: str, where: str) -> float:
+    return float(check_number(value, f"{where}: {key}", hint="lora_alpha, the scale's numerator"))
 
 
 def _pattern(config: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
-    pattern = config.get(key) or {}
+    pattern = config.get(key)
+    if pattern is None:
+        return {}
     if not isinstance(pattern, Mapping):
         raise LoraMonitorError(
-            f"{where}: {key} must be a mapping of module patterns to values, got {type(pattern).__name__}"
+            f"{where}: {key} must be a mapping of module patterns to values, got {type(pattern).__name__} "
+            f"{pattern!r}"
         )
+    # Every entry is checked, matched or not: a bad one would break PEFT's own loading of this adapter.
+    check = _config_rank if key == "rank_pattern" else _config_alpha
+    for pattern_name, value in pattern.items():
+        check(value, f"{key}[{pattern_name!r}]", where)
     return dict(pattern)
 
 
@@ -128,10 +134,9 @@ def scale_for(
     alpha_key = get_pattern_key(list(alpha_pattern), name)
     r_label = f"rank_pattern[{rank_key!r}]" if rank_key in rank_pattern else "r"
     alpha_label = f"alpha_pattern[{alpha_key!r}]" if alpha_key in alpha_pattern else "lora_alpha"
-    r = rank_pattern.get(rank_key, config.get("r", 8))
-    alpha = alpha_pattern.get(alpha_key, config.get("lora_alpha", 8))
-    _config_number(config, r_label, r, where, positive=True)
-    _config_number(config, alpha_label, alpha, where, positive=False)
+    # PEFT's LoraConfig defaults (r=8, lora_alpha=8) where a key is absent; a key present must be valid.
+    r = _config_rank(rank_pattern.get(rank_key, config.get("r", 8)), r_label, where)
+    alpha = _config_alpha(alpha_pattern.get(alpha_key, config.get("lora_alpha", 8)), alpha_label, where)
     if rank is not None:
         r = rank
     return int(r), float(alpha), float(lora_scale(alpha, r, bool(config.get("use_rslora"))))

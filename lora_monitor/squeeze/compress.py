@@ -1,0 +1,183 @@
+"""Post-Squeeze compression: a lower-rank copy of an adapter, written as an ordinary PEFT adapter folder.
+
+    compress_adapter("runs/final", "runs/squeezed", target_rank=8)          # one rank for all
+    compress_adapter("runs/final", "runs/squeezed", per_module=True)        # each module its own rank
+    compress_adapter("runs/final", "runs/squeezed")                         # the recommended rank at 95%
+
+Each module's new factors are its best rank-``k`` approximation with ``√S`` split between ``B`` and ``A``; its
+scale ``s`` is kept exactly (``α·k/r``, or ``α·√(k/r)`` with rsLoRA, written as a float where it is not whole);
+per-module ranks are written as ``rank_pattern``/``alpha_pattern`` keys anchored to one module each
+(:func:`~lora_monitor.adapters.lora_config_for_ranks`). DoRA magnitudes, ``modules_to_save``, embedding and
+conv LoRA, every other stored key and the stored dtype are kept. The folder is written by
+:func:`~lora_monitor.adapters.write_adapter_folder` (a staging sibling renamed into place).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import json_safe
+from ..adapters import (
+    BIN_NAME,
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    OpenedAdapter,
+    check_output,
+    lora_config_for_ranks,
+    open_adapter,
+    write_adapter_folder,
+)
+from ..errors import LoraMonitorError
+from ..spectrum import truncate_factors
+from .analysis import SqueezeAnalysis, _check_finite, _decomposed, _progress, analyse
+from .options import DEFAULT_THRESHOLD, SqueezeOptions
+
+
+@dataclass
+class CompressionResult:
+    """What :func:`compress_adapter` wrote: the folder, each module's old and new rank, what it kept."""
+
+    output_path: Path
+    source_ranks: dict[str, int]
+    ranks: dict[str, int]
+    retained: dict[str, float]  # fraction of ‖ΔW‖²_F kept per module (NaN for a zero delta)
+    config: dict[str, Any]
+    analysis: SqueezeAnalysis | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output_path": str(self.output_path),
+            "ranks": self.ranks,
+            "source_ranks": self.source_ranks,
+            "retained": {name: json_safe(v) for name, v in self.retained.items()},
+            "r": self.config.get("r"),
+            "lora_alpha": self.config.get("lora_alpha"),
+            "rank_pattern": self.config.get("rank_pattern"),
+            "alpha_pattern": self.config.get("alpha_pattern"),
+        }
+
+
+def _plan(
+    adapter: OpenedAdapter,
+    options: SqueezeOptions,
+    device: str | torch.device | None,
+    progress: bool | None,
+) -> tuple[dict[str, int], SqueezeAnalysis | None]:
+    """The new rank of every module, and the analysis it came from (None for a fixed ``target_rank``)."""
+    if options.target_rank is not None:
+        return {m.name: min(options.target_rank, m.rank) for m in adapter.modules}, None
+    analysis = analyse(adapter, options, device, progress)
+    if options.per_module:
+        # A zero delta keeps one (zero) direction: PEFT needs r >= 1.
+        return {m.name: max(1, m.minimal_rank) for m in analysis.modules}, analysis
+    if analysis.recommended_rank is None:
+        raise LoraMonitorError(
+            f"{adapter.description}: {analysis.why_no_recommendation()}; nothing was written "
+            "(give target_rank to compress anyway)"
+        )
+    return {m.name: min(analysis.recommended_rank, m.rank) for m in adapter.modules}, analysis
+
+
+def compress_adapter(
+    path_or_model: Any,
+    output_path: str | os.PathLike,
+    *,
+    target_rank: int | None = None,
+    min_variance_retention: float | None = None,
+    per_module: bool = False,
+    target_ranks: Sequence[int] | None = None,
+    adapter_name: str | None = None,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> CompressionResult:
+    """Write a lower-rank copy of an adapter (folder or live ``PeftModel``) as a PEFT adapter folder.
+
+    - ``target_rank=k``: every module of rank above ``k`` gets its best rank-``k`` approximation.
+    - ``per_module=True``: each module gets the smallest rank keeping ``min_variance_retention`` of its
+      ``‖ΔW‖²_F`` (written as ``rank_pattern``/``alpha_pattern``).
+    - neither: one rank for all, the analysis's ``recommended_rank`` at ``min_variance_retention``
+      (default 0.95) among ``target_ranks`` (default: powers of two up to the adapter's rank, and that rank);
+      when no candidate reaches the threshold the error says which rank came closest and what it keeps.
+
+    Modules already at or below their new rank are copied unchanged. Every module keeps its scale exactly;
+    DoRA magnitudes, ``modules_to_save``, other stored keys and the stored dtype are kept. The folder is
+    written to a temporary sibling and renamed into place; the input is never touched, ``output_path``
+    may not be the input or inside it, and an existing non-empty ``output_path`` is replaced only with
+    ``overwrite=True``. Raises :class:`LoraMonitorError` on bad input (nothing is written then).
+    """
+    options = SqueezeOptions(
+        min_variance_retention=DEFAULT_THRESHOLD
+        if min_variance_retention is None
+        else min_variance_retention,
+        target_ranks=target_ranks,
+        target_rank=target_rank,
+        per_module=per_module,
+    )
+    adapter = open_adapter(path_or_model, adapter_name, with_state=True)
+    output = Path(output_path)
+    check_output(output, adapter.folder, overwrite)
+    ranks, analysis = _plan(adapter, options, device, progress)
+    assert adapter.tensor is not None and adapter.config is not None
+
+    tensors: dict[str, torch.Tensor] = {}
+    retained: dict[str, float] = {}
+    factor_keys: set[str] = set()
+    with _progress(len(adapter.modules), "squeeze: compress", progress) as bar:
+        for module in adapter.modules:
+            A_stored, B_stored = adapter.tensor(module.keys["A"]), adapter.tensor(module.keys["B"])
+            factor_keys.update((module.keys["A"], module.keys["B"]))
+            A, B = A_stored.reshape(module.rank, -1), B_stored.reshape(-1, module.rank)
+            new_rank = ranks[module.name]
+            if new_rank >= module.rank:
+                _check_finite(module, adapter.description, lora_A=A, lora_B=B)  # copied: never decomposed
+                tensors[module.keys["A"]], tensors[module.keys["B"]] = A_stored, B_stored
+                retained[module.name] = 1.0 if bool((A != 0).any() and (B != 0).any()) else math.nan
+            else:
+                on = device if device is not None else A.device
+                # float64: the float32 Gram route loses accuracy in directions far below σmax (its error
+                # grows like eps·σmax/σk), and a written adapter should be as exact as the dense route.
+                truncated = _decomposed(
+                    partial(truncate_factors, B.to(on), A.to(on), new_rank, dtype=torch.float64),
+                    lambda result: bool(torch.isfinite(result.singular_values).all()),
+                    [(module, A, B)],
+                    adapter.description,
+                )
+                # conv: A is (r, in, kh, kw) and B (out, r, 1, 1); the rank is dim 0 of A and dim 1 of B
+                tensors[module.keys["A"]] = truncated.A.reshape(new_rank, *A_stored.shape[1:]).cpu()
+                tensors[module.keys["B"]] = truncated.B.reshape(
+                    B_stored.shape[0], new_rank, *B_stored.shape[2:]
+                ).cpu()
+                retained[module.name] = truncated.retained
+            bar.update(1)
+    for key in adapter.keys:
+        if key not in factor_keys:
+            tensors[key] = adapter.tensor(key)  # DoRA magnitudes, modules_to_save, lora bias, anything else
+
+    config = lora_config_for_ranks(adapter.config, adapter.modules, ranks)
+    extra_files = []
+    if adapter.folder is not None:
+        extra_files = [
+            path
+            for path in adapter.folder.iterdir()
+            if path.is_file() and path.name not in {CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME}
+        ]
+    write_adapter_folder(
+        output, config, tensors, extra_files=extra_files, source_folder=adapter.folder, overwrite=overwrite
+    )
+    return CompressionResult(
+        output_path=output,
+        source_ranks={m.name: m.rank for m in adapter.modules},
+        ranks=ranks,
+        retained=retained,
+        config=config,
+        analysis=analysis,
+    )

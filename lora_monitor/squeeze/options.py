@@ -1,0 +1,99 @@
+"""Post-Squeeze options: the one validator of the threshold, the candidate ranks and how to compress.
+
+The API (:func:`~lora_monitor.squeeze.analyze_adapter`, :func:`~lora_monitor.squeeze.compress_adapter`),
+the ``lora-monitor squeeze`` command, its TOML ``[squeeze]`` table and ``PostSqueezeCallback`` all build a
+:class:`SqueezeOptions`, so that one bad value gets the same message wherever it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import LoraMonitorError, check_number
+
+DEFAULT_THRESHOLD = 0.95
+
+
+def validate_threshold(threshold: Any, name: str = "min_variance_retention") -> float:
+    """``threshold`` as a float if it is a fraction in (0, 1], else a :class:`LoraMonitorError` naming ``name``."""
+    return float(check_number(threshold, name, low=0, high=1, low_open=True, hint="0.95 = keep 95%"))
+
+
+def validate_rank(rank: Any, what: str = "target_rank") -> int:
+    """``rank`` as an int if it is a whole number >= 1, else a :class:`LoraMonitorError` naming ``what``."""
+    return int(check_number(rank, what, low=1, whole=True))
+
+
+def validate_ranks(
+    ranks: Iterable[Any] | None, what: str = "target_ranks", prefix: str = ""
+) -> tuple[int, ...] | None:
+    """Candidate ranks for the table, sorted and without repeats; None (the default ranks) stays None.
+
+    ``prefix`` (``"file: [squeeze] "``) starts every message."""
+    if ranks is None:
+        return None
+    if isinstance(ranks, str | bytes) or not isinstance(ranks, Iterable):
+        raise LoraMonitorError(f"{prefix}{what} must be a list of ranks, got {ranks!r}")
+    checked = sorted({validate_rank(rank, f"{prefix}every rank of {what}") for rank in ranks})
+    if not checked:
+        raise LoraMonitorError(
+            f"{prefix}{what} is empty: give at least one rank, or leave it out for the default"
+        )
+    return tuple(checked)
+
+
+def default_target_ranks(source_rank: int) -> list[int]:
+    """Powers of two up to ``source_rank``, and ``source_rank`` itself (1, 2, 4, ..., 64, 96 for r=96)."""
+    ranks = [2**i for i in range(source_rank.bit_length()) if 2**i <= source_rank]
+    return sorted({*ranks, source_rank})
+
+
+@dataclass(frozen=True)
+class SqueezeOptions:
+    """What to analyse and how to compress, checked once when built.
+
+    - ``min_variance_retention``: the fraction of each ``‖ΔW‖²_F`` to keep, in (0, 1];
+    - ``target_ranks``: the candidate ranks of the table (None: powers of two up to the adapter's rank);
+    - ``target_rank``: compress every module to this rank (None: the recommended rank);
+    - ``per_module``: compress each module to its own smallest rank reaching the threshold.
+
+    ``where`` prefixes every message (a TOML file and table, or a callback's name).
+    """
+
+    min_variance_retention: float = DEFAULT_THRESHOLD
+    target_ranks: tuple[int, ...] | None = None
+    target_rank: int | None = None
+    per_module: bool = False
+    where: str = ""
+
+    def __post_init__(self) -> None:
+        prefix = f"{self.where}: " if self.where else ""
+        threshold = validate_threshold(self.min_variance_retention, f"{prefix}min_variance_retention")
+        object.__setattr__(self, "min_variance_retention", threshold)
+        object.__setattr__(self, "target_ranks", validate_ranks(self.target_ranks, "target_ranks", prefix))
+        if self.target_rank is not None:
+            object.__setattr__(self, "target_rank", validate_rank(self.target_rank, f"{prefix}target_rank"))
+        if not isinstance(self.per_module, bool):
+            raise LoraMonitorError(f"{prefix}per_module must be true or false, got {self.per_module!r}")
+        if self.per_module and self.target_rank is not None:
+            raise LoraMonitorError(
+                f"{prefix}give either target_rank (one rank for all) or per_module (a rank per module), "
+                "not both"
+            )
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any], where: str) -> SqueezeOptions:
+        """Options from a TOML/JSON table: ``min_variance_retention``, ``target_ranks``, ``compress_to`` (0 or
+        absent: the recommended rank) and ``per_module``; other keys are the caller's."""
+        compress_to = table.get("compress_to", 0)
+        if compress_to == 0 and not isinstance(compress_to, bool):
+            compress_to = None
+        return cls(
+            min_variance_retention=table.get("min_variance_retention", DEFAULT_THRESHOLD),
+            target_ranks=table.get("target_ranks"),
+            target_rank=None if compress_to is None else validate_rank(compress_to, f"{where}: compress_to"),
+            per_module=table.get("per_module", False),
+            where=where,
+        )

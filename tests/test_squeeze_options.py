@@ -1,0 +1,96 @@
+"""SqueezeOptions: one validator for the API, the command, its TOML table and PostSqueezeCallback."""
+
+from __future__ import annotations
+
+import pytest
+from _squeeze_helpers import decay_spectrum, lora_layers
+from conftest import peft_llama, tiny_llama
+from peft import PeftModel
+
+from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback
+from lora_monitor.cli import main
+from lora_monitor.errors import LoraMonitorError
+from lora_monitor.squeeze import SqueezeOptions, analyze_adapter, compress_adapter
+
+
+@pytest.fixture(scope="module")
+def adapter_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("options") / "adapter"
+    decay_spectrum(peft_llama(0, r=8, lora_alpha=16)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"min_variance_retention": 0}, "min_variance_retention must be above 0 and at most 1, got 0"),
+        ({"min_variance_retention": "0.9"}, "min_variance_retention must be a number, got '0.9'"),
+        ({"min_variance_retention": float("nan")}, "min_variance_retention must be a finite number"),
+        ({"target_ranks": [4, 0]}, "every rank of target_ranks must be at least 1, got 0"),
+        ({"target_ranks": []}, "target_ranks is empty"),
+        ({"target_ranks": "4,8"}, "target_ranks must be a list of ranks"),
+        ({"target_rank": 2.5}, "target_rank must be a whole number, got 2.5"),
+        ({"target_rank": 2, "per_module": True}, "not both"),
+        ({"per_module": "yes"}, "per_module must be true or false"),
+    ],
+)
+def test_the_same_message_from_every_entry(tmp_path, capsys, adapter_folder, options, message):
+    with pytest.raises(LoraMonitorError, match="") as direct:
+        SqueezeOptions(**options)
+    assert message in str(direct.value)
+    # the API
+    with pytest.raises(LoraMonitorError) as from_api:
+        compress_adapter(adapter_folder, tmp_path / "out", **options)
+    assert message in str(from_api.value)
+    # the callback (built before training: its own arguments may raise)
+    callback_keys = {"min_variance_retention", "target_ranks", "per_module"}
+    if set(options) <= callback_keys:
+        with pytest.raises(LoraMonitorError) as from_callback:
+            PostSqueezeCallback(**options)
+        assert f"PostSqueezeCallback: {message}" in str(from_callback.value)
+    # the TOML table names the file
+    toml_key = {"target_rank": "compress_to"}
+    lines = [f'adapter_path = "{adapter_folder}"']
+    for key, value in options.items():
+        text = repr(value).replace("'", '"').replace("True", "true").replace("nan", "nan")
+        lines.append(f"{toml_key.get(key, key)} = {text}")
+    config = tmp_path / "squeeze.toml"
+    config.write_text("[squeeze]\n" + "\n".join(lines) + "\n")
+    status = main(["squeeze", str(config)])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert f"{config}: [squeeze]" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_toml_per_module_and_command_line_override(tmp_path, capsys, adapter_folder):
+    config = tmp_path / "squeeze.toml"
+    config.write_text(
+        f'[squeeze]\nadapter_path = "{adapter_folder}"\nper_module = true\nmin_variance_retention = 0.9\n'
+        f'output_path = "{tmp_path / "per_module"}"\n'
+    )
+    assert main(["squeeze", str(config)]) == 0
+    expected = {
+        m.name: max(1, m.minimal_rank)
+        for m in analyze_adapter(adapter_folder, min_variance_retention=0.9).modules
+    }
+    reloaded = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "per_module")
+    assert {name: layer.r["default"] for name, layer in lora_layers(reloaded).items()} == expected
+    # --rank on the command line replaces the table's per_module
+    assert main(["squeeze", str(config), "--rank", "3", "--out", str(tmp_path / "three")]) == 0
+    reloaded = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "three")
+    assert {layer.r["default"] for layer in lora_layers(reloaded).values()} == {3}
+    capsys.readouterr()
+
+
+def test_num_layers_is_a_deprecated_alias_of_num_modules(adapter_folder):
+    analysis = analyze_adapter(adapter_folder)
+    assert analysis.num_modules == 14 == analysis.to_dict()["num_modules"]
+    with pytest.warns(DeprecationWarning, match="num_modules"):
+        assert analysis.num_layers == 14
+
+
+def test_full_retention_is_reached_within_the_engine_tolerance(adapter_folder):
+    # At the full rank every module keeps 100% up to rounding: spectrum.reaches decides, as everywhere.
+    analysis = analyze_adapter(adapter_folder, min_variance_retention=1.0, target_ranks=[8])
+    assert analysis.recommended_rank == 8 == analysis.recommended_rank_weighted
