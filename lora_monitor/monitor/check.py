@@ -151,7 +151,8 @@ class Monitor:
         fingerprints = _fingerprints(mine)
         for module, record, fingerprint in zip(mine, local, fingerprints, strict=True):
             record.gradient_effective_rank = gradients.get(record.name)
-            record.unchanged_since = self._unchanged_since(record, fingerprint, step)
+            if fingerprint is not None:
+                record.unchanged_since = self._unchanged_since(record, fingerprint, step)
             record.frozen_reason = _frozen_reason(module, learning_rates)
         by_name = {record.name: record for record in gather_objects(local)}
         metrics = [by_name[module.name] for module in modules if module.name in by_name]
@@ -175,18 +176,22 @@ class Monitor:
         return first.step if fingerprint == first.fingerprint else None
 
 
-def _fingerprints(modules: list[LoraModule]) -> list[tuple[float, ...]]:
-    """Sum and squared sum of B and A per module, in float64: equal only if the factors did not move.
+def _fingerprints(modules: list[LoraModule]) -> list[tuple[float, ...] | None]:
+    """Sum and squared sum of B and A per live module, in float64: equal only if the factors did not move
+    (None for a saved adapter, which does not train).
 
     Not a copy of the factors (that would double the adapter's memory); any optimizer step changes them.
     """
-    if not modules:
-        return []
-    rows = []
+    fingerprints: list[tuple[float, ...] | None] = []
     for module in modules:
+        if module.module is None:
+            fingerprints.append(None)
+            continue
         B, A = module.B.double(), module.A.double()
-        rows.append(torch.stack([B.sum(), B.square().sum(), A.sum(), A.square().sum()]).cpu())
-    return [tuple(row) for row in torch.stack(rows).tolist()]
+        fingerprints.append(
+            tuple(torch.stack([B.sum(), B.square().sum(), A.sum(), A.square().sum()]).tolist())
+        )
+    return fingerprints
 
 
 def _learning_rates(optimizer: Any) -> dict[int, float] | None:
