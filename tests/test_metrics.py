@@ -11,13 +11,13 @@ import torch
 from conftest import peft_llama
 
 from lora_monitor.adapters import find_lora_modules
+from lora_monitor.monitor.gradients import gradient_effective_ranks
 from lora_monitor.monitor.history import MetricsHistory
 from lora_monitor.monitor.metrics import (
     BaseNorm,
     BaseNormCache,
     ModuleMetrics,
     compute_module_metrics,
-    gradient_effective_ranks,
 )
 from lora_monitor.monitor.summary import summarize
 

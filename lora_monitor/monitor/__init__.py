@@ -3,8 +3,9 @@ that runs them all (:class:`Monitor`)."""
 
 from .alerts import Alert, AlertMonitor, AlertThresholds, Severity, check_alerts
 from .check import Monitor, MonitorRecord
+from .gradients import gradient_effective_ranks
 from .history import MetricsHistory, ModuleDynamics, dynamics_scalars
-from .metrics import BaseNormCache, ModuleMetrics, compute_module_metrics, gradient_effective_ranks
+from .metrics import BaseNormCache, ModuleMetrics, compute_module_metrics
 from .summary import AdapterSummary, summarize
 
 __all__ = [

@@ -31,8 +31,9 @@ from .._distributed import gather_objects, my_share
 from .._io import json_safe
 from ..adapters import LoraModule, factor_parameters, lora_modules
 from .alerts import Alert, AlertMonitor, AlertThresholds
+from .gradients import gradient_effective_ranks
 from .history import MetricsHistory, ModuleDynamics, dynamics_scalars
-from .metrics import BaseNormCache, ModuleMetrics, compute_module_metrics, gradient_effective_ranks
+from .metrics import BaseNormCache, ModuleMetrics, compute_module_metrics
 from .summary import AdapterSummary, summarize
 
 
