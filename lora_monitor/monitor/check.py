@@ -200,7 +200,13 @@ def _learning_rates(optimizer: Any) -> dict[int, float] | None:
     groups = getattr(optimizer, "param_groups", None)
     if groups is None:
         return None
-    return {id(param): float(group.get("lr", 0.0)) for group in groups for param in group["params"]}
+    # The configured rate (``initial_lr``, kept by every torch LR scheduler), not the current one: a linear
+    # schedule ends at 0, and a module is not "frozen" on the last step of a normal run.
+    return {
+        id(param): float(group.get("initial_lr", group.get("lr", 0.0)))
+        for group in groups
+        for param in group["params"]
+    }
 
 
 def _frozen_reason(module: LoraModule, learning_rates: dict[int, float] | None) -> str | None:
