@@ -12,8 +12,13 @@ from transformers.trainer_callback import CallbackHandler
 def find_calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
     """The ``CallbackHandler`` that is calling ``callback`` right now (None when not called by a Trainer).
 
-    Called from ``on_init_end``/``on_train_begin``: searching at every train begin keeps a callback reused by
-    a second Trainer bound to the new one.
+    Why a stack walk: a callback that reports its own log event needs the Trainer's handler, and
+    ``CallbackHandler.call_event`` (transformers 5.23) passes callbacks the model, processing class,
+    optimizer, scheduler and dataloaders, but no handle on the handler or the Trainer. So the handler is
+    looked up among the calling frames: the ``CallbackHandler`` whose ``callbacks`` hold this very object.
+    ``callback.attach(trainer)`` binds explicitly and is what the docs recommend; this lookup keeps
+    ``Trainer(callbacks=[...])`` working. Called from ``on_init_end``/``on_train_begin``: searching at every
+    train begin keeps a callback reused by a second Trainer bound to the new one.
     """
     frame = inspect.currentframe()
     try:
@@ -45,3 +50,15 @@ def emit_log(handler: CallbackHandler | None, args: Any, state: Any, control: An
     control = handler.on_log(args, state, control, logs)
     control.should_log = should_log or control.should_log
     return control
+
+
+def active_wandb(args: Any):
+    """The ``wandb`` module when the Trainer reports to W&B and a run is active, else None."""
+    report_to = args.report_to if isinstance(args.report_to, list | tuple) else [args.report_to]
+    if "wandb" not in report_to and "all" not in report_to:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        return None
+    return wandb if wandb.run is not None else None

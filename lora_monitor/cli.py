@@ -59,26 +59,23 @@ def register_analyze(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_analyze(args: argparse.Namespace) -> int:
     from .adapters import load_adapter
-    from .monitor import BaseNormCache, check_alerts, compute_module_metrics, summarize
+    from .monitor import Monitor
 
     adapter = load_adapter(args.adapter, args.adapter_name)
-    base_norms = BaseNormCache(_base_weight_lookup(args.base, adapter.modules)) if args.base else None
-    metrics = compute_module_metrics(adapter.modules, base_norms)
-    summary = summarize(metrics)
-    alerts = check_alerts(metrics)  # a snapshot: the rules that need a history do not apply
-    if args.json:
-        print_json(
-            {
-                "adapter": str(adapter.path),
-                "base": args.base,
-                "summary": summary.to_dict(),
-                "scalars": summary.scalars(),
-                "alerts": [alert.to_dict() for alert in alerts],
-                "modules": [record.to_dict(json_safe=True) for record in metrics],
-            }
+    base_weights = _base_weight_lookup(args.base, adapter.modules) if args.base else None
+    # The same check a training run makes, once: the rules that need a history do not apply.
+    record = Monitor(base_weights=base_weights, track_gradients=False).check(adapter, step=0)
+    broken = [m.name for m in record.metrics if m.non_finite]
+    if broken:
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise LoraMonitorError(
+            f"{adapter.path}: module {', '.join(broken[:3])}{more} has NaN/Inf values in its LoRA factors; "
+            "the adapter is broken (diverged training?), nothing was analysed"
         )
+    if args.json:
+        print_json({"adapter": str(adapter.path), "base": args.base, **record.to_dict()})
         return 0
-    _print_analysis(adapter.path, metrics, summary, alerts, with_base=bool(args.base))
+    _print_analysis(adapter.path, record, with_base=bool(args.base))
     return 0
 
 
@@ -89,79 +86,10 @@ def _base_weight_lookup(base_dir: str, modules: Sequence[Any]):
     return base_weights(load_base_model(base_dir), modules, base_dir)
 
 
-def _print_analysis(path, metrics, summary, alerts, *, with_base: bool) -> None:
-    import math
+def _print_analysis(path, record, *, with_base: bool) -> None:
+    from .render.console import print_monitor_analysis
 
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    def number(value, digits: int = 3) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "–"
-        if isinstance(value, float) and math.isinf(value):
-            return "inf"
-        return f"{value:.{digits}g}"
-
-    # Piped output gets a wide page rather than rich's 80 columns, so that the table is not squeezed.
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    table = Table(title=f"LoRA adapter {path}", title_justify="left", box=box.SIMPLE_HEAD)
-    columns = ["module", "rank", "eff. rank", "util.", "stable", "eff. A", "eff. B", "κ(A)", "κ(B)", "‖ΔW‖F"]
-    if with_base:
-        columns += ["dominance", "update scale"]
-    for column in columns:
-        if column == "module":
-            table.add_column(column, no_wrap=True)
-        else:
-            table.add_column(column, justify="right")
-    for m in metrics:
-        if m.is_zero:
-            row = [m.name, str(m.nominal_rank), "zero ΔW", *["–"] * (len(columns) - 3)]
-        else:
-            row = [
-                m.name,
-                str(m.nominal_rank),
-                number(m.effective_rank),
-                f"{100 * m.rank_utilization:.0f}%",
-                number(m.stable_rank),
-                number(m.effective_rank_A),
-                number(m.effective_rank_B),
-                number(m.kappa_A),
-                number(m.kappa_B),
-                number(m.frobenius),
-            ]
-            if with_base:
-                row += [number(m.dominance), number(m.update_scale)]
-        table.add_row(*row)
-    console.print(table)
-
-    overview = Table(title="Summary (mean / worst)", title_justify="left", box=box.SIMPLE_HEAD)
-    overview.add_column("group")
-    shown = ["effective_rank", "rank_utilization", "kappa_A", "kappa_B"] + (
-        ["dominance", "update_scale"] if with_base else []
-    )
-    for metric in shown:
-        overview.add_column(metric, justify="right")
-    groups = [
-        ("all", summary.overall),
-        *summary.by_type.items(),
-        *((f"layer {k}", v) for k, v in summary.by_layer.items()),
-    ]
-    for label, group in groups:
-        overview.add_row(
-            f"{label} ({group.num_modules})",
-            *(f"{number(group.metrics[key].mean)} / {number(group.metrics[key].worst)}" for key in shown),
-        )
-    console.print(overview)
-    if not alerts:
-        console.print("No alerts.")
-    styles = {"info": "cyan", "warning": "yellow", "critical": "bold red"}
-    for alert in alerts:
-        severity = alert.severity.value
-        console.print(
-            f"{severity.upper()} {alert.code}: {alert.message}", style=styles[severity], markup=False
-        )
-        console.print(f"  Suggested action: {alert.action}", markup=False)
+    print_monitor_analysis(path, record, with_base=with_base)
 
 
 # ---- squeeze (Post-Squeeze analysis and compression) -----------------------------------------------------

@@ -11,7 +11,8 @@ from conftest import peft_llama
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.errors import LoraMonitorError
 from lora_monitor.monitor.alerts import AlertMonitor, AlertThresholds, Severity, check_alerts
-from lora_monitor.monitor.metrics import BaseNormCache, MetricsHistory, compute_module_metrics
+from lora_monitor.monitor.history import MetricsHistory
+from lora_monitor.monitor.metrics import BaseNormCache, compute_module_metrics
 
 HISTORY_CODES = {"early_rank_collapse", "rank_saturated"}
 
@@ -64,15 +65,25 @@ def test_healthy_adapter_raises_nothing_even_with_a_history():
     assert monitor.alerts == []
 
 
-def test_zero_delta_never_alerts():
+def test_zero_delta_raises_nothing_but_dead_adapter_once_its_steps_passed():
     model = peft_llama(init_lora_weights=True)
     cache = BaseNormCache()
     history = MetricsHistory()
-    monitor = AlertMonitor({"update_scale_low_after_steps": 0})
+    monitor = AlertMonitor({"update_scale_low_after_steps": 0, "dead_adapter_steps": 300})
     for step in range(0, 600, 100):
         metrics = measure(model, cache)
         history.add(step, metrics)
-        assert monitor.update(metrics, history, step) == []
+        new = monitor.update(metrics, history, step)
+        if step < 300:
+            assert new == []
+        elif step == 300:  # B still exactly zero after 300 steps: every module, once
+            assert codes(new) == {("dead_adapter", Severity.CRITICAL)}
+            assert (
+                set(new[0].modules) == {m.name for m in metrics}
+                and "B is still exactly zero" in new[0].message
+            )
+        else:
+            assert new == []
 
 
 def test_rank_one_product_raises_low_effective_rank():

@@ -11,15 +11,15 @@ import torch
 from conftest import peft_llama
 
 from lora_monitor.adapters import find_lora_modules
+from lora_monitor.monitor.gradients import gradient_effective_ranks
+from lora_monitor.monitor.history import MetricsHistory
 from lora_monitor.monitor.metrics import (
     BaseNorm,
     BaseNormCache,
-    MetricsHistory,
     ModuleMetrics,
     compute_module_metrics,
-    gradient_effective_ranks,
-    summarize,
 )
+from lora_monitor.monitor.summary import summarize
 
 
 def dense_effective_rank(S: torch.Tensor) -> float:
@@ -171,9 +171,9 @@ def test_summary_mean_worst_per_type_and_layer(model):
     assert overall["dominance"].worst == max(m.dominance for m in metrics)
     assert overall["kappa_A"].worst_module == max(metrics, key=lambda m: m.kappa_A).name
     attention = [m for m in metrics if m.is_attention]
-    assert summary.by_type["attention"].num_modules == len(attention) == 8
-    assert summary.by_type["mlp"].num_modules == 6
-    assert summary.by_type["mlp"].metrics["rank_utilization"].worst == min(
+    assert summary.by_block["attention"].num_modules == len(attention) == 8
+    assert summary.by_block["mlp"].num_modules == 6
+    assert summary.by_block["mlp"].metrics["rank_utilization"].worst == min(
         m.rank_utilization for m in metrics if not m.is_attention
     )
     assert set(summary.by_layer) == {0, 1}

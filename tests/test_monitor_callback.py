@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SENTENCES, peft_llama, training_args
-from lora_monitor.callbacks.monitor import SpectralMonitorCallback
 from transformers import Trainer, TrainerCallback
 
 from lora_monitor.adapters import find_lora_modules
+from lora_monitor.callbacks.monitor import SpectralMonitorCallback
 from lora_monitor.monitor.metrics import ModuleMetrics, compute_module_metrics
 
 
@@ -133,6 +133,7 @@ def test_wandb_offline_run_holds_the_keys(tmp_path, lm_dataset, monkeypatch):
         train(tmp_path, lm_dataset, monitor, steps=2, report_to=["wandb"])
         # The run's own folder: W&B keeps its first settings per process, so WANDB_DIR may not apply.
         run_folder = Path(wandb.run.dir).parent
+        summary = {key: wandb.run.summary[key] for key in wandb.run.summary}
     finally:
         wandb.finish()
     run_files = list(run_folder.glob("run-*.wandb"))
@@ -146,8 +147,12 @@ def test_wandb_offline_run_holds_the_keys(tmp_path, lm_dataset, monkeypatch):
         b"lora/alerts/adapter_dominance/",
     ):
         assert key in content, key
-    # The summary record (alert counts) and the latest per-module table, written as W&B media.
-    assert b'"lora/alerts/total"' in content or b"lora/alerts/total" in content
+    # The run summary holds the alert counts the callback raised.
+    assert summary["lora/alerts/total"] == len(monitor.alerts) > 0
+    counts = {k.removeprefix("lora/alerts/"): v for k, v in summary.items() if k.startswith("lora/alerts/")}
+    del counts["total"]
+    assert counts == monitor.monitor.alert_counts == {"adapter_dominance/warning": len(monitor.alerts)}
+    # The latest per-module table, written as W&B media.
     tables = sorted(run_folder.glob("files/media/table/lora/module_metrics_*.table.json"))
     assert len(tables) == 2  # the checks at steps 0 and 2
     latest_table = max(tables, key=lambda path: int(path.name.split("_")[2]))

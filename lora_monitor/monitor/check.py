@@ -1,0 +1,228 @@
+"""One health check of a LoRA adapter, from any training loop: :class:`Monitor` and its :class:`MonitorRecord`.
+
+::
+
+    monitor = Monitor(thresholds={"dominance_warning": 0.2})
+    for step, batch in enumerate(loader, start=1):
+        loss = model(**batch).loss
+        loss.backward()
+        if step % 50 == 0:
+            monitor.record_gradients(model, step)  # before optimizer.step(): gradients exist only here
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 50 == 0:
+            record = monitor.check(model, step, optimizer=optimizer)
+            for alert in record.new_alerts:
+                print(alert)
+
+The Trainer callback (:class:`lora_monitor.callbacks.SpectralMonitorCallback`) and ``lora-monitor analyze``
+call exactly this. :meth:`MonitorRecord.to_dict` is the line of ``lora_monitor.jsonl``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._distributed import gather_objects, my_share
+from .._io import json_safe
+from ..adapters import LoraModule, factor_parameters, lora_modules
+from .alerts import Alert, AlertMonitor, AlertThresholds
+from .gradients import gradient_effective_ranks
+from .history import MetricsHistory, ModuleDynamics, dynamics_scalars
+from .metrics import BaseNormCache, ModuleMetrics, compute_module_metrics
+from .summary import AdapterSummary, summarize
+
+
+@dataclass
+class MonitorRecord:
+    """Everything one check found: per-module ``metrics``, their ``summary``, the ``dynamics`` so far, the
+    alerts raised for the first time at this check (``new_alerts``) and the flat ``scalars`` for loggers.
+
+    ``local_module_count``: how many modules this process measured (its share in a distributed run).
+    """
+
+    step: int
+    epoch: float | None
+    metrics: list[ModuleMetrics]
+    summary: AdapterSummary
+    dynamics: list[ModuleDynamics]
+    new_alerts: list[Alert]
+    scalars: dict[str, float]
+    local_module_count: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSONL line: ``step``, ``epoch``, ``summary``, ``scalars``, ``alerts`` (the new ones),
+        ``dynamics`` and ``modules``, strict-JSON ready (NaN and ±inf are null)."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "summary": self.summary.to_dict(),
+            "scalars": json_safe(self.scalars),
+            "alerts": [alert.to_dict() for alert in self.new_alerts],
+            "dynamics": [d.to_dict() for d in self.dynamics],
+            "modules": [m.to_dict(json_safe=True) for m in self.metrics],
+        }
+
+
+@dataclass
+class _FirstSeen:
+    step: int
+    rank: int
+    fingerprint: tuple[float, ...]
+
+
+@dataclass
+class Monitor:
+    """Watches one LoRA adapter over checks: metrics, history, alerts (each once), summary and scalars.
+
+    Args:
+        thresholds: alert thresholds, an :class:`AlertThresholds` or a dict of overrides.
+        adapter_name: the adapter to watch; by default the active one (never TRL's reference adapter).
+        track_gradients: keep the gradient effective ranks given by :meth:`record_gradients`.
+        base_weights: ``name -> frozen weight`` for a saved adapter (dominance and update scale); a live
+            model's own base weights are used without it.
+
+    ``history`` (:class:`MetricsHistory`), ``alerts`` (every alert raised) and ``latest`` (the last
+    :class:`MonitorRecord`, or None) are there after any check.
+    """
+
+    thresholds: AlertThresholds | Mapping[str, Any] | None = None
+    adapter_name: str | None = None
+    track_gradients: bool = True
+    base_weights: Callable[[str], torch.Tensor | None] | None = None
+    history: MetricsHistory = field(init=False)
+    latest: MonitorRecord | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.thresholds = AlertThresholds.from_value(self.thresholds)  # a bad threshold raises here
+        self._base_norms = BaseNormCache(self.base_weights)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start over: empty history, alerts and latest record (base norms stay cached: the base is frozen)."""
+        limits = self.thresholds
+        self._alert_monitor = AlertMonitor(limits)
+        self.history = MetricsHistory(
+            saturation_tolerance=limits.saturation_tolerance, saturation_checks=limits.saturation_checks
+        )
+        self.latest = None
+        self._pending_gradients: tuple[int, dict[str, float]] | None = None
+        self._first_seen: dict[str, _FirstSeen] = {}
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert raised so far, in order (each condition once per module)."""
+        return self._alert_monitor.alerts
+
+    @property
+    def alert_counts(self) -> dict[str, int]:
+        """Number of alerts raised per ``code/severity``."""
+        return self._alert_monitor.counts
+
+    def record_gradients(self, model: Any, step: int) -> None:
+        """Measure the gradient step through each adapter now (call it after ``backward`` and clipping,
+        before ``optimizer.step()``); :meth:`check` at the same ``step`` attaches it to the records."""
+        if self.track_gradients:
+            modules = my_share(lora_modules(model, self.adapter_name))
+            self._pending_gradients = (step, gradient_effective_ranks(modules))
+
+    def check(
+        self, model: Any, step: int, epoch: float | None = None, *, optimizer: Any = None
+    ) -> MonitorRecord:
+        """Measure every LoRA module of ``model`` (a live model, a ``SavedAdapter`` or an adapter folder),
+        update the history and alerts, and return the :class:`MonitorRecord` of this check.
+
+        Modules are found again at every check (a module resized during training is seen as it is now).
+        In a distributed run each process measures its share and every process gets every record (a
+        collective: every process must call it). ``optimizer`` lets the ``dead_adapter`` alert name a
+        learning rate of 0 or parameters missing from the optimizer.
+        """
+        modules = lora_modules(model, self.adapter_name)
+        mine = my_share(modules)
+        local = compute_module_metrics(mine, self._base_norms)
+        gradients = {}
+        if self._pending_gradients is not None and self._pending_gradients[0] == step:
+            gradients = self._pending_gradients[1]
+        self._pending_gradients = None
+        learning_rates = _learning_rates(optimizer)
+        fingerprints = _fingerprints(mine)
+        for module, record, fingerprint in zip(mine, local, fingerprints, strict=True):
+            record.gradient_effective_rank = gradients.get(record.name)
+            if fingerprint is not None:
+                record.unchanged_since = self._unchanged_since(record, fingerprint, step)
+            record.frozen_reason = _frozen_reason(module, learning_rates)
+        by_name = {record.name: record for record in gather_objects(local)}
+        metrics = [by_name[module.name] for module in modules if module.name in by_name]
+
+        self.history.add(step, metrics)
+        new_alerts = self._alert_monitor.update(metrics, self.history, step)
+        summary = summarize(metrics)
+        dynamics = [d for d in self.history.all_dynamics() if d.name in by_name]
+        scalars = {**summary.scalars(), **dynamics_scalars(dynamics)}
+        scalars["lora/alerts_total"] = float(len(self.alerts))
+        scalars["lora/new_alerts"] = float(len(new_alerts))
+        self.latest = MonitorRecord(step, epoch, metrics, summary, dynamics, new_alerts, scalars, len(local))
+        return self.latest
+
+    def _unchanged_since(
+        self, record: ModuleMetrics, fingerprint: tuple[float, ...], step: int
+    ) -> int | None:
+        first = self._first_seen.get(record.name)
+        if first is None or first.rank != record.nominal_rank:  # a resized module starts over
+            first = self._first_seen[record.name] = _FirstSeen(step, record.nominal_rank, fingerprint)
+        return first.step if fingerprint == first.fingerprint else None
+
+
+def _fingerprints(modules: list[LoraModule]) -> list[tuple[float, ...] | None]:
+    """Sum and squared sum of B and A per live module, in float64: equal only if the factors did not move
+    (None for a saved adapter, which does not train).
+
+    Not a copy of the factors (that would double the adapter's memory); any optimizer step changes them.
+    """
+    fingerprints: list[tuple[float, ...] | None] = []
+    for module in modules:
+        if module.module is None:
+            fingerprints.append(None)
+            continue
+        B, A = module.B.double(), module.A.double()
+        fingerprints.append(
+            tuple(torch.stack([B.sum(), B.square().sum(), A.sum(), A.square().sum()]).tolist())
+        )
+    return fingerprints
+
+
+def _learning_rates(optimizer: Any) -> dict[int, float] | None:
+    """``id(parameter) -> learning rate`` of the optimizer's param groups (None without an optimizer)."""
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None:
+        return None
+    # The configured rate (``initial_lr``, kept by every torch LR scheduler), not the current one: a linear
+    # schedule ends at 0, and a module is not "frozen" on the last step of a normal run.
+    return {
+        id(param): float(group.get("initial_lr", group.get("lr", 0.0)))
+        for group in groups
+        for param in group["params"]
+    }
+
+
+def _frozen_reason(module: LoraModule, learning_rates: dict[int, float] | None) -> str | None:
+    """Why a live pair cannot train, where that is visible: requires_grad, learning rate, optimizer."""
+    if module.module is None:
+        return None
+    parameters = factor_parameters(module.module, module.adapter_name)
+    if not any(param.requires_grad for param in parameters):
+        return "requires_grad is off"
+    if learning_rates is None:
+        return None
+    if not any(id(param) in learning_rates for param in parameters):
+        return "not in the optimizer"
+    if all(learning_rates.get(id(param), 0.0) == 0.0 for param in parameters):
+        return "learning rate 0"
+    return None
+
+
+__all__ = ["Monitor", "MonitorRecord"]

@@ -1,0 +1,213 @@
+"""A LoRA adapter over time: per-module trends, saturation and κ volatility across checks.
+
+:class:`MetricsHistory` keeps the :class:`~lora_monitor.monitor.metrics.ModuleMetrics` of every check;
+:class:`ModuleDynamics` is what it derives for one module (rank-utilization trend, steps to saturation,
+volatility of ``log10 κ``), and :func:`dynamics_scalars` the counts and means sent to loggers. Checks of a
+zero or non-finite ΔW carry no trend and are skipped; a module resized during training starts over.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .. import _io as serialization
+from .metrics import ModuleMetrics
+
+
+@dataclass
+class ModuleDynamics:
+    """How one module has evolved over the checks so far.
+
+    ``trend`` of the rank utilization over the last ``window`` checks: ``"increasing"``, ``"stable"`` or
+    ``"collapsing"`` (None with fewer than two non-zero checks). ``saturated_since``: the step from which
+    the effective rank has stayed within the tolerance (None if it has not for ``saturation_checks``
+    checks); ``steps_to_saturation`` counts steps from the first non-zero check to it. ``kappa_*_volatility``
+    is the standard deviation of ``log10 κ`` over the window (orders of magnitude; None without two finite
+    values). Trend, saturation and volatility use only the checks at the module's current nominal rank (a
+    module resized during training starts over); ``checks`` counts every non-zero check.
+    ``gradient_effective_rank`` is the latest one.
+    """
+
+    name: str
+    checks: int
+    trend: str | None
+    rank_utilization_change: float | None
+    saturated_since: int | None
+    steps_to_saturation: int | None
+    kappa_A_volatility: float | None
+    kappa_B_volatility: float | None
+    gradient_effective_rank: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return serialization.json_safe(asdict(self))
+
+
+@dataclass
+class MetricsHistory:
+    """The per-module metrics of every check, and the dynamics derived from them.
+
+    ``trend_tolerance``: relative change of rank utilization over the window that counts as a trend.
+    ``saturation_tolerance``: relative spread of effective rank that counts as unchanged, for
+    ``saturation_checks`` consecutive checks.
+    """
+
+    window: int = 5
+    trend_tolerance: float = 0.1
+    saturation_tolerance: float = 0.02
+    saturation_checks: int = 5
+    steps: list[int] = field(default_factory=list)
+    records: dict[str, list[tuple[int, ModuleMetrics]]] = field(default_factory=dict)
+
+    def add(self, step: int, metrics: Iterable[ModuleMetrics]) -> None:
+        """Record one check (a second check at the same step replaces the first)."""
+        if self.steps and self.steps[-1] == step:
+            for series in self.records.values():
+                if series and series[-1][0] == step:
+                    series.pop()
+        else:
+            self.steps.append(step)
+        for record in metrics:
+            self.records.setdefault(record.name, []).append((step, record))
+
+    def series(
+        self, name: str, metric: str = "effective_rank", *, nominal_rank: int | None = None
+    ) -> list[tuple[int, float]]:
+        """``(step, value)`` of one metric of one module over the checks where ΔW was non-zero.
+
+        ``nominal_rank`` keeps only the checks made at that rank (a module resized during training, by
+        In-Squeeze for instance, starts a new series: its drop in rank is a decision, not a collapse).
+        """
+        return [
+            (step, getattr(record, metric))
+            for step, record in self.records.get(name, [])
+            if not record.is_zero
+            and not record.non_finite
+            and getattr(record, metric) is not None
+            and (nominal_rank is None or record.nominal_rank == nominal_rank)
+        ]
+
+    def latest_rank(self, name: str) -> int | None:
+        """The nominal rank of module ``name`` at its latest check (None if it was never checked)."""
+        series = self.records.get(name)
+        return series[-1][1].nominal_rank if series else None
+
+    def current_series(self, name: str, metric: str = "effective_rank") -> list[tuple[int, float]]:
+        """:meth:`series` over the checks made at the module's latest nominal rank only.
+
+        The dynamics (trend, saturation, κ volatility) are of this series: after a resize the module's
+        earlier checks at another rank are another adapter, and comparing with them would show a trend
+        (or a plateau) that training did not make.
+        """
+        return self.series(name, metric, nominal_rank=self.latest_rank(name))
+
+    def trend(self, name: str) -> tuple[str | None, float | None]:
+        """Trend of rank utilization over the last ``window`` non-zero checks at the current rank, and its
+        relative change."""
+        points = self.current_series(name, "rank_utilization")[-self.window :]
+        if len(points) < 2:
+            return None, None
+        change = _fitted_relative_change(points)
+        if change is None:
+            return None, None
+        if change > self.trend_tolerance:
+            return "increasing", change
+        if change < -self.trend_tolerance:
+            return "collapsing", change
+        return "stable", change
+
+    def saturated_since(
+        self, name: str, *, tolerance: float | None = None, checks: int | None = None
+    ) -> int | None:
+        """First step of the current run of ≥ ``checks`` checks (at the current rank) with an unchanged
+        effective rank: one whose spread ``max − min`` is at most ``tolerance × max |value|``.
+
+        ``tolerance`` and ``checks`` default to ``saturation_tolerance`` and ``saturation_checks``; the alert
+        rule passes its own thresholds. None while the effective rank has not stayed that long.
+        """
+        tolerance = self.saturation_tolerance if tolerance is None else tolerance
+        checks = self.saturation_checks if checks is None else checks
+        points = self.current_series(name)
+        if not points or len(points) < checks:
+            return None
+        start = len(points) - 1
+        while start > 0:
+            values = [value for _, value in points[start - 1 :]]
+            if not _within(values, tolerance):
+                break
+            start -= 1
+        if len(points) - start < checks:
+            return None
+        return points[start][0]
+
+    def kappa_volatility(self, name: str, factor: str) -> float | None:
+        """Standard deviation of ``log10 κ`` of factor ``"A"`` or ``"B"`` over the last ``window`` checks at
+        the current rank (None without two finite values)."""
+        values = [
+            math.log10(value)
+            for _, value in self.current_series(name, f"kappa_{factor}")[-self.window :]
+            if math.isfinite(value) and value > 0
+        ]
+        return statistics.pstdev(values) if len(values) >= 2 else None
+
+    def dynamics(self, name: str) -> ModuleDynamics:
+        """Everything :class:`ModuleDynamics` holds for module ``name``."""
+        points = self.series(name)
+        trend, change = self.trend(name)
+        since = self.saturated_since(name)
+        latest = self.records.get(name, [])
+        gradient_rank = latest[-1][1].gradient_effective_rank if latest else None
+        return ModuleDynamics(
+            name=name,
+            checks=len(points),
+            trend=trend,
+            rank_utilization_change=change,
+            saturated_since=since,
+            steps_to_saturation=None if since is None else since - points[0][0],
+            kappa_A_volatility=self.kappa_volatility(name, "A"),
+            kappa_B_volatility=self.kappa_volatility(name, "B"),
+            gradient_effective_rank=gradient_rank,
+        )
+
+    def all_dynamics(self) -> list[ModuleDynamics]:
+        return [self.dynamics(name) for name in self.records]
+
+
+def _within(values: Sequence[float], tolerance: float) -> bool:
+    """Unchanged within ``tolerance``: all finite, and ``max − min ≤ tolerance × max |value|``."""
+    finite = [value for value in values if math.isfinite(value)]
+    if len(finite) != len(values):
+        return False
+    scale = max(abs(value) for value in finite)
+    return (max(finite) - min(finite)) <= tolerance * scale
+
+
+def _fitted_relative_change(points: Sequence[tuple[int, float]]) -> float | None:
+    """Change of a least-squares line over the points' step range, relative to their mean."""
+    steps = [float(step) for step, _ in points]
+    values = [value for _, value in points]
+    if not all(math.isfinite(value) for value in values):
+        return None
+    mean_step, mean_value = sum(steps) / len(steps), sum(values) / len(values)
+    spread = sum((step - mean_step) ** 2 for step in steps)
+    if spread == 0 or mean_value == 0:
+        return None
+    slope = sum((s - mean_step) * (v - mean_value) for s, v in zip(steps, values, strict=True)) / spread
+    return slope * (steps[-1] - steps[0]) / abs(mean_value)
+
+
+def dynamics_scalars(dynamics: Sequence[ModuleDynamics], prefix: str = "lora/") -> dict[str, float]:
+    """Counts of modules per trend and saturated, mean κ volatility and mean gradient effective rank."""
+    scalars = {
+        f"{prefix}num_collapsing_modules": float(sum(d.trend == "collapsing" for d in dynamics)),
+        f"{prefix}num_increasing_modules": float(sum(d.trend == "increasing" for d in dynamics)),
+        f"{prefix}num_saturated_modules": float(sum(d.saturated_since is not None for d in dynamics)),
+    }
+    for key in ("kappa_A_volatility", "kappa_B_volatility"):
+        values = [getattr(d, key) for d in dynamics if getattr(d, key) is not None]
+        if values:
+            scalars[f"{prefix}mean_{key}"] = sum(values) / len(values)
+    return scalars

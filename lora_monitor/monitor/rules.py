@@ -1,0 +1,314 @@
+"""The alert rules: what each one looks for (``_find``) and how it says so (``_describe``).
+
+Each rule gets one check's :class:`~lora_monitor.monitor.metrics.ModuleMetrics`, the
+:class:`~lora_monitor.monitor.history.MetricsHistory` where it needs one, the thresholds and the step, and
+returns ``(module, value)`` hits; :data:`RULES` pairs it with its severity, message and action.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .history import MetricsHistory
+from .metrics import ModuleMetrics
+from .thresholds import AlertThresholds, Severity
+
+_Hit = tuple[str, float]  # (module name, triggering value)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    code: str
+    severity: Severity
+    find: Callable[[Sequence[ModuleMetrics], MetricsHistory | None, AlertThresholds, int | None], list[_Hit]]
+    describe: Callable[[list[_Hit], Mapping[str, ModuleMetrics], AlertThresholds, int | None], str]
+    action: str
+
+
+def _live(metrics: Sequence[ModuleMetrics]) -> list[ModuleMetrics]:
+    return [record for record in metrics if not record.is_zero and not record.non_finite]
+
+
+def _non_finite(metrics, history, limits, step) -> list[_Hit]:
+    return [(m.name, math.nan) for m in metrics if m.non_finite]
+
+
+def _dead(metrics, history, limits, step) -> list[_Hit]:
+    # A zero B after N steps, or factors bit-identical since the first check N steps ago: nothing trains.
+    if step is None or step < limits.dead_adapter_steps:
+        return []
+    hits = []
+    for m in metrics:
+        if m.non_finite:
+            continue
+        unchanged = m.unchanged_since is not None and step - m.unchanged_since >= limits.dead_adapter_steps
+        if m.is_zero or unchanged:
+            hits.append((m.name, float(step if m.is_zero else step - m.unchanged_since)))
+    return hits
+
+
+def _low_rank(metrics, history, limits, step) -> list[_Hit]:
+    return [
+        (m.name, m.rank_utilization) for m in _live(metrics) if m.rank_utilization < limits.low_rank_fraction
+    ]
+
+
+def _ill_conditioned(metrics, history, limits, step) -> list[_Hit]:
+    hits = []
+    for m in _live(metrics):
+        worst = max(m.kappa_A, m.kappa_B)
+        if worst > limits.max_condition_number:
+            hits.append((m.name, worst))
+    return hits
+
+
+def _dominance(low: str, high: str | None):
+    def find(metrics, history, limits, step) -> list[_Hit]:
+        hits = []
+        for m in _live(metrics):
+            if m.dominance is None:
+                continue
+            above_low = m.dominance > getattr(limits, low)
+            below_high = high is None or m.dominance <= getattr(limits, high)
+            if above_low and below_high:
+                hits.append((m.name, m.dominance))
+        return hits
+
+    return find
+
+
+def _scale_high(metrics, history, limits, step) -> list[_Hit]:
+    return [
+        (m.name, m.update_scale)
+        for m in _live(metrics)
+        if m.update_scale is not None and m.update_scale > limits.update_scale_high
+    ]
+
+
+def _scale_low(metrics, history, limits, step) -> list[_Hit]:
+    # Early in training ΔW grows from zero: a small update is expected then, not a mismatch.
+    if step is None or step < limits.update_scale_low_after_steps:
+        return []
+    return [
+        (m.name, m.update_scale)
+        for m in _live(metrics)
+        if m.update_scale is not None and m.update_scale < limits.update_scale_low
+    ]
+
+
+def _early_collapse(metrics, history, limits, step) -> list[_Hit]:
+    if history is None:
+        return []
+    hits = []
+    for m in _live(metrics):
+        series = history.series(m.name, nominal_rank=m.nominal_rank)
+        early = [(s, v) for s, v in series if s <= limits.early_collapse_steps]
+        if len(early) < 2:
+            continue
+        peak_index = max(range(len(early)), key=lambda i: early[i][1])
+        peak = early[peak_index][1]
+        later = [v for _, v in early[peak_index + 1 :]]
+        if later and peak > 0 and min(later) < (1 - limits.early_collapse_drop) * peak:
+            hits.append((m.name, 1 - min(later) / peak))
+    return hits
+
+
+def _saturated(metrics, history, limits, step) -> list[_Hit]:
+    if history is None:
+        return []
+    # One definition of "unchanged" (MetricsHistory's), with this rule's thresholds; it compares only the
+    # checks at the module's current rank, so a resize starts the count over.
+    return [
+        (m.name, m.effective_rank)
+        for m in _live(metrics)
+        if history.saturated_since(
+            m.name, tolerance=limits.saturation_tolerance, checks=limits.saturation_checks
+        )
+        is not None
+    ]
+
+
+def _examples(hits: list[_Hit], limit: int = 3) -> list[_Hit]:
+    return hits[:limit]
+
+
+def _and_more(hits: list[_Hit], limit: int = 3) -> str:
+    return f" and {len(hits) - limit} more" if len(hits) > limit else ""
+
+
+def _count(hits: list[_Hit], records: Mapping[str, ModuleMetrics]) -> str:
+    total = len(records)
+    return f"{len(hits)} of {total} LoRA module{'s' if total != 1 else ''}"
+
+
+def _describe_low_rank(hits, records, limits, step) -> str:
+    parts = ", ".join(
+        f"{name} uses {100 * value:.0f}% of rank {records[name].nominal_rank} "
+        f"(effective rank {records[name].effective_rank:.1f})"
+        for name, value in _examples(hits)
+    )
+    return (
+        f"{_count(hits, records)} use less than {100 * limits.low_rank_fraction:.0f}% of their configured "
+        f"rank: {parts}{_and_more(hits)}."
+    )
+
+
+def _describe_ill_conditioned(hits, records, limits, step) -> str:
+    parts = ", ".join(f"{name} (κ = {_format(value)})" for name, value in _examples(hits))
+    return (
+        f"LoRA matrices are becoming ill-conditioned: {_count(hits, records)} have a factor A or B with a "
+        f"condition number above {limits.max_condition_number:g}: {parts}{_and_more(hits)}."
+    )
+
+
+def _describe_dominance(hits, records, limits, step) -> str:
+    parts = ", ".join(f"{name} (ρ = {value:.2f})" for name, value in _examples(hits))
+    return (
+        f"The adapter's update is large next to the frozen weight in {_count(hits, records)}: "
+        f"σmax(ΔW)/σmax(W) is {parts}{_and_more(hits)}; above {limits.dominance_warning:g} the adapter "
+        f"modifies the base significantly, above {limits.dominance_critical:g} it dominates it."
+    )
+
+
+def _describe_scale_high(hits, records, limits, step) -> str:
+    parts = ", ".join(f"{name} ({value:.2f}×)" for name, value in _examples(hits))
+    return (
+        f"LoRA update scale may be suboptimal: in {_count(hits, records)} ‖ΔW‖F exceeds "
+        f"{limits.update_scale_high:g}× the frozen weight's ‖W‖F: {parts}{_and_more(hits)}."
+    )
+
+
+def _describe_scale_low(hits, records, limits, step) -> str:
+    parts = ", ".join(f"{name} ({value:.1e}×)" for name, value in _examples(hits))
+    return (
+        f"LoRA update scale may be suboptimal: after {limits.update_scale_low_after_steps} steps "
+        f"{_count(hits, records)} still change their layer by less than {limits.update_scale_low:g} of "
+        f"‖W‖F: {parts}{_and_more(hits)}."
+    )
+
+
+def _describe_early_collapse(hits, records, limits, step) -> str:
+    parts = ", ".join(f"{name} (down {100 * value:.0f}% from its peak)" for name, value in _examples(hits))
+    return (
+        f"LoRA adapter collapsed during warmup: the effective rank of {_count(hits, records)} dropped by "
+        f"more than {100 * limits.early_collapse_drop:.0f}% within the first {limits.early_collapse_steps} "
+        f"steps: {parts}{_and_more(hits)}."
+    )
+
+
+def _describe_saturated(hits, records, limits, step) -> str:
+    parts = ", ".join(f"{name} (effective rank {value:.2f})" for name, value in _examples(hits))
+    return (
+        f"LoRA adaptation has saturated: the effective rank of {_count(hits, records)} has not changed by "
+        f"more than {100 * limits.saturation_tolerance:g}% over the last {limits.saturation_checks} checks: "
+        f"{parts}{_and_more(hits)}."
+    )
+
+
+def _describe_non_finite(hits, records, limits, step) -> str:
+    names = ", ".join(name for name, _ in _examples(hits))
+    return (
+        f"NaN or Inf in the LoRA factors at step {step} in {_count(hits, records)}: {names}{_and_more(hits)}; "
+        "their metrics are recorded as NaN and training goes on."
+    )
+
+
+def _describe_dead(hits, records, limits, step) -> str:
+    parts = []
+    for name, _ in _examples(hits):
+        record = records[name]
+        state = (
+            "B is still exactly zero" if record.is_zero else f"unchanged since step {record.unchanged_since}"
+        )
+        cause = record.frozen_reason or "requires_grad off, learning rate 0, or not in the optimizer?"
+        parts.append(f"{name} ({state}; {cause})")
+    return (
+        f"LoRA adapter is not training: after {limits.dead_adapter_steps}+ steps (now step {step}) "
+        f"{_count(hits, records)} have not moved: {', '.join(parts)}{_and_more(hits)}."
+    )
+
+
+def _format(value: float) -> str:
+    return "inf (rank-deficient)" if math.isinf(value) else f"{value:.3g}"
+
+
+RULES: tuple[_Rule, ...] = (
+    _Rule(
+        "non_finite",
+        Severity.CRITICAL,
+        _non_finite,
+        _describe_non_finite,
+        "Training has diverged in these modules: lower the learning rate, enable gradient clipping "
+        "(max_grad_norm) or check the data and precision (fp16 overflow); resume from an earlier checkpoint.",
+    ),
+    _Rule(
+        "dead_adapter",
+        Severity.CRITICAL,
+        _dead,
+        _describe_dead,
+        "Make the LoRA parameters trainable (requires_grad=True), give them a non-zero learning rate, and "
+        "make sure they are in the optimizer's param groups (an optimizer built before get_peft_model "
+        "misses them).",
+    ),
+    _Rule(
+        "low_effective_rank",
+        Severity.WARNING,
+        _low_rank,
+        _describe_low_rank,
+        "Reduce the rank of these modules (e.g. `lora-monitor squeeze`), or adjust lora_alpha so that more "
+        "directions are used.",
+    ),
+    _Rule(
+        "ill_conditioned",
+        Severity.WARNING,
+        _ill_conditioned,
+        _describe_ill_conditioned,
+        "Reduce the learning rate (or add weight decay on the LoRA factors).",
+    ),
+    _Rule(
+        "early_rank_collapse",
+        Severity.WARNING,
+        _early_collapse,
+        _describe_early_collapse,
+        "Try a different initialization (e.g. PiSSA/OLoRA), a lower lora_alpha or learning rate, or a longer "
+        "warmup.",
+    ),
+    _Rule(
+        "rank_saturated",
+        Severity.INFO,
+        _saturated,
+        _describe_saturated,
+        "Consider stopping: the task may be learned, or the adapter cannot use more directions.",
+    ),
+    _Rule(
+        "adapter_dominance",
+        Severity.CRITICAL,
+        _dominance("dominance_critical", None),
+        _describe_dominance,
+        "Lower lora_alpha or the learning rate, or stop earlier: the adapter is overwriting what the base "
+        "model knows.",
+    ),
+    _Rule(
+        "adapter_dominance",
+        Severity.WARNING,
+        _dominance("dominance_warning", "dominance_critical"),
+        _describe_dominance,
+        "Watch the evaluation loss for forgetting; consider a lower lora_alpha or learning rate.",
+    ),
+    _Rule(
+        "update_scale_too_large",
+        Severity.WARNING,
+        _scale_high,
+        _describe_scale_high,
+        "Lower lora_alpha (the update is scaled by alpha/r) or the learning rate.",
+    ),
+    _Rule(
+        "update_scale_too_small",
+        Severity.INFO,
+        _scale_low,
+        _describe_scale_low,
+        "Raise lora_alpha or the learning rate, or remove these modules from target_modules.",
+    ),
+)

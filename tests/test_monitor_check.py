@@ -1,0 +1,109 @@
+"""lora_monitor.monitor.Monitor outside the Trainer: a plain PyTorch loop, embedding/lm_head LoRA, analyze."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import peft_llama
+
+from lora_monitor.cli import main
+from lora_monitor.monitor import Monitor
+
+
+def dense_effective_rank(S: torch.Tensor) -> float:
+    p = S / S.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def lora_layers(model):
+    """``name -> PEFT LoraLayer`` read straight from the model (independent of lora_monitor.adapters)."""
+    return {
+        name.removeprefix("base_model.model."): module
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "default" in getattr(module, "scaling", {})
+    }
+
+
+def test_check_in_a_plain_pytorch_loop_matches_a_dense_svd():
+    model = peft_llama(init_lora_weights=True).train()  # B = 0: ΔW grows from zero
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    ids = torch.randint(3, 120, (4, 12), generator=torch.Generator().manual_seed(0))
+    monitor = Monitor()
+    records = []
+    for step in range(1, 7):
+        model(input_ids=ids, labels=ids).loss.backward()
+        if step % 3 == 0:
+            monitor.record_gradients(model, step)
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 3 == 0:
+            records.append(monitor.check(model, step, epoch=step / 6, optimizer=optimizer))
+
+    assert [record.step for record in records] == monitor.history.steps == [3, 6]
+    assert monitor.latest is records[-1]
+    layers = lora_layers(model)
+    metrics = {m.name: m for m in records[-1].metrics}
+    assert metrics.keys() == layers.keys() and len(layers) == 14
+    for name, layer in layers.items():
+        B, A = (
+            layer.lora_B["default"].weight.detach().double(),
+            layer.lora_A["default"].weight.detach().double(),
+        )
+        S = torch.linalg.svdvals(layer.scaling["default"] * B @ A)[: A.shape[0]]
+        record = metrics[name]
+        assert record.effective_rank == pytest.approx(dense_effective_rank(S), rel=1e-9)
+        assert record.sigma_max == pytest.approx(float(S[0]), rel=1e-9)
+        S_B = torch.linalg.svdvals(B)
+        assert record.kappa_B == pytest.approx(float(S_B[0] / S_B[-1]), rel=1e-6)
+        assert record.gradient_effective_rank is not None and record.gradient_effective_rank > 1
+        assert record.frozen_reason is None and record.unchanged_since is None  # it trains
+    assert records[-1].scalars["lora/mean_effective_rank"] == pytest.approx(
+        sum(m.effective_rank for m in metrics.values()) / len(metrics)
+    )
+    line = json.loads(json.dumps(records[-1].to_dict(), allow_nan=False))
+    assert line.keys() == {"step", "epoch", "summary", "scalars", "alerts", "dynamics", "modules"}
+    assert line["step"] == 6 and line["epoch"] == 1.0 and len(line["modules"]) == 14
+
+
+def test_embedding_and_lm_head_count_as_other_not_mlp():
+    model = peft_llama(target_modules=["q_proj", "gate_proj", "embed_tokens", "lm_head"])
+    record = Monitor().check(model, step=0)
+    blocks = {m.name: m.block for m in record.metrics}
+    assert blocks["model.embed_tokens"] == blocks["lm_head"] == "other"
+    assert blocks["model.layers.0.self_attn.q_proj"] == "attention"
+    assert blocks["model.layers.1.mlp.gate_proj"] == "mlp"
+    assert not any(m.is_attention for m in record.metrics if m.block != "attention")
+    by_block = record.summary.by_block
+    assert {key: group.num_modules for key, group in by_block.items()} == {
+        "attention": 2,
+        "mlp": 2,
+        "other": 2,
+    }
+    other = [m for m in record.metrics if m.block == "other"]
+    assert record.scalars["lora/other/mean_effective_rank"] == pytest.approx(
+        sum(m.effective_rank for m in other) / 2
+    )
+    mlp = [m for m in record.metrics if m.block == "mlp"]
+    assert record.scalars["lora/mlp/min_rank_utilization"] == min(m.rank_utilization for m in mlp)
+    assert record.to_dict()["summary"]["by_block"].keys() == {"attention", "mlp", "other"}
+
+
+def test_analyze_an_adapter_with_nan_weights_exits_2_naming_the_module(tmp_path, capsys):
+    model = peft_llama()
+    broken = "model.layers.1.self_attn.v_proj"
+    with torch.no_grad():
+        lora_layers(model)[broken].lora_A["default"].weight[0, 3] = float("nan")
+    model.save_pretrained(tmp_path / "adapter")
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "adapter")]) == 2
+    error = capsys.readouterr().err
+    assert broken in error and "NaN/Inf" in error and "Traceback" not in error
+    assert len(error.strip().splitlines()) == 1
+    with torch.no_grad():
+        lora_layers(model)[broken].lora_A["default"].weight[0, 3] = float("inf")
+    model.save_pretrained(tmp_path / "inf")
+    assert main(["analyze", str(tmp_path / "inf"), "--json"]) == 2
+    assert broken in capsys.readouterr().err
