@@ -102,10 +102,10 @@ SQUEEZE_SCHEDULES = {
 
 
 def run_condition(name: str, seed: int, steps: int, lr: float, train_set, heldout) -> dict:
-    from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
     from peft import PeftModel
 
     from lora_monitor import compress_adapter
+    from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
 
     extra: dict = {}
     if name == "direct r=8":

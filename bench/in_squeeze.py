@@ -28,13 +28,14 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from lora_monitor.callbacks.in_squeeze import InSqueezeCallback  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
+
+from lora_monitor.callbacks.in_squeeze import InSqueezeCallback  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -20,12 +20,13 @@ import time
 
 import torch
 from datasets import Dataset
-from lora_monitor.callbacks.monitor import SpectralMonitorCallback
 from peft import LoraConfig, get_peft_model
 from rich.console import Console
 from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from lora_monitor.callbacks.monitor import SpectralMonitorCallback
 
 
 class StepTimer(TrainerCallback):

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 
-from lora_monitor.callbacks import PostSqueezeCallback, SpectralMonitorCallback
 from offline_assets import causal_lm_dataset, news_texts, smollm2
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
+from lora_monitor.callbacks import PostSqueezeCallback, SpectralMonitorCallback
 from lora_monitor.render.report import write_report
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 
 from datasets import Dataset
-from lora_monitor.callbacks import SpectralMonitorCallback
 from offline_assets import news_texts, smollm2
 from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer
+
+from lora_monitor.callbacks import SpectralMonitorCallback
 
 
 def short_complete_answer(completions, **kwargs) -> list[float]:

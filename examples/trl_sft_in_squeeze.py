@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 
 from datasets import Dataset
-from lora_monitor.callbacks import InSqueezeCallback, SpectralMonitorCallback
 from offline_assets import news_texts, smollm2
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from lora_monitor import find_lora_modules
+from lora_monitor.callbacks import InSqueezeCallback, SpectralMonitorCallback
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+
 from lora_monitor.callbacks.demo import tiny_llama_config
 
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -7,11 +7,11 @@ import statistics
 import pytest
 import torch
 from conftest import SENTENCES, peft_llama, tiny_llama, training_args
-from lora_monitor.callbacks.in_squeeze import InSqueezeCallback, _resolve_step, plan_schedule
 from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
+from lora_monitor.callbacks.in_squeeze import InSqueezeCallback, _resolve_step, plan_schedule
 from lora_monitor.in_squeeze.resize import current_ranks, unwrap_optimizer
 
 MAX_STEPS = 60

@@ -38,10 +38,10 @@ def _worker(rank: int, port: int, output_dir: str, result_dir: str) -> None:
         LOCAL_WORLD_SIZE=str(WORLD_SIZE),
     )
     torch.set_num_threads(1)
-    from lora_monitor.callbacks.monitor import SpectralMonitorCallback
     from transformers import Trainer
 
     from lora_monitor.adapters import find_lora_modules
+    from lora_monitor.callbacks.monitor import SpectralMonitorCallback
     from lora_monitor.monitor.metrics import BaseNormCache, compute_module_metrics
 
     monitor = SpectralMonitorCallback(every_n_steps=1)

@@ -65,9 +65,10 @@ def test_dominance_is_measured_against_the_dequantized_base(base_folder):
 
 
 def test_monitor_in_squeeze_and_post_squeeze_on_a_qlora_model(base_folder, tmp_path, lm_dataset):
-    from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
     from peft import PeftModel
     from transformers import Trainer
+
+    from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
 
     model = qlora_model(base_folder)
     monitor = SpectralMonitorCallback(every_n_steps=2)

@@ -20,8 +20,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizer):
-    from lora_monitor.callbacks import PostSqueezeCallback, SpectralMonitorCallback
     from transformers import Trainer
+
+    from lora_monitor.callbacks import PostSqueezeCallback, SpectralMonitorCallback
 
     output = tmp_path_factory.mktemp("run")
     trainer = Trainer(
