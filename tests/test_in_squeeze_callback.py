@@ -7,12 +7,12 @@ import statistics
 import pytest
 import torch
 from conftest import SENTENCES, peft_llama, tiny_llama, training_args
-from lora_monitor.callbacks.in_squeeze import InSqueezeCallback, _resolve_step, plan_schedule
 from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
-from lora_monitor.in_squeeze.resize import current_ranks, unwrap_optimizer
+from lora_monitor.callbacks.in_squeeze import InSqueezeCallback
+from lora_monitor.in_squeeze import current_ranks, plan_schedule, resolve_step, unwrap_optimizer
 
 MAX_STEPS = 60
 SQUEEZE = dict(target_rank=4, schedule="geometric", start_step=20, end_step=40)
@@ -235,7 +235,7 @@ def test_schedules():
     with pytest.raises(LoraMonitorError, match="schedule"):
         plan_schedule(16, 4, "cosine", 1, 2)
     with pytest.raises(LoraMonitorError, match="start_step"):
-        _resolve_step(1.5, 100, "start_step")
+        resolve_step(1.5, 100, "start_step")
     with pytest.raises(LoraMonitorError, match="optimizer_state"):
         InSqueezeCallback(optimizer_state="keep")
     for bad_rank in (2.7, 0, -4, True, "4"):

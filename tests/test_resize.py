@@ -12,7 +12,7 @@ from peft.utils import load_peft_weights, set_peft_model_state_dict
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
 from lora_monitor.adapters import pattern_key
-from lora_monitor.in_squeeze.resize import (
+from lora_monitor.in_squeeze import (
     compact_masks,
     current_ranks,
     install_rank_hooks,
