@@ -247,6 +247,19 @@ def test_schedules():
             InSqueezeCallback(min_variance_retention=bad_fraction)
 
 
+def test_bad_callback_options_are_one_clear_error_naming_the_option():
+    for options, option in (
+        ({"method": "svd"}, "method"),
+        ({"mode": "fast"}, "mode"),
+        ({"rewarmup_steps": -1}, "rewarmup_steps"),
+        ({"rewarmup_steps": 1.5}, "rewarmup_steps"),
+        ({"rsvd_oversample": -2}, "rsvd_oversample"),
+        ({"rsvd_power_iters": 0.5}, "rsvd_power_iters"),
+    ):
+        with pytest.raises(LoraMonitorError, match=f"InSqueezeCallback: {option}"):
+            InSqueezeCallback(**options)
+
+
 def test_works_in_trl_sft_trainer(tmp_path, tokenizer):
     from trl import SFTConfig, SFTTrainer
 

@@ -42,3 +42,11 @@ def test_two_processes_match_one(tmp_path):
     # Only the main process wrote the JSONL file: one line per check, not two.
     lines = (output_dir / "lora_monitor.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
+
+
+def test_a_failing_worker_fails_the_test_with_every_workers_output(tmp_path):
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_workers("failing", tmp_path)
+    message = str(failure.value)
+    assert "--- worker 1 (exit 1) ---" in message and "RuntimeError: rank 1 fails on purpose" in message
+    assert "rank 0 sees 2 processes" in message and "rank 1 sees 2 processes" in message
