@@ -15,6 +15,7 @@ TESTS_DIR = Path(__file__).resolve().parent.parent
 # Generous: two processes share two busy cores. A failed peer is noticed at once, not at this limit.
 JOIN_TIMEOUT_SECONDS = 480
 POLL_SECONDS = 0.5
+FAILURE_GRACE_SECONDS = 20
 
 
 def _tail(log: Path, characters: int = 6000) -> str:
@@ -28,8 +29,8 @@ def run_workers(module: str, tmp_path: Path, *args: str, world_size: int = 2) ->
     Each worker gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` (what Accelerate and
     the Trainer read to know the run is distributed) and the path of a fresh rendezvous file in
     ``tmp_path``. ``MASTER_ADDR``/``MASTER_PORT`` point nowhere usable, so a TCP rendezvous attempted by
-    anything would fail the test instead of racing for a port. When a worker fails the others are
-    stopped, and the test fails with every worker's output.
+    anything would fail the test instead of racing for a port. When a worker fails the others get a
+    short grace to exit and are then stopped, and the test fails with every worker's output.
     """
     init_file = tmp_path / "process_group_init"
     env = {
@@ -57,14 +58,18 @@ def run_workers(module: str, tmp_path: Path, *args: str, world_size: int = 2) ->
                 )
             )
     deadline = time.monotonic() + JOIN_TIMEOUT_SECONDS
+    timed_out = False
     try:
-        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+        while any(p.poll() is None for p in processes):
+            if time.monotonic() >= deadline:
+                timed_out = not any(p.returncode not in (None, 0) for p in processes)
+                break
             if any(p.returncode not in (None, 0) for p in processes):
-                break  # the others would only wait for the failed one in a collective
+                # The others may only wait for the failed one in a collective: a short grace to exit.
+                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_SECONDS)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 next(p for p in processes if p.poll() is None).wait(timeout=POLL_SECONDS)
     finally:
-        timed_out = any(process.poll() is None for process in processes)
         for process in processes:
             if process.poll() is None:
                 process.kill()
