@@ -11,8 +11,8 @@ from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
-from lora_monitor.callbacks.in_squeeze import InSqueezeCallback, _resolve_step, plan_schedule
-from lora_monitor.in_squeeze.resize import current_ranks, unwrap_optimizer
+from lora_monitor.callbacks.in_squeeze import InSqueezeCallback
+from lora_monitor.in_squeeze import current_ranks, plan_schedule, resolve_step, unwrap_optimizer
 
 MAX_STEPS = 60
 SQUEEZE = dict(target_rank=4, schedule="geometric", start_step=20, end_step=40)
@@ -235,7 +235,7 @@ def test_schedules():
     with pytest.raises(LoraMonitorError, match="schedule"):
         plan_schedule(16, 4, "cosine", 1, 2)
     with pytest.raises(LoraMonitorError, match="start_step"):
-        _resolve_step(1.5, 100, "start_step")
+        resolve_step(1.5, 100, "start_step")
     with pytest.raises(LoraMonitorError, match="optimizer_state"):
         InSqueezeCallback(optimizer_state="keep")
     for bad_rank in (2.7, 0, -4, True, "4"):
@@ -245,6 +245,19 @@ def test_schedules():
     for bad_fraction in (0, 1.5, -0.1, "0.9"):
         with pytest.raises(LoraMonitorError, match="min_variance_retention"):
             InSqueezeCallback(min_variance_retention=bad_fraction)
+
+
+def test_bad_callback_options_are_one_clear_error_naming_the_option():
+    for options, option in (
+        ({"method": "svd"}, "method"),
+        ({"mode": "fast"}, "mode"),
+        ({"rewarmup_steps": -1}, "rewarmup_steps"),
+        ({"rewarmup_steps": 1.5}, "rewarmup_steps"),
+        ({"rsvd_oversample": -2}, "rsvd_oversample"),
+        ({"rsvd_power_iters": 0.5}, "rsvd_power_iters"),
+    ):
+        with pytest.raises(LoraMonitorError, match=f"InSqueezeCallback: {option}"):
+            InSqueezeCallback(**options)
 
 
 def test_works_in_trl_sft_trainer(tmp_path, tokenizer):

@@ -12,7 +12,7 @@ from peft.utils import load_peft_weights, set_peft_model_state_dict
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
 from lora_monitor.adapters import pattern_key
-from lora_monitor.in_squeeze.resize import (
+from lora_monitor.in_squeeze import (
     compact_masks,
     current_ranks,
     install_rank_hooks,
@@ -268,6 +268,16 @@ def test_bad_input_is_one_clear_error():
         resize_lora_module(record.module, "default", 2, method="svd")
     with pytest.raises(LoraMonitorError, match="no LoRA module named"):
         squeeze_model(model, {"model.layers.9.self_attn.q_proj": 2})
+    # Options are checked even when nothing would be squeezed (every module is already at rank 8).
+    for options, option in (
+        ({"mode": "shrink"}, "mode"),
+        ({"optimizer_state": "keep"}, "optimizer_state"),
+        ({"min_variance_retention": 1.5}, "min_variance_retention"),
+    ):
+        with pytest.raises(LoraMonitorError, match=option):
+            squeeze_model(model, 8, **options)
+    with pytest.raises(LoraMonitorError, match="mode"):
+        install_rank_hooks(model, mode="shrink")
     with torch.no_grad():
         record.module.lora_A["default"].weight[0, 0] = float("nan")
     with pytest.raises(LoraMonitorError, match=record.name):

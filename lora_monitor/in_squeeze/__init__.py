@@ -1,23 +1,33 @@
-"""In-Squeeze: shrinking the rank of live PEFT LoRA modules while training, with the optimizer state."""
+"""In-Squeeze: shrinking the rank of live PEFT LoRA modules while training, with the optimizer state.
 
-from .resize import (
-    MODES,
-    ResizeEvent,
-    compact_masks,
-    current_ranks,
-    install_rank_hooks,
-    resize_lora_module,
-    squeeze_model,
-    unwrap_optimizer,
-)
+- :mod:`.resize`: resize and mask modes on live modules (:func:`squeeze_model`, :func:`resize_lora_module`,
+  :func:`compact_masks`, :func:`current_ranks`);
+- :mod:`.optimizer`: the optimizer state carried through the factor maps, or reset;
+- :mod:`.hooks`: gradient masks and the state-dict hooks for saving and resuming (:func:`install_rank_hooks`);
+- :mod:`.schedule`: when and to which rank, the learning-rate re-warm-up, the loss probe, the squeeze records;
+- :mod:`.options`: the options and their one validator.
+"""
+
+from .hooks import install_rank_hooks
+from .optimizer import unwrap_optimizer
+from .options import CALLBACK_MODES, METHODS, MODES, OPTIMIZER_STATES, InSqueezeOptions
+from .resize import ResizeEvent, compact_masks, current_ranks, resize_lora_module, squeeze_model
+from .schedule import SCHEDULES, plan_schedule, resolve_step
 
 __all__ = [
+    "CALLBACK_MODES",
+    "METHODS",
     "MODES",
+    "OPTIMIZER_STATES",
+    "SCHEDULES",
+    "InSqueezeOptions",
     "ResizeEvent",
     "compact_masks",
     "current_ranks",
     "install_rank_hooks",
+    "plan_schedule",
     "resize_lora_module",
+    "resolve_step",
     "squeeze_model",
     "unwrap_optimizer",
 ]

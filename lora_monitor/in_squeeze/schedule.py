@@ -1,0 +1,255 @@
+"""When to squeeze and to which rank, and what goes with a squeeze during training.
+
+- :func:`plan_schedule`: ``{step: rank cap}`` for a geometric, linear or explicit schedule;
+- :class:`LossProbe`: the loss on the latest training batch just before and just after a squeeze;
+- :class:`LearningRateRewarmup`: the learning rate ramped back up over a few steps after a squeeze;
+- :func:`squeeze_and_record`: one scheduled squeeze, timed and probed, as the record a run keeps, and
+  :func:`log_scalars`, the ``in_squeeze/*`` scalars logged for it.
+
+None of it needs the Trainer: any training loop can call these between optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LoraMonitorError
+from .optimizer import unwrap_optimizer
+from .options import InSqueezeOptions
+from .resize import current_ranks, squeeze_model
+
+SCHEDULES = ("geometric", "linear")
+LOG_PREFIX = "in_squeeze/"
+
+
+def resolve_step(value: int | float, max_steps: int, what: str) -> int:
+    """A step given as an int (a step number) or a float in (0, 1) (a fraction of ``max_steps``)."""
+    if isinstance(value, bool):
+        raise LoraMonitorError(f"InSqueezeCallback: {what} must be a step or a fraction, got {value!r}")
+    if isinstance(value, float) and 0 < value < 1:
+        if max_steps <= 0:
+            raise LoraMonitorError(
+                f"InSqueezeCallback: {what}={value} is a fraction but max_steps is unknown"
+            )
+        return max(1, round(value * max_steps))
+    if isinstance(value, int | float) and value >= 1 and float(value).is_integer():
+        return int(value)
+    raise LoraMonitorError(
+        f"InSqueezeCallback: {what} must be a step number (int ≥ 1) or a fraction in (0, 1), got {value!r}"
+    )
+
+
+def plan_schedule(
+    source_rank: int,
+    target_rank: int,
+    schedule: str | Sequence[tuple[int | float, int]],
+    start_step: int,
+    end_step: int,
+    max_steps: int = 0,
+) -> dict[int, int]:
+    """``{global step: rank cap}`` of a squeeze schedule (steps after which the cap applies).
+
+    ``geometric`` halves the rank at evenly spaced steps from ``start_step`` to ``end_step`` (16 → 8 → 4);
+    ``linear`` lowers it one rank at a time, evenly over the same span; an explicit list of
+    ``(step, rank)`` is taken as given (steps as numbers or fractions of ``max_steps``).
+    """
+    if not isinstance(schedule, str):
+        plan: dict[int, int] = {}
+        for entry in schedule:
+            step, rank = entry
+            plan[resolve_step(step, max_steps, "schedule step")] = int(rank)
+        if any(rank < 1 for rank in plan.values()):
+            raise LoraMonitorError(f"InSqueezeCallback: schedule ranks must be at least 1, got {schedule}")
+        return dict(sorted(plan.items()))
+    if schedule not in SCHEDULES:
+        raise LoraMonitorError(
+            f"InSqueezeCallback: schedule must be one of {SCHEDULES} or a list, got {schedule!r}"
+        )
+    if end_step < start_step:
+        raise LoraMonitorError(f"InSqueezeCallback: end_step {end_step} comes before start_step {start_step}")
+    if target_rank >= source_rank:
+        return {}
+    if schedule == "geometric":
+        caps = []
+        rank = source_rank
+        while rank // 2 > target_rank:
+            rank //= 2
+            caps.append(rank)
+        caps.append(target_rank)
+        if len(caps) == 1:
+            return {end_step: target_rank}
+        span = end_step - start_step
+        return {round(start_step + span * i / (len(caps) - 1)): cap for i, cap in enumerate(caps)}
+    plan = {}
+    span = end_step - start_step + 1
+    last = source_rank
+    for step in range(start_step, end_step + 1):
+        rank = round(source_rank + (target_rank - source_rank) * (step - start_step + 1) / span)
+        if rank < last:
+            plan[step] = rank
+            last = rank
+    return plan
+
+
+def plan_for(options: InSqueezeOptions, source_rank: int, max_steps: int) -> dict[int, int]:
+    """The plan of a run of ``max_steps`` steps whose adapter starts at ``source_rank``."""
+    start = resolve_step(options.start_step, max_steps, "start_step")
+    end = resolve_step(options.end_step, max_steps, "end_step")
+    return plan_schedule(source_rank, options.target_rank, options.schedule, start, end, max_steps)
+
+
+class LossProbe:
+    """The model's loss on the latest training batch, measured without a gradient (NaN when unknown).
+
+    A forward pre-hook keeps a reference to the keyword inputs of the latest training forward pass that
+    had ``labels``; a trainer that computes the loss outside the model (GRPO) leaves it empty.
+    """
+
+    def __init__(self) -> None:
+        self._inputs: dict[str, Any] | None = None
+        self._probing = False
+        self._hook: Any = None
+
+    def attach(self, model: nn.Module) -> None:
+        """Start watching ``model``'s training batches (once)."""
+        if self._hook is None:
+            self._hook = model.register_forward_pre_hook(self._remember, with_kwargs=True)
+
+    def detach(self) -> None:
+        """Stop watching and let go of the last batch."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._inputs = None
+
+    def _remember(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if not self._probing and module.training and kwargs.get("labels") is not None:
+            self._inputs = kwargs
+
+    def loss(self, model: nn.Module) -> float:
+        """The loss on the remembered batch, in eval mode (no dropout), or NaN."""
+        if self._inputs is None:
+            return math.nan
+        was_training = model.training
+        self._probing = True
+        try:
+            model.eval()
+            with torch.no_grad():
+                output = model(**self._inputs)
+            loss = output["loss"] if isinstance(output, dict) else getattr(output, "loss", None)
+            return float(loss) if loss is not None else math.nan
+        finally:
+            self._probing = False
+            model.train(was_training)
+
+
+class LearningRateRewarmup:
+    """After a squeeze, scale the learning rate by 1/(n+1), 2/(n+1), ... over the next ``steps`` steps.
+
+    :meth:`scale` is called after a step ends and scales the next optimizer step's LR; :meth:`restore`,
+    called after that optimizer step, puts the scheduler's value back, so that schedulers which build on
+    the current LR never see the scaled one.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self._from: int | None = None
+        self._unscaled: list[float] | None = None
+
+    def start(self, step: int) -> None:
+        """A squeeze happened at ``step``."""
+        if self.steps:
+            self._from = step
+
+    def scale(self, step: int, optimizer: Any | None) -> None:
+        """Scale the learning rate of the optimizer step after ``step``, if it is still ramping up."""
+        if self._from is None or optimizer is None:
+            return
+        done = step - self._from
+        if done >= self.steps:
+            self._from = None
+            return
+        factor = (done + 1) / (self.steps + 1)
+        groups = unwrap_optimizer(optimizer).param_groups
+        self._unscaled = [group["lr"] for group in groups]
+        for group in groups:
+            group["lr"] = group["lr"] * factor
+
+    def restore(self, optimizer: Any | None) -> None:
+        """Put back the learning rates :meth:`scale` changed."""
+        if self._unscaled is not None and optimizer is not None:
+            for group, lr in zip(unwrap_optimizer(optimizer).param_groups, self._unscaled, strict=True):
+                group["lr"] = lr
+            self._unscaled = None
+
+
+def squeeze_and_record(
+    model: nn.Module,
+    optimizer: Any | None,
+    cap: int,
+    step: int,
+    options: InSqueezeOptions,
+    *,
+    adapter_name: str | None,
+    mode: str,
+    probe: LossProbe,
+) -> dict[str, Any] | None:
+    """Squeeze ``model`` to rank ``cap`` at ``step``; the record of what happened, or None if nothing did.
+
+    The record: ``step``, ``rank_cap``, the per-module ``ranks`` after it, ``modules_squeezed``, the
+    per-module ``retained_variance``, ``loss_before``/``loss_after`` on the latest training batch (NaN
+    when unknown), ``squeeze_seconds`` (the squeeze alone) and ``seconds`` (with the loss probes).
+    """
+    began = time.perf_counter()
+    loss_before = probe.loss(model)
+    squeezed_at = time.perf_counter()
+    events = squeeze_model(
+        model,
+        cap,
+        adapter_name=adapter_name,
+        optimizer=optimizer,
+        mode=mode,
+        seed=step,
+        **options.squeeze_arguments(),
+    )
+    squeeze_seconds = time.perf_counter() - squeezed_at
+    loss_after = probe.loss(model)
+    if not events:
+        return None
+    return {
+        "step": step,
+        "rank_cap": cap,
+        "ranks": current_ranks(model, adapter_name),
+        "modules_squeezed": len(events),
+        "retained_variance": {e.name: e.retained_variance for e in events},
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "squeeze_seconds": squeeze_seconds,
+        "seconds": time.perf_counter() - began,
+    }
+
+
+def log_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The ``in_squeeze/*`` scalars of one squeeze record; those that are unknown (NaN) are left out."""
+    ranks = record["ranks"].values()
+    retained = [value for value in record["retained_variance"].values() if not math.isnan(value)]
+    scalars = {
+        f"{LOG_PREFIX}rank_mean": sum(ranks) / len(ranks),
+        f"{LOG_PREFIX}rank_min": float(min(ranks)),
+        f"{LOG_PREFIX}rank_max": float(max(ranks)),
+        f"{LOG_PREFIX}modules_squeezed": float(record["modules_squeezed"]),
+        f"{LOG_PREFIX}retained_variance_mean": sum(retained) / len(retained) if retained else math.nan,
+        f"{LOG_PREFIX}retained_variance_min": min(retained) if retained else math.nan,
+        f"{LOG_PREFIX}loss_before": record["loss_before"],
+        f"{LOG_PREFIX}loss_after": record["loss_after"],
+        f"{LOG_PREFIX}loss_jump": record["loss_after"] - record["loss_before"],
+        f"{LOG_PREFIX}seconds": record["squeeze_seconds"],
+    }
+    # No loss to probe (a trainer that computes it outside the model, as GRPO does): leave it out.
+    return {key: value for key, value in scalars.items() if not math.isnan(value)}
