@@ -52,6 +52,19 @@ def emit_log(handler: CallbackHandler | None, args: Any, state: Any, control: An
     return control
 
 
+def is_last_step(state: Any, control: Any) -> bool:
+    """True at the ``on_step_end`` of the run's last optimizer step (``max_steps`` reached, or stopped).
+
+    Work meant for "the end of training" that reports to the integrations is done here rather than in
+    ``on_train_end``: the integrations' own ``on_train_end`` runs first (they are listed before user
+    callbacks) and closes TensorBoard's writer and MLflow's run, so a later log event would be lost or
+    start a second MLflow run.
+    """
+    return bool(control.should_training_stop) or (
+        state.max_steps > 0 and state.global_step >= state.max_steps
+    )
+
+
 def active_wandb(args: Any):
     """The ``wandb`` module when the Trainer reports to W&B and a run is active, else None."""
     report_to = args.report_to if isinstance(args.report_to, list | tuple) else [args.report_to]

@@ -23,7 +23,7 @@ from lora_monitor._io import append_json_line, json_safe
 from lora_monitor.errors import check_number
 from lora_monitor.monitor import AlertThresholds, Monitor
 
-from ._trainer_glue import active_wandb, emit_log, find_calling_handler
+from ._trainer_glue import active_wandb, emit_log, find_calling_handler, is_last_step
 
 logger = logging.getLogger("lora_monitor")
 _TABLE_COLUMNS = (
@@ -91,7 +91,7 @@ class SpectralMonitorCallback(TrainerCallback):
             self._guarded(self.monitor.record_gradients, model, state.global_step + 1)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every_n_steps == 0:
+        if state.global_step % self.every_n_steps == 0 or is_last_step(state, control):
             return self._check(args, state, control, model, kwargs.get("optimizer"))
         return None
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerCallback, TrainerControl, TrainingArguments
 
 from lora_monitor.adapters import find_lora_modules, unwrap_model
 from lora_monitor.errors import LoraMonitorError
+from lora_monitor.monitor.intruders import IntruderDimensions, intruder_dimensions
 from lora_monitor.render.report import write_report
 from lora_monitor.squeeze import (
     CompressionResult,
@@ -31,19 +31,24 @@ from lora_monitor.squeeze import (
 )
 from lora_monitor.squeeze.manifest import TABLE_COLUMNS, summary_scalars, table_rows
 
+from ._trainer_glue import active_wandb, emit_log, find_calling_handler, is_last_step
+
 logger = logging.getLogger(__name__)
 
 
 class PostSqueezeCallback(TrainerCallback):
     """Analyse the final LoRA adapter when training ends (main process only); optionally compress it.
 
-    On ``on_train_end`` it prints the variance table, writes the analysis to ``squeeze_manifest.json`` in
+    At the last step (or ``on_train_end`` when a run stops otherwise) it prints the variance table, writes the analysis to ``squeeze_manifest.json`` in
     ``args.output_dir`` (or as a ``"squeeze"`` entry of an existing ``manifest.json``), logs a W&B table
     and the ``squeeze/*`` summary keys when the run reports to W&B, and with ``compress=True`` writes the
     adapter compressed to the recommended rank (or one rank per module with ``per_module=True``) to
     ``output_dir/<output_subdir>``. The result is kept as ``callback.analysis`` (and
     ``callback.compression``). With ``report=True`` it also draws the run's plots and ``report.html`` into
     ``output_dir`` (list it after a SpectralMonitorCallback so the monitor's last check is drawn too).
+    With ``intruders=True`` (the default) it counts each module's intruder dimensions against its base
+    weight (:mod:`lora_monitor.monitor.intruders`; about a second per 4096-wide module on a CPU, once).
+    The ``squeeze/*`` summary reaches every ``report_to`` integration as a log event at that step.
     A failed analysis or write (NaN weights, a full disk) is logged and kept as ``callback.error``; it never
     takes the trained model down with it.
     """
@@ -59,6 +64,7 @@ class PostSqueezeCallback(TrainerCallback):
         adapter_name: str | None = None,
         print_table: bool = True,
         report: bool = False,
+        intruders: bool = True,
     ) -> None:
         self.options = SqueezeOptions(
             min_variance_retention=min_variance_retention,
@@ -75,21 +81,33 @@ class PostSqueezeCallback(TrainerCallback):
         self.adapter_name = adapter_name
         self.print_table = print_table
         self.report = report
+        self.intruders = intruders
+        self.intruder_dimensions: list[IntruderDimensions] | None = None
+        self._handler, self._done_at = None, None
         self.report_path: Path | None = None
         self.analysis: SqueezeAnalysis | None = None
         self.compression: CompressionResult | None = None
         self.error: str | None = None
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: torch.nn.Module | None = None, **kwargs: Any) -> None:  # fmt: skip
-        # Fail before training, not after it, when there is nothing to squeeze.
-        if model is not None:
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:  # fail before training, not after it, when there is nothing to squeeze
             find_lora_modules(unwrap_model(model), self.adapter_name)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     model: torch.nn.Module | None = None, **kwargs: Any) -> None:  # fmt: skip
+    def on_init_end(self, args, state, control, **kwargs):
+        self._handler = find_calling_handler(self)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # At the last step, so that the summary reaches every report_to integration before they close.
+        return self._finish(args, state, control, model) if is_last_step(state, control) else None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._done_at != state.global_step:  # a run that ended before max_steps some other way
+            self._finish(args, state, control, model)
+
+    def _finish(self, args, state, control, model) -> TrainerControl | None:
+        self._done_at = state.global_step
         if not state.is_world_process_zero or model is None:
-            return
+            return None
         model, output_dir = unwrap_model(model), Path(args.output_dir)
         try:
             self.analysis = analyze_adapter(
@@ -102,29 +120,33 @@ class PostSqueezeCallback(TrainerCallback):
                 print_analysis(self.analysis)
             if self.compress:
                 self.compression = self._compress(model, output_dir)
-            write_squeeze_manifest(output_dir, manifest_entry(self.analysis, self.compression))
+            if self.intruders:
+                modules = find_lora_modules(model, self.adapter_name)
+                self.intruder_dimensions = intruder_dimensions(modules, lambda module: module.base_weight())
+            write_squeeze_manifest(
+                output_dir, manifest_entry(self.analysis, self.compression, self.intruder_dimensions)
+            )
             self._log_to_wandb(args)
             if self.report:
                 self.report_path = write_report(output_dir)
+            scalars = summary_scalars(self.analysis, self.intruder_dimensions)
+            return emit_log(self._handler, args, state, control, scalars)
         except LoraMonitorError as error:  # NaN weights, an unwritable output_dir...: logged, never raised
             self.error = str(error)
             logger.warning("PostSqueezeCallback: %s", error)
         except Exception as error:  # never take the trained model (and the user's save after train()) down
             self.error = f"{type(error).__name__}: {error}"
             logger.exception("PostSqueezeCallback failed after training; the trained adapter is unaffected")
+        return None
 
     def _compress(self, model: torch.nn.Module, output_dir: Path) -> CompressionResult | None:
-        assert self.analysis is not None
-        per_module = self.options.per_module
-        try:
-            if not per_module and self.analysis.recommended_rank is None:
-                raise LoraMonitorError(self.analysis.why_no_recommendation())
+        try:  # at the recommended rank (or per module); no recommendation is an error naming the closest rank
             return compress_adapter(
                 model,
                 output_dir / self.output_subdir,
-                target_rank=None if per_module else self.analysis.recommended_rank,
                 min_variance_retention=self.options.min_variance_retention,
-                per_module=per_module,
+                per_module=self.options.per_module,
+                target_ranks=self.options.target_ranks,
                 adapter_name=self.adapter_name,
                 overwrite=True,  # a re-run into the same output_dir replaces its own squeezed copy
             )
@@ -134,13 +156,8 @@ class PostSqueezeCallback(TrainerCallback):
             return None
 
     def _log_to_wandb(self, args: TrainingArguments) -> None:
-        if "wandb" not in (args.report_to or []) or self.analysis is None:
-            return
-        try:
-            import wandb
-        except ImportError:
-            return
-        if wandb.run is not None:
+        wandb = active_wandb(args)
+        if wandb is not None and self.analysis is not None:
             table = wandb.Table(columns=list(TABLE_COLUMNS), data=table_rows(self.analysis))
             wandb.run.log({"squeeze/variance_table": table})
-            wandb.run.summary.update(summary_scalars(self.analysis))
+            wandb.run.summary.update(summary_scalars(self.analysis, self.intruder_dimensions))

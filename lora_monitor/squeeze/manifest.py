@@ -8,20 +8,28 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .._io import MANIFEST_NAME, SQUEEZE_MANIFEST_NAME, atomic_write_json
+from ..monitor.intruders import IntruderDimensions
 from .analysis import SqueezeAnalysis
 from .compress import CompressionResult
 
 logger = logging.getLogger(__name__)
 
 
-def manifest_entry(analysis: SqueezeAnalysis, compression: CompressionResult | None = None) -> dict[str, Any]:
-    """The analysis as JSON types, with ``"compressed"``: the compressed adapter's record, or None."""
+def manifest_entry(
+    analysis: SqueezeAnalysis,
+    compression: CompressionResult | None = None,
+    intruders: Sequence[IntruderDimensions] | None = None,
+) -> dict[str, Any]:
+    """The analysis as JSON types, with ``"compressed"`` (the compressed adapter's record, or None) and
+    ``"intruders"`` (each module's intruder dimensions against its base weight, or None)."""
     entry = analysis.to_dict()
     entry["compressed"] = compression.to_dict() if compression is not None else None
+    entry["intruders"] = [record.to_dict() for record in intruders] if intruders is not None else None
     return entry
 
 
@@ -53,8 +61,11 @@ def table_rows(analysis: SqueezeAnalysis) -> list[list[Any]]:
     return [[row[column] for column in TABLE_COLUMNS] for row in analysis.rows()]
 
 
-def summary_scalars(analysis: SqueezeAnalysis) -> dict[str, float]:
-    """The ``squeeze/*`` run-summary keys: source rank, modules analysed, threshold, recommended ranks."""
+def summary_scalars(
+    analysis: SqueezeAnalysis, intruders: Sequence[IntruderDimensions] | None = None
+) -> dict[str, float]:
+    """The ``squeeze/*`` run-summary keys: source rank, modules analysed, threshold, recommended ranks, and
+    with ``intruders`` the total of intruder dimensions and the modules that have any."""
     summary: dict[str, float] = {
         "squeeze/source_rank": analysis.source_rank,
         "squeeze/num_modules": analysis.num_modules,
@@ -64,4 +75,7 @@ def summary_scalars(analysis: SqueezeAnalysis) -> dict[str, float]:
         summary["squeeze/recommended_rank"] = analysis.recommended_rank
     if analysis.recommended_rank_weighted is not None:
         summary["squeeze/recommended_rank_weighted"] = analysis.recommended_rank_weighted
+    if intruders is not None:
+        summary["squeeze/intruder_dimensions"] = sum(record.count for record in intruders)
+        summary["squeeze/modules_with_intruders"] = sum(record.count > 0 for record in intruders)
     return summary
