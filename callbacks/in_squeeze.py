@@ -15,6 +15,7 @@ from lora_monitor._distributed import is_distributed
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.in_squeeze import InSqueezeOptions, compact_masks, install_rank_hooks
 from lora_monitor.in_squeeze import schedule as squeeze_schedule
+from lora_monitor.in_squeeze.step_scaling import SqueezedStepScaling
 
 from ._trainer_glue import emit_log, find_calling_handler
 
@@ -49,6 +50,11 @@ class InSqueezeCallback(TrainerCallback):
         min_variance_retention: if set, each module keeps the smallest rank that retains this fraction of
             its ``‖ΔW‖²_F``, never fewer than the schedule's rank: a per-module target.
         rewarmup_steps: after each squeeze, ramp the learning rate linearly back up over this many steps.
+        lr_scaling: ``"rank"`` (default) scales each squeezed module's optimizer step by
+            ``r_source/r_now``, so that it keeps learning as fast as at the source rank (with
+            ``lora_alpha = r`` a lower rank learns proportionally slower; see
+            :mod:`lora_monitor.in_squeeze.step_scaling` and ``bench/EVIDENCE.md``); ``"sqrt"`` by its square
+            root (for rsLoRA-like scaling); ``"none"`` leaves the steps alone.
         adapter_name: the adapter to squeeze (default: the active one; TRL's frozen ``ref`` never).
 
     Each squeeze is logged as ``Trainer.log`` would (to ``report_to`` and ``state.log_history``) under
@@ -80,10 +86,11 @@ class InSqueezeCallback(TrainerCallback):
         adapter_name: str | None = None,
         rsvd_oversample: int = 10,
         rsvd_power_iters: int = 2,
+        lr_scaling: str = "rank",
     ) -> None:
         self.options = InSqueezeOptions(
             target_rank, schedule, start_step, end_step, method, optimizer_state, mode,
-            min_variance_retention, rewarmup_steps, rsvd_oversample, rsvd_power_iters,
+            min_variance_retention, rewarmup_steps, rsvd_oversample, rsvd_power_iters, lr_scaling,
         )  # fmt: skip
         self.adapter_name = adapter_name
         self.events: list[dict[str, Any]] = []
@@ -104,6 +111,8 @@ class InSqueezeCallback(TrainerCallback):
         records = find_lora_modules(model, self.adapter_name)
         self.adapter_name = records[0].adapter_name
         self._source_rank = max(record.rank for record in records)
+        self._step_scaling = SqueezedStepScaling(self.options.lr_scaling, self.adapter_name)
+        self._step_scaling.factors(model)  # the source ranks, before any squeeze
         # Before the Trainer can load a checkpoint (which happens before on_train_begin): see the docstring.
         install_rank_hooks(model, adapter_name=self.adapter_name, mode=self.resolved_mode)
 
@@ -140,7 +149,11 @@ class InSqueezeCallback(TrainerCallback):
         self._rewarmup.scale(step, optimizer)
         return control
 
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._step_scaling.before_step(model)
+
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self._step_scaling.after_step()
         self._rewarmup.restore(optimizer)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):

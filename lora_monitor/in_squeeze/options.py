@@ -10,6 +10,8 @@ from ..errors import LoraMonitorError, check_number
 METHODS = ("qr", "rsvd")
 OPTIMIZER_STATES = ("project", "reset")
 MODES = ("resize", "mask")
+# After a squeeze, each squeezed module's step is scaled by r_source/r_now, its square root, or not at all.
+STEP_SCALINGS = ("rank", "sqrt", "none")
 # What the callback accepts: "auto" is mask in a distributed run, resize otherwise.
 CALLBACK_MODES = ("auto", *MODES)
 
@@ -55,6 +57,7 @@ class InSqueezeOptions:
     rewarmup_steps: int = 0
     rsvd_oversample: int = 10
     rsvd_power_iters: int = 2
+    lr_scaling: str = "rank"
 
     def __post_init__(self) -> None:
         where = "InSqueezeCallback"
@@ -72,6 +75,7 @@ class InSqueezeOptions:
         object.__setattr__(self, "rewarmup_steps", int(steps))
         check_number(self.rsvd_oversample, f"{where}: rsvd_oversample", low=0, whole=True)
         check_number(self.rsvd_power_iters, f"{where}: rsvd_power_iters", low=0, whole=True)
+        check_choice(self.lr_scaling, STEP_SCALINGS, "lr_scaling", where)
 
     def resolve_mode(self, distributed: bool) -> str:
         """``resize`` or ``mask`` for this run: ``auto`` masks when distributed; resize cannot be distributed."""
