@@ -96,19 +96,6 @@ def print_monitor_analysis(path: object, record: object, *, with_base: bool) -> 
         console.print(f"  Suggested action: {alert.action}", markup=False)
 
 
-# ---- squeeze (Post-Squeeze analysis and compression) -----------------------------------------------------
-
-_SQUEEZE_KEYS = (
-    "adapter_path",
-    "min_variance_retention",
-    "source_rank",
-    "target_ranks",
-    "output_path",
-    "compress_to",
-    "device",
-)
-
-
 # ---- the Post-Squeeze retention table (`lora-monitor squeeze`, PostSqueezeCallback) ----------------------
 
 
