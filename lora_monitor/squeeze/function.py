@@ -1,0 +1,253 @@
+"""Rank advice by function: what truncating a live adapter to each rank does to held-out loss and outputs.
+
+The energy table (:func:`~lora_monitor.squeeze.analysis.analyze_adapter`) says how much of ``‖ΔW‖²`` a rank
+keeps; it does not say what the model loses. Here every candidate rank is tried on the live model itself:
+each LoRA pair is replaced by its best rank-``k`` factors (:func:`lora_monitor.spectrum.truncate_factors`),
+written into the existing parameters zero-padded to their shape (nothing is reallocated, written to disk or
+reloaded), the evaluation batches are run, and the original tensors are copied back bit for bit at the end,
+whatever happens. Cost: one forward pass over the evaluation batches per candidate rank, plus one for the
+uncompressed model.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._io import json_safe
+from ..adapters import factor_parameters, find_lora_modules, unwrap_model
+from ..adapters.factors import as_A_matrix, as_B_matrix, live_factors
+from ..errors import LoraMonitorError, check_number
+from ..spectrum import truncate_factors
+from .analysis import analyze_adapter
+from .options import DEFAULT_THRESHOLD, default_target_ranks, validate_rank
+
+# Relative increase of the mean held-out loss a recommended rank may cost (0.01 = 1%). Chosen from
+# bench/evidence.py (see bench/EVIDENCE.md): on MiniLM / Rotten Tomatoes a 1% loss increase at the recommended
+# rank stayed within a point of the accuracy of the uncompressed adapter and of the empirical knee.
+DEFAULT_TOLERANCE = 0.01
+
+
+@dataclass
+class RankEvaluation:
+    """The model with every LoRA pair truncated to ``rank``, on the evaluation batches."""
+
+    rank: int
+    loss: float  # mean held-out loss (batches weighted by their number of rows)
+    loss_increase: float  # loss minus the uncompressed model's loss
+    relative_increase: float  # loss_increase over the uncompressed model's loss
+    kl: float  # mean KL(uncompressed ‖ truncated) of the output distributions, per scored position
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(self.__dict__)
+
+
+@dataclass
+class FunctionRecommendation:
+    """Held-out loss and output divergence at each candidate rank, and the rank they recommend.
+
+    ``recommended_rank`` is the smallest rank whose relative loss increase stays within ``tolerance`` (the
+    largest candidate when none does). ``energy_recommended_rank`` is the energy table's advice at
+    ``energy_threshold`` for the same adapter, shown alongside (None when no candidate reaches it).
+    """
+
+    full_loss: float
+    tolerance: float
+    ranks: list[int]
+    evaluations: dict[int, RankEvaluation]
+    recommended_rank: int
+    energy_threshold: float
+    energy_recommended_rank: int | None
+    retained_variance: dict[int, float] = field(default_factory=dict)  # mean over modules, from the table
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(
+            {
+                "full_loss": self.full_loss,
+                "tolerance": self.tolerance,
+                "ranks": self.ranks,
+                "evaluations": {rank: e.to_dict() for rank, e in self.evaluations.items()},
+                "recommended_rank": self.recommended_rank,
+                "energy_threshold": self.energy_threshold,
+                "energy_recommended_rank": self.energy_recommended_rank,
+                "retained_variance": self.retained_variance,
+            }
+        )
+
+
+@dataclass
+class _Pair:
+    B_param: torch.nn.Parameter
+    A_param: torch.nn.Parameter
+    original_B: torch.Tensor
+    original_A: torch.Tensor
+    truncated: dict[int, tuple[torch.Tensor, torch.Tensor]]  # rank -> (B_k, A_k), compact
+
+
+def _pairs(model: torch.nn.Module, adapter_name: str | None, ranks: list[int]) -> list[_Pair]:
+    pairs = []
+    for record in find_lora_modules(model, adapter_name):
+        B_param, A_param = factor_parameters(record.module, record.adapter_name)
+        B, A = live_factors(record.module, record.adapter_name)  # a mask's kept directions only
+        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+            raise LoraMonitorError(f"module {record.name}: its LoRA factors hold NaN or Inf")
+        truncated = {}
+        for rank in ranks:
+            result = truncate_factors(
+                B, A, rank, dtype=torch.float64 if B.dtype == torch.float64 else torch.float32
+            )
+            truncated[rank] = (result.B, result.A)
+        pairs.append(_Pair(B_param, A_param, B_param.detach().clone(), A_param.detach().clone(), truncated))
+    return pairs
+
+
+@torch.no_grad()
+def _write(pair: _Pair, rank: int) -> None:
+    """Pair truncated to ``rank``, zero-padded into the live parameters (their storage, their shape)."""
+    new_B, new_A = pair.truncated[rank]
+    B_view, A_view = as_B_matrix(pair.B_param.data), as_A_matrix(pair.A_param.data)
+    B_view.zero_()
+    A_view.zero_()
+    B_view[:, : new_B.shape[1]].copy_(new_B)
+    A_view[: new_A.shape[0]].copy_(new_A)
+
+
+@torch.no_grad()
+def _restore(pairs: list[_Pair]) -> None:
+    for pair in pairs:
+        pair.B_param.data.copy_(pair.original_B)
+        pair.A_param.data.copy_(pair.original_A)
+
+
+def _scored_log_probs(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Log-probabilities of the positions that count: every row of a classifier, real tokens of a sequence."""
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    if log_probs.dim() == 2:
+        return log_probs
+    mask = batch.get("attention_mask")
+    flat = log_probs.reshape(-1, log_probs.shape[-1])
+    if mask is None:
+        return flat
+    return flat[mask.reshape(-1).to(flat.device).bool()]
+
+
+def _forward(
+    model: torch.nn.Module, batch: dict[str, Any], device: torch.device
+) -> tuple[float, torch.Tensor]:
+    moved = {
+        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+    }
+    output = model(**moved)
+    if getattr(output, "loss", None) is None:
+        raise LoraMonitorError(
+            "eval_batches: the model returned no loss; every batch needs labels (input_ids, attention_mask, labels)"
+        )
+    return float(output.loss), _scored_log_probs(output.logits, moved)
+
+
+def _progress(total: int, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc="squeeze: function",
+        unit="batch",
+        disable=None if enabled is None else not enabled,
+        file=sys.stderr,
+        leave=False,
+    )
+
+
+def recommend_rank_by_function(
+    model: torch.nn.Module,
+    eval_batches: Iterable[dict[str, Any]],
+    *,
+    ranks: Sequence[int] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    adapter_name: str | None = None,
+    energy_threshold: float = DEFAULT_THRESHOLD,
+    progress: bool | None = None,
+) -> FunctionRecommendation:
+    """Try every candidate rank on the live PEFT ``model`` and recommend the smallest that keeps its loss.
+
+    ``eval_batches``: dicts the model accepts, with labels (``input_ids``, ``attention_mask``, ``labels``;
+    :func:`lora_monitor.edit.calibration_batches` makes them from texts). ``ranks`` defaults to the powers of
+    two up to the adapter's rank, plus that rank. ``tolerance`` is the relative loss increase allowed
+    (0.01: the truncated model's mean loss at most 1% above the uncompressed model's). The model runs in eval
+    mode (no dropout) and is given back in its own mode with its factors bit-identical, even on an error.
+    ``progress`` forces the progress bar on or off (by default it shows when stderr is a terminal).
+    """
+    tolerance = check_number(tolerance, "tolerance", low=0.0, hint="0.01 = allow 1% more held-out loss")
+    batches = list(eval_batches)
+    if not batches:
+        raise LoraMonitorError("eval_batches is empty: give at least one batch with labels")
+    model = unwrap_model(model)
+    records = find_lora_modules(model, adapter_name)
+    if not records:
+        raise LoraMonitorError("the model has no LoRA modules to truncate")
+    source_rank = max(record.rank for record in records)
+    if ranks is None:
+        candidates = default_target_ranks(source_rank)
+    else:
+        candidates = sorted({validate_rank(rank, "every candidate rank") for rank in ranks})
+        if not candidates:
+            raise LoraMonitorError("ranks is empty: give at least one rank, or None for the default")
+    energy = analyze_adapter(
+        model,
+        min_variance_retention=energy_threshold,
+        target_ranks=candidates,
+        adapter_name=adapter_name,
+        progress=False,
+    )
+    pairs = _pairs(model, adapter_name, candidates)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    totals = {rank: [0.0, 0.0, 0] for rank in candidates}  # weighted loss, KL sum, scored positions
+    full_loss, rows = 0.0, 0
+    try:
+        with torch.no_grad(), _progress(len(batches) * (len(candidates) + 1), progress) as bar:
+            for batch in batches:
+                # Reference first, with the original factors in place; then each rank against it.
+                _restore(pairs)
+                size = int(next(iter(v for v in batch.values() if isinstance(v, torch.Tensor))).shape[0])
+                loss, reference = _forward(model, batch, device)
+                full_loss += loss * size
+                rows += size
+                bar.update(1)
+                for rank in candidates:
+                    for pair in pairs:
+                        _write(pair, rank)
+                    loss, truncated = _forward(model, batch, device)
+                    kl = (reference.exp() * (reference - truncated)).sum(-1).clamp_min(0.0)
+                    total = totals[rank]
+                    total[0] += loss * size
+                    total[1] += float(kl.sum())
+                    total[2] += int(kl.numel())
+                    bar.update(1)
+    finally:
+        _restore(pairs)
+        model.train(was_training)
+    full_loss /= rows
+    evaluations = {}
+    for rank, (loss_sum, kl_sum, count) in totals.items():
+        loss = loss_sum / rows
+        increase = loss - full_loss
+        relative = increase / abs(full_loss) if full_loss != 0 else (0.0 if increase <= 0 else math.inf)
+        evaluations[rank] = RankEvaluation(rank, loss, increase, relative, kl_sum / max(count, 1))
+    within = [rank for rank in candidates if evaluations[rank].relative_increase <= tolerance]
+    return FunctionRecommendation(
+        full_loss=full_loss,
+        tolerance=tolerance,
+        ranks=candidates,
+        evaluations=evaluations,
+        recommended_rank=within[0] if within else candidates[-1],
+        energy_threshold=energy.min_variance_retention,
+        energy_recommended_rank=energy.recommended_rank,
+        retained_variance=dict(energy.mean_variance),
+    )

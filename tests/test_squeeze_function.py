@@ -1,0 +1,134 @@
+"""Rank advice by function: truncation on the live model against a dense float64 SVD reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import SENTENCES, peft_llama
+
+from lora_monitor import LoraMonitorError, analyze_adapter
+from lora_monitor.adapters import factor_parameters, find_lora_modules
+from lora_monitor.edit.edit import calibration_batches
+from lora_monitor.squeeze.function import recommend_rank_by_function
+
+RANKS = [1, 2, 4, 8]
+
+
+def float64_model():
+    return peft_llama(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]).double()
+
+
+def batches(tokenizer):
+    return calibration_batches(SENTENCES[:8], tokenizer, batch_size=4, max_length=16)
+
+
+def live_parameters(model):
+    return [
+        p
+        for record in find_lora_modules(model)
+        for p in factor_parameters(record.module, record.adapter_name)
+    ]
+
+
+def dense_truncation(model, rank):
+    """A copy of ``model`` whose every pair is the rank-``rank`` truncation of the dense ``B@A`` (float64 SVD)."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for record in find_lora_modules(reference):
+            B_param, A_param = factor_parameters(record.module, record.adapter_name)
+            U, S, Vh = torch.linalg.svd(B_param.double() @ A_param.double())
+            root = S[:rank].sqrt()
+            B_param.zero_()
+            A_param.zero_()
+            B_param[:, :rank] = U[:, :rank] * root
+            A_param[:rank] = root[:, None] * Vh[:rank]
+    return reference
+
+
+def reference_numbers(model, truncated, data):
+    """Row-weighted mean loss of ``truncated`` and its mean per-token KL from ``model``."""
+    loss, rows, kl, tokens = 0.0, 0, 0.0, 0
+    with torch.no_grad():
+        for batch in data:
+            original, output = model(**batch), truncated(**batch)
+            loss += float(output.loss) * batch["input_ids"].shape[0]
+            rows += batch["input_ids"].shape[0]
+            p = torch.log_softmax(original.logits, -1)[batch["attention_mask"].bool()]
+            q = torch.log_softmax(output.logits, -1)[batch["attention_mask"].bool()]
+            kl += float((p.exp() * (p - q)).sum())
+            tokens += p.shape[0]
+    return loss / rows, kl / tokens
+
+
+def test_full_rank_is_the_model_itself(tokenizer):
+    model, data = float64_model(), batches(tokenizer)
+    advice = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+    own_loss, own_kl = reference_numbers(model, model, data)
+    assert advice.full_loss == pytest.approx(own_loss, rel=1e-12)
+    assert advice.evaluations[8].loss == pytest.approx(own_loss, rel=1e-10)
+    assert abs(advice.evaluations[8].kl) < 1e-10 and own_kl == 0.0
+    assert abs(advice.evaluations[8].loss_increase) < 1e-10
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_truncation_matches_a_dense_svd_reference(tokenizer, rank):
+    model, data = float64_model(), batches(tokenizer)
+    advice = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+    loss, kl = reference_numbers(model, dense_truncation(model, rank), data)
+    evaluation = advice.evaluations[rank]
+    assert kl > 1e-6  # the truncation changes the outputs, so the comparison below means something
+    assert evaluation.loss == pytest.approx(loss, rel=1e-9)
+    assert evaluation.kl == pytest.approx(kl, rel=1e-6)
+    assert evaluation.loss_increase == pytest.approx(loss - advice.full_loss, rel=1e-6, abs=1e-12)
+
+
+def test_factors_are_bit_identical_and_in_place_after_the_call_and_after_an_error(tokenizer):
+    model, data = float64_model(), batches(tokenizer)
+    model.train()
+    before = [(p.data_ptr(), p.detach().clone()) for p in live_parameters(model)]
+    recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+    after = live_parameters(model)
+    assert [p.data_ptr() for p in after] == [ptr for ptr, _ in before]
+    assert all(torch.equal(p, old) for p, (_, old) in zip(after, before, strict=True))
+    assert model.training
+
+    unlabelled = [data[0], {key: value for key, value in data[1].items() if key != "labels"}]
+    with pytest.raises(LoraMonitorError, match="labels"):
+        recommend_rank_by_function(model, unlabelled, ranks=RANKS, progress=False)
+    assert all(torch.equal(p, old) for p, (_, old) in zip(live_parameters(model), before, strict=True))
+    assert model.training
+
+
+def test_recommendation_is_the_smallest_rank_within_tolerance(tokenizer):
+    model, data = float64_model(), batches(tokenizer)
+    first = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+    increases = {rank: e.relative_increase for rank, e in first.evaluations.items()}
+    assert increases[1] > increases[8]  # rank 1 loses something: the tolerances below pick different ranks
+    for tolerance in sorted({max(value, 0.0) for value in increases.values()} | {1e9}):
+        advice = recommend_rank_by_function(model, data, ranks=RANKS, tolerance=tolerance, progress=False)
+        within = [rank for rank in RANKS if advice.evaluations[rank].relative_increase <= tolerance]
+        assert advice.recommended_rank == (within[0] if within else RANKS[-1])
+    assert (
+        recommend_rank_by_function(model, data, ranks=RANKS, tolerance=1e9, progress=False).recommended_rank
+        == 1
+    )
+    energy = analyze_adapter(model, target_ranks=RANKS, min_variance_retention=0.9)
+    advice = recommend_rank_by_function(model, data, ranks=RANKS, energy_threshold=0.9, progress=False)
+    assert advice.energy_recommended_rank == energy.recommended_rank
+    assert advice.to_dict()["recommended_rank"] == advice.recommended_rank
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [({"tolerance": -0.1}, "tolerance"), ({"ranks": [0]}, "rank"), ({"ranks": []}, "ranks is empty")],
+)
+def test_bad_options_name_the_option(tokenizer, arguments, message):
+    with pytest.raises(LoraMonitorError, match=message):
+        recommend_rank_by_function(float64_model(), batches(tokenizer), progress=False, **arguments)
+
+
+def test_no_batches_is_an_error():
+    with pytest.raises(LoraMonitorError, match="eval_batches is empty"):
+        recommend_rank_by_function(float64_model(), [], progress=False)
