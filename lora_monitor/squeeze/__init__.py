@@ -1,6 +1,7 @@
 """Post-Squeeze: how much of each LoRA delta a lower rank keeps, which rank to deploy, the compressed adapter.
 
-- :mod:`.options`: :class:`SqueezeOptions`, the one validator of thresholds, ranks and compression choices;
+- :mod:`.options`: :class:`SqueezeOptions`, the one validator of thresholds, ranks and compression choices,
+  and :func:`read_squeeze_toml` (the command's TOML ``[squeeze]`` table);
 - :mod:`.analysis`: the variance table and rank recommendations (:func:`analyze_adapter`);
 - :mod:`.compress`: the compressed adapter folder (:func:`compress_adapter`);
 - :mod:`.manifest`: the run manifest's ``"squeeze"`` entry.
@@ -16,6 +17,7 @@ from .options import (
     DEFAULT_THRESHOLD,
     SqueezeOptions,
     default_target_ranks,
+    read_squeeze_toml,
     validate_rank,
     validate_ranks,
     validate_threshold,
@@ -33,6 +35,7 @@ __all__ = [
     "default_target_ranks",
     "manifest_entry",
     "print_analysis",
+    "read_squeeze_toml",
     "squeeze_table",
     "summary_lines",
     "validate_rank",
