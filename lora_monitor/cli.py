@@ -8,30 +8,21 @@ line on stderr with exit status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._io import json_safe
 from .errors import LoraMonitorError
 
 EXIT_BAD_INPUT = 2
 
 
-def print_json(payload: Any) -> None:
-    """Write a JSON document to stdout (the ``--json`` output of every sub-command)."""
-    # Strict JSON: NaN and infinity (an undefined or infinite κ) are written as null.
-    json.dump(json_safe(payload), sys.stdout, indent=2, default=str, allow_nan=False)
-    sys.stdout.write("\n")
-
-
 def _command(
-    subparsers: argparse._SubParsersAction, name: str, help: str, handler
+    subparsers: argparse._SubParsersAction, name: str, help: str, handler, description: str | None = None
 ) -> argparse.ArgumentParser:
     """A sub-command's parser, with ``handler`` set to run it."""
-    parser = subparsers.add_parser(name, help=help)
+    parser = subparsers.add_parser(name, help=help, description=description)
     parser.set_defaults(handler=handler)
     return parser
 
@@ -40,9 +31,11 @@ def _command(
 
 
 def register_analyze(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = _command(
+        subparsers,
         "analyze",
-        help="spectral health metrics of a saved adapter",
+        "spectral health metrics of a saved adapter",
+        _run_analyze,
         description="Per-module effective rank, rank utilization, stable rank, condition numbers and norms of "
         "a saved LoRA adapter, their summary, and the alerts that hold for it. With --base, also the "
         "dominance σmax(ΔW)/σmax(W) and update scale ‖ΔW‖F/‖W‖F against the base model's weights.",
@@ -54,17 +47,18 @@ def register_analyze(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--adapter-name", help="which adapter of a multi-adapter folder (sub-folder name)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(handler=_run_analyze)
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
     from .adapters import load_adapter
+    from .adapters.base_model import base_weights, load_base_model
     from .monitor import Monitor
+    from .render.console import print_json, print_monitor_analysis
 
     adapter = load_adapter(args.adapter, args.adapter_name)
-    base_weights = _base_weight_lookup(args.base, adapter.modules) if args.base else None
+    base = base_weights(load_base_model(args.base), adapter.modules, args.base) if args.base else None
     # The same check a training run makes, once: the rules that need a history do not apply.
-    record = Monitor(base_weights=base_weights, track_gradients=False).check(adapter, step=0)
+    record = Monitor(base_weights=base, track_gradients=False).check(adapter, step=0)
     broken = [m.name for m in record.metrics if m.non_finite]
     if broken:
         more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
@@ -75,44 +69,31 @@ def _run_analyze(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"adapter": str(adapter.path), "base": args.base, **record.to_dict()})
         return 0
-    _print_analysis(adapter.path, record, with_base=bool(args.base))
+    print_monitor_analysis(adapter.path, record, with_base=bool(args.base))
     return 0
 
 
-def _base_weight_lookup(base_dir: str, modules: Sequence[Any]):
-    """Load the base model once and return ``name -> frozen weight``, checked against the adapter's shapes."""
-    from .adapters.base_model import base_weights, load_base_model
-
-    return base_weights(load_base_model(base_dir), modules, base_dir)
-
-
-def _print_analysis(path, record, *, with_base: bool) -> None:
-    from .render.console import print_monitor_analysis
-
-    print_monitor_analysis(path, record, with_base=with_base)
+def _integers(text: str, option: str) -> list[int]:
+    """A comma-separated list of whole numbers (``--ranks``, ``--layers``)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise LoraMonitorError(f"{option} takes comma-separated whole numbers, got {text!r}") from error
 
 
 # ---- squeeze (Post-Squeeze analysis and compression) -----------------------------------------------------
 
-_SQUEEZE_KEYS = (
-    "adapter_path",
-    "min_variance_retention",
-    "source_rank",
-    "target_ranks",
-    "output_path",
-    "compress_to",
-    "per_module",
-    "device",
-)
-
 
 def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = _command(
+        subparsers,
         "squeeze",
-        help="variance table, recommended rank, compressed adapter",
+        "variance table, recommended rank, compressed adapter",
+        _run_squeeze,
         description="How much of each LoRA delta every rank keeps, the smallest rank keeping the threshold, "
         "and (with --out) the adapter compressed to it. ADAPTER may be a TOML file with a [squeeze] table "
-        f"({', '.join(_SQUEEZE_KEYS)}); options given on the command line override it.",
+        "(adapter_path and the settings; an unknown key is refused with the list of known ones); options "
+        "given on the command line override it.",
     )
     parser.add_argument("adapter", help="adapter folder, or a TOML file with a [squeeze] table")
     parser.add_argument(
@@ -131,77 +112,24 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--adapter-name", help="which adapter of a multi-adapter folder (sub-folder name)")
     parser.add_argument("--device", help="torch device for the decomposition (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(handler=_run_squeeze)
-
-
-def _squeeze_toml(path: Any) -> dict[str, Any]:
-    """The [squeeze] table of a TOML file, checked key by key; paths stay relative to the current folder.
-
-    The numbers and choices (threshold, ranks, compress_to, per_module) are checked by ``SqueezeOptions``
-    when the command builds its options; here only the keys and the types of the paths.
-    """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError as error:
-            raise LoraMonitorError(f"{path}: reading TOML needs Python 3.11+ or the tomli package") from error
-    if not path.is_file():
-        raise LoraMonitorError(f"{path}: no such TOML file")
-    try:
-        document = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise LoraMonitorError(f"{path}: not valid TOML ({error})") from error
-    table = document.get("squeeze")
-    if not isinstance(table, dict):
-        raise LoraMonitorError(f"{path}: has no [squeeze] table")
-    unknown = sorted(set(table) - set(_SQUEEZE_KEYS))
-    if unknown:
-        raise LoraMonitorError(f"{path}: unknown key(s) {unknown} in [squeeze]; known: {list(_SQUEEZE_KEYS)}")
-    for key in ("adapter_path", "output_path", "device"):
-        if key in table and not isinstance(table[key], str):
-            raise LoraMonitorError(f"{path}: [squeeze] {key} = {table[key]!r} must be a string")
-    if not table.get("adapter_path"):
-        raise LoraMonitorError(f"{path}: [squeeze] needs adapter_path")
-    settings = dict(table)
-    if not settings.get("source_rank"):
-        # the seed's fallback: [model].lora_rank names the rank the adapter was trained at
-        settings["source_rank"] = (document.get("model") or {}).get("lora_rank", 0)
-    source_rank = settings["source_rank"]
-    if source_rank != 0 or isinstance(source_rank, bool):
-        from .squeeze import validate_rank
-
-        validate_rank(source_rank, f"{path}: [squeeze] source_rank")
-    return settings
-
-
-def _parse_ranks(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise LoraMonitorError(
-            f"--ranks {text!r}: give whole numbers separated by commas, e.g. 4,8,16"
-        ) from error
 
 
 def _run_squeeze(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .squeeze import SqueezeOptions, analyze_adapter, compress_adapter, print_analysis
+    from .render.console import print_compression, print_json
+    from .squeeze import SqueezeOptions, analyze_adapter, compress_adapter, print_analysis, read_squeeze_toml
 
     settings: dict[str, Any] = {"adapter_path": args.adapter}
     where = "lora-monitor squeeze"
     if args.adapter.endswith(".toml"):
-        from pathlib import Path
-
-        settings = _squeeze_toml(Path(args.adapter))
+        settings = read_squeeze_toml(args.adapter)
         where = f"{args.adapter}: [squeeze]"
     # The TOML table first, then what the command line overrides; one validator for both.
     options = SqueezeOptions.from_mapping(settings, where)
     overrides = {
         "min_variance_retention": args.threshold,
-        "target_ranks": _parse_ranks(args.ranks) if args.ranks is not None else None,
+        "target_ranks": _integers(args.ranks, "--ranks") if args.ranks is not None else None,
         "target_rank": args.rank,
     }
     if args.per_module:
@@ -254,12 +182,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         return 0
     print_analysis(analysis)
     if result is not None:
-        changed = sum(result.ranks[name] < result.source_ranks[name] for name in result.ranks)
-        new_ranks = sorted(set(result.ranks.values()))
-        print(
-            f"Wrote {result.output_path}: {changed} of {len(result.ranks)} modules compressed, "
-            f"rank{'s' if len(new_ranks) > 1 else ''} {', '.join(map(str, new_ranks))}"
-        )
+        print_compression(result)
     return 0
 
 
@@ -300,7 +223,7 @@ def register_allocate(subparsers: argparse._SubParsersAction) -> None:
 def _run_allocate(args: argparse.Namespace) -> int:
     from .adapters.base_model import load_base_model
     from .allocation import allocate_ranks, spectral_analysis
-    from .render.console import print_allocation
+    from .render.console import print_allocation, print_json
 
     model = load_base_model(args.model)
     targets = (
@@ -361,16 +284,9 @@ def register_edit(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a summary")
 
 
-def _integers(text: str, option: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise LoraMonitorError(f"{option} takes comma-separated integers, got {text!r}") from error
-
-
 def _run_edit(args: argparse.Namespace) -> int:
     from .edit import load_tokenizer, read_texts, spectral_edit
-    from .render.console import print_edit
+    from .render.console import print_edit, print_json
 
     texts = read_texts(args.data)
     heldout = None

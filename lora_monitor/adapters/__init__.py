@@ -1,7 +1,9 @@
 """LoRA pairs, live and saved: the only room that knows PEFT's internals.
 
-- :mod:`.modules`: :class:`LoraModule` records, :func:`find_lora_modules` (live), :func:`load_adapter`
-  (a folder), :func:`open_adapter` (either, with config and stored tensors), :func:`unwrap_model`;
+- :mod:`.record`: :class:`LoraModule`, the record of one LoRA pair that every room works on;
+- :mod:`.modules`: :func:`find_lora_modules` (live), :func:`open_adapter` (a folder or a live model, with
+  config and stored tensors), :func:`lora_modules`, :func:`unwrap_model`;
+- :mod:`.saved`: :func:`load_adapter` (a folder, read lazily), :func:`read_adapter_config` and its checks;
 - :mod:`.factors`: per-kind access to ``B`` and ``A``, the kept rank of a masked pair, state-dict key names;
 - :mod:`.scaling`: the scale rule (α/r, α/√r), the alpha at a new rank, pattern keys, module blocks;
 - :mod:`.folder`: the config at new ranks and the adapter-folder writer.
@@ -26,22 +28,17 @@ from .factors import (
 )
 from .folder import check_output, lora_config_for_ranks, write_adapter_folder
 from .modules import (
-    BIN_NAME,
-    CONFIG_NAME,
     REFERENCE_ADAPTER_NAMES,
-    SAFETENSORS_NAME,
-    LoraModule,
     OpenedAdapter,
-    SavedAdapter,
     adapter_names,
     find_lora_modules,
     gather_records,
-    load_adapter,
     lora_modules,
     open_adapter,
-    read_adapter_config,
     unwrap_model,
 )
+from .record import LoraModule
+from .saved import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, SavedAdapter, load_adapter, read_adapter_config
 from .scaling import (
     alpha_at_rank,
     alpha_for_scale,

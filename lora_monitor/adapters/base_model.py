@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LoraMonitorError
-from .modules import LoraModule
+from .record import LoraModule
 
 
 def load_base_model(folder: str | os.PathLike, *, causal_lm_first: bool = True) -> torch.nn.Module:

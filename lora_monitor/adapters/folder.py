@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from .._io import dumps, json_number, staged_folder
 from ..errors import LoraMonitorError
-from .modules import CONFIG_NAME, SAFETENSORS_NAME, LoraModule
+from .record import LoraModule
+from .saved import CONFIG_NAME, SAFETENSORS_NAME
 from .scaling import alpha_for_scale, pattern_key
 
 

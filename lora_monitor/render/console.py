@@ -1,4 +1,5 @@
-"""Every table lora-monitor prints, drawn with rich: one function per table, no computation of its own."""
+"""Every table lora-monitor prints, drawn with rich, and the commands' JSON output: one function per table,
+no computation of its own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,19 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from ..squeeze.analysis import SqueezeAnalysis
+
+
+def print_json(payload: Any) -> None:
+    """Write a JSON document to stdout (the ``--json`` output of every ``lora-monitor`` sub-command)."""
+    import json
+    import sys
+
+    from .._io import json_safe
+
+    # Strict JSON: NaN and infinity (an undefined or infinite κ) are written as null.
+    json.dump(json_safe(payload), sys.stdout, indent=2, default=str, allow_nan=False)
+    sys.stdout.write("\n")
+
 
 # ---- the monitor's analysis table (`lora-monitor analyze`) ---------------------------------------------
 
@@ -170,6 +184,17 @@ def print_analysis(analysis: SqueezeAnalysis, console: Console | None = None) ->
     console.print(squeeze_table(analysis))
     for line in summary_lines(analysis):
         console.print(line, highlight=False, markup=False)
+
+
+def print_compression(result: Any) -> None:
+    """One line for a :class:`~lora_monitor.squeeze.CompressionResult`: the folder, how many modules were
+    compressed, and to which rank(s)."""
+    changed = sum(result.ranks[name] < result.source_ranks[name] for name in result.ranks)
+    new_ranks = sorted(set(result.ranks.values()))
+    print(
+        f"Wrote {result.output_path}: {changed} of {len(result.ranks)} modules compressed, "
+        f"rank{'s' if len(new_ranks) > 1 else ''} {', '.join(map(str, new_ranks))}"
+    )
 
 
 # ---- the rank allocation table (`lora-monitor allocate`) --------------------------------------------------

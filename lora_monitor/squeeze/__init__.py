@@ -1,6 +1,7 @@
 """Post-Squeeze: how much of each LoRA delta a lower rank keeps, which rank to deploy, the compressed adapter.
 
-- :mod:`.options`: :class:`SqueezeOptions`, the one validator of thresholds, ranks and compression choices;
+- :mod:`.options`: :class:`SqueezeOptions`, the one validator of thresholds, ranks and compression choices,
+  and :func:`read_squeeze_toml` (the command's TOML ``[squeeze]`` table);
 - :mod:`.analysis`: the variance table and rank recommendations (:func:`analyze_adapter`);
 - :mod:`.function`: the rank whose held-out loss stays within a tolerance (:func:`recommend_rank_by_function`);
 - :mod:`.compress`: the compressed adapter folder (:func:`compress_adapter`);
@@ -18,6 +19,7 @@ from .options import (
     DEFAULT_THRESHOLD,
     SqueezeOptions,
     default_target_ranks,
+    read_squeeze_toml,
     validate_rank,
     validate_ranks,
     validate_threshold,
@@ -38,6 +40,7 @@ __all__ = [
     "default_target_ranks",
     "manifest_entry",
     "print_analysis",
+    "read_squeeze_toml",
     "recommend_rank_by_function",
     "squeeze_table",
     "summary_lines",

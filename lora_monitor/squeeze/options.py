@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import LoraMonitorError, check_number
@@ -97,3 +98,58 @@ class SqueezeOptions:
             per_module=table.get("per_module", False),
             where=where,
         )
+
+
+# The keys a [squeeze] table of a TOML file may hold (``lora-monitor squeeze squeeze.toml``).
+TOML_KEYS = (
+    "adapter_path",
+    "min_variance_retention",
+    "source_rank",
+    "target_ranks",
+    "output_path",
+    "compress_to",
+    "per_module",
+    "device",
+)
+
+
+def read_squeeze_toml(path: str | Path) -> dict[str, Any]:
+    """The [squeeze] table of a TOML file, checked key by key; paths stay relative to the current folder.
+
+    The numbers and choices (threshold, ranks, compress_to, per_module) are checked by :class:`SqueezeOptions`
+    when the caller builds its options (:meth:`SqueezeOptions.from_mapping`); here only the keys, the types of
+    the paths and ``source_rank``, which falls back to ``[model].lora_rank``.
+    """
+    path = Path(path)
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError as error:
+            raise LoraMonitorError(f"{path}: reading TOML needs Python 3.11+ or the tomli package") from error
+    if not path.is_file():
+        raise LoraMonitorError(f"{path}: no such TOML file")
+    try:
+        document = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise LoraMonitorError(f"{path}: not valid TOML ({error})") from error
+    table = document.get("squeeze")
+    if not isinstance(table, dict):
+        raise LoraMonitorError(f"{path}: has no [squeeze] table")
+    unknown = sorted(set(table) - set(TOML_KEYS))
+    if unknown:
+        raise LoraMonitorError(f"{path}: unknown key(s) {unknown} in [squeeze]; known: {list(TOML_KEYS)}")
+    for key in ("adapter_path", "output_path", "device"):
+        if key in table and not isinstance(table[key], str):
+            raise LoraMonitorError(f"{path}: [squeeze] {key} = {table[key]!r} must be a string")
+    if not table.get("adapter_path"):
+        raise LoraMonitorError(f"{path}: [squeeze] needs adapter_path")
+    settings = dict(table)
+    if not settings.get("source_rank"):
+        # the seed's fallback: [model].lora_rank names the rank the adapter was trained at
+        settings["source_rank"] = (document.get("model") or {}).get("lora_rank", 0)
+    source_rank = settings["source_rank"]
+    if source_rank != 0 or isinstance(source_rank, bool):
+        validate_rank(source_rank, f"{path}: [squeeze] source_rank")
+    return settings

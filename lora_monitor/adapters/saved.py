@@ -1,0 +1,239 @@
+"""Adapter folders written by ``save_pretrained``: the config, checked, and the factors, read lazily.
+
+:func:`load_adapter` gives a :class:`SavedAdapter`, whose :class:`~.record.LoraModule` records read each
+factor from disk when it is used; the scale of each follows the config exactly as PEFT applies it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import LoraMonitorError
+from .factors import MAGNITUDE_SUFFIX, SAVED_A_SUFFIXES, strip_prefix
+from .record import LoraModule
+from .scaling import describe_module, scale_for
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+
+@dataclass
+class SavedAdapter:
+    """An adapter folder written by ``save_pretrained``, read lazily (one tensor at a time)."""
+
+    path: Path
+    config: dict[str, Any]
+    weights_file: Path
+    keys: list[str]
+    modules: list[LoraModule]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """One stored tensor, in its stored dtype."""
+        return _read_tensor(self.weights_file, key)
+
+    def __iter__(self) -> Iterator[LoraModule]:
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+def _read_tensor(weights_file: Path, key: str) -> torch.Tensor:
+    try:
+        if weights_file.suffix == ".safetensors":
+            with safe_open(str(weights_file), framework="pt") as handle:
+                return handle.get_tensor(key)
+        return _load_bin(weights_file)[key]
+    except (SafetensorError, OSError, RuntimeError, KeyError) as error:
+        raise LoraMonitorError(f"{weights_file}: cannot read tensor {key!r} ({error})") from error
+
+
+_BIN_CACHE: dict[Path, tuple[float, dict[str, torch.Tensor]]] = {}
+
+
+def _load_bin(weights_file: Path) -> dict[str, torch.Tensor]:
+    # A pickle cannot be read lazily: the last one read is kept (and read again if the file changed).
+    stamp = weights_file.stat().st_mtime
+    cached = _BIN_CACHE.get(weights_file)
+    if cached is None or cached[0] != stamp:
+        try:
+            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises pickle, zip and runtime errors for a damaged file
+            raise LoraMonitorError(
+                f"{weights_file}: not a readable PyTorch weights file ({error})"
+            ) from error
+        if not isinstance(state, dict):
+            raise LoraMonitorError(f"{weights_file}: holds a {type(state).__name__}, not a state dict")
+        _BIN_CACHE.clear()
+        _BIN_CACHE[weights_file] = (stamp, state)
+    return _BIN_CACHE[weights_file][1]
+
+
+def _stored_shapes(weights_file: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        if weights_file.suffix == ".safetensors":
+            with safe_open(str(weights_file), framework="pt") as handle:
+                return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+        return {key: tuple(value.shape) for key, value in _load_bin(weights_file).items()}
+    except (SafetensorError, OSError, RuntimeError, EOFError) as error:
+        raise LoraMonitorError(f"{weights_file}: not a readable adapter weights file ({error})") from error
+
+
+def _no_config_message(folder: Path) -> str:
+    """Why ``folder`` is no adapter folder; PEFT saves an adapter named ``foo`` as ``folder/foo/``: say so."""
+    nested = (
+        sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else []
+    )
+    if not nested:
+        return f"{folder}: no {CONFIG_NAME} here, so this is not a PEFT adapter folder"
+    options = " or ".join(f"--adapter-name {name} (adapter_name={name!r})" for name in nested)
+    return (
+        f"{folder}: no {CONFIG_NAME} here, but PEFT saved adapter(s) {nested} in sub-folders: pass {options}, "
+        f"or give {folder / nested[0]}"
+    )
+
+
+def _check_target_modules(config: dict[str, Any], config_file: Path, modules: list[LoraModule]) -> None:
+    """Refuse a config whose ``target_modules`` would not put every stored pair back where it was.
+
+    Without ``target_modules`` PEFT falls back to its defaults for the architecture (``q_proj``/``v_proj``
+    for Llama), so ``from_pretrained`` would load only some of the stored pairs and silently drop the rest;
+    a compressed copy would inherit the defect.
+    """
+    stored_types = sorted({module.module_type for module in modules})
+    target = config.get("target_modules")
+    if target is None or target == [] or target == "":
+        raise LoraMonitorError(
+            f"{config_file}: target_modules is missing, so PEFT would apply this adapter only to its default "
+            f'modules for the architecture; add "target_modules": {json.dumps(stored_types)} (the stored '
+            "module types)"
+        )
+    if isinstance(target, str):
+        uncovered = [m.name for m in modules if not re.fullmatch(target, m.name)]
+    elif isinstance(target, list) and all(isinstance(item, str) for item in target):
+        # PEFT's rule for a list: the module path is the name itself or ends with "." + name.
+        uncovered = [
+            m.name for m in modules if not any(m.name == t or m.name.endswith("." + t) for t in target)
+        ]
+    else:
+        raise LoraMonitorError(
+            f"{config_file}: target_modules must be a list of module names or a regex string, got {target!r}"
+        )
+    if uncovered:
+        shown = ", ".join(uncovered[:3]) + (" ..." if len(uncovered) > 3 else "")
+        raise LoraMonitorError(
+            f"{config_file}: target_modules {target!r} does not cover {len(uncovered)} stored module(s) "
+            f"({shown}); PEFT would not load them. Stored module types: {stored_types}"
+        )
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """The folder's ``adapter_config.json`` as a dict, checked to be a LoRA config."""
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise LoraMonitorError(_no_config_message(folder))
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LoraMonitorError(f"{config_file}: not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise LoraMonitorError(f"{config_file}: holds a JSON {type(config).__name__}, not an adapter config")
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise LoraMonitorError(f"{config_file}: peft_type is {config.get('peft_type')!r}, not a LoRA adapter")
+    return config
+
+
+def load_adapter(path: str | Path, adapter_name: str | None = None) -> SavedAdapter:
+    """Read an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``).
+
+    Only the header is read now; each factor is read when a record's ``A``/``B`` is used. A folder saved
+    from a model with several adapters keeps the non-default ones in sub-folders: name one with
+    ``adapter_name``. Scales follow the config's ``r``, ``lora_alpha``, ``rank_pattern``,
+    ``alpha_pattern`` and ``use_rslora`` exactly as PEFT applies them.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise LoraMonitorError(f"{folder}: no such adapter folder")
+    if not folder.is_dir():
+        raise LoraMonitorError(f"{folder}: is a file; give the adapter folder that holds {CONFIG_NAME}")
+    if adapter_name is not None and adapter_name != "default":
+        if not (folder / adapter_name).is_dir():
+            found = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
+            raise LoraMonitorError(
+                f"{folder}: no adapter named {adapter_name!r} (adapters in sub-folders: {found or 'none'})"
+            )
+        folder = folder / adapter_name
+    config = read_adapter_config(folder)
+    weights_file = folder / SAFETENSORS_NAME
+    if not weights_file.is_file():
+        weights_file = folder / BIN_NAME
+    if not weights_file.is_file():
+        raise LoraMonitorError(f"{folder}: neither {SAFETENSORS_NAME} nor {BIN_NAME} is here")
+    shapes = _stored_shapes(weights_file)
+    modules = []
+    for key, shape in shapes.items():
+        kind = next((k for suffix, k in SAVED_A_SUFFIXES.items() if key.endswith(suffix)), None)
+        if kind is None:
+            continue
+        suffix = next(s for s in SAVED_A_SUFFIXES if key.endswith(s))
+        prefix = key[: -len(suffix)]
+        b_key = prefix + suffix.replace("_A", "_B")
+        if b_key not in shapes:
+            raise LoraMonitorError(f"{weights_file}: {key} has no matching {b_key}")
+        b_shape = shapes[b_key]
+        rank = shape[0]
+        if len(shape) > 2:
+            kind = "conv"
+        if b_shape[1] != rank:
+            raise LoraMonitorError(
+                f"{weights_file}: {prefix} has A of shape {list(shape)} and B of shape {list(b_shape)}: "
+                f"their ranks differ"
+            )
+        name = strip_prefix(prefix)
+        configured_rank, alpha, scale = scale_for(config, name, where=str(folder / CONFIG_NAME))
+        if configured_rank != rank:
+            raise LoraMonitorError(
+                f"{folder}: module {name} has rank {rank} in its weights but {configured_rank} in "
+                f"{CONFIG_NAME} (r / rank_pattern); the config and the weights do not belong together"
+            )
+        module_type, layer_index = describe_module(name)
+        keys = {"A": key, "B": b_key}
+        if prefix + MAGNITUDE_SUFFIX in shapes:
+            keys["magnitude"] = prefix + MAGNITUDE_SUFFIX
+        modules.append(
+            LoraModule(
+                name=name,
+                module_type=module_type,
+                layer_index=layer_index,
+                kind=kind,
+                rank=rank,
+                alpha=alpha,
+                scale=scale,
+                use_rslora=bool(config.get("use_rslora")),
+                use_dora=bool(config.get("use_dora")) and "magnitude" in keys,
+                adapter_name=adapter_name or "default",
+                A_shape=shape,
+                B_shape=b_shape,
+                load_A=lambda f=weights_file, k=key: _read_tensor(f, k),
+                load_B=lambda f=weights_file, k=b_key: _read_tensor(f, k),
+                keys=keys,
+            )
+        )
+    if not modules:
+        raise LoraMonitorError(f"{weights_file}: holds no LoRA factors (no *.lora_A.weight keys)")
+    _check_target_modules(config, folder / CONFIG_NAME, modules)
+    modules.sort(key=lambda m: _natural_key(m.name))
+    return SavedAdapter(folder, config, weights_file, list(shapes), modules)
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
