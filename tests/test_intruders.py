@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import peft_llama
+from conftest import peft_llama, tiny_llama
 
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.monitor.intruders import BaseSubspaceCache, intruder_dimensions
@@ -88,3 +88,31 @@ def test_top_reference_subspace_by_randomized_svd_matches_the_dense_top_vectors(
         tuned_top = torch.linalg.svd(tuned, full_matrices=False).U[:, :top_k]
         expected = (base_top.mT @ tuned_top).abs().amax(dim=0)
         assert result.similarities == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_analyze_with_base_reports_intruders_matching_a_dense_svd(tmp_path, capsys):
+    import json
+
+    from lora_monitor.cli import main
+
+    model = peft_llama(3, r=4, target_modules=["q_proj", "v_proj"])
+    modules = find_lora_modules(model)
+    _plant_direction(modules[0].module, "default", strength=20.0, seed=4)
+    model.save_pretrained(tmp_path / "adapter")
+    tiny_llama(3).save_pretrained(tmp_path / "base")  # the very base peft_llama(3) was built on
+    expected = {}
+    for module in modules:
+        base = module.base_weight()
+        tuned = base + module.module.get_delta_weight("default")
+        expected[module.name] = _dense_similarities(base, tuned, 10)
+
+    assert main(["analyze", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    found = {item["name"]: item for item in report["intruders"]}
+    assert found.keys() == expected.keys()
+    planted = found[modules[0].name]
+    # The planted direction is the top one by far: the randomized SVD finds it to high accuracy.
+    assert planted["similarities"][0] == pytest.approx(float(expected[modules[0].name][0]), abs=1e-3)
+    assert planted["count"] >= 1 and planted["similarities"][0] < planted["epsilon"]
+    assert main(["analyze", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")]) == 0
+    assert "Intruder dimensions" in capsys.readouterr().out

@@ -7,9 +7,12 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from rich.console import Console
     from rich.table import Table
 
+    from ..monitor.intruders import IntruderDimensions
     from ..squeeze.analysis import SqueezeAnalysis
 
 
@@ -108,6 +111,27 @@ def print_monitor_analysis(path: object, record: object, *, with_base: bool) -> 
             f"{severity.upper()} {alert.code}: {alert.message}", style=styles[severity], markup=False
         )
         console.print(f"  Suggested action: {alert.action}", markup=False)
+
+
+def print_intruders(intruders: Sequence[IntruderDimensions]) -> None:
+    """One line for the whole adapter and the modules with the most intruder dimensions."""
+    from rich.console import Console
+
+    if not intruders:
+        return
+    first = intruders[0]
+    total = sum(item.count for item in intruders)
+    affected = sorted((item for item in intruders if item.count), key=lambda item: -item.count)
+    console = Console()
+    console.print(
+        f"Intruder dimensions (top {first.top_k} directions of W + ΔW whose best cosine with the base's "
+        f"directions is below {first.epsilon:g}): {total} in {len(affected)} of {len(intruders)} modules",
+        markup=False,
+    )
+    for item in affected[:5]:
+        console.print(
+            f"  {item.name}: {item.count} (lowest similarity {min(item.similarities):.3f})", markup=False
+        )
 
 
 # ---- the Post-Squeeze retention table (`lora-monitor squeeze`, PostSqueezeCallback) ----------------------
