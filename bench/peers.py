@@ -2,6 +2,7 @@
 
     bash bench/peers_setup.sh          # once: each peer in its own venv under /tmp (see that file)
     python bench/peers.py [--runs 3] [--rank 16] [--target-rank 8] [--layers 32] [--import-profile]
+    python bench/peers.py --runs 1 --state /tmp/peers.json   # three times: one round per call, same table
 
 The job, for every tool: read a saved PEFT adapter (adapter_config.json + adapter_model.safetensors; 224
 LoRA pairs, fp32, 32 layers × q,k,v,o 4096×4096 + gate,up 11008×4096 + down 4096×11008), compute the
@@ -357,6 +358,11 @@ def main() -> None:
             tools = [t for t in tools if any(part in t.name for part in args.only.split(","))]
         for line in missing:
             console.print(f"[yellow]not measured[/yellow]: {line}")
+        state = Path(args.state) if args.state else None
+        earlier = json.loads(state.read_text()) if state and state.is_file() else {}
+        for tool in tools:
+            for key in ("walls", "imports", "computes"):
+                getattr(tool, key).extend(earlier.get(tool.name, {}).get(key, []))
         for round_number in range(1, args.runs + 1):
             for tool in tools:
                 if tool.error:
@@ -365,12 +371,18 @@ def main() -> None:
                     tool.run(output, args.target_rank)
                 wall = f"{tool.walls[-1]:.2f} s" if tool.walls and not tool.error else tool.error
                 console.print(f"round {round_number}: {tool.name}: {wall}")
+        if state:
+            state.write_text(
+                json.dumps(
+                    {t.name: {k: getattr(t, k) for k in ("walls", "imports", "computes")} for t in tools}
+                )
+            )
         reference = {True: None, False: None}
         for tool in tools:
             if tool.name.startswith("lora-monitor") and tool.walls:
                 reference[tool.prints_split] = tool
         table = Table(
-            title=f"Analyse + write a rank-{args.target_rank} adapter, {args.layers * 7} modules r={args.rank} (seconds, min / median of {args.runs})"
+            title=f"Analyse + write a rank-{args.target_rank} adapter, {args.layers * 7} modules r={args.rank} (seconds, min / median of the runs)"
         )
         for column in ("tool", "wall", "imports (median)", "compute", "wall vs ours", "compute vs ours"):
             table.add_column(column, justify="left" if column == "tool" else "right")
