@@ -340,6 +340,11 @@ def main() -> None:
         "--only", default="", help="comma-separated substrings: run only tools whose name matches"
     )
     parser.add_argument(
+        "--state",
+        default="",
+        help="JSON file of earlier rounds' times, read before and written after (to split rounds over several calls)",
+    )
+    parser.add_argument(
         "--import-profile", action="store_true", help="also show where our command's import time goes"
     )
     args = parser.parse_args()
