@@ -1,20 +1,27 @@
 """Benchmark: the batched spectrum engine against the obvious alternatives, on a Llama-2-7B-shaped adapter.
 
-    python bench/spectrum.py [--ranks 16,64] [--layers 32] [--repeats 3]
+    python bench/spectrum.py [--ranks 16,64] [--layers 32] [--repeats 3] [--threads N] [--dense scaled|full|off]
 
 Random fp32 LoRA factors for 32 layers × (q, k, v, o: 4096×4096; gate, up: 11008×4096; down: 4096×11008).
-For each rank it times, on the same tensors in one run:
+For each rank it times, on the same tensors in one run (every row is printed as soon as it is measured):
   - reading every factor once (a sum over each): the memory floor;
   - the compute floor: the Gram products (2·r flops per factor element) at this machine's measured sgemm speed;
   - a per-module loop of thin QR of B and Aᵀ plus the SVD of the r×r core (the obvious exact route);
   - lora_monitor's engine: singular values of every ΔW, A and B (lora_spectra), and full U, S, V (factored_svd);
-  - dense SVD of the m×n delta, measured on one module of each shape and extrapolated to all 224.
-and prints the times and the ratios.
+  - dense SVD of each m×n delta, extrapolated to all 224 modules (see --dense);
+and prints the times, each next to the floor (the larger of the two floors), and engine / floor per rank.
+
+--dense scaled (default, ~10 s): dense singular values of quarter-size deltas (1024×1024, 2752×1024,
+1024×2752) scaled by the m·n·min(m, n) flop ratio (64×): an estimate. --dense full measures one delta of
+each real shape instead: three dense SVDs of up to 11008×4096, several minutes on a 2-core CPU.
+--dense off skips it. Timings are min and median of --repeats (the loops and dense SVDs: one run);
+--threads 1 steadies them on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -24,22 +31,33 @@ from rich.table import Table
 from lora_monitor.spectrum import factored_svd, lora_spectra
 
 SHAPES = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+DENSE_SHRINK = 4  # --dense scaled: each side divided by this, time multiplied by DENSE_SHRINK**3
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (allocator, thread pool)
+def timings(fn, repeats: int) -> tuple[float, float]:
+    """(min, median) seconds of ``repeats`` calls after one warm-up call (allocator, thread pool)."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return min(times), statistics.median(times)
 
 
 def sgemm_flops_per_second() -> float:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    seconds = best_time(lambda: a @ b, 3)
+    seconds = timings(lambda: a @ b, 3)[0]
     return 2 * 2048**3 / seconds
+
+
+def dense_seconds(shape: tuple[int, int], mode: str) -> float:
+    """Seconds for the dense singular values of one rank-16 m×n delta (measured, or scaled from a quarter size)."""
+    m, n = shape
+    shrink = DENSE_SHRINK if mode == "scaled" else 1
+    B, A = torch.randn(m // shrink, 16), torch.randn(16, n // shrink)
+    seconds = timings(lambda: torch.linalg.svdvals(B @ A), 1)[0]
+    return seconds * shrink**3
 
 
 def main() -> None:
@@ -49,24 +67,34 @@ def main() -> None:
     parser.add_argument("--ranks", default="16,64")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-dense", action="store_true", help="skip the (slow) dense SVD extrapolation")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    parser.add_argument(
+        "--dense",
+        choices=("scaled", "full", "off"),
+        default="scaled",
+        help="dense SVD extrapolation: scaled from quarter-size deltas (~10 s, default), full shapes (minutes), off",
+    )
     args = parser.parse_args()
-    console = Console()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console(width=max(Console().width, 120))
     torch.manual_seed(0)
-    flops = sgemm_flops_per_second()
+    with console.status("measuring sgemm speed"):
+        flops = sgemm_flops_per_second()
     console.print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, sgemm {flops / 1e9:.0f} GFLOP/s, "
         f"{args.layers} layers × {len(SHAPES)} modules"
     )
 
-    dense_seconds_per_shape = {}
-    if not args.skip_dense:
-        for m, n in sorted(set(SHAPES)):
-            B, A = torch.randn(m, 16), torch.randn(16, n)
-            dense_seconds_per_shape[(m, n)] = best_time(lambda B=B, A=A: torch.linalg.svdvals(B @ A), 1)
+    dense_per_shape = {}
+    if args.dense != "off":
+        for shape in sorted(set(SHAPES)):
+            with console.status(f"dense SVD of a {shape[0]}×{shape[1]} delta ({args.dense})"):
+                dense_per_shape[shape] = dense_seconds(shape, args.dense)
+            console.log(f"dense SVD {shape[0]}×{shape[1]} ({args.dense}): {dense_per_shape[shape]:.2f} s")
 
     table = Table(title="Singular values of every LoRA delta in a 7B-shaped adapter (fp32, CPU)")
-    for column in ("rank", "what", "time (ms)", "vs engine"):
+    for column in ("rank", "what", "min (ms)", "median (ms)", "vs floor", "vs engine"):
         table.add_column(column, justify="right" if column != "what" else "left")
     for rank in [int(r) for r in args.ranks.split(",")]:
         modules = [
@@ -91,33 +119,55 @@ def main() -> None:
                 U, _, Vh = torch.linalg.svd(R_B @ R_A.T)
                 Q_B @ U, Q_A @ Vh.T
 
-        rows = {
-            "read every factor once (memory floor)": best_time(read_once, args.repeats),
-            "compute floor (Gram flops at sgemm speed)": 2 * rank * elements / flops,
-            "per-module QR + core SVD loop (values)": best_time(qr_loop, 1),
-            "engine: lora_spectra (values of ΔW, A, B)": best_time(
-                lambda Bs=Bs, As=As: lora_spectra(Bs, As), args.repeats
+        compute_floor = 2 * rank * elements / flops
+        measurements = {
+            "read every factor once (memory floor)": lambda: timings(read_once, args.repeats),
+            "compute floor (Gram flops at sgemm speed)": lambda floor=compute_floor: (floor, floor),
+            "engine: lora_spectra (values of ΔW, A, B)": lambda Bs=Bs, As=As: timings(
+                lambda: lora_spectra(Bs, As), args.repeats
             ),
-            "per-module QR + core SVD loop (U, S, V)": best_time(qr_loop_vectors, 1),
-            "engine: factored_svd (U, S, V)": best_time(lambda Bs=Bs, As=As: factored_svd(Bs, As), 1),
+            "per-module QR + core SVD loop (values)": lambda: timings(qr_loop, 1),
+            "engine: factored_svd (U, S, V)": lambda Bs=Bs, As=As: timings(lambda: factored_svd(Bs, As), 1),
+            "per-module QR + core SVD loop (U, S, V)": lambda: timings(qr_loop_vectors, 1),
         }
-        if dense_seconds_per_shape:
-            rows["dense SVD of each m×n ΔW (extrapolated)"] = args.layers * sum(
-                dense_seconds_per_shape[shape] for shape in SHAPES
+        rows: dict[str, tuple[float, float]] = {}
+        for what, measure in measurements.items():
+            with console.status(f"r={rank}: {what}"):
+                rows[what] = measure()
+            console.log(
+                f"r={rank}: {what}: min {rows[what][0] * 1e3:,.1f} ms, median {rows[what][1] * 1e3:,.1f} ms"
             )
-        engine = rows["engine: lora_spectra (values of ΔW, A, B)"]
-        floor = max(
-            rows["read every factor once (memory floor)"], rows["compute floor (Gram flops at sgemm speed)"]
+        if dense_per_shape:
+            dense = args.layers * sum(dense_per_shape[shape] for shape in SHAPES)
+            label = "estimated from quarter size" if args.dense == "scaled" else "extrapolated"
+            rows[f"dense SVD of each m×n ΔW ({label})"] = (dense, dense)
+        floor = max(rows["read every factor once (memory floor)"][0], compute_floor)
+        engine = rows["engine: lora_spectra (values of ΔW, A, B)"][0]
+        vectors = rows["engine: factored_svd (U, S, V)"][0]
+        for what, (fastest, median) in rows.items():
+            reference = vectors if "U, S, V" in what else engine
+            table.add_row(
+                str(rank),
+                what,
+                f"{fastest * 1e3:,.1f}",
+                f"{median * 1e3:,.1f}",
+                f"{fastest / floor:,.2f}×",
+                f"{fastest / reference:,.2f}×",
+            )
+        table.add_row(
+            str(rank),
+            f"[bold]floor {floor * 1e3:,.1f} ms; lora_spectra / floor[/bold]",
+            "",
+            "",
+            f"[bold]{engine / floor:.2f}×[/bold]",
+            "",
         )
-        for what, seconds in rows.items():
-            reference = rows["engine: factored_svd (U, S, V)"] if "U, S, V" in what else engine
-            table.add_row(str(rank), what, f"{seconds * 1e3:,.1f}", f"{seconds / reference:,.2f}×")
-        table.add_row(str(rank), "[bold]engine / floor[/bold]", "", f"{engine / floor:.2f}×")
         table.add_section()
     console.print(table)
     console.print(
-        "'vs engine': time of the row divided by the engine's time for the same output "
-        "(values rows vs lora_spectra, U,S,V rows vs factored_svd); >1 means the engine is faster."
+        "floor: the larger of the memory floor (min) and the compute floor. 'vs floor' and 'vs engine' use the"
+        " min times; 'vs engine' divides by the engine's time for the same output (values rows by lora_spectra,"
+        " U,S,V rows by factored_svd): >1 means the engine is faster."
     )
 
 

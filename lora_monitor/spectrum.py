@@ -63,10 +63,10 @@ class _Cores:
     eig_B: Tensor  # (N, r) eigenvalues of BᵀB, descending, clipped below resolution
     vec_B: Tensor  # (N, r, r)
     eig_A: Tensor
-    vec_A: Tensor | None  # None: values only
-    core_U: Tensor | None  # (N, r, r) left singular vectors of the core (None: values only)
+    vec_A: Tensor
+    core_U: Tensor  # (N, r, r) left singular vectors of the core
     core_S: Tensor  # (N, r) singular values of B@A (unscaled)
-    core_V: Tensor | None
+    core_V: Tensor
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -142,17 +142,8 @@ def _floor_descending(eigenvalues: Tensor, eps: float) -> Tensor:
     return torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
 
 
-def _cores(gram_B: Tensor, gram_A: Tensor, eps: float, vectors: bool = True) -> _Cores:
+def _cores(gram_B: Tensor, gram_A: Tensor, eps: float) -> _Cores:
     eig_B, vec_B = _sym_eig_descending(gram_B, eps)
-    if not vectors:
-        # Values only: σ(BA)² are the eigenvalues of R_B G_A R_Bᵀ (R_B = Λ_B^½ Q_Bᵀ), so one eigh and two
-        # eigvalsh replace two eigh and an SVD (a third less work on the r×r batch).
-        eig_A = _floor_descending(torch.linalg.eigvalsh(gram_A), eps)
-        root_B = vec_B * eig_B.sqrt().unsqueeze(-2)  # R_Bᵀ
-        squared = _floor_descending(
-            torch.linalg.eigvalsh(root_B.mT @ gram_A @ root_B), eps * gram_A.shape[-1]
-        )
-        return _Cores(eig_B, vec_B, eig_A, None, None, squared.sqrt(), None)
     eig_A, vec_A = _sym_eig_descending(gram_A, eps)
     # core = R_B R_Aᵀ = Λ_B^½ Q_Bᵀ Q_A Λ_A^½
     core = eig_B.sqrt().unsqueeze(-1) * (vec_B.mT @ vec_A) * eig_A.sqrt().unsqueeze(-2)
@@ -160,20 +151,73 @@ def _cores(gram_B: Tensor, gram_A: Tensor, eps: float, vectors: bool = True) -> 
     return _Cores(eig_B, vec_B, eig_A, vec_A, core_U, core_S, core_Vh.mT)
 
 
-def _grouped_cores(
-    Bs: list[Tensor], As: list[Tensor], dtype: torch.dtype, vectors: bool = True
-) -> tuple[dict[int, list[int]], dict[int, _Cores]]:
-    """Compute the r×r cores of every pair, batched over pairs of the same rank."""
-    eps = torch.finfo(dtype).eps
+def _group_grams(
+    Bs: list[Tensor], As: list[Tensor], indices: list[int], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``BᵀB`` and ``AAᵀ`` of the pairs at ``indices`` (same rank), float64 stacks ``(N, r, r)``.
+
+    Each product is written straight into its slot of one preallocated stack: per module this is one
+    matrix product and nothing else, because with hundreds of modules the Python and allocation overhead
+    around the products, not the products themselves, is what separates the engine from the floor.
+    """
+    rank = As[indices[0]].shape[0]
+    device = As[indices[0]].device
+    gram_B = torch.empty(len(indices), rank, rank, dtype=dtype, device=device)
+    gram_A = torch.empty(len(indices), rank, rank, dtype=dtype, device=device)
+    with torch.no_grad():
+        for position, i in enumerate(indices):
+            B, A = Bs[i], As[i]
+            if B.dtype != dtype:
+                B = B.to(dtype)
+            if A.dtype != dtype:
+                A = A.to(dtype)
+            torch.matmul(B.mT, B, out=gram_B[position])
+            torch.matmul(A, A.mT, out=gram_A[position])
+    return gram_B.double(), gram_A.double()
+
+
+def _rank_groups(As: list[Tensor]) -> dict[int, list[int]]:
     groups: dict[int, list[int]] = {}
     for index, A in enumerate(As):
         groups.setdefault(A.shape[0], []).append(index)
-    cores: dict[int, _Cores] = {}
-    for rank, indices in groups.items():
-        gram_B = torch.stack([_gram(Bs[i], dtype, rows=False) for i in indices]).double()
-        gram_A = torch.stack([_gram(As[i], dtype, rows=True) for i in indices]).double()
-        cores[rank] = _cores(gram_B, gram_A, eps, vectors)
+    return groups
+
+
+def _grouped_cores(
+    Bs: list[Tensor], As: list[Tensor], dtype: torch.dtype
+) -> tuple[dict[int, list[int]], dict[int, _Cores]]:
+    """Compute the r×r cores (with vectors) of every pair, batched over pairs of the same rank."""
+    eps = torch.finfo(dtype).eps
+    groups = _rank_groups(As)
+    cores = {rank: _cores(*_group_grams(Bs, As, indices, dtype), eps) for rank, indices in groups.items()}
     return groups, cores
+
+
+def _singular_values(gram_B: Tensor, gram_A: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Singular values of ``B@A``, ``A`` and ``B`` from their float64 Gram stacks, descending.
+
+    σ(BA)² are the eigenvalues of ``R_B G_A R_Bᵀ`` for any ``R_BᵀR_B = G_B``. Where ``B`` is resolved to
+    full rank, ``R_Bᵀ`` is the Cholesky factor of ``G_B`` (a tenth of the cost of an eigendecomposition),
+    and the three symmetric eigenvalue problems per module (``G_B``, ``G_A``, the core) go through one
+    batched call. Where ``B`` has directions below resolution (``B = 0`` at initialisation, a collapsed
+    factor), ``R_B = Λ_B^½ Q_Bᵀ`` from the floored eigendecomposition instead, so that those directions
+    count as exactly zero.
+    """
+    count, rank = gram_B.shape[0], gram_B.shape[-1]
+    lower, info = torch.linalg.cholesky_ex(gram_B)
+    core = lower.mT @ gram_A @ lower
+    eigenvalues = torch.linalg.eigvalsh(torch.cat([gram_B, gram_A, core]))
+    eig_B = _floor_descending(eigenvalues[:count], eps)
+    eig_A = _floor_descending(eigenvalues[count : 2 * count], eps)
+    squared = eigenvalues[2 * count :].clone()  # ascending, as _floor_descending expects
+    unresolved = ((info != 0) | (eig_B[:, -1] <= 0)).nonzero().squeeze(-1)
+    if len(unresolved):
+        chosen_B = eig_B[unresolved]
+        vectors_B = torch.linalg.eigh(gram_B[unresolved]).eigenvectors.flip(-1)
+        root_B = vectors_B * chosen_B.sqrt().unsqueeze(-2)  # R_Bᵀ with floored directions removed
+        squared[unresolved] = torch.linalg.eigvalsh(root_B.mT @ gram_A[unresolved] @ root_B)
+    delta = _floor_descending(squared, eps * rank).sqrt()
+    return delta, eig_A.sqrt(), eig_B.sqrt()
 
 
 def _safe_inverse_sqrt(eigenvalues: Tensor) -> Tensor:
@@ -201,14 +245,14 @@ def lora_spectra(
     out = {
         name: torch.zeros(len(Bs), max_rank, dtype=torch.float64, device=device) for name in ("d", "a", "b")
     }
-    groups, cores = _grouped_cores(Bs, As, dtype, vectors=False)
-    for rank, indices in groups.items():
-        core = cores[rank]
+    eps = torch.finfo(dtype).eps
+    for rank, indices in _rank_groups(As).items():
+        delta, values_A, values_B = _singular_values(*_group_grams(Bs, As, indices, dtype), eps)
         index = torch.tensor(indices, device=device)
         group_scales = torch.tensor([abs(scales[i]) for i in indices], dtype=torch.float64, device=device)
-        out["d"][index, :rank] = core.core_S * group_scales.unsqueeze(-1)
-        out["a"][index, :rank] = core.eig_A.sqrt()
-        out["b"][index, :rank] = core.eig_B.sqrt()
+        out["d"][index, :rank] = delta * group_scales.unsqueeze(-1)
+        out["a"][index, :rank] = values_A
+        out["b"][index, :rank] = values_B
     return LoraSpectra(delta=out["d"], A=out["a"], B=out["b"])
 
 
