@@ -196,3 +196,40 @@ def test_truncated_and_mismatched_files(tmp_path):
 def test_model_without_lora():
     with pytest.raises(LoraMonitorError, match="no LoRA modules"):
         find_lora_modules(tiny_llama())
+
+
+def test_pattern_keys_match_as_peft_matches_them():
+    from peft.utils.other import get_pattern_key
+
+    from lora_monitor.adapters.scaling import pattern_key, pattern_key_for
+
+    names = [f"model.layers.{i}.self_attn.{kind}" for i in (0, 1, 11) for kind in ("q_proj", "v_proj")]
+    names += ["model.embed_tokens", "lm_head", "model.layers.1.mlp.down_proj"]
+    patterns = [
+        ["q_proj"],
+        ["layers.1.self_attn.q_proj", "q_proj"],
+        [pattern_key("model.layers.1.self_attn.q_proj"), "v_proj"],
+        ["down_proj", "^model\\.embed_tokens", "lm_head"],
+        [],
+    ]
+    for keys in patterns:
+        for name in names:
+            assert pattern_key_for(keys, name) == get_pattern_key(keys, name), (keys, name)
+
+
+def test_reading_and_compressing_a_saved_adapter_imports_neither_peft_nor_transformers(tmp_path):
+    import subprocess
+    import sys
+
+    peft_llama(0, r=4).save_pretrained(tmp_path / "adapter")
+    script = (
+        "import sys\n"
+        "from lora_monitor import analyze_adapter, compress_adapter\n"
+        f"analysis = analyze_adapter({str(tmp_path / 'adapter')!r}, progress=False)\n"
+        f"compress_adapter({str(tmp_path / 'adapter')!r}, {str(tmp_path / 'out')!r}, target_rank=2)\n"
+        "print(sorted(name for name in ('peft', 'transformers') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

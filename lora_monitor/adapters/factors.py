@@ -12,11 +12,16 @@ then sees only those, through :func:`live_factors`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..errors import LoraMonitorError
+
+if TYPE_CHECKING:  # PEFT is imported only where a live model is handled: reading a saved adapter needs
+    # neither PEFT nor the transformers it imports
+    from peft.tuners.lora import LoraLayer
 
 PEFT_PREFIX = "base_model.model."
 # Plain dict on a LoraLayer, {adapter name: rank}: the leading directions alive under a mask.

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.tuners.lora import LoraLayer
 
 from ..errors import LoraMonitorError
 from .factors import (
@@ -41,7 +40,7 @@ def adapter_names(model: torch.nn.Module) -> list[str]:
     """Names of the LoRA adapters present in a live model, in the order they were added."""
     names: dict[str, None] = {}
     for module in model.modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, _lora_layer_class()):
             for name in (*module.lora_A.keys(), *module.lora_embedding_A.keys()):
                 names[name] = None
     return list(names)
@@ -75,7 +74,7 @@ def find_lora_modules(model: torch.nn.Module, adapter_name: str | None = None) -
     chosen = _choose_adapter(model, adapter_name, adapter_names(model))
     records: list[LoraModule] = []
     for qualified_name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or (
+        if not isinstance(module, _lora_layer_class()) or (
             chosen not in module.lora_A and chosen not in module.lora_embedding_A
         ):
             continue
@@ -134,6 +133,13 @@ def gather_records(records: list[LoraModule]) -> list[LoraModule]:
 
 def _sharded(record: LoraModule) -> bool:
     return is_sharded(factor_parameters(record.module, record.adapter_name)[1])
+
+
+def _lora_layer_class() -> type:
+    """PEFT's ``LoraLayer``, imported on first use: reading a saved adapter never needs PEFT."""
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

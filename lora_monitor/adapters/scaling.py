@@ -16,8 +16,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from peft.utils.other import get_pattern_key
-
 from ..errors import LoraMonitorError, check_number
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -95,6 +93,18 @@ def module_block(name: str) -> str:
     return "other"
 
 
+def pattern_key_for(pattern_keys: list[str], name: str) -> str:
+    """The first ``rank_pattern``/``alpha_pattern`` key that PEFT matches to module ``name``, else ``name``.
+
+    PEFT's own rule (``peft.utils.other.get_pattern_key``: the regex ``(.*\\.)?(KEY)$``), written here so that
+    reading a saved adapter does not import PEFT and, through it, transformers; a test holds the two equal.
+    """
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return name
+
+
 def _config_rank(value: Any, key: str, where: str) -> int:
     return int(check_number(value, f"{where}: {key}", low=1, whole=True, hint="a LoRA rank"))
 
@@ -124,14 +134,14 @@ def scale_for(
 ) -> tuple[int, float, float]:
     """``(r, alpha, scale)`` of module ``name`` from an adapter config, as PEFT computes them.
 
-    ``rank_pattern``/``alpha_pattern`` are matched with PEFT's own ``get_pattern_key``; rsLoRA uses
+    ``rank_pattern``/``alpha_pattern`` are matched as PEFT's ``get_pattern_key`` matches them; rsLoRA uses
     ``alpha/√r``. ``rank`` (from the stored weights) overrides the configured r where given. A value of
     the wrong type raises :class:`LoraMonitorError` naming ``where`` (the config file) and the key.
     """
     rank_pattern = _pattern(config, "rank_pattern", where)
     alpha_pattern = _pattern(config, "alpha_pattern", where)
-    rank_key = get_pattern_key(list(rank_pattern), name)
-    alpha_key = get_pattern_key(list(alpha_pattern), name)
+    rank_key = pattern_key_for(list(rank_pattern), name)
+    alpha_key = pattern_key_for(list(alpha_pattern), name)
     r_label = f"rank_pattern[{rank_key!r}]" if rank_key in rank_pattern else "r"
     alpha_label = f"alpha_pattern[{alpha_key!r}]" if alpha_key in alpha_pattern else "lora_alpha"
     # PEFT's LoraConfig defaults (r=8, lora_alpha=8) where a key is absent; a key present must be valid.
