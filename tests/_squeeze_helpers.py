@@ -79,36 +79,55 @@ def tiny_conv_net(seed: int = 0) -> TinyConvNet:
     return TinyConvNet().eval()
 
 
-def offline_wandb_summary(run_dir, timeout: float = 60.0) -> dict:
-    """The summary of a finished offline W&B run: ``files/wandb-summary.json`` where the client wrote one,
-    else the summary records of its ``run-*.wandb`` log (wandb 0.31 writes the json only when syncing).
+def offline_wandb_records(run_dir, timeout: float = 120.0) -> list:
+    """The records of a finished offline W&B run (``run-*.wandb``), parsed with W&B's own protobufs.
 
     The log is W&B's LevelDB-style record file: a 7-byte header (``:W&B``, magic, version), then 32 KiB
     blocks of records, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last).
-    wandb-core writes it in the background, so this waits (up to ``timeout`` s) for the run's exit record.
+    wandb-core may still be flushing it when ``wandb.finish()`` returns, so the records are read once the
+    run's exit record is in the file (never a fixed sleep; a run that has no exit record within ``timeout``
+    fails the test with what was found).
     """
-    import json
     import time
     from pathlib import Path
 
-    run_dir = Path(run_dir)
-    summary_file = run_dir / "files" / "wandb-summary.json"
-    if summary_file.is_file():
-        return json.loads(summary_file.read_text())
     from wandb.proto import wandb_internal_pb2
 
     deadline = time.monotonic() + timeout
     while True:
-        records = [wandb_internal_pb2.Record.FromString(raw) for raw in _wandb_log_records(run_dir)]
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            break
+        records = [wandb_internal_pb2.Record.FromString(raw) for raw in _wandb_log_records(Path(run_dir))]
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            return records
+        assert time.monotonic() < deadline, (
+            f"{run_dir}: no exit record after {timeout} s ({len(records)} records)"
+        )
         time.sleep(0.2)
+
+
+def offline_wandb_summary(run_dir) -> dict:
+    """The summary of a finished offline W&B run: ``files/wandb-summary.json`` where the client wrote one,
+    else the summary records of its log (wandb 0.31 writes the json only when syncing)."""
+    import json
+    from pathlib import Path
+
+    summary_file = Path(run_dir) / "files" / "wandb-summary.json"
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text())
     summary = {}
-    for record in records:
+    for record in offline_wandb_records(run_dir):
         if record.WhichOneof("record_type") == "summary":
             for item in record.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return summary
+
+
+def offline_wandb_history_keys(run_dir) -> set[str]:
+    """Every key logged to the history of a finished offline W&B run."""
+    keys = set()
+    for record in offline_wandb_records(run_dir):
+        if record.WhichOneof("record_type") == "history":
+            keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
+    return keys
 
 
 def _wandb_log_records(run_dir) -> list[bytes]:
