@@ -25,6 +25,7 @@ from lora_monitor.squeeze import (
     SqueezeOptions,
     analyze_adapter,
     compress_adapter,
+    gather_adapter,
     manifest_entry,
     print_analysis,
     write_squeeze_manifest,
@@ -88,10 +89,13 @@ class PostSqueezeCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: torch.nn.Module | None = None, **kwargs: Any) -> None:  # fmt: skip
-        if not state.is_world_process_zero or model is None:
+        if model is None:
             return
-        model, output_dir = unwrap_model(model), Path(args.output_dir)
-        try:
+        output_dir = Path(args.output_dir)
+        try:  # under FSDP2 every process joins the gather of the whole adapter; the main one goes on
+            model = gather_adapter(model, self.adapter_name)
+            if not state.is_world_process_zero:
+                return
             self.analysis = analyze_adapter(
                 model,
                 min_variance_retention=self.options.min_variance_retention,
@@ -113,7 +117,7 @@ class PostSqueezeCallback(TrainerCallback):
             self.error = f"{type(error).__name__}: {error}"
             logger.exception("PostSqueezeCallback failed after training; the trained adapter is unaffected")
 
-    def _compress(self, model: torch.nn.Module, output_dir: Path) -> CompressionResult | None:
+    def _compress(self, model: Any, output_dir: Path) -> CompressionResult | None:
         assert self.analysis is not None
         per_module = self.options.per_module
         try:

@@ -20,9 +20,12 @@ from .factors import (
     kept_rank,
     live_factors,
     live_state_keys,
+    local_part,
     nominal_rank,
     saved_keys,
     set_kept_rank,
+    write_whole,
+    zero_past,
 )
 from .folder import check_output, lora_config_for_ranks, write_adapter_folder
 from .modules import (
@@ -40,6 +43,7 @@ from .modules import (
     lora_modules,
     open_adapter,
     read_adapter_config,
+    records_are_sharded,
     unwrap_model,
 )
 from .scaling import (
@@ -80,6 +84,7 @@ __all__ = [
     "live_factors",
     "live_state_keys",
     "load_adapter",
+    "local_part",
     "lora_config_for_ranks",
     "lora_modules",
     "lora_scale",
@@ -88,9 +93,12 @@ __all__ = [
     "open_adapter",
     "pattern_key",
     "read_adapter_config",
+    "records_are_sharded",
     "saved_keys",
     "scale_for",
     "set_kept_rank",
     "unwrap_model",
     "write_adapter_folder",
+    "write_whole",
+    "zero_past",
 ]

@@ -10,7 +10,7 @@ The table itself is drawn by :mod:`lora_monitor.render.console` (re-exported her
 
 from ..render.console import print_analysis, squeeze_table, summary_lines
 from .analysis import GroupRecommendation, ModuleSqueeze, SqueezeAnalysis, analyze_adapter
-from .compress import CompressionResult, compress_adapter
+from .compress import CompressionResult, compress_adapter, gather_adapter
 from .manifest import manifest_entry, write_squeeze_manifest
 from .options import (
     DEFAULT_THRESHOLD,
@@ -31,6 +31,7 @@ __all__ = [
     "analyze_adapter",
     "compress_adapter",
     "default_target_ranks",
+    "gather_adapter",
     "manifest_entry",
     "print_analysis",
     "squeeze_table",
