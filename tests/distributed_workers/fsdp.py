@@ -6,7 +6,8 @@ library's core is driven here directly, the way Accelerate's FSDP2 plugin wraps 
 layer and the root get ``fully_shard``, and every LoRA factor becomes a DTensor shard.
 
 Writes into the output folder:
-- ``trained.pt`` (main process): the whole model state after training, gathered, and the gradient ranks;
+- ``trained.pt`` (main process): the whole model state after training, and before its last step with the
+  (averaged) gradients of that step, gathered;
 - ``monitor<rank>.json``: the metrics of ``Monitor.check`` in this process;
 - ``squeezed/`` (main process, by ``PostSqueezeCallback``): the trained adapter compressed;
 - ``masked<rank>.pt``: after an In-Squeeze (mask mode) and more steps, the whole LoRA factors, the Adam
@@ -28,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from distributed_workers.group import process_group
+from lora_monitor.adapters import write_whole
 from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback
 from lora_monitor.in_squeeze import squeeze_model
 from lora_monitor.monitor import Monitor
@@ -55,6 +57,29 @@ def _train(
         optimizer.zero_grad()
 
 
+def _gradient_mask_check(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int
+) -> dict[str, float]:
+    """The gradient mask on a shard: with a dropped row of A made non-zero for one backward pass, the dropped
+    columns of B would get a gradient; the mask must zero it. A is put back afterwards."""
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    A, B = q_proj.lora_A["default"].weight, q_proj.lora_B["default"].weight
+    whole_A = _whole(A.detach()).clone()
+    whole_A[SQUEEZED_RANK:] = 1.0
+    write_whole(A, whole_A)
+    ids = torch.randint(4, 120, (2, 12), generator=torch.Generator().manual_seed(500 + rank))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grad_B = _whole(B.grad)
+    found = {
+        "dropped": float(grad_B[:, SQUEEZED_RANK:].abs().max()),
+        "kept": float(grad_B[:, :SQUEEZED_RANK].abs().max()),
+    }
+    optimizer.zero_grad()
+    whole_A[SQUEEZED_RANK:] = 0.0
+    write_whole(A, whole_A)
+    return found
+
+
 def main(init_file: str, out: Path) -> None:
     with process_group(init_file) as rank:
         model = peft_llama(seed=0)
@@ -72,13 +97,21 @@ def main(init_file: str, out: Path) -> None:
         ids = torch.randint(4, 120, (2, 12), generator=torch.Generator().manual_seed(99 + rank))
         model(input_ids=ids, labels=ids).loss.backward()
         monitor.record_gradients(model, TRAIN_STEPS)
+        before_step = {
+            "state": {key: _whole(value.detach()).clone() for key, value in model.state_dict().items()},
+            "grads": {
+                name: _whole(param.grad).clone()
+                for name, param in model.named_parameters()
+                if param.grad is not None
+            },
+        }
         optimizer.step()
         optimizer.zero_grad()
         record = monitor.check(model, TRAIN_STEPS, optimizer=optimizer)
         (out / f"monitor{rank}.json").write_text(json.dumps(record.to_dict()))
         trained = {key: _whole(value.detach()).clone() for key, value in model.state_dict().items()}
         if rank == 0:
-            torch.save(trained, out / "trained.pt")
+            torch.save({"before_step": before_step, "trained": trained}, out / "trained.pt")
 
         # (b) Post-Squeeze at the end of training: every process joins the gather, the main one writes
         callback = PostSqueezeCallback(min_variance_retention=0.6, compress=True, print_table=False)
@@ -91,6 +124,7 @@ def main(init_file: str, out: Path) -> None:
         # (c) In-Squeeze, mask mode: the main process decides, every process writes its shard
         events = squeeze_model(model, SQUEEZED_RANK, mode="mask", optimizer=optimizer)
         assert len(events) == len(monitor.latest.metrics)
+        gradient_mask = _gradient_mask_check(model, optimizer, rank)
         _train(model, optimizer, rank, STEPS_AFTER_SQUEEZE, seed=1000)
         factors = {
             name: _whole(param.detach()).clone()
@@ -110,7 +144,10 @@ def main(init_file: str, out: Path) -> None:
         model.eval()
         with torch.no_grad():
             logits = model(input_ids=torch.tensor(PROBE_IDS)).logits
-        torch.save({"factors": factors, "moments": moments, "logits": logits}, out / f"masked{rank}.pt")
+        torch.save(
+            {"factors": factors, "moments": moments, "logits": logits, "gradient_mask": gradient_mask},
+            out / f"masked{rank}.pt",
+        )
 
 
 if __name__ == "__main__":
