@@ -114,6 +114,8 @@ def test_in_squeeze_mask_mode_ends_identical_on_both_processes_and_reloads_equal
             held = value[SQUEEZED_RANK:] if ".lora_A." in key else value[:, SQUEEZED_RANK:]
             assert held.abs().max() == 0, (key, moment)
     assert torch.equal(first["logits"], second["logits"])
+    for refusal in (first["resize_refusal"], second["resize_refusal"]):
+        assert "mode='resize' cannot run under FSDP" in refusal and "use mode='mask'" in refusal
     for found in (first["gradient_mask"], second["gradient_mask"]):
         assert found["kept"] > 0 and found["dropped"] == 0  # the mask zeroed a gradient that was there
 

@@ -31,6 +31,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from distributed_workers.group import process_group
 from lora_monitor.adapters import write_whole
 from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback
+from lora_monitor.errors import LoraMonitorError
 from lora_monitor.in_squeeze import squeeze_model
 from lora_monitor.monitor import Monitor
 
@@ -121,7 +122,13 @@ def main(init_file: str, out: Path) -> None:
         assert callback.error is None, callback.error
         assert (callback.analysis is not None) == (rank == 0)
 
-        # (c) In-Squeeze, mask mode: the main process decides, every process writes its shard
+        # (c) In-Squeeze: resize mode is refused (FSDP2's parameter set is fixed); mask mode: the main process
+        # decides, every process writes its shard
+        try:
+            squeeze_model(model, SQUEEZED_RANK, mode="resize", optimizer=optimizer)
+            refusal = None
+        except LoraMonitorError as error:
+            refusal = str(error)
         events = squeeze_model(model, SQUEEZED_RANK, mode="mask", optimizer=optimizer)
         assert len(events) == len(monitor.latest.metrics)
         gradient_mask = _gradient_mask_check(model, optimizer, rank)
@@ -145,7 +152,13 @@ def main(init_file: str, out: Path) -> None:
         with torch.no_grad():
             logits = model(input_ids=torch.tensor(PROBE_IDS)).logits
         torch.save(
-            {"factors": factors, "moments": moments, "logits": logits, "gradient_mask": gradient_mask},
+            {
+                "factors": factors,
+                "moments": moments,
+                "logits": logits,
+                "gradient_mask": gradient_mask,
+                "resize_refusal": refusal,
+            },
             out / f"masked{rank}.pt",
         )
 
