@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainingArguments
@@ -25,6 +26,7 @@ from lora_monitor.squeeze import (
     SqueezeOptions,
     analyze_adapter,
     compress_adapter,
+    gather_adapter,
     manifest_entry,
     print_analysis,
     write_squeeze_manifest,
@@ -106,10 +108,13 @@ class PostSqueezeCallback(TrainerCallback):
 
     def _finish(self, args, state, control, model) -> TrainerControl | None:
         self._done_at = state.global_step
-        if not state.is_world_process_zero or model is None:
+        if model is None:
             return None
-        model, output_dir = unwrap_model(model), Path(args.output_dir)
-        try:
+        output_dir = Path(args.output_dir)
+        try:  # under FSDP2 every process joins the gather of the whole adapter; the main one goes on
+            model = gather_adapter(model, self.adapter_name)
+            if not state.is_world_process_zero:
+                return None
             self.analysis = analyze_adapter(
                 model,
                 min_variance_retention=self.options.min_variance_retention,
@@ -120,7 +125,7 @@ class PostSqueezeCallback(TrainerCallback):
                 print_analysis(self.analysis)
             if self.compress:
                 self.compression = self._compress(model, output_dir)
-            if self.intruders:
+            if self.intruders and isinstance(model, torch.nn.Module):  # not on a gathered FSDP2 snapshot
                 modules = find_lora_modules(model, self.adapter_name)
                 self.intruder_dimensions = intruder_dimensions(modules, lambda module: module.base_weight())
             write_squeeze_manifest(
@@ -139,7 +144,7 @@ class PostSqueezeCallback(TrainerCallback):
             logger.exception("PostSqueezeCallback failed after training; the trained adapter is unaffected")
         return None
 
-    def _compress(self, model: torch.nn.Module, output_dir: Path) -> CompressionResult | None:
+    def _compress(self, model: Any, output_dir: Path) -> CompressionResult | None:
         try:  # at the recommended rank (or per module); no recommendation is an error naming the closest rank
             return compress_adapter(
                 model,

@@ -5,7 +5,8 @@
 Trains a rank-64 LoRA on 280 news articles (offline: model and texts come from PyPI packages, see
 offline_assets.py), with SpectralMonitorCallback checking every few steps and PostSqueezeCallback writing
 the variance table, the recommended rank and a compressed adapter at the end; then draws the report.
-Runs in one process, or in several with `accelerate launch` (see accelerate_ddp.sh).
+Runs in one process, or in several with `accelerate launch` (see accelerate_ddp.sh; accelerate_fsdp.sh runs it
+sharded by FSDP2 on GPUs with --accelerator).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--check-every", type=int, default=10)
     parser.add_argument("--out", default="runs/trainer_monitor")
+    parser.add_argument("--accelerator", action="store_true", help="train on the GPU (default: the CPU)")
     args = parser.parse_args()
 
     model, tokenizer = smollm2()
@@ -48,7 +50,7 @@ def main() -> None:
             logging_steps=max(1, args.check_every),
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
+            use_cpu=not args.accelerator,
             disable_tqdm=True,
         ),
         train_dataset=train,
@@ -58,8 +60,9 @@ def main() -> None:
         ],
     )
     trainer.train()
+    # Every process: under FSDP the adapter is gathered from the shards first; only the main process writes.
+    trainer.save_model(f"{args.out}/adapter")
     if trainer.is_world_process_zero():
-        model.save_pretrained(f"{args.out}/adapter")
         print(f"report: {write_report(args.out)}")
 
 

@@ -22,9 +22,12 @@ from .factors import (
     kept_rank,
     live_factors,
     live_state_keys,
+    local_part,
     nominal_rank,
     saved_keys,
     set_kept_rank,
+    write_whole,
+    zero_past,
 )
 from .folder import check_output, lora_config_for_ranks, write_adapter_folder
 from .modules import (
@@ -35,6 +38,7 @@ from .modules import (
     gather_records,
     lora_modules,
     open_adapter,
+    records_are_sharded,
     unwrap_model,
 )
 from .record import LoraModule
@@ -77,6 +81,7 @@ __all__ = [
     "live_factors",
     "live_state_keys",
     "load_adapter",
+    "local_part",
     "lora_config_for_ranks",
     "lora_modules",
     "lora_scale",
@@ -85,9 +90,12 @@ __all__ = [
     "open_adapter",
     "pattern_key",
     "read_adapter_config",
+    "records_are_sharded",
     "saved_keys",
     "scale_for",
     "set_kept_rank",
     "unwrap_model",
     "write_adapter_folder",
+    "write_whole",
+    "zero_past",
 ]

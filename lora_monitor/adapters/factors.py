@@ -96,6 +96,38 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
+def local_part(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """This process's part of ``tensor`` and where it starts in the whole: an FSDP2 shard and its global
+    offset, or a plain tensor itself at offset 0. Writing into the part writes into ``tensor``; no
+    communication."""
+    if not is_sharded(tensor):
+        return tensor, (0,) * tensor.dim()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tensor.to_local(), tuple(offset)
+
+
+def write_whole(tensor: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy ``whole`` (a plain tensor of ``tensor``'s full shape) into ``tensor``, or into this process's
+    shard of it under FSDP2 (no communication: every process must hold the same ``whole``)."""
+    part, offset = local_part(tensor)
+    source = whole
+    for dim, (start, length) in enumerate(zip(offset, part.shape, strict=True)):
+        source = source.narrow(dim, start, length)
+    with torch.no_grad():
+        part.copy_(source)
+
+
+def zero_past(tensor: torch.Tensor, kept: int, dim: int) -> None:
+    """Zero the entries of ``tensor`` at index ``kept`` and beyond along ``dim`` (in this process's shard
+    under FSDP2: no communication)."""
+    part, offset = local_part(tensor)
+    start = min(max(kept - offset[dim], 0), part.shape[dim])
+    with torch.no_grad():
+        part.narrow(dim, start, part.shape[dim] - start).zero_()
+
+
 def live_factors(module: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, A)`` as matrices, detached views of the live parameters, restricted to the kept directions.
 

@@ -21,6 +21,7 @@ from .factors import (
     PEFT_PREFIX,
     factor_kind,
     factor_parameters,
+    full_tensor,
     is_masked,
     is_sharded,
     kept_rank,
@@ -122,7 +123,7 @@ def gather_records(records: list[LoraModule]) -> list[LoraModule]:
     all of them gather every module here, in record order. The returned records hold those full tensors
     (a snapshot: read again after the next step). Records of unsharded models come back unchanged.
     """
-    if not any(record.module is not None and _sharded(record) for record in records):
+    if not records_are_sharded(records):
         return records
     gathered = []
     for record in records:
@@ -131,8 +132,12 @@ def gather_records(records: list[LoraModule]) -> list[LoraModule]:
     return gathered
 
 
-def _sharded(record: LoraModule) -> bool:
-    return is_sharded(factor_parameters(record.module, record.adapter_name)[1])
+def records_are_sharded(records: list[LoraModule]) -> bool:
+    """True when the records read FSDP2 shards (then reading a factor is a collective)."""
+    return any(
+        record.module is not None and is_sharded(factor_parameters(record.module, record.adapter_name)[1])
+        for record in records
+    )
 
 
 def _lora_layer_class() -> type:
@@ -166,7 +171,17 @@ class OpenedAdapter:
 
 def open_adapter(source: Any, adapter_name: str | None = None, *, with_state: bool = True) -> OpenedAdapter:
     """An adapter folder, a ``SavedAdapter`` or a live PEFT model, as records plus (``with_state``) its config
-    and stored tensors keyed as ``save_pretrained`` writes them: what every adapter writer starts from."""
+    and stored tensors keyed as ``save_pretrained`` writes them: what every adapter writer starts from.
+
+    A live model sharded by FSDP2 is gathered whole: every factor and stored tensor, in a fixed order, so
+    this is a collective that every process must call; the result is a snapshot that needs no further
+    communication (what lets the main process alone analyse and write it). An ``OpenedAdapter`` is
+    returned as it is.
+    """
+    if isinstance(source, OpenedAdapter):
+        if with_state and source.tensor is None:
+            raise LoraMonitorError(f"{source.description}: opened without its stored tensors")
+        return source
     if isinstance(source, str | Path | SavedAdapter):
         saved = source if isinstance(source, SavedAdapter) else load_adapter(source, adapter_name)
         return OpenedAdapter(
@@ -180,6 +195,9 @@ def open_adapter(source: Any, adapter_name: str | None = None, *, with_state: bo
     modules = find_lora_modules(model, adapter_name)  # raises when the model has no LoRA
     chosen = modules[0].adapter_name
     description = f"{type(model).__name__} (adapter {chosen!r})"
+    sharded = records_are_sharded(modules)
+    if sharded:
+        modules = gather_records(modules)
     if not with_state:
         return OpenedAdapter(description, modules)
     peft_config = getattr(model, "peft_config", None)
@@ -191,6 +209,8 @@ def open_adapter(source: Any, adapter_name: str | None = None, *, with_state: bo
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=chosen)
+    if sharded:  # the same keys in the same order in every process: the gathers pair up
+        state = {key: full_tensor(value.detach()) for key, value in state.items()}
     config = _plain_config(peft_config[chosen].to_dict())
     config["inference_mode"] = True  # as save_pretrained writes it
     for module in modules:

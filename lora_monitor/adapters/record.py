@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .factors import full_tensor, is_sharded
 from .scaling import module_block
 
 
@@ -72,11 +73,17 @@ class LoraModule:
         return self.module.get_base_layer() if self.module is not None else None
 
     def base_weight(self) -> torch.Tensor | None:
-        """The frozen weight as a float matrix (quantized 4/8-bit weights are dequantized), or None."""
+        """The frozen weight as a float matrix (quantized 4/8-bit weights are dequantized), or None.
+
+        Under FSDP2 the weight is gathered whole: a collective, every process must ask in the same order.
+        """
         layer = self.base_layer
         if layer is None or getattr(layer, "weight", None) is None:
             return None
-        from peft.utils.integrations import dequantize_module_weight
+        if is_sharded(layer.weight):
+            weight = full_tensor(layer.weight.detach())
+        else:
+            from peft.utils.integrations import dequantize_module_weight
 
-        weight = dequantize_module_weight(layer).detach()
+            weight = dequantize_module_weight(layer).detach()
         return weight.reshape(weight.shape[0], -1)

@@ -27,7 +27,9 @@ from ..adapters import (
     as_B_matrix,
     factor_parameters,
     find_lora_modules,
+    full_tensor,
     is_masked,
+    is_sharded,
     kept_rank,
     live_state_keys,
     nominal_rank,
@@ -81,7 +83,24 @@ def ensure_gradient_mask(module: LoraLayer, adapter_name: str) -> None:
 
         return hook
 
-    handles = [B.register_hook(masked(False)), A.register_hook(masked(True))] if B.requires_grad else []
+    def masked_in_place(is_A: bool) -> Any:
+        # FSDP2 computes with gathered copies and hands each process its shard of the gradient afterwards:
+        # a hook on the sharded parameter's autograd never fires, its post-accumulate hook does.
+        def hook(param: torch.Tensor) -> None:
+            if param.grad is not None:
+                zero_dropped_directions(param.grad, kept_rank(module, adapter_name), is_A)
+
+        return hook
+
+    if not B.requires_grad:
+        handles = []
+    elif is_sharded(B):
+        handles = [
+            B.register_post_accumulate_grad_hook(masked_in_place(False)),
+            A.register_post_accumulate_grad_hook(masked_in_place(True)),
+        ]
+    else:
+        handles = [B.register_hook(masked(False)), A.register_hook(masked(True))]
     hooks[adapter_name] = ((id(B), id(A)), handles)
 
 
@@ -90,12 +109,13 @@ def _state_dict_post_hook(module: LoraLayer, state_dict: dict, prefix: str, loca
     binding: _RankHookBinding | None = getattr(module, _RANK_HOOK_BINDING, None)
     if binding is None or not is_masked(module, binding.adapter_name):
         return
+    # Under FSDP2 the entries are shards: gathered whole first (a collective; state_dict() is one anyway).
     kept = kept_rank(module, binding.adapter_name)
     key_B, key_A = live_state_keys(module, binding.adapter_name, prefix)
     if key_B in state_dict:
-        state_dict[key_B] = state_dict[key_B][:, :kept].clone()
+        state_dict[key_B] = full_tensor(state_dict[key_B])[:, :kept].clone()
     if key_A in state_dict:
-        state_dict[key_A] = state_dict[key_A][:kept].clone()
+        state_dict[key_A] = full_tensor(state_dict[key_A])[:kept].clone()
 
 
 def _load_pre_hook(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import as_A_matrix, as_B_matrix
+from ..adapters import as_A_matrix, as_B_matrix, full_tensor, is_sharded, write_whole
 from ..errors import LoraMonitorError
 from .replace import zero_dropped_directions
 
@@ -111,6 +111,8 @@ def project_masked_state(
 
     ``factors`` holds ``(parameter, is_A, map)``: B-shaped state is multiplied by ``map`` on the right,
     A-shaped on the left (second moments by the squared map). ``"reset"`` drops the state instead.
+    Under FSDP2 the moments are shards: each is gathered whole (a collective, in the same order in every
+    process), mapped, and each process writes back its own shard.
     """
     if optimizer is None:
         return
@@ -126,11 +128,14 @@ def project_masked_state(
             if not isinstance(value, torch.Tensor) or value.shape != param.shape:
                 continue
             used = matrix.abs() ** 2 if is_second_moment(key) else matrix
+            whole = full_tensor(value)  # the tensor itself, unless it is an FSDP2 shard
             with torch.no_grad():
                 if is_A:
-                    block = as_A_matrix(value)
-                    block[:kept] = (used.to(value.device) @ block[:current].double()).to(value.dtype)
+                    block = as_A_matrix(whole)
+                    block[:kept] = (used.to(whole.device) @ block[:current].double()).to(whole.dtype)
                 else:
-                    block = as_B_matrix(value)
-                    block[:, :kept] = (block[:, :current].double() @ used.to(value.device)).to(value.dtype)
-                zero_dropped_directions(value, kept, is_A)
+                    block = as_B_matrix(whole)
+                    block[:, :kept] = (block[:, :current].double() @ used.to(whole.device)).to(whole.dtype)
+                zero_dropped_directions(whole, kept, is_A)
+            if is_sharded(value):
+                write_whole(value, whole)

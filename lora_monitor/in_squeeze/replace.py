@@ -21,17 +21,15 @@ from ..adapters import (
     kept_rank,
     pattern_key,
     unwrap_model,
+    zero_past,
 )
 from ..errors import LoraMonitorError
 
 
 def zero_dropped_directions(tensor: torch.Tensor, kept: int, is_A: bool) -> None:
-    """Zero the directions past ``kept``: rows of an A-shaped tensor, columns of a B-shaped one."""
-    with torch.no_grad():
-        if is_A:
-            tensor[kept:] = 0
-        else:
-            tensor[:, kept:] = 0
+    """Zero the directions past ``kept``: rows of an A-shaped tensor, columns of a B-shaped one (under FSDP2,
+    in this process's shard: no communication)."""
+    zero_past(tensor, kept, 0 if is_A else 1)
 
 
 def _new_factor_module(old: nn.Module, weight: torch.Tensor, is_A: bool) -> nn.Module:

@@ -40,10 +40,12 @@ from ..adapters import (
     as_B_matrix,
     factor_parameters,
     find_lora_modules,
+    is_sharded,
     kept_rank,
     live_factors,
     nominal_rank,
     set_kept_rank,
+    write_whole,
 )
 from ..errors import LoraMonitorError
 from ..spectrum import lora_spectra, rank_for_energy, truncate_factors
@@ -56,7 +58,6 @@ from .replace import (
     saved_rank_and_alpha,
     set_rank_keeping_scale,
     write_module_pattern,
-    zero_dropped_directions,
 )
 
 
@@ -128,14 +129,19 @@ def _mask_module(
     optimizer: torch.optim.Optimizer | None,
     optimizer_state: str,
 ) -> None:
-    """Write the rank-k factors into the leading directions, zero the rest, and mask their gradients."""
+    """Write the rank-k factors into the leading directions, zero the rest, and mask their gradients.
+
+    The new factors are built whole and written into place: under FSDP2 each process writes its own shard
+    (every process computed the same factors from the same gathered ones).
+    """
     B, A = factor_parameters(module, adapter_name)
     k = factors.A.shape[0]
-    with torch.no_grad():
-        as_B_matrix(B)[:, :k] = factors.B.to(B.dtype)
-        as_A_matrix(A)[:k] = factors.A.to(A.dtype)
-        zero_dropped_directions(B, k, is_A=False)
-        zero_dropped_directions(A, k, is_A=True)
+    new_B = torch.zeros(B.shape, dtype=B.dtype, device=B.device)
+    new_A = torch.zeros(A.shape, dtype=A.dtype, device=A.device)
+    as_B_matrix(new_B)[:, :k] = factors.B.to(new_B)
+    as_A_matrix(new_A)[:k] = factors.A.to(new_A)
+    write_whole(B, new_B)
+    write_whole(A, new_A)
     set_kept_rank(module, adapter_name, k)
     ensure_gradient_mask(module, adapter_name)
     project_masked_state(
@@ -185,6 +191,11 @@ def resize_lora_module(
         return ResizeEvent(label, adapter_name, current, current, 1.0, mode, method, optimizer_state)
 
     B_param, A_param = factor_parameters(module, adapter_name)
+    if mode == "resize" and is_sharded(A_param):
+        raise LoraMonitorError(
+            f"module {label}: mode='resize' cannot run under FSDP (FSDP2 shards a fixed set of parameters, "
+            "whose shapes cannot change); use mode='mask'"
+        )
     B, A = live_factors(module, adapter_name)
     if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
         raise LoraMonitorError(f"module {label}: its LoRA factors hold NaN or Inf; cannot squeeze them")

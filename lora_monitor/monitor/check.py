@@ -29,7 +29,7 @@ import torch
 
 from .._distributed import gather_objects, my_share
 from .._io import json_safe
-from ..adapters import LoraModule, factor_parameters, lora_modules
+from ..adapters import LoraModule, factor_parameters, lora_modules, records_are_sharded
 from .alerts import Alert, AlertMonitor, AlertThresholds
 from .gradients import gradient_effective_ranks
 from .history import MetricsHistory, ModuleDynamics, dynamics_scalars
@@ -127,7 +127,9 @@ class Monitor:
         """Measure the gradient step through each adapter now (call it after ``backward`` and clipping,
         before ``optimizer.step()``); :meth:`check` at the same ``step`` attaches it to the records."""
         if self.track_gradients:
-            modules = my_share(lora_modules(model, self.adapter_name))
+            modules = lora_modules(model, self.adapter_name)
+            if not records_are_sharded(modules):
+                modules = my_share(modules)  # FSDP2: gradients are gathered whole, so each process does all
             self._pending_gradients = (step, gradient_effective_ranks(modules))
 
     def check(
@@ -138,10 +140,17 @@ class Monitor:
 
         Modules are found again at every check (a module resized during training is seen as it is now).
         In a distributed run each process measures its share and every process gets every record (a
-        collective: every process must call it). ``optimizer`` lets the ``dead_adapter`` alert name a
+        collective: every process must call it). Under FSDP2 every process first gathers every module's
+        factors (and each base weight, once), so the metrics equal a single process's. ``optimizer`` lets the ``dead_adapter`` alert name a
         learning rate of 0 or parameters missing from the optimizer.
         """
+        # Under FSDP2 reading a factor or a base weight is a gather, a collective that every process must join
+        # in the same order: lora_modules gathers every module's factors in every process, and each base
+        # weight is gathered (and measured) here, the first time, before any process takes its share.
         modules = lora_modules(model, self.adapter_name)
+        if records_are_sharded(modules):
+            for module in modules:
+                self._base_norms.get(module)
         mine = my_share(modules)
         local = compute_module_metrics(mine, self._base_norms)
         gradients = {}

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..adapters import LoraModule, factor_parameters
+from ..adapters import LoraModule, factor_parameters, full_tensor
 from ..spectrum import effective_rank, lora_spectra
 
 NAN = math.nan
@@ -25,6 +25,8 @@ def factor_gradients(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor] | 
         return None
     grad_A = A_param.grad if A_param.grad is not None else torch.zeros_like(A_param)
     grad_B = B_param.grad if B_param.grad is not None else torch.zeros_like(B_param)
+    # FSDP2 shards gradients too: gathered whole (a collective: every process reads every module's, in order).
+    grad_B, grad_A = full_tensor(grad_B.detach()), full_tensor(grad_A.detach())
     # Shaped like the record's factors: a masked module (In-Squeeze mask mode) shows its kept directions.
     grad_B = grad_B.detach().reshape(grad_B.shape[0], -1)[:, : module.rank]
     grad_A = grad_A.detach().reshape(grad_A.shape[0], -1)[: module.rank]

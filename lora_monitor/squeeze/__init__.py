@@ -12,7 +12,7 @@ The table itself is drawn by :mod:`lora_monitor.render.console` (re-exported her
 
 from ..render.console import print_analysis, squeeze_table, summary_lines
 from .analysis import GroupRecommendation, ModuleSqueeze, SqueezeAnalysis, analyze_adapter
-from .compress import CompressionResult, compress_adapter
+from .compress import CompressionResult, compress_adapter, gather_adapter
 from .function import DEFAULT_TOLERANCE, FunctionRecommendation, RankEvaluation, recommend_rank_by_function
 from .manifest import manifest_entry, write_squeeze_manifest
 from .options import (
@@ -38,6 +38,7 @@ __all__ = [
     "analyze_adapter",
     "compress_adapter",
     "default_target_ranks",
+    "gather_adapter",
     "manifest_entry",
     "print_analysis",
     "read_squeeze_toml",

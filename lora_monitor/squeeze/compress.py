@@ -31,8 +31,11 @@ from ..adapters import (
     SAFETENSORS_NAME,
     OpenedAdapter,
     check_output,
+    find_lora_modules,
     lora_config_for_ranks,
     open_adapter,
+    records_are_sharded,
+    unwrap_model,
     write_adapter_folder,
 )
 from ..errors import LoraMonitorError
@@ -84,6 +87,16 @@ def _plan(
             "(give target_rank to compress anyway)"
         )
     return {m.name: min(analysis.recommended_rank, m.rank) for m in adapter.modules}, analysis
+
+
+def gather_adapter(model: torch.nn.Module, adapter_name: str | None = None) -> Any:
+    """What the main process should analyse and compress at the end of a run: under FSDP2 the whole adapter,
+    gathered by every process (a collective: call it in every process, then let only the main one go on),
+    as an :class:`~lora_monitor.adapters.OpenedAdapter`; otherwise the model itself (nothing gathered)."""
+    model = unwrap_model(model)
+    if records_are_sharded(find_lora_modules(model, adapter_name)):
+        return open_adapter(model, adapter_name, with_state=True)
+    return model
 
 
 def compress_adapter(
