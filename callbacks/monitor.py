@@ -38,7 +38,8 @@ class SpectralMonitorCallback(TrainerCallback):
 
     Args:
         every_n_steps: check every this many optimizer steps (plus at the start and the end of training).
-        thresholds, adapter_name, track_gradients: as for :class:`~lora_monitor.monitor.Monitor`.
+        thresholds, adapter_name, track_gradients, intruders_every: as for
+            :class:`~lora_monitor.monitor.Monitor` (``intruders_every=500``: intruder dimensions now and then).
         jsonl_name: file in ``output_dir`` that receives one JSON line per check (None: no file).
         log_alerts: send new alerts to the ``lora_monitor`` logger.
 
@@ -54,10 +55,11 @@ class SpectralMonitorCallback(TrainerCallback):
         jsonl_name: str | None = "lora_monitor.jsonl",
         log_alerts: bool = True,
         track_gradients: bool = True,
+        intruders_every: int | None = None,
     ) -> None:
         check_number(every_n_steps, "SpectralMonitorCallback: every_n_steps", low=1, whole=True)
         self.every_n_steps, self.jsonl_name, self.log_alerts = every_n_steps, jsonl_name, log_alerts
-        self.monitor = Monitor(thresholds, adapter_name, track_gradients)
+        self.monitor = Monitor(thresholds, adapter_name, track_gradients, intruders_every=intruders_every)
         self._handler, self._failed_once, self._warned_no_handler = None, False, False
 
     latest = property(lambda self: self.monitor.latest.metrics if self.monitor.latest else [])

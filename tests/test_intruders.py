@@ -116,3 +116,20 @@ def test_analyze_with_base_reports_intruders_matching_a_dense_svd(tmp_path, caps
     assert planted["count"] >= 1 and planted["similarities"][0] < planted["epsilon"]
     assert main(["analyze", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")]) == 0
     assert "Intruder dimensions" in capsys.readouterr().out
+
+
+def test_monitor_counts_intruders_at_its_own_low_frequency():
+    from lora_monitor.monitor import Monitor
+
+    model = peft_llama(4, r=4, target_modules=["q_proj", "v_proj"])
+    modules = find_lora_modules(model)
+    _plant_direction(modules[0].module, "default", strength=20.0, seed=5)
+    monitor = Monitor(intruders_every=2)
+    first = monitor.check(model, step=1)
+    assert "lora/intruder_dimensions" not in first.scalars
+    assert all(m.intruder_dimensions is None for m in first.metrics)
+    second = monitor.check(model, step=2)
+    expected = {r.name: r.count for r in intruder_dimensions(modules, lambda m: m.base_weight())}
+    assert {m.name: m.intruder_dimensions for m in second.metrics} == expected
+    assert second.scalars["lora/intruder_dimensions"] == sum(expected.values()) >= 1
+    assert second.scalars["lora/modules_with_intruders"] == sum(count > 0 for count in expected.values())

@@ -90,6 +90,7 @@ class ModuleMetrics:
     non_finite: bool = False
     unchanged_since: int | None = None
     frozen_reason: str | None = None
+    intruder_dimensions: int | None = None  # at checks that count them (Monitor(intruders_every=...))
 
     @property
     def is_attention(self) -> bool:
