@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import peft_llama, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import peft_llama, tiny_llama
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter, lora_spectra
 

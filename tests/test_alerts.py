@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import peft_llama
+from tiny_models import peft_llama
 
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.errors import LoraMonitorError

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
+from tiny_models import tiny_llama
 from torch import nn
 
 from lora_monitor.adapters import pattern_key

@@ -14,8 +14,8 @@ import logging
 import pytest
 import torch
 from _squeeze_helpers import decay_spectrum, lora_layers
-from conftest import peft_llama, tiny_llama, training_args
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import peft_llama, tiny_llama, training_args
 from transformers import Trainer
 
 import lora_monitor.adapters.folder as folder_module

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import SENTENCES, peft_llama, tiny_llama
 from peft import PeftModel
+from tiny_models import SENTENCES, peft_llama, tiny_llama
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
 from lora_monitor._io import EDIT_META_NAME

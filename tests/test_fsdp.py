@@ -13,10 +13,10 @@ import math
 
 import pytest
 import torch
-from conftest import peft_llama, tiny_llama
 from distributed_workers.launch import run_workers
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from tiny_models import peft_llama, tiny_llama
 
 from lora_monitor import load_adapter
 from lora_monitor.monitor import Monitor

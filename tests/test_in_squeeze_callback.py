@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 import torch
-from conftest import SENTENCES, peft_llama, tiny_llama, training_args
 from peft import PeftModel
+from tiny_models import SENTENCES, peft_llama, tiny_llama, training_args
 from transformers import Trainer, TrainerCallback
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import tiny_llama
 from distributed_workers.launch import run_workers
 from peft import PeftModel
+from tiny_models import tiny_llama
 
 from lora_monitor import load_adapter
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import peft_llama, tiny_llama
+from tiny_models import peft_llama, tiny_llama
 
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.monitor.intruders import BaseSubspaceCache, intruder_dimensions

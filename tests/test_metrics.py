@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import peft_llama
+from tiny_models import peft_llama
 
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.monitor.gradients import gradient_effective_ranks
@@ -281,7 +281,7 @@ def test_a_resized_module_starts_its_dynamics_over(model):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A trained-looking adapter, the live model it came from, and its base model, all saved."""
-    from conftest import tiny_llama
+    from tiny_models import tiny_llama
 
     folder = tmp_path_factory.mktemp("analyze")
     live = peft_llama(seed=0, target_modules=["q_proj", "v_proj", "down_proj"])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import peft_llama
+from tiny_models import peft_llama
 
 from lora_monitor.cli import main
 from lora_monitor.monitor import Monitor

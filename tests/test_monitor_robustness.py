@@ -6,7 +6,7 @@ import json
 import logging
 
 import torch
-from conftest import peft_llama, training_args
+from tiny_models import peft_llama, training_args
 from transformers import Trainer, TrainerCallback
 
 from lora_monitor.callbacks.monitor import SpectralMonitorCallback

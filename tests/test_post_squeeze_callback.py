@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from _squeeze_helpers import lora_layers, offline_wandb_summary
-from conftest import peft_llama, tiny_llama, training_args
 from peft import PeftModel
+from tiny_models import peft_llama, tiny_llama, training_args
 from transformers import Trainer, TrainerControl, TrainerState
 
 from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback

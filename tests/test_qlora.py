@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama, training_args
+from tiny_models import tiny_llama, training_args
 
 from lora_monitor import BaseNormCache, compute_module_metrics, current_ranks, find_lora_modules
 

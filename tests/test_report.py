@@ -10,7 +10,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import make_lm_dataset, peft_llama, training_args
+from tiny_models import make_lm_dataset, peft_llama, training_args
 
 from lora_monitor import LoraMonitorError
 from lora_monitor.render.report import write_report

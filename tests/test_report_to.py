@@ -8,7 +8,7 @@ callback's own values), the alert count, and the Post-Squeeze summary.
 from __future__ import annotations
 
 import pytest
-from conftest import make_lm_dataset, peft_llama, training_args
+from tiny_models import make_lm_dataset, peft_llama, training_args
 from transformers import Trainer
 
 from lora_monitor.callbacks import PostSqueezeCallback, SpectralMonitorCallback

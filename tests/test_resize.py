@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import peft_llama, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import load_peft_weights, set_peft_model_state_dict
+from tiny_models import peft_llama, tiny_llama
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
 from lora_monitor.adapters import pattern_key

@@ -1,4 +1,4 @@
-from conftest import peft_llama, training_args
+from tiny_models import peft_llama, training_args
 
 
 def test_trainer_runs(tmp_path, lm_dataset):

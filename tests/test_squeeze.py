@@ -18,10 +18,10 @@ from _squeeze_helpers import (
     relative_error,
     tiny_conv_net,
 )
-from conftest import peft_llama, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_models import peft_llama, tiny_llama
 
 from lora_monitor.adapters import write_adapter_folder
 from lora_monitor.errors import LoraMonitorError

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 from _squeeze_helpers import decay_spectrum, lora_layers
-from conftest import peft_llama, tiny_llama
 from peft import PeftModel
+from tiny_models import peft_llama, tiny_llama
 
 from lora_monitor.cli import main
 from lora_monitor.squeeze import analyze_adapter

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import SENTENCES, peft_llama
+from tiny_models import SENTENCES, peft_llama
 
 from lora_monitor import LoraMonitorError, analyze_adapter
 from lora_monitor.adapters import factor_parameters, find_lora_modules

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from _squeeze_helpers import decay_spectrum, lora_layers
-from conftest import peft_llama, tiny_llama
 from peft import PeftModel
+from tiny_models import peft_llama, tiny_llama
 
 from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback
 from lora_monitor.cli import main

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import peft_llama
+from tiny_models import peft_llama
 
 from lora_monitor import LoraMonitorError, find_lora_modules, squeeze_model
 from lora_monitor.adapters import factor_parameters

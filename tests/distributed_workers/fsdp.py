@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import peft_llama
+from tiny_models import peft_llama
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor

@@ -11,8 +11,8 @@ import os
 import sys
 
 import torch
-from conftest import peft_llama, training_args
 from datasets import Dataset
+from tiny_models import peft_llama, training_args
 from transformers import Trainer, TrainerCallback
 
 from distributed_workers.group import process_group
