@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import LoraModule
-from ..spectrum import LinearOperator, randomized_svd
+from ..spectrum import LinearOperator, left_singular_vectors, randomized_svd
 
 DEFAULT_TOP_K = 10
 DEFAULT_EPSILON = 0.5
@@ -76,11 +76,7 @@ class BaseSubspaceCache:
         """``m × p`` orthonormal columns: the base's top ``p`` left singular vectors (float32)."""
         cached = self._vectors.get(name)
         if cached is None:
-            matrix = weight.detach().float()
-            if self.reference_rank is None or self.reference_rank >= min(matrix.shape):
-                cached = torch.linalg.svd(matrix, full_matrices=False).U
-            else:
-                cached = randomized_svd(matrix, self.reference_rank).U
+            cached = left_singular_vectors(weight, self.reference_rank)
             self._vectors[name] = cached
         return cached
 

@@ -31,7 +31,13 @@ from .factored import (
     lora_spectra,
     truncate_factors,
 )
-from .randomized import LinearOperator, randomized_svd, spectral_norm, weight_singular_values
+from .randomized import (
+    LinearOperator,
+    left_singular_vectors,
+    randomized_svd,
+    spectral_norm,
+    weight_singular_values,
+)
 from .summaries import (
     REACH_TOLERANCE,
     condition_number_from_singular_values,
@@ -53,6 +59,7 @@ __all__ = [
     "effective_rank",
     "energy_curve",
     "factored_svd",
+    "left_singular_vectors",
     "lora_spectra",
     "randomized_svd",
     "rank_for_energy",

@@ -167,3 +167,12 @@ def weight_singular_values(
                     results[i] = values[position]
                 bar.update(len(chunk))
     return results  # type: ignore[return-value]
+
+
+def left_singular_vectors(matrix: Tensor, rank: int | None = None) -> Tensor:
+    """The top ``rank`` left singular vectors of a dense matrix as ``m × rank`` float32 columns: all of them
+    from an exact SVD when ``rank`` is None or covers the matrix, else from :func:`randomized_svd`."""
+    matrix = matrix.detach().float()
+    if rank is None or rank >= min(matrix.shape):
+        return torch.linalg.svd(matrix, full_matrices=False).U
+    return randomized_svd(matrix, rank).U
