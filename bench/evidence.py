@@ -1,7 +1,7 @@
 """Does rank advice hold on held-out quality?  LoRA-Squeeze against direct training at a tuned learning rate.
 
-    python bench/evidence.py --seeds 0,1,2 --results bench/evidence-results.jsonl      # run what is missing, print
-    python bench/evidence.py --table-only --results a.jsonl,b.jsonl                   # print from saved runs
+    python bench/evidence.py                                        # the whole grid, 3 seeds (hours on one core)
+    python bench/evidence.py --table-only --results bench/evidence-results.jsonl    # the README's runs, printed
     python bench/evidence.py --seeds 0 --conditions "direct r=8,r=64" --results part.jsonl  # a share of the grid
 
 all-MiniLM-L6-v2 (BERT, 22.7M parameters, pretrained; offline, see examples/offline_assets.py) classifying
@@ -21,6 +21,12 @@ decay), each at every learning rate of a small grid (3e-4, 2e-3), the one used p
   in-squeeze lr_scaling=...  diagnosis: "none" (the default before this evidence) and "sqrt"
   adalora 64→8               (g): PEFT's AdaLoRA, init_r=64, target_r=8, update_and_allocate every step
   alpha=16 ...               robustness: fixed lora_alpha=16 (scale 16/r) for direct r=8, r=64, In-Squeeze
+  alpha=K direct r=8         the α/r sweep at a fixed rank (K = 32, 64; K = 8 and 16 are the rows above)
+  probe                      probe_rank's prediction from 4 batches of gradients before any update
+
+Every LoRA run carries a SpectralMonitorCallback (every 20 steps; it reads, never changes, the run: its
+random probes use their own generator), and its last record's signals (update scale, dominance, κ
+volatility, alerts) are kept beside the accuracy, so the α sweep can show whether they flag the bad settings.
 
 Each run appends one JSON line to ``--results`` (runs already there are skipped, so an interrupted grid
 resumes and several processes can share one grid through separate files). The tables give test accuracy,
@@ -38,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,6 +58,18 @@ STEPS, BATCH = 120, 16
 SOURCE_RANK, TARGET_RANK = 64, 8
 KNEE_RANKS = (1, 2, 4, 8, 16, 32, 64)
 LEARNING_RATES = (3e-4, 2e-3)
+# Diagnosis runs that only mean something at r=64's learning rate (the question is what a squeeze does to it).
+CONDITION_LRS = {"in-squeeze lr_scaling=none": (3e-4,), "in-squeeze lr_scaling=sqrt": (3e-4,)}
+ALPHA_SWEEP = (8, 16, 32, 64)  # lora_alpha at rank 8 (α = 8 is "direct r=8")
+MONITOR_EVERY = 20
+SIGNALS = (
+    "lora/max_update_scale",
+    "lora/mean_update_scale",
+    "lora/max_dominance",
+    "lora/mean_effective_rank",
+    "lora/mean_kappa_A_volatility",
+    "lora/mean_kappa_B_volatility",
+)
 TOLERANCES = (0.005, 0.01, 0.02, 0.05, 0.1)
 
 
@@ -196,37 +215,53 @@ def conditions() -> list[str]:
         "alpha=16 direct r=64",
         "alpha=16 in-squeeze (defaults)",
     ]
+    names += [f"alpha={alpha} direct r=8" for alpha in ALPHA_SWEEP if alpha not in (8, 16)]
     return names
 
 
+def learning_rates_of(name: str, grid: Sequence[float]) -> list[float]:
+    """The learning rates ``name`` is run at: the grid, or its own fixed list where it has one."""
+    return [lr for lr in grid if lr in CONDITION_LRS.get(name, grid)]
+
+
 def run_condition(name: str, seed: int, lr: float, data: dict, tokenizer, dev, test) -> dict:
-    from lora_monitor.callbacks import InSqueezeCallback
+    from lora_monitor.callbacks import InSqueezeCallback, SpectralMonitorCallback
 
     AdaLoraAllocation = callback_classes()
-    alpha16 = name.startswith("alpha=16 ")
-    core = name.removeprefix("alpha=16 ")
-    callbacks: list = []
+    fixed_alpha = None
+    core = name
+    if name.startswith("alpha="):
+        prefix, core = name.split(" ", 1)
+        fixed_alpha = int(prefix.removeprefix("alpha="))
+    monitor = SpectralMonitorCallback(MONITOR_EVERY, jsonl_name=None, log_alerts=False)
+    callbacks: list = [monitor]
     if core.startswith("direct r="):
         rank = int(core.split("=")[1])
-        model = lora_model(rank, 16 if alpha16 else rank, seed)
+        model = lora_model(rank, fixed_alpha or rank, seed)
     elif core == "adalora 64→8":
         model = adalora_model(seed)
-        callbacks = [AdaLoraAllocation()]
+        callbacks = [AdaLoraAllocation()]  # AdaLoRA's SVD layers are not LoRA pairs: no monitor
+        monitor = None
     else:
-        model = lora_model(SOURCE_RANK, 16 if alpha16 else SOURCE_RANK, seed)
+        model = lora_model(SOURCE_RANK, fixed_alpha or SOURCE_RANK, seed)
         if core == "cont-squeeze 64→8 at 80%":
-            callbacks = [
+            callbacks.append(
                 InSqueezeCallback(target_rank=TARGET_RANK, schedule=[(int(0.8 * STEPS), TARGET_RANK)])
-            ]
+            )
         elif core.startswith("in-squeeze"):
             # the library's defaults (lr_scaling="rank"), or the old default / the square-root variant
             scaling = core.split("lr_scaling=")[1] if "lr_scaling=" in core else "rank"
-            callbacks = [InSqueezeCallback(target_rank=TARGET_RANK, lr_scaling=scaling)]
+            callbacks.append(InSqueezeCallback(target_rank=TARGET_RANK, lr_scaling=scaling))
         else:
             raise ValueError(name)
     started = time.perf_counter()
-    train(model, data["train"], tokenizer, seed, lr, callbacks)
+    trainer = train(model, data["train"], tokenizer, seed, lr, callbacks)
     record = {"condition": name, "seed": seed, "lr": lr, "train_seconds": time.perf_counter() - started}
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    record["train_loss"] = losses[-1] if losses else None
+    if monitor is not None and monitor.latest_scalars:
+        record["signals"] = {key: monitor.latest_scalars.get(key) for key in SIGNALS}
+        record["alerts"] = sorted({f"{a.code}/{a.severity.value}" for a in monitor.alerts})
     record["dev"] = evaluate(model, dev)
     record["test"] = evaluate(model, test)
     if name == f"direct r={SOURCE_RANK}":
@@ -251,6 +286,29 @@ def squeeze_source_extras(model, dev, test) -> dict:
         squeezed = PeftModel.from_pretrained(base, Path(scratch) / "r8")
         extras["post"] = {"dev": evaluate(squeezed, dev), "test": evaluate(squeezed, test)}
     return extras
+
+
+def run_probe(seed: int, data: dict, tokenizer) -> dict:
+    """probe_rank on the base model (fresh head, seed ``seed``), 4 batches of 16 training examples."""
+    from transformers import DataCollatorWithPadding
+
+    from lora_monitor import probe_rank
+
+    torch.manual_seed(seed)
+    base, _ = minilm_classifier()
+    collate = DataCollatorWithPadding(tokenizer)
+    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = [collate([data["train"][i] for i in order[s : s + BATCH]]) for s in range(0, 4 * BATCH, BATCH)]
+    started = time.perf_counter()
+    probe = probe_rank(base, batches, steps=4, target_modules=TARGETS)
+    return {
+        "condition": "probe",
+        "seed": seed,
+        "lr": 0.0,
+        "rank": probe.rank,
+        "type_ranks": probe.type_ranks,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -327,6 +385,8 @@ def print_tables(records: list[dict]) -> None:
     from rich.table import Table
 
     console = Console(width=160)
+    probes = [r for r in records if r["condition"] == "probe"]
+    records = [r for r in records if r["condition"] != "probe"]
     seeds = sorted({r["seed"] for r in records})
     rows = per_seed(records, seeds)
     reference = rows.get("direct r=8", {})
@@ -396,6 +456,12 @@ def print_tables(records: list[dict]) -> None:
             + ", ".join(f"r={k} {m * 100:.2f}" for k, m in means.items())
             + f"\nknee (smallest rank within 1 point of the best): r={knee}"
         )
+    for probe in sorted(probes, key=lambda r: r["seed"]):
+        console.print(
+            f"probe_rank before training (seed {probe['seed']}, 4 batches of {BATCH}): r={probe['rank']} "
+            f"{probe['type_ranks']} ({probe['seconds']:.1f} s)"
+        )
+    print_alpha_sweep(console, records)
     sources = [chosen(records, f"direct r={SOURCE_RANK}", s) for s in seeds]
     sources = [s for s in sources if s]
     if sources:
@@ -435,6 +501,46 @@ def print_tables(records: list[dict]) -> None:
         console.print(advice)
 
 
+def print_alpha_sweep(console, records: list[dict]) -> None:
+    """Rank 8 at lora_alpha 8…64, per learning rate: accuracy, final training loss and the monitor's signals."""
+    from rich.table import Table
+
+    names = {
+        alpha: "direct r=8" if alpha == TARGET_RANK else f"alpha={alpha} direct r=8" for alpha in ALPHA_SWEEP
+    }
+    if not any(r["condition"] in names.values() and "signals" in r for r in records):
+        return
+    table = Table(title="α/r sweep at rank 8 (scale α/8): mean over seeds, monitor signals at the last check")
+    columns = ("α", "LR", "runs", "test acc %", "train loss", "max update scale", "max dominance")
+    columns += ("κ_A volatility", "κ_B volatility", "alerts")
+    for column in columns:
+        table.add_column(column, justify="right" if column != "alerts" else "left")
+    for alpha, name in names.items():
+        for lr in LEARNING_RATES:
+            runs = [r for r in records if r["condition"] == name and r["lr"] == lr and "signals" in r]
+            if not runs:
+                continue
+
+            def mean(values):
+                values = [v for v in values if v is not None]
+                return f"{statistics.mean(values):.3g}" if values else "-"
+
+            alerts = sorted({code for r in runs for code in r.get("alerts", [])})
+            table.add_row(
+                str(alpha),
+                f"{lr:g}",
+                str(len(runs)),
+                mean_se([r["test"]["accuracy"] for r in runs]),
+                mean(r.get("train_loss") for r in runs),
+                mean(r["signals"].get("lora/max_update_scale") for r in runs),
+                mean(r["signals"].get("lora/max_dominance") for r in runs),
+                mean(r["signals"].get("lora/mean_kappa_A_volatility") for r in runs),
+                mean(r["signals"].get("lora/mean_kappa_B_volatility") for r in runs),
+                ", ".join(alerts) or "-",
+            )
+    console.print(table)
+
+
 def main() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -445,7 +551,10 @@ def main() -> None:
     parser.add_argument("--conditions", default=None, help="comma-separated names (default: all)")
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES))
     parser.add_argument(
-        "--results", default="bench/evidence-results.jsonl", help="comma-separated JSONL files"
+        "--results",
+        default="evidence-results.jsonl",
+        help="comma-separated JSONL files (runs append to the first; bench/evidence-results.jsonl holds the "
+        "runs behind the README's table: --table-only --results bench/evidence-results.jsonl)",
     )
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
@@ -457,11 +566,19 @@ def main() -> None:
         _, tokenizer = minilm_classifier()
         data = splits(tokenizer)
         dev, test = eval_batches(data["dev"], tokenizer), eval_batches(data["test"], tokenizer)
-        names = args.conditions.split(",") if args.conditions else conditions()
+        names = args.conditions.split(",") if args.conditions else ["probe", *conditions()]
         done = {(r["condition"], r["seed"], r["lr"]) for r in load(paths)}
+        grid = [float(x) for x in args.lrs.split(",")]
         for seed in [int(s) for s in args.seeds.split(",")]:
             for name in names:
-                for lr in [float(x) for x in args.lrs.split(",")]:
+                if name == "probe":
+                    if (name, seed, 0.0) not in done:
+                        record = run_probe(seed, data, tokenizer)
+                        with paths[0].open("a") as sink:
+                            sink.write(json.dumps(record) + "\n")
+                        print(f"probe seed {seed}: r={record['rank']} {record['type_ranks']}", flush=True)
+                    continue
+                for lr in learning_rates_of(name, grid):
                     if (name, seed, lr) in done:
                         continue
                     record = run_condition(name, seed, lr, data, tokenizer, dev, test)

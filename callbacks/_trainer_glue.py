@@ -32,6 +32,23 @@ def find_calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
     return None
 
 
+def find_calling_trainer(callback: TrainerCallback) -> Any:
+    """The Trainer whose handler is calling ``callback`` right now (None when not called by a Trainer): the
+    same stack walk as :func:`find_calling_handler`, for a callback that needs the Trainer's own data (its
+    ``eval_dataset``, through ``get_eval_dataloader``)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            handler = getattr(owner, "callback_handler", None)
+            if isinstance(handler, CallbackHandler) and any(c is callback for c in handler.callbacks):
+                return owner
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
 def emit_log(handler: CallbackHandler | None, args: Any, state: Any, control: Any, scalars: dict[str, float]):
     """A log event of its own, made the way ``Trainer.log`` makes one, so every ``report_to`` integration sees it.
 

@@ -9,7 +9,7 @@ compressed copy. The analysis itself is :func:`lora_monitor.squeeze.analyze_adap
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from transformers import TrainerCallback, TrainerControl, TrainingArguments
 from lora_monitor.adapters import find_lora_modules, unwrap_model
 from lora_monitor.errors import LoraMonitorError
 from lora_monitor.monitor.intruders import IntruderDimensions, intruder_dimensions
+from lora_monitor.render.console import print_function_recommendation
 from lora_monitor.render.report import write_report
 from lora_monitor.squeeze import (
     CompressionResult,
@@ -31,9 +32,20 @@ from lora_monitor.squeeze import (
     print_analysis,
     write_squeeze_manifest,
 )
+from lora_monitor.squeeze.function import (
+    DEFAULT_TOLERANCE,
+    FunctionRecommendation,
+    recommend_rank_by_function,
+)
 from lora_monitor.squeeze.manifest import TABLE_COLUMNS, summary_scalars, table_rows
 
-from ._trainer_glue import active_wandb, emit_log, find_calling_handler, is_last_step
+from ._trainer_glue import (
+    active_wandb,
+    emit_log,
+    find_calling_handler,
+    find_calling_trainer,
+    is_last_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +63,15 @@ class PostSqueezeCallback(TrainerCallback):
     With ``intruders=True`` (the default) it counts each module's intruder dimensions against its base
     weight (:mod:`lora_monitor.monitor.intruders`; about a second per 4096-wide module on a CPU, once).
     The ``squeeze/*`` summary reaches every ``report_to`` integration as a log event at that step.
+
+    With ``by_function=True`` the rank is also chosen by what it does to held-out loss
+    (:func:`~lora_monitor.squeeze.function.recommend_rank_by_function`): every candidate rank is tried in
+    place on the trained model over ``eval_batches``, or the Trainer's ``eval_dataset`` when none are given,
+    and the smallest whose loss is within ``tolerance`` (relative) of the full adapter's is recommended,
+    printed beside the energy advice (per module type too with ``by_module_type=True``), kept as
+    ``callback.function``, written to the manifest and, with ``compress=True``, used for the compressed
+    copy. Cost: one pass over the evaluation set per candidate rank (and per module type), with a progress
+    bar. Not under FSDP2.
     A failed analysis or write (NaN weights, a full disk) is logged and kept as ``callback.error``; it never
     takes the trained model down with it.
     """
@@ -67,6 +88,10 @@ class PostSqueezeCallback(TrainerCallback):
         print_table: bool = True,
         report: bool = False,
         intruders: bool = True,
+        by_function: bool = False,
+        tolerance: float = DEFAULT_TOLERANCE,
+        eval_batches: Iterable[dict[str, Any]] | None = None,
+        by_module_type: bool = False,
     ) -> None:
         self.options = SqueezeOptions(
             min_variance_retention=min_variance_retention,
@@ -85,15 +110,33 @@ class PostSqueezeCallback(TrainerCallback):
         self.report = report
         self.intruders = intruders
         self.intruder_dimensions: list[IntruderDimensions] | None = None
+        self.by_function, self.tolerance, self.by_module_type = by_function, tolerance, by_module_type
+        self.eval_batches = None if eval_batches is None else list(eval_batches)
+        self.function: FunctionRecommendation | None = None
+        self._trainer = None
         self._handler, self._done_at = None, None
         self.report_path: Path | None = None
         self.analysis: SqueezeAnalysis | None = None
         self.compression: CompressionResult | None = None
         self.error: str | None = None
 
+    def attach(self, trainer: Any) -> PostSqueezeCallback:
+        """Bind to ``trainer`` (adding this callback to it if needed); returns ``self``."""
+        if not any(callback is self for callback in trainer.callback_handler.callbacks):
+            trainer.add_callback(self)
+        self._trainer, self._handler = trainer, trainer.callback_handler
+        return self
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:  # fail before training, not after it, when there is nothing to squeeze
             find_lora_modules(unwrap_model(model), self.adapter_name)
+        self._trainer = find_calling_trainer(self) or self._trainer
+        no_data = self.eval_batches is None and getattr(self._trainer, "eval_dataset", None) is None
+        if self.by_function and no_data:
+            raise LoraMonitorError(
+                "PostSqueezeCallback(by_function=True) needs held-out data: give the Trainer an "
+                "eval_dataset, or pass eval_batches"
+            )
 
     def on_init_end(self, args, state, control, **kwargs):
         self._handler = find_calling_handler(self)
@@ -123,18 +166,25 @@ class PostSqueezeCallback(TrainerCallback):
             )
             if self.print_table:
                 print_analysis(self.analysis)
+            if self.by_function and isinstance(model, torch.nn.Module):  # not on an FSDP2 snapshot
+                self.function = self._recommend_by_function(model)
+                if self.print_table:
+                    print_function_recommendation(self.function)
             if self.compress:
                 self.compression = self._compress(model, output_dir)
             if self.intruders and isinstance(model, torch.nn.Module):  # not on a gathered FSDP2 snapshot
                 modules = find_lora_modules(model, self.adapter_name)
                 self.intruder_dimensions = intruder_dimensions(modules, lambda module: module.base_weight())
-            write_squeeze_manifest(
-                output_dir, manifest_entry(self.analysis, self.compression, self.intruder_dimensions)
-            )
+            entry = manifest_entry(self.analysis, self.compression, self.intruder_dimensions)
+            if self.function is not None:
+                entry["function"] = self.function.to_dict()
+            write_squeeze_manifest(output_dir, entry)
             self._log_to_wandb(args)
             if self.report:
                 self.report_path = write_report(output_dir)
             scalars = summary_scalars(self.analysis, self.intruder_dimensions)
+            if self.function is not None:
+                scalars["squeeze/function_recommended_rank"] = self.function.recommended_rank
             return emit_log(self._handler, args, state, control, scalars)
         except LoraMonitorError as error:  # NaN weights, an unwritable output_dir...: logged, never raised
             self.error = str(error)
@@ -144,13 +194,31 @@ class PostSqueezeCallback(TrainerCallback):
             logger.exception("PostSqueezeCallback failed after training; the trained adapter is unaffected")
         return None
 
+    def _recommend_by_function(self, model: torch.nn.Module) -> FunctionRecommendation:
+        batches = self.eval_batches
+        if batches is None:
+            batches = list(self._trainer.get_eval_dataloader())
+        return recommend_rank_by_function(
+            model,
+            batches,
+            ranks=self.options.target_ranks,
+            tolerance=self.tolerance,
+            adapter_name=self.adapter_name,
+            energy_threshold=self.options.min_variance_retention,
+            by_module_type=self.by_module_type,
+        )
+
     def _compress(self, model: Any, output_dir: Path) -> CompressionResult | None:
-        try:  # at the recommended rank (or per module); no recommendation is an error naming the closest rank
+        # At the function's rank when it was measured, else the energy's (or per module); no recommendation
+        # is an error naming the closest rank.
+        by_function = self.function is not None and not self.options.per_module
+        try:
             return compress_adapter(
                 model,
                 output_dir / self.output_subdir,
                 min_variance_retention=self.options.min_variance_retention,
                 per_module=self.options.per_module,
+                target_rank=self.function.recommended_rank if by_function else None,
                 target_ranks=self.options.target_ranks,
                 adapter_name=self.adapter_name,
                 overwrite=True,  # a re-run into the same output_dir replaces its own squeezed copy

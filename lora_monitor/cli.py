@@ -116,13 +116,55 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--adapter-name", help="which adapter of a multi-adapter folder (sub-folder name)")
     parser.add_argument("--device", help="torch device for the decomposition (default: cpu)")
+    function = parser.add_argument_group(
+        "rank by function",
+        "With --base and --data, every candidate rank is also tried on the model itself: held-out loss and "
+        "KL to the full adapter per rank, one pass over --data per rank, and the smallest rank within "
+        "--tolerance is recommended (and used by --out unless --rank or --per-module is given).",
+    )
+    function.add_argument("--base", help="base model folder the adapter was trained on (a causal LM)")
+    function.add_argument("--data", help="held-out texts: .txt (one per line), .jsonl or .json")
+    function.add_argument("--tokenizer", help="tokenizer folder (default: the --base folder)")
+    function.add_argument(
+        "--tolerance", type=float, default=0.01, help="relative loss increase allowed (default: %(default)s)"
+    )
+    function.add_argument(
+        "--by-module-type", action="store_true", help="also per module type (one pass per type and rank)"
+    )
+    function.add_argument("--samples", type=int, default=64, help="texts used (default: %(default)s)")
+    function.add_argument("--batch-size", type=int, default=8)
+    function.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any) -> Any:
+    """The rank-by-function advice for a saved adapter on its base model and held-out texts."""
+    from .adapters.base_model import load_onto_base
+    from .edit import calibration_batches, load_tokenizer, read_texts
+    from .squeeze.function import recommend_rank_by_function
+
+    if not (args.base and args.data):
+        raise LoraMonitorError("--base and --data go together: the base model and the held-out texts")
+    texts = read_texts(args.data)
+    tokenizer = load_tokenizer(args.tokenizer or args.base, "pass --tokenizer")
+    batches = calibration_batches(
+        texts, tokenizer, batch_size=args.batch_size, max_length=args.max_length, max_samples=args.samples
+    )
+    model = load_onto_base(adapter_path, args.base, args.adapter_name, needed_for="--data")
+    return recommend_rank_by_function(
+        model,
+        batches,
+        ranks=options.target_ranks,
+        tolerance=args.tolerance,
+        energy_threshold=options.min_variance_retention,
+        by_module_type=args.by_module_type,
+    )
 
 
 def _run_squeeze(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .render.console import print_compression, print_json
+    from .render.console import print_compression, print_function_recommendation, print_json
     from .squeeze import SqueezeOptions, analyze_adapter, compress_adapter, print_analysis, read_squeeze_toml
 
     settings: dict[str, Any] = {"adapter_path": args.adapter}
@@ -162,9 +204,12 @@ def _run_squeeze(args: argparse.Namespace) -> int:
             f"{analysis.source_rank} (the weights are used)",
             file=sys.stderr,
         )
+    function = _function_advice(args, settings["adapter_path"], options) if args.base or args.data else None
     result = None
     if output:
         rank = options.target_rank
+        if rank is None and not options.per_module and function is not None:
+            rank = function.recommended_rank
         if rank is None and not options.per_module:
             if analysis.recommended_rank is None:
                 raise LoraMonitorError(
@@ -183,9 +228,17 @@ def _run_squeeze(args: argparse.Namespace) -> int:
             device=device,
         )
     if args.json:
-        print_json({"analysis": analysis.to_dict(), "compressed": result.to_dict() if result else None})
+        print_json(
+            {
+                "analysis": analysis.to_dict(),
+                "function": function.to_dict() if function else None,
+                "compressed": result.to_dict() if result else None,
+            }
+        )
         return 0
     print_analysis(analysis)
+    if function is not None:
+        print_function_recommendation(function)
     if result is not None:
         print_compression(result)
     return 0

@@ -112,3 +112,39 @@ def test_no_lora_fails_before_training_and_bad_weights_do_not_crash_the_end(tmp_
     for bad in ({"min_variance_retention": 0}, {"target_ranks": [0]}, {"output_subdir": "../elsewhere"}):
         with pytest.raises(LoraMonitorError):
             PostSqueezeCallback(**bad)
+
+
+def test_rank_by_function_on_the_trainers_eval_dataset(tmp_path, lm_dataset, capsys):
+    from lora_monitor.squeeze.function import recommend_rank_by_function
+
+    ranks = [1, 2, 4, 8]
+    callback = PostSqueezeCallback(compress=True, target_ranks=ranks, by_function=True, tolerance=0.001)
+    model = peft_llama(0, init_lora_weights=True, r=8)
+    args = training_args(tmp_path / "run", max_steps=4, learning_rate=5e-2)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=lm_dataset, eval_dataset=lm_dataset, callbacks=[callback]
+    )
+    trainer.train()
+    assert callback.error is None and callback.function is not None
+    # the same numbers as the API on the same held-out batches
+    direct = recommend_rank_by_function(
+        model, list(trainer.get_eval_dataloader()), ranks=ranks, tolerance=0.001, progress=False
+    )
+    assert callback.function.recommended_rank == direct.recommended_rank
+    for rank in ranks:
+        assert callback.function.evaluations[rank].loss == pytest.approx(direct.evaluations[rank].loss)
+    assert callback.function.energy_recommended_rank == callback.analysis.recommended_rank
+    out = capsys.readouterr().out
+    assert "Rank by function" in out and "by function" in out
+    manifest = json.loads((tmp_path / "run" / "squeeze_manifest.json").read_text())
+    assert manifest["function"]["recommended_rank"] == direct.recommended_rank
+    reloaded = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "run" / "squeezed")
+    for name, layer in lora_layers(reloaded).items():
+        assert layer.r["default"] == direct.recommended_rank, name
+
+
+def test_rank_by_function_without_held_out_data_fails_before_training(tmp_path, lm_dataset):
+    callback = PostSqueezeCallback(by_function=True)
+    with pytest.raises(LoraMonitorError, match="eval_dataset"):
+        train(tmp_path, lm_dataset, callback)
+    assert not (tmp_path / "run" / "squeeze_manifest.json").exists()

@@ -150,3 +150,36 @@ def test_installed_command_fails_cleanly_on_a_missing_folder(tmp_path):
     assert completed.returncode != 0
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and "no such adapter folder" in lines[0], completed.stderr
+
+
+def test_rank_by_function_on_a_saved_adapter(tmp_path, capsys, adapter_folder, tokenizer):
+    from tiny_models import SENTENCES
+
+    from lora_monitor.adapters.base_model import load_onto_base
+    from lora_monitor.edit import calibration_batches
+    from lora_monitor.squeeze.function import recommend_rank_by_function
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "heldout.txt"
+    data.write_text("\n".join(SENTENCES[:12]))
+    arguments = [adapter_folder, "--base", tmp_path / "base", "--data", data, "--ranks", "1,2,4,8,16"]
+    status, out, _ = run(capsys, *arguments, "--by-module-type", "--tolerance", "0.002", "--json")
+    assert status == 0
+    payload = json.loads(out)["function"]
+    # the same numbers as the API on the same model and batches
+    model = load_onto_base(adapter_folder, tmp_path / "base")
+    batches = calibration_batches(SENTENCES[:12], tokenizer, batch_size=8, max_length=256, max_samples=64)
+    direct = recommend_rank_by_function(
+        model, batches, ranks=[1, 2, 4, 8, 16], tolerance=0.002, by_module_type=True, progress=False
+    )
+    assert payload["recommended_rank"] == direct.recommended_rank
+    assert payload["type_recommended_ranks"] == direct.type_recommended_ranks
+    assert payload["evaluations"]["4"]["loss"] == pytest.approx(direct.evaluations[4].loss, rel=1e-6)
+
+    status, out, _ = run(capsys, *arguments, "--tolerance", "0.002", "--out", tmp_path / "out")
+    assert status == 0 and "by function" in out
+    assert set(reloaded_ranks(tmp_path / "out").values()) == {direct.recommended_rank}
+
+    status, _, err = run(capsys, adapter_folder, "--data", data)
+    assert status == 2 and "--base and --data go together" in err

@@ -32,11 +32,14 @@ def live_parameters(model):
     ]
 
 
-def dense_truncation(model, rank):
-    """A copy of ``model`` whose every pair is the rank-``rank`` truncation of the dense ``B@A`` (float64 SVD)."""
+def dense_truncation(model, rank, module_type=None):
+    """A copy of ``model`` whose every pair (or every pair of ``module_type``) is the rank-``rank``
+    truncation of the dense ``B@A`` (float64 SVD)."""
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for record in find_lora_modules(reference):
+            if module_type is not None and record.module_type != module_type:
+                continue
             B_param, A_param = factor_parameters(record.module, record.adapter_name)
             U, S, Vh = torch.linalg.svd(B_param.double() @ A_param.double())
             root = S[:rank].sqrt()
@@ -82,6 +85,27 @@ def test_truncation_matches_a_dense_svd_reference(tokenizer, rank):
     assert evaluation.loss == pytest.approx(loss, rel=1e-9)
     assert evaluation.kl == pytest.approx(kl, rel=1e-6)
     assert evaluation.loss_increase == pytest.approx(loss - advice.full_loss, rel=1e-6, abs=1e-12)
+
+
+def test_per_module_type_truncates_one_type_against_a_dense_reference(tokenizer):
+    model, data = float64_model(), batches(tokenizer)
+    advice = recommend_rank_by_function(model, data, ranks=RANKS, by_module_type=True, progress=False)
+    assert set(advice.type_evaluations) == {"q_proj", "v_proj", "down_proj"}
+    for kind in ("q_proj", "down_proj"):
+        loss, kl = reference_numbers(model, dense_truncation(model, 1, kind), data)
+        evaluation = advice.type_evaluations[kind][1]
+        assert kl > 1e-8
+        assert evaluation.loss == pytest.approx(loss, rel=1e-9)
+        assert evaluation.kl == pytest.approx(kl, rel=1e-6)
+        within = [r for r in RANKS if advice.type_evaluations[kind][r].relative_increase <= advice.tolerance]
+        assert advice.type_recommended_ranks[kind] == (within[0] if within else RANKS[-1])
+    energy = analyze_adapter(model, target_ranks=RANKS)
+    assert advice.energy_type_ranks == {k: g.recommended_rank for k, g in energy.by_module_type.items()}
+    # the global evaluations are those of the call without by_module_type
+    plain = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+    assert all(
+        plain.evaluations[r].loss == pytest.approx(advice.evaluations[r].loss, rel=1e-12) for r in RANKS
+    )
 
 
 def test_factors_are_bit_identical_and_in_place_after_the_call_and_after_an_error(tokenizer):

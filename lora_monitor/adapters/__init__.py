@@ -32,6 +32,7 @@ from .factors import (
 from .folder import check_output, lora_config_for_ranks, write_adapter_folder
 from .modules import (
     REFERENCE_ADAPTER_NAMES,
+    LiveModules,
     OpenedAdapter,
     adapter_names,
     find_lora_modules,
@@ -60,6 +61,7 @@ __all__ = [
     "PEFT_PREFIX",
     "REFERENCE_ADAPTER_NAMES",
     "SAFETENSORS_NAME",
+    "LiveModules",
     "LoraModule",
     "OpenedAdapter",
     "SavedAdapter",

@@ -35,6 +35,32 @@ def load_base_model(folder: str | os.PathLike, *, causal_lm_first: bool = True) 
     raise LoraMonitorError(f"{path}: could not load the base model ({'; '.join(errors)})")
 
 
+def load_onto_base(
+    folder: str | os.PathLike,
+    base_model: torch.nn.Module | str | os.PathLike | None,
+    adapter_name: str | None = None,
+    *,
+    needed_for: str = "this",
+) -> torch.nn.Module:
+    """The saved adapter in ``folder`` loaded onto ``base_model`` (a model, or a folder for
+    :func:`load_base_model`) as a ``PeftModel`` in eval mode; every failure is a :class:`LoraMonitorError`
+    naming the folder (``needed_for`` says what the base was needed for when none is given)."""
+    from .saved import load_adapter
+
+    folder = Path(folder)
+    load_adapter(folder, adapter_name)  # validates the folder with a clear message
+    if base_model is None:
+        raise LoraMonitorError(f"{folder}: {needed_for} needs its base model (base_model=... / --base)")
+    if isinstance(base_model, str | os.PathLike):
+        base_model = load_base_model(base_model)
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base_model, str(folder), is_trainable=False)
+    except Exception as error:  # PEFT raises many types for a mismatched base; name both folders
+        raise LoraMonitorError(f"{folder}: does not load onto the base model ({error})") from error
+
+
 def base_weights(
     model: torch.nn.Module, modules: Sequence[LoraModule], where: str
 ) -> Callable[[str], torch.Tensor | None]:

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import LoraMonitorError
 from .factors import (
+    KEPT_RANK_ATTRIBUTE,
     MAGNITUDE_SUFFIX,
     PEFT_PREFIX,
     factor_kind,
@@ -239,3 +240,56 @@ def _plain_config(config: dict[str, Any]) -> dict[str, Any]:
 def lora_modules(source: Any, adapter_name: str | None = None) -> list[LoraModule]:
     """LoRA pairs of a live model, a :class:`SavedAdapter`, or an adapter folder path."""
     return open_adapter(source, adapter_name, with_state=False).modules
+
+
+class LiveModules:
+    """:func:`lora_modules`, remembered between calls on the same live model: what a monitor asks for at
+    every check.
+
+    Walking a model's module tree and building a record per pair costs milliseconds, as much as measuring
+    the pairs. The records read the live factors at every access, so they stay right while training
+    changes the values; what can make them stale is a change of layout (In-Squeeze swapping or masking a
+    pair, a new scale, another active adapter, another model), and that is checked at every call, per
+    pair, from a few attributes. LoRA layers injected into the model after the first call are not seen
+    until :meth:`forget`. Saved adapters and folders are read afresh every time.
+    """
+
+    def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        """Walk the model again at the next call."""
+        self._model: torch.nn.Module | None = None
+        self._key: tuple | None = None
+        self._records: list[LoraModule] = []
+        self._layout: list[tuple] = []
+        self._sharded = False
+
+    def __call__(self, source: Any, adapter_name: str | None = None) -> list[LoraModule]:
+        if not isinstance(source, torch.nn.Module):
+            return lora_modules(source, adapter_name)
+        model = unwrap_model(source)
+        key = (adapter_name, getattr(model, "active_adapter", None))
+        if model is not self._model or key != self._key or _layout(self._records) != self._layout:
+            self._records = find_lora_modules(model, adapter_name)
+            self._model, self._key, self._layout = model, key, _layout(self._records)
+            self._sharded = records_are_sharded(self._records)
+        # Under FSDP2 the records are a snapshot gathered now (a collective, in every process).
+        return gather_records(self._records) if self._sharded else self._records
+
+    @property
+    def sharded(self) -> bool:
+        """True when the model's factors are FSDP2 shards (reading one is a collective)."""
+        return self._sharded
+
+
+def _layout(records: list[LoraModule]) -> list[tuple]:
+    """What a record's fixed fields depend on, per pair: the A parameter (its identity and rank), the kept
+    rank of a mask and the scale."""
+    layout = []
+    for record in records:
+        module, name = record.module, record.adapter_name
+        A = module.lora_A[name].weight if name in module.lora_A else module.lora_embedding_A.get(name)
+        kept = getattr(module, KEPT_RANK_ATTRIBUTE, {}).get(name)
+        layout.append((id(A), None if A is None else A.shape[0], kept, module.scaling.get(name)))
+    return layout

@@ -333,25 +333,10 @@ def _model_to_edit(
     """The live PEFT model to edit in place, and the adapter folder it was loaded from (None if given live)."""
     if isinstance(model_or_path, torch.nn.Module):
         return model_or_path, None
-    from peft import PeftModel
-
-    from ..adapters import load_adapter
+    from ..adapters.base_model import load_onto_base
 
     folder = Path(model_or_path)
-    load_adapter(folder, adapter_name)  # validates the folder with a clear message
-    if base_model is None:
-        raise LoraMonitorError(
-            f"{folder}: editing a saved adapter needs its base model (base_model=... / --base)"
-        )
-    if isinstance(base_model, str | Path):
-        from ..adapters.base_model import load_base_model
-
-        base_model = load_base_model(base_model)
-    try:
-        model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=False)
-    except Exception as error:  # PEFT raises many types for a mismatched base; name both folders
-        raise LoraMonitorError(f"{folder}: does not load onto the base model ({error})") from error
-    return model, folder
+    return load_onto_base(folder, base_model, adapter_name, needed_for="editing a saved adapter"), folder
 
 
 def _write(

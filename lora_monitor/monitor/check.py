@@ -29,7 +29,7 @@ import torch
 
 from .._distributed import gather_objects, my_share
 from .._io import json_safe
-from ..adapters import LoraModule, factor_parameters, lora_modules, records_are_sharded
+from ..adapters import LiveModules, LoraModule, factor_parameters
 from ..errors import check_number
 from .alerts import Alert, AlertMonitor, AlertThresholds
 from .gradients import gradient_effective_ranks
@@ -75,6 +75,7 @@ class _FirstSeen:
     step: int
     rank: int
     fingerprint: tuple[float, ...]
+    moved: bool = False
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Monitor:
         if self.intruders_every is not None:
             check_number(self.intruders_every, "intruders_every", low=1, whole=True)
         self._base_subspaces = BaseSubspaceCache()
+        self._modules = LiveModules()
         self.reset()
 
     def reset(self) -> None:
@@ -122,6 +124,7 @@ class Monitor:
         self.latest = None
         self._pending_gradients: tuple[int, dict[str, float]] | None = None
         self._first_seen: dict[str, _FirstSeen] = {}
+        self._modules = LiveModules()  # a new run may come with a new model layout
 
     @property
     def alerts(self) -> list[Alert]:
@@ -137,8 +140,8 @@ class Monitor:
         """Measure the gradient step through each adapter now (call it after ``backward`` and clipping,
         before ``optimizer.step()``); :meth:`check` at the same ``step`` attaches it to the records."""
         if self.track_gradients:
-            modules = lora_modules(model, self.adapter_name)
-            if not records_are_sharded(modules):
+            modules = self._modules(model, self.adapter_name)
+            if not self._modules.sharded:
                 modules = my_share(modules)  # FSDP2: gradients are gathered whole, so each process does all
             self._pending_gradients = (step, gradient_effective_ranks(modules))
 
@@ -157,8 +160,9 @@ class Monitor:
         # Under FSDP2 reading a factor or a base weight is a gather, a collective that every process must join
         # in the same order: lora_modules gathers every module's factors in every process, and each base
         # weight is gathered (and measured) here, the first time, before any process takes its share.
-        modules = lora_modules(model, self.adapter_name)
-        if records_are_sharded(modules):
+        modules = self._modules(model, self.adapter_name)
+        sharded = self._modules.sharded
+        if sharded:
             for module in modules:
                 self._base_norms.get(module)
         mine = my_share(modules)
@@ -168,13 +172,11 @@ class Monitor:
             gradients = self._pending_gradients[1]
         self._pending_gradients = None
         learning_rates = _learning_rates(optimizer)
-        fingerprints = _fingerprints(mine)
-        for module, record, fingerprint in zip(mine, local, fingerprints, strict=True):
+        for module, record in zip(mine, local, strict=True):
             record.gradient_effective_rank = gradients.get(record.name)
-            if fingerprint is not None:
-                record.unchanged_since = self._unchanged_since(record, fingerprint, step)
+            record.unchanged_since = self._unchanged_since(module, record, step)
             record.frozen_reason = _frozen_reason(module, learning_rates)
-        if self.intruders_every and step % self.intruders_every == 0 and not records_are_sharded(modules):
+        if self.intruders_every and step % self.intruders_every == 0 and not sharded:
             by_module = {module.name: module for module in mine}
             weight_of = self.base_weights or (lambda name: by_module[name].base_weight())
             found = intruder_dimensions(mine, lambda m: weight_of(m.name), cache=self._base_subspaces)
@@ -198,31 +200,30 @@ class Monitor:
         self.latest = MonitorRecord(step, epoch, metrics, summary, dynamics, new_alerts, scalars, len(local))
         return self.latest
 
-    def _unchanged_since(
-        self, record: ModuleMetrics, fingerprint: tuple[float, ...], step: int
-    ) -> int | None:
+    def _unchanged_since(self, module: LoraModule, record: ModuleMetrics, step: int) -> int | None:
+        """The step of the first check from which the pair's factors have stayed bit-identical, else None
+        (always None for a saved adapter, which does not train)."""
+        if module.module is None:
+            return None
         first = self._first_seen.get(record.name)
+        if first is not None and first.rank == record.nominal_rank and first.moved:
+            return None  # it trained once: the fingerprint is not needed any more (until a resize)
+        fingerprint = _fingerprint(module)
         if first is None or first.rank != record.nominal_rank:  # a resized module starts over
             first = self._first_seen[record.name] = _FirstSeen(step, record.nominal_rank, fingerprint)
-        return first.step if fingerprint == first.fingerprint else None
+        if fingerprint != first.fingerprint:
+            first.moved = True
+            return None
+        return first.step
 
 
-def _fingerprints(modules: list[LoraModule]) -> list[tuple[float, ...] | None]:
-    """Sum and squared sum of B and A per live module, in float64: equal only if the factors did not move
-    (None for a saved adapter, which does not train).
+def _fingerprint(module: LoraModule) -> tuple[float, ...]:
+    """Sum and squared sum of B and A, in float64: equal only if the factors did not move.
 
     Not a copy of the factors (that would double the adapter's memory); any optimizer step changes them.
     """
-    fingerprints: list[tuple[float, ...] | None] = []
-    for module in modules:
-        if module.module is None:
-            fingerprints.append(None)
-            continue
-        B, A = module.B.double(), module.A.double()
-        fingerprints.append(
-            tuple(torch.stack([B.sum(), B.square().sum(), A.sum(), A.square().sum()]).tolist())
-        )
-    return fingerprints
+    B, A = module.B.double(), module.A.double()
+    return tuple(torch.stack([B.sum(), B.square().sum(), A.sum(), A.square().sum()]).tolist())
 
 
 def _learning_rates(optimizer: Any) -> dict[int, float] | None:

@@ -9,7 +9,6 @@ zero or non-finite ΔW carry no trend and are skipped; a module resized during t
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,12 +46,74 @@ class ModuleDynamics:
 
 
 @dataclass
+class _Run:
+    """The longest run of unchanged values ending at the latest point: ``values[start:length]``, with the
+    lowest, highest and largest absolute value in it (``finite`` False when the latest value is not)."""
+
+    length: int
+    start: int
+    low: float
+    high: float
+    largest: float
+    finite: bool
+
+    def fits(self, tolerance: float) -> bool:
+        return self.finite and (self.high - self.low) <= tolerance * self.largest
+
+
+@dataclass
+class _EarlyPeak:
+    """Peak of the early points seen so far and the lowest point after it (for the early-collapse rule)."""
+
+    consumed: int = 0
+    count: int = 0
+    peak: float = -math.inf
+    lowest_after: float = math.inf
+
+
+@dataclass
+class _RankSeries:
+    """One module's usable checks (ΔW non-zero and finite) at one nominal rank, and what was derived from
+    them so far: the saturation run per tolerance and the early peak per horizon."""
+
+    points: list[tuple[int, ModuleMetrics]] = field(default_factory=list)
+    runs: dict[float, _Run] = field(default_factory=dict)
+    early: dict[int, _EarlyPeak] = field(default_factory=dict)
+
+
+@dataclass
+class _Track:
+    """One module's checks, kept as they arrive so that a check costs the same at step 10 and at step
+    10,000: the usable ones per nominal rank (a resized module starts a new series), and their count."""
+
+    rank: int | None = None
+    by_rank: dict[int, _RankSeries] = field(default_factory=dict)
+    usable_checks: int = 0  # at any rank
+    first_usable_step: int | None = None
+
+    @property
+    def current(self) -> _RankSeries:
+        """The series at the module's latest nominal rank."""
+        return self.by_rank.setdefault(self.rank, _RankSeries())
+
+    def add(self, step: int, record: ModuleMetrics) -> None:
+        self.rank = record.nominal_rank
+        if record.is_zero or record.non_finite:
+            return
+        self.current.points.append((step, record))
+        self.usable_checks += 1
+        if self.first_usable_step is None:
+            self.first_usable_step = step
+
+
+@dataclass
 class MetricsHistory:
     """The per-module metrics of every check, and the dynamics derived from them.
 
     ``trend_tolerance``: relative change of rank utilization over the window that counts as a trend.
     ``saturation_tolerance``: relative spread of effective rank that counts as unchanged, for
-    ``saturation_checks`` consecutive checks.
+    ``saturation_checks`` consecutive checks. Each derived quantity is updated from the checks that are new
+    since the last time it was asked for, so the cost of a check does not grow with the length of the run.
     """
 
     window: int = 5
@@ -61,17 +122,30 @@ class MetricsHistory:
     saturation_checks: int = 5
     steps: list[int] = field(default_factory=list)
     records: dict[str, list[tuple[int, ModuleMetrics]]] = field(default_factory=dict)
+    _tracks: dict[str, _Track] = field(default_factory=dict, init=False, repr=False)
 
     def add(self, step: int, metrics: Iterable[ModuleMetrics]) -> None:
         """Record one check (a second check at the same step replaces the first)."""
         if self.steps and self.steps[-1] == step:
-            for series in self.records.values():
+            for name, series in self.records.items():
                 if series and series[-1][0] == step:
                     series.pop()
+                    self._tracks.pop(name, None)  # rebuilt from the records when next asked for
         else:
             self.steps.append(step)
         for record in metrics:
             self.records.setdefault(record.name, []).append((step, record))
+            track = self._tracks.get(record.name)
+            if track is not None:
+                track.add(step, record)
+
+    def _track(self, name: str) -> _Track:
+        track = self._tracks.get(name)
+        if track is None:
+            track = self._tracks[name] = _Track()
+            for step, record in self.records.get(name, []):
+                track.add(step, record)
+        return track
 
     def series(
         self, name: str, metric: str = "effective_rank", *, nominal_rank: int | None = None
@@ -95,19 +169,27 @@ class MetricsHistory:
         series = self.records.get(name)
         return series[-1][1].nominal_rank if series else None
 
-    def current_series(self, name: str, metric: str = "effective_rank") -> list[tuple[int, float]]:
-        """:meth:`series` over the checks made at the module's latest nominal rank only.
+    def current_series(
+        self, name: str, metric: str = "effective_rank", *, last: int | None = None
+    ) -> list[tuple[int, float]]:
+        """:meth:`series` over the checks made at the module's latest nominal rank only; ``last`` keeps only
+        the latest ones.
 
         The dynamics (trend, saturation, κ volatility) are of this series: after a resize the module's
         earlier checks at another rank are another adapter, and comparing with them would show a trend
         (or a plateau) that training did not make.
         """
-        return self.series(name, metric, nominal_rank=self.latest_rank(name))
+        points = self._track(name).current.points
+        if last is not None:
+            points = points[-last:]
+        return [
+            (step, getattr(record, metric)) for step, record in points if getattr(record, metric) is not None
+        ]
 
     def trend(self, name: str) -> tuple[str | None, float | None]:
         """Trend of rank utilization over the last ``window`` non-zero checks at the current rank, and its
         relative change."""
-        points = self.current_series(name, "rank_utilization")[-self.window :]
+        points = self.current_series(name, "rank_utilization", last=self.window)
         if len(points) < 2:
             return None, None
         change = _fitted_relative_change(points)
@@ -130,43 +212,82 @@ class MetricsHistory:
         """
         tolerance = self.saturation_tolerance if tolerance is None else tolerance
         checks = self.saturation_checks if checks is None else checks
-        points = self.current_series(name)
+        series = self._track(name).current
+        points = series.points
         if not points or len(points) < checks:
             return None
-        start = len(points) - 1
-        while start > 0:
-            values = [value for _, value in points[start - 1 :]]
-            if not _within(values, tolerance):
-                break
-            start -= 1
-        if len(points) - start < checks:
+        run = series.runs.get(tolerance)
+        if run is None or run.length > len(points):
+            run = _run_ending_at(points, len(points) - 1, tolerance)
+        # Effective ranks are positive, so a window that is not unchanged stays so when a point is added:
+        # the run ending at a new point starts where the previous run started, or later.
+        for index in range(run.length, len(points)):
+            value = points[index][1].effective_rank
+            if run.finite and math.isfinite(value):
+                extended = _Run(
+                    index + 1,
+                    run.start,
+                    min(run.low, value),
+                    max(run.high, value),
+                    max(run.largest, abs(value)),
+                    True,
+                )
+                if extended.fits(tolerance):
+                    run = extended
+                    continue
+            run = _run_ending_at(points, index, tolerance)
+        series.runs[tolerance] = run
+        if len(points) - run.start < checks:
             return None
-        return points[start][0]
+        return points[run.start][0]
+
+    def early_peak_drop(self, name: str, until_step: int) -> float | None:
+        """Over the usable checks at the current rank up to ``until_step``: the relative drop from the
+        effective rank's first peak to the lowest value after it (None with fewer than two such checks,
+        or nothing after the peak)."""
+        series = self._track(name).current
+        state = series.early.setdefault(until_step, _EarlyPeak())
+        for step, record in series.points[state.consumed :]:
+            state.consumed += 1
+            if step > until_step:
+                continue
+            state.count += 1
+            value = record.effective_rank
+            if value > state.peak:
+                state.peak, state.lowest_after = value, math.inf
+            else:
+                state.lowest_after = min(state.lowest_after, value)
+        if state.count < 2 or not math.isfinite(state.lowest_after) or state.peak <= 0:
+            return None
+        return 1 - state.lowest_after / state.peak
 
     def kappa_volatility(self, name: str, factor: str) -> float | None:
         """Standard deviation of ``log10 κ`` of factor ``"A"`` or ``"B"`` over the last ``window`` checks at
         the current rank (None without two finite values)."""
         values = [
             math.log10(value)
-            for _, value in self.current_series(name, f"kappa_{factor}")[-self.window :]
+            for _, value in self.current_series(name, f"kappa_{factor}", last=self.window)
             if math.isfinite(value) and value > 0
         ]
-        return statistics.pstdev(values) if len(values) >= 2 else None
+        if len(values) < 2:
+            return None
+        mean = sum(values) / len(values)  # statistics.pstdev is exact but 20× slower, at every check
+        return math.sqrt(sum((value - mean) ** 2 for value in values) / len(values))
 
     def dynamics(self, name: str) -> ModuleDynamics:
         """Everything :class:`ModuleDynamics` holds for module ``name``."""
-        points = self.series(name)
+        track = self._track(name)
         trend, change = self.trend(name)
         since = self.saturated_since(name)
         latest = self.records.get(name, [])
         gradient_rank = latest[-1][1].gradient_effective_rank if latest else None
         return ModuleDynamics(
             name=name,
-            checks=len(points),
+            checks=track.usable_checks,
             trend=trend,
             rank_utilization_change=change,
             saturated_since=since,
-            steps_to_saturation=None if since is None else since - points[0][0],
+            steps_to_saturation=None if since is None else since - track.first_usable_step,
             kappa_A_volatility=self.kappa_volatility(name, "A"),
             kappa_B_volatility=self.kappa_volatility(name, "B"),
             gradient_effective_rank=gradient_rank,
@@ -176,13 +297,26 @@ class MetricsHistory:
         return [self.dynamics(name) for name in self.records]
 
 
-def _within(values: Sequence[float], tolerance: float) -> bool:
-    """Unchanged within ``tolerance``: all finite, and ``max − min ≤ tolerance × max |value|``."""
-    finite = [value for value in values if math.isfinite(value)]
-    if len(finite) != len(values):
-        return False
-    scale = max(abs(value) for value in finite)
-    return (max(finite) - min(finite)) <= tolerance * scale
+def _run_ending_at(points: Sequence[tuple[int, ModuleMetrics]], end: int, tolerance: float) -> _Run:
+    """The longest run of unchanged effective ranks ending at ``points[end]``, found walking back."""
+    value = points[end][1].effective_rank
+    run = _Run(end + 1, end, value, value, abs(value), math.isfinite(value))
+    while run.finite and run.start > 0:
+        earlier = points[run.start - 1][1].effective_rank
+        if not math.isfinite(earlier):
+            break
+        wider = _Run(
+            end + 1,
+            run.start - 1,
+            min(run.low, earlier),
+            max(run.high, earlier),
+            max(run.largest, abs(earlier)),
+            True,
+        )
+        if not wider.fits(tolerance):
+            break
+        run = wider
+    return run
 
 
 def _fitted_relative_change(points: Sequence[tuple[int, float]]) -> float | None:

@@ -198,22 +198,35 @@ def compute_module_metrics(
     modules = list(modules)
     if not modules:
         return []
-    spectra = _finite_spectra(modules, dtype)
+    summaries = _finite_summaries(modules, dtype)
     results = []
     for module in modules:
-        found = spectra.get(module.name)
+        found = summaries.get(module.name)
         if found is None:
             results.append(_non_finite_metrics(module))
             continue
-        S, S_A, S_B = found
-        results.append(_module_metrics(module, S, S_A, S_B, _base_norm(base_norms, module)))
+        results.append(_module_metrics(module, found, _base_norm(base_norms, module)))
     return results
 
 
-def _finite_spectra(
-    modules: Sequence[LoraModule], dtype: torch.dtype
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``name -> (S, S_A, S_B)`` on the CPU for every module whose spectrum is finite.
+# What one pass over a batch of spectra gives each module, in this order (see _summaries).
+_SUMMARY = (
+    "sigma_max",
+    "frobenius",
+    "effective_rank",
+    "effective_rank_A",
+    "effective_rank_B",
+    "stable_rank",
+    "kappa_A",
+    "kappa_B",
+    "numerical_rank",
+    "numerical_rank_A",
+    "numerical_rank_B",
+)
+
+
+def _finite_summaries(modules: Sequence[LoraModule], dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    """``name -> {summary: value}`` for every module whose spectrum is finite.
 
     NaN/Inf in one factor makes the batched eigensolver refuse the whole batch (or return non-finite
     values): only then are the factors scanned, and the decomposition redone without the broken ones
@@ -221,7 +234,7 @@ def _finite_spectra(
     """
     factors = [(module.B, module.A) for module in modules]
     try:
-        found = _spectra(modules, factors, dtype)
+        found = _summaries(modules, factors, dtype)
     except (torch.linalg.LinAlgError, RuntimeError):
         found = None
     if found is not None and len(found) == len(modules):
@@ -235,25 +248,40 @@ def _finite_spectra(
         return found  # finite factors whose spectrum overflowed: those modules are non-finite
     if not healthy:
         return {}
-    return _spectra([modules[i] for i in healthy], [factors[i] for i in healthy], dtype)
+    return _summaries([modules[i] for i in healthy], [factors[i] for i in healthy], dtype)
 
 
-def _spectra(modules, factors, dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _summaries(modules, factors, dtype) -> dict[str, dict[str, float]]:
+    """Every per-module number of one batch of spectra, computed on the whole batch at once and read back
+    in one transfer: with hundreds of modules per check, per-module tensor calls would cost more than the
+    decompositions."""
     spectra = lora_spectra(
         [B for B, _ in factors], [A for _, A in factors], [module.scale for module in modules], dtype=dtype
     )
-    delta, spectra_A, spectra_B = spectra.delta.cpu(), spectra.A.cpu(), spectra.B.cpu()
-    finite = (
-        torch.isfinite(delta).all(1) & torch.isfinite(spectra_A).all(1) & torch.isfinite(spectra_B).all(1)
+    delta, values_A, values_B = spectra.delta, spectra.A, spectra.B  # (N, r_max), descending, zero-padded
+    ranks = torch.tensor([module.rank for module in modules], device=delta.device)
+    within_rank = torch.arange(delta.shape[1], device=delta.device) < ranks.unsqueeze(1)
+    table = torch.stack(
+        [
+            delta[:, 0],
+            delta.square().sum(-1).sqrt(),
+            effective_rank(delta),
+            effective_rank(values_A),
+            effective_rank(values_B),
+            stable_rank(delta),
+            condition_number_from_singular_values(values_A, within_rank),
+            condition_number_from_singular_values(values_B, within_rank),
+            (delta > 0).sum(-1).double(),
+            (values_A > 0).sum(-1).double(),
+            (values_B > 0).sum(-1).double(),
+        ],
+        dim=1,
     )
+    finite = torch.isfinite(delta).all(1) & torch.isfinite(values_A).all(1) & torch.isfinite(values_B).all(1)
     return {
-        module.name: (
-            delta[index, : module.rank],
-            spectra_A[index, : module.rank],
-            spectra_B[index, : module.rank],
-        )
-        for index, module in enumerate(modules)
-        if bool(finite[index])
+        module.name: dict(zip(_SUMMARY, row, strict=True))
+        for module, row, ok in zip(modules, table.cpu().tolist(), finite.cpu().tolist(), strict=True)
+        if ok
     }
 
 
@@ -300,28 +328,13 @@ def _non_finite_metrics(module: LoraModule) -> ModuleMetrics:
     )
 
 
-def _module_metrics(
-    module: LoraModule, S: torch.Tensor, S_A: torch.Tensor, S_B: torch.Tensor, base: BaseNorm | None
-) -> ModuleMetrics:
-    sigma_max = float(S[0]) if len(S) else 0.0
-    frobenius = float(S.square().sum().sqrt())
+def _module_metrics(module: LoraModule, summary: Mapping[str, float], base: BaseNorm | None) -> ModuleMetrics:
+    sigma_max, frobenius = summary["sigma_max"], summary["frobenius"]
     is_zero = sigma_max == 0.0
-    if is_zero:
-        ranks = (NAN, NAN, NAN, NAN, NAN)
-        kappas = (NAN, NAN)
-    else:
-        rank_delta = float(effective_rank(S))
-        ranks = (
-            rank_delta,
-            float(effective_rank(S_A)),
-            float(effective_rank(S_B)),
-            rank_delta / module.rank,
-            float(stable_rank(S)),
-        )
-        kappas = (
-            float(condition_number_from_singular_values(S_A)),
-            float(condition_number_from_singular_values(S_B)),
-        )
+    undefined_when_zero = ("effective_rank", "effective_rank_A", "effective_rank_B", "stable_rank")
+    values = {key: NAN if is_zero else summary[key] for key in undefined_when_zero}
+    values["rank_utilization"] = values["effective_rank"] / module.rank
+    values |= {key: NAN if is_zero else summary[key] for key in ("kappa_A", "kappa_B")}
     dominance = update_scale = None
     if base is not None:
         dominance = sigma_max / base.sigma_max if base.sigma_max > 0 else math.inf
@@ -329,16 +342,10 @@ def _module_metrics(
     return ModuleMetrics(
         **_identity(module),
         is_zero=is_zero,
-        effective_rank=ranks[0],
-        effective_rank_A=ranks[1],
-        effective_rank_B=ranks[2],
-        rank_utilization=ranks[3],
-        stable_rank=ranks[4],
-        numerical_rank=int((S > 0).sum()),
-        numerical_rank_A=int((S_A > 0).sum()),
-        numerical_rank_B=int((S_B > 0).sum()),
-        kappa_A=kappas[0],
-        kappa_B=kappas[1],
+        **values,
+        numerical_rank=int(summary["numerical_rank"]),
+        numerical_rank_A=int(summary["numerical_rank_A"]),
+        numerical_rank_B=int(summary["numerical_rank_B"]),
         sigma_max=sigma_max,
         frobenius=frobenius,
         base_sigma_max=None if base is None else base.sigma_max,

@@ -103,15 +103,9 @@ def _early_collapse(metrics, history, limits, step) -> list[_Hit]:
         return []
     hits = []
     for m in _live(metrics):
-        series = history.series(m.name, nominal_rank=m.nominal_rank)
-        early = [(s, v) for s, v in series if s <= limits.early_collapse_steps]
-        if len(early) < 2:
-            continue
-        peak_index = max(range(len(early)), key=lambda i: early[i][1])
-        peak = early[peak_index][1]
-        later = [v for _, v in early[peak_index + 1 :]]
-        if later and peak > 0 and min(later) < (1 - limits.early_collapse_drop) * peak:
-            hits.append((m.name, 1 - min(later) / peak))
+        drop = history.early_peak_drop(m.name, limits.early_collapse_steps)
+        if drop is not None and drop > limits.early_collapse_drop:
+            hits.append((m.name, drop))
     return hits
 
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
     from ..monitor.intruders import IntruderDimensions
     from ..squeeze.analysis import SqueezeAnalysis
+    from ..squeeze.function import FunctionRecommendation
 
 
 def print_json(payload: Any) -> None:
@@ -208,6 +209,42 @@ def print_analysis(analysis: SqueezeAnalysis, console: Console | None = None) ->
     console.print(squeeze_table(analysis))
     for line in summary_lines(analysis):
         console.print(line, highlight=False, markup=False)
+
+
+def print_function_recommendation(advice: FunctionRecommendation, console: Console | None = None) -> None:
+    """The held-out loss, KL and retained energy at each rank, and the energy and function advice side by
+    side: for the whole adapter and, when measured, per module type."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(
+        title=f"Rank by function: held-out loss {advice.full_loss:.4f} at full rank", title_justify="left"
+    )
+    for column in ("Rank", "Loss", "Δ loss", "KL (nats)", "Mean Var%"):
+        table.add_column(column, justify="right")
+    table.add_column("", justify="left")
+    for rank in advice.ranks:
+        evaluation = advice.evaluations[rank]
+        chosen = rank == advice.recommended_rank
+        table.add_row(
+            str(rank),
+            f"{evaluation.loss:.4f}",
+            f"{100 * evaluation.relative_increase:+.2f}%",
+            f"{evaluation.kl:.2e}",
+            _percent(advice.retained_variance.get(rank, math.nan)),
+            "<--" if chosen else "",
+            style="bold green" if chosen else None,
+        )
+    console.print(table)
+    tolerance, energy = f"{100 * advice.tolerance:g}%", f"{100 * advice.energy_threshold:g}%"
+    sides = Table(title="Recommended rank", title_justify="left")
+    for column in ("", f"by energy (≥ {energy} kept)", f"by function (≤ {tolerance} more loss)"):
+        sides.add_column(column, justify="left" if not column else "right")
+    sides.add_row("whole adapter", str(advice.energy_recommended_rank or "—"), str(advice.recommended_rank))
+    for kind, rank in advice.type_recommended_ranks.items():
+        sides.add_row(kind, str(advice.energy_type_ranks.get(kind) or "—"), str(rank))
+    console.print(sides)
 
 
 def print_compression(result: Any) -> None:

@@ -30,10 +30,17 @@ def stable_rank(S: Tensor) -> Tensor:
     return torch.where(top > 0, (S**2).sum(-1) / top.clamp_min(1e-300) ** 2, torch.zeros_like(top))
 
 
-def condition_number_from_singular_values(S: Tensor) -> Tensor:
-    """``σmax/σmin`` over all given singular values; ``inf`` when the smallest is zero (or all are)."""
+def condition_number_from_singular_values(S: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``σmax/σmin`` over all given singular values; ``inf`` when the smallest is zero (or all are).
+
+    ``valid`` (a boolean mask shaped like ``S``) limits each row to its own values: the zero padding of a
+    batch of spectra of different ranks is not a singular value.
+    """
     S = S.double()
-    top, bottom = S.max(-1).values, S.min(-1).values
+    top = S.max(-1).values
+    if valid is not None:
+        S = torch.where(valid, S, torch.full_like(S, math.inf))
+    bottom = S.min(-1).values
     return torch.where(bottom > 0, top / bottom.clamp_min(1e-300), torch.full_like(top, math.inf))
 
 

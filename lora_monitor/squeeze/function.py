@@ -54,6 +54,10 @@ class FunctionRecommendation:
     ``recommended_rank`` is the smallest rank whose relative loss increase stays within ``tolerance`` (the
     largest candidate when none does). ``energy_recommended_rank`` is the energy table's advice at
     ``energy_threshold`` for the same adapter, shown alongside (None when no candidate reaches it).
+
+    With ``by_module_type``, the same per module type: ``type_evaluations[type][rank]`` truncates only the
+    modules of that type (every other module keeps its full rank), ``type_recommended_ranks`` is the
+    smallest rank within tolerance for each type and ``energy_type_ranks`` the energy table's advice for it.
     """
 
     full_loss: float
@@ -64,6 +68,9 @@ class FunctionRecommendation:
     energy_threshold: float
     energy_recommended_rank: int | None
     retained_variance: dict[int, float] = field(default_factory=dict)  # mean over modules, from the table
+    type_evaluations: dict[str, dict[int, RankEvaluation]] = field(default_factory=dict)
+    type_recommended_ranks: dict[str, int] = field(default_factory=dict)
+    energy_type_ranks: dict[str, int | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(
@@ -76,12 +83,19 @@ class FunctionRecommendation:
                 "energy_threshold": self.energy_threshold,
                 "energy_recommended_rank": self.energy_recommended_rank,
                 "retained_variance": self.retained_variance,
+                "type_evaluations": {
+                    kind: {rank: e.to_dict() for rank, e in by_rank.items()}
+                    for kind, by_rank in self.type_evaluations.items()
+                },
+                "type_recommended_ranks": self.type_recommended_ranks,
+                "energy_type_ranks": self.energy_type_ranks,
             }
         )
 
 
 @dataclass
 class _Pair:
+    module_type: str
     B_param: torch.nn.Parameter
     A_param: torch.nn.Parameter
     original_B: torch.Tensor
@@ -102,7 +116,16 @@ def _pairs(model: torch.nn.Module, adapter_name: str | None, ranks: list[int]) -
                 B, A, rank, dtype=torch.float64 if B.dtype == torch.float64 else torch.float32
             )
             truncated[rank] = (result.B, result.A)
-        pairs.append(_Pair(B_param, A_param, B_param.detach().clone(), A_param.detach().clone(), truncated))
+        pairs.append(
+            _Pair(
+                record.module_type,
+                B_param,
+                A_param,
+                B_param.detach().clone(),
+                A_param.detach().clone(),
+                truncated,
+            )
+        )
     return pairs
 
 
@@ -171,6 +194,7 @@ def recommend_rank_by_function(
     tolerance: float = DEFAULT_TOLERANCE,
     adapter_name: str | None = None,
     energy_threshold: float = DEFAULT_THRESHOLD,
+    by_module_type: bool = False,
     progress: bool | None = None,
 ) -> FunctionRecommendation:
     """Try every candidate rank on the live PEFT ``model`` and recommend the smallest that keeps its loss.
@@ -180,6 +204,8 @@ def recommend_rank_by_function(
     two up to the adapter's rank, plus that rank. ``tolerance`` is the relative loss increase allowed
     (0.01: the truncated model's mean loss at most 1% above the uncompressed model's). The model runs in eval
     mode (no dropout) and is given back in its own mode with its factors bit-identical, even on an error.
+    ``by_module_type`` also tries each rank on one module type at a time (the others at full rank): one
+    more pass per candidate rank and module type.
     ``progress`` forces the progress bar on or off (by default it shows when stderr is a terminal).
     """
     tolerance = check_number(tolerance, "tolerance", low=0.0, hint="0.01 = allow 1% more held-out loss")
@@ -205,27 +231,33 @@ def recommend_rank_by_function(
         progress=False,
     )
     pairs = _pairs(model, adapter_name, candidates)
+    types = sorted({pair.module_type for pair in pairs}) if by_module_type else []
+    # (module type or None for all, rank): which pairs are truncated in that evaluation
+    settings = [(None, rank) for rank in candidates] + [(kind, rank) for kind in types for rank in candidates]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    totals = {rank: [0.0, 0.0, 0] for rank in candidates}  # weighted loss, KL sum, scored positions
+    totals = {setting: [0.0, 0.0, 0] for setting in settings}  # weighted loss, KL sum, scored positions
     full_loss, rows = 0.0, 0
     try:
-        with torch.no_grad(), _progress(len(batches) * (len(candidates) + 1), progress) as bar:
+        with torch.no_grad(), _progress(len(batches) * (len(settings) + 1), progress) as bar:
             for batch in batches:
-                # Reference first, with the original factors in place; then each rank against it.
+                # Reference first, with the original factors in place; then each setting against it.
                 _restore(pairs)
                 size = int(next(iter(v for v in batch.values() if isinstance(v, torch.Tensor))).shape[0])
                 loss, reference = _forward(model, batch, device)
                 full_loss += loss * size
                 rows += size
                 bar.update(1)
-                for rank in candidates:
+                for kind, rank in settings:
+                    if kind is not None:
+                        _restore(pairs)
                     for pair in pairs:
-                        _write(pair, rank)
+                        if kind is None or pair.module_type == kind:
+                            _write(pair, rank)
                     loss, truncated = _forward(model, batch, device)
                     kl = (reference.exp() * (reference - truncated)).sum(-1).clamp_min(0.0)
-                    total = totals[rank]
+                    total = totals[(kind, rank)]
                     total[0] += loss * size
                     total[1] += float(kl.sum())
                     total[2] += int(kl.numel())
@@ -234,20 +266,31 @@ def recommend_rank_by_function(
         _restore(pairs)
         model.train(was_training)
     full_loss /= rows
-    evaluations = {}
-    for rank, (loss_sum, kl_sum, count) in totals.items():
+    evaluations: dict[str | None, dict[int, RankEvaluation]] = {}
+    for (kind, rank), (loss_sum, kl_sum, count) in totals.items():
         loss = loss_sum / rows
         increase = loss - full_loss
         relative = increase / abs(full_loss) if full_loss != 0 else (0.0 if increase <= 0 else math.inf)
-        evaluations[rank] = RankEvaluation(rank, loss, increase, relative, kl_sum / max(count, 1))
-    within = [rank for rank in candidates if evaluations[rank].relative_increase <= tolerance]
+        evaluations.setdefault(kind, {})[rank] = RankEvaluation(
+            rank, loss, increase, relative, kl_sum / max(count, 1)
+        )
+
+    def smallest_within(by_rank: dict[int, RankEvaluation]) -> int:
+        within = [rank for rank in candidates if by_rank[rank].relative_increase <= tolerance]
+        return within[0] if within else candidates[-1]
+
     return FunctionRecommendation(
         full_loss=full_loss,
         tolerance=tolerance,
         ranks=candidates,
-        evaluations=evaluations,
-        recommended_rank=within[0] if within else candidates[-1],
+        evaluations=evaluations[None],
+        recommended_rank=smallest_within(evaluations[None]),
         energy_threshold=energy.min_variance_retention,
         energy_recommended_rank=energy.recommended_rank,
         retained_variance=dict(energy.mean_variance),
+        type_evaluations={kind: evaluations[kind] for kind in types},
+        type_recommended_ranks={kind: smallest_within(evaluations[kind]) for kind in types},
+        energy_type_ranks={
+            kind: group.recommended_rank for kind, group in energy.by_module_type.items() if kind in types
+        },
     )
