@@ -2,6 +2,7 @@
 
     python bench/evidence.py                                        # the whole grid, 3 seeds (hours on one core)
     python bench/evidence.py --table-only --results bench/evidence-results.jsonl    # the README's runs, printed
+    python bench/evidence.py --task smollm2 --seeds 0 --results evidence-lm-results.jsonl  # the causal-LM check
     python bench/evidence.py --seeds 0 --conditions "direct r=8,r=64" --results part.jsonl  # a share of the grid
 
 all-MiniLM-L6-v2 (BERT, 22.7M parameters, pretrained; offline, see examples/offline_assets.py) classifying
@@ -50,16 +51,30 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from offline_assets import minilm_classifier
+from offline_assets import minilm_classifier, smollm2
 
+TASK = "minilm"  # or "smollm2" (--task): the causal-LM version of the same question, below
 TARGETS = ["query", "key", "value", "dense"]
 SPLIT = {"train": (0, 2000), "dev": (2000, 2500), "test": (2500, 4500)}
 STEPS, BATCH = 120, 16
 SOURCE_RANK, TARGET_RANK = 64, 8
 KNEE_RANKS = (1, 2, 4, 8, 16, 32, 64)
 LEARNING_RATES = (3e-4, 2e-3)
-# Diagnosis runs that only mean something at r=64's learning rate (the question is what a squeeze does to it).
-CONDITION_LRS = {"in-squeeze lr_scaling=none": (3e-4,), "in-squeeze lr_scaling=sqrt": (3e-4,)}
+# Conditions run at one learning rate only, to fit the grid in an afternoon on 2 cores: the diagnosis runs
+# only mean something at r=64's rate (what a squeeze does to it); ranks 1-4 at lora_alpha = r learn nothing
+# in 120 steps at 3e-4 (rank 8 already does not: 58.6%, the majority class); the larger α of the sweep
+# and the α = 16 runs at r = 64 (scale 16/64) are the settings where the higher rate is the question.
+CONDITION_LRS = {
+    "in-squeeze lr_scaling=none": (3e-4,),
+    "in-squeeze lr_scaling=sqrt": (3e-4,),
+    "direct r=1": (2e-3,),
+    "direct r=2": (2e-3,),
+    "direct r=4": (2e-3,),
+    "alpha=32 direct r=8": (2e-3,),
+    "alpha=64 direct r=8": (2e-3,),
+    "alpha=16 direct r=64": (2e-3,),
+    "alpha=16 in-squeeze (defaults)": (2e-3,),
+}
 ALPHA_SWEEP = (8, 16, 32, 64)  # lora_alpha at rank 8 (α = 8 is "direct r=8")
 MONITOR_EVERY = 20
 SIGNALS = (
@@ -74,6 +89,64 @@ TOLERANCES = (0.005, 0.01, 0.02, 0.05, 0.1)
 
 
 # ------------------------------------------------------------------------------------------------ data
+
+
+# The causal-LM task (--task smollm2): SmolLM2-135M-Instruct reads "Review: <snippet>\nSentiment:" and the
+# answer is one token, " positive" (fresh) or " negative" (rotten); training puts the loss on that token
+# only, and accuracy compares the two tokens' logits. A forward-backward step of a 135M model costs ~4 s on
+# one core here, so this task has fewer steps, smaller batches, smaller held-out sets and one learning rate
+# per condition (the best one MiniLM found for the rank: 2e-3 for r ≤ 8, 3e-4 for r = 64): it checks
+# whether the MiniLM findings carry over, it is not a tuned comparison of its own.
+LM_PROMPT = "Review: {text}\nSentiment:"
+LM_ANSWERS = (" negative", " positive")  # label 0 (rotten), 1 (fresh)
+LM_SETTINGS = {
+    "TARGETS": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "SPLIT": {"train": (0, 2000), "dev": (2000, 2200), "test": (2500, 3000)},
+    "STEPS": 60,
+    "BATCH": 8,
+    "CONDITION_LRS": {
+        "direct r=1": (2e-3,),
+        "direct r=2": (2e-3,),
+        "direct r=4": (2e-3,),
+        "direct r=64": (3e-4,),
+        "in-squeeze (defaults)": (3e-4,),
+        "cont-squeeze 64→8 at 80%": (3e-4,),
+    },
+}
+LM_CONDITIONS = [
+    "probe",
+    "direct r=8",
+    "direct r=64",
+    "in-squeeze (defaults)",
+    "direct r=1",
+    "direct r=2",
+    "cont-squeeze 64→8 at 80%",
+]
+
+
+def base_model():
+    """``(model, tokenizer)`` of the task: MiniLM with a fresh 2-class head, or SmolLM2."""
+    return smollm2() if TASK == "smollm2" else minilm_classifier()
+
+
+def task_type():
+    from peft import TaskType
+
+    return TaskType.CAUSAL_LM if TASK == "smollm2" else TaskType.SEQ_CLS
+
+
+def collator(tokenizer):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    if TASK == "smollm2":  # pads labels with -100: padding never counts in the loss
+        return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def answer_ids(tokenizer) -> list[int]:
+    ids = [tokenizer(answer, add_special_tokens=False)["input_ids"] for answer in LM_ANSWERS]
+    assert all(len(i) == 1 for i in ids), ids  # one token each: the accuracy compares two logits
+    return [i[0] for i in ids]
 
 
 def rotten_tomatoes() -> list[tuple[str, int]]:
@@ -97,17 +170,33 @@ def splits(tokenizer) -> dict:
     out = {}
     for name, (start, stop) in SPLIT.items():
         rows = [labelled[i] for i in order[start:stop]]
+        if TASK == "smollm2":
+            out[name] = Dataset.from_dict(lm_examples(rows, tokenizer))
+            continue
         encoded = tokenizer([t for t, _ in rows], truncation=True, max_length=64)
         encoded["labels"] = [label for _, label in rows]
         out[name] = Dataset.from_dict(dict(encoded))
     return out
 
 
+def lm_examples(rows: list[tuple[str, int]], tokenizer, max_review_tokens: int = 40) -> dict:
+    """Prompt tokens then the answer token; the label is -100 everywhere but on the answer."""
+    answers = answer_ids(tokenizer)
+    examples: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for text, label in rows:
+        review = tokenizer(text, add_special_tokens=False)["input_ids"][:max_review_tokens]
+        prompt = tokenizer(LM_PROMPT.format(text=tokenizer.decode(review)), add_special_tokens=False)[
+            "input_ids"
+        ]
+        examples["input_ids"].append([*prompt, answers[label]])
+        examples["attention_mask"].append([1] * (len(prompt) + 1))
+        examples["labels"].append([-100] * len(prompt) + [answers[label]])
+    return examples
+
+
 def eval_batches(dataset, tokenizer, size: int = 64) -> list[tuple[list[int], dict]]:
     """(row indices, padded batch), rows sorted by length so that little is padded."""
-    from transformers import DataCollatorWithPadding
-
-    collate = DataCollatorWithPadding(tokenizer)
+    collate = collator(tokenizer)
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
     return [
         (order[s : s + size], collate([dataset[i] for i in order[s : s + size]]))
@@ -125,7 +214,14 @@ def evaluate(model, batches) -> dict:
     for rows, batch in batches:
         output = model(**batch)
         loss += float(output.loss) * len(rows)
-        for row, hit in zip(rows, (output.logits.argmax(-1) == batch["labels"]).tolist(), strict=True):
+        if TASK == "smollm2":  # the two answer tokens' logits where the answer is predicted
+            labels = batch["labels"]
+            answer_at = (labels != -100).int().argmax(-1)
+            logits = output.logits[torch.arange(len(rows)), answer_at - 1][:, ANSWER_IDS]
+            hits = logits.argmax(-1) == (labels[torch.arange(len(rows)), answer_at] == ANSWER_IDS[1]).long()
+        else:
+            hits = output.logits.argmax(-1) == batch["labels"]
+        for row, hit in zip(rows, hits.tolist(), strict=True):
             correct[row] = "1" if hit else "0"
     bits = "".join(correct)
     return {"accuracy": bits.count("1") / total, "loss": loss / total, "correct": bits}
@@ -135,22 +231,22 @@ def evaluate(model, batches) -> dict:
 
 
 def lora_model(rank: int, alpha: float, seed: int):
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    base, _ = minilm_classifier()
+    base, _ = base_model()
     return get_peft_model(
-        base, LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=alpha, target_modules=TARGETS)
+        base, LoraConfig(task_type=task_type(), r=rank, lora_alpha=alpha, target_modules=TARGETS)
     )
 
 
 def adalora_model(seed: int):
-    from peft import AdaLoraConfig, TaskType, get_peft_model
+    from peft import AdaLoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    base, _ = minilm_classifier()
+    base, _ = base_model()
     config = AdaLoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=task_type(),
         init_r=SOURCE_RANK,
         target_r=TARGET_RANK,
         lora_alpha=SOURCE_RANK,  # AdaLoRA divides by init_r: scale 1, like lora_alpha = r
@@ -176,7 +272,7 @@ def callback_classes():
 
 
 def train(model, dataset, tokenizer, seed: int, lr: float, callbacks=()):
-    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
     arguments = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
@@ -195,7 +291,7 @@ def train(model, dataset, tokenizer, seed: int, lr: float, callbacks=()):
         model=model,
         args=arguments,
         train_dataset=dataset,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=collator(tokenizer),
         callbacks=list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)
@@ -257,6 +353,7 @@ def run_condition(name: str, seed: int, lr: float, data: dict, tokenizer, dev, t
     started = time.perf_counter()
     trainer = train(model, data["train"], tokenizer, seed, lr, callbacks)
     record = {"condition": name, "seed": seed, "lr": lr, "train_seconds": time.perf_counter() - started}
+    record["task"] = TASK
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     record["train_loss"] = losses[-1] if losses else None
     if monitor is not None and monitor.latest_scalars:
@@ -282,27 +379,26 @@ def squeeze_source_extras(model, dev, test) -> dict:
     extras = {"function": advice.to_dict(), "function_seconds": function_seconds}
     with tempfile.TemporaryDirectory() as scratch:
         compress_adapter(model, Path(scratch) / "r8", target_rank=TARGET_RANK, progress=False)
-        base, _ = minilm_classifier()
+        base, _ = base_model()
         squeezed = PeftModel.from_pretrained(base, Path(scratch) / "r8")
         extras["post"] = {"dev": evaluate(squeezed, dev), "test": evaluate(squeezed, test)}
     return extras
 
 
 def run_probe(seed: int, data: dict, tokenizer) -> dict:
-    """probe_rank on the base model (fresh head, seed ``seed``), 4 batches of 16 training examples."""
-    from transformers import DataCollatorWithPadding
-
+    """probe_rank on the base model (for MiniLM a fresh head, seed ``seed``), 4 training batches."""
     from lora_monitor import probe_rank
 
     torch.manual_seed(seed)
-    base, _ = minilm_classifier()
-    collate = DataCollatorWithPadding(tokenizer)
+    base, _ = base_model()
+    collate = collator(tokenizer)
     order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(seed)).tolist()
     batches = [collate([data["train"][i] for i in order[s : s + BATCH]]) for s in range(0, 4 * BATCH, BATCH)]
     started = time.perf_counter()
     probe = probe_rank(base, batches, steps=4, target_modules=TARGETS)
     return {
         "condition": "probe",
+        "task": TASK,
         "seed": seed,
         "lr": 0.0,
         "rank": probe.rank,
@@ -392,7 +488,8 @@ def print_tables(records: list[dict]) -> None:
     reference = rows.get("direct r=8", {})
     test_rows = len(next(iter(records))["test"]["correct"]) if records else 0
     table = Table(
-        title=f"MiniLM + LoRA, Rotten Tomatoes ({test_rows} test), {STEPS} steps × {BATCH}, "
+        title=f"{'SmolLM2-135M' if TASK == 'smollm2' else 'MiniLM'} + LoRA, Rotten Tomatoes ({test_rows} test), "
+        f"{STEPS} steps × {BATCH}, "
         f"LR from {LEARNING_RATES} on dev, seeds {seeds}: test accuracy (%)"
     )
     for column in ("condition", "seeds", "LR picked", "test acc mean ± SE", "Δ vs tuned direct r=8 (pts)"):
@@ -541,6 +638,19 @@ def print_alpha_sweep(console, records: list[dict]) -> None:
     console.print(table)
 
 
+ANSWER_IDS: list[int] = []  # the answer tokens of the causal-LM task, once its tokenizer is loaded
+
+
+def use_task(name: str) -> None:
+    """Switch the module's settings to ``name``'s (the MiniLM settings are the module's defaults)."""
+    global TASK, TARGETS, SPLIT, STEPS, BATCH, CONDITION_LRS
+    TASK = name
+    if name == "smollm2":
+        TARGETS, SPLIT = LM_SETTINGS["TARGETS"], LM_SETTINGS["SPLIT"]
+        STEPS, BATCH = LM_SETTINGS["STEPS"], LM_SETTINGS["BATCH"]
+        CONDITION_LRS = LM_SETTINGS["CONDITION_LRS"]
+
+
 def main() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -558,15 +668,27 @@ def main() -> None:
     )
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument(
+        "--task",
+        choices=["minilm", "smollm2"],
+        default="minilm",
+        help="minilm: MiniLM classifier (the main grid); smollm2: the causal-LM check (fewer conditions)",
+    )
     args = parser.parse_args()
+    use_task(args.task)
     paths = [Path(p) for p in args.results.split(",")]
     if not args.table_only:
         torch.set_num_threads(args.threads)
         hf_logging.set_verbosity_error()
-        _, tokenizer = minilm_classifier()
+        _, tokenizer = base_model()
+        if TASK == "smollm2":
+            ANSWER_IDS.extend(answer_ids(tokenizer))
         data = splits(tokenizer)
-        dev, test = eval_batches(data["dev"], tokenizer), eval_batches(data["test"], tokenizer)
-        names = args.conditions.split(",") if args.conditions else ["probe", *conditions()]
+        size = 16 if TASK == "smollm2" else 64
+        dev = eval_batches(data["dev"], tokenizer, size)
+        test = eval_batches(data["test"], tokenizer, size)
+        default = LM_CONDITIONS if TASK == "smollm2" else ["probe", *conditions()]
+        names = args.conditions.split(",") if args.conditions else default
         done = {(r["condition"], r["seed"], r["lr"]) for r in load(paths)}
         grid = [float(x) for x in args.lrs.split(",")]
         for seed in [int(s) for s in args.seeds.split(",")]:

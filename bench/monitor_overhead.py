@@ -8,7 +8,7 @@ alerts, JSONL line and log event in ``on_step_end``). The configurations are int
 each one's best mean step time is kept, and the ratios to the run without a callback come from the same
 invocation.
 
-    python bench/monitor_overhead.py [--steps 100] [--repeats 2]
+    python bench/monitor_overhead.py [--steps 100] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -138,13 +138,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the mean")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 steadies timings on a shared machine)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     data = dataset(args)
     configurations = {"no callback": None, "monitor every 50 steps": 50, "monitor every step": 1}

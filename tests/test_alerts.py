@@ -277,3 +277,50 @@ def test_a_resized_module_starts_a_new_history():
     collapsed = [replace(m, effective_rank=1.8, rank_utilization=1.8 / m.nominal_rank) for m in metrics]
     history.add(30, collapsed)
     assert "early_rank_collapse" in {a.code for a in check_alerts(collapsed, history, step=30)}
+
+
+def _saturated_since_by_definition(points, tolerance, checks):
+    """The definition, checked window by window from scratch: the first step of the longest run of
+    finite values ending at the last point whose spread is at most tolerance × max |value|."""
+    values = [value for _, value in points]
+    if len(values) < checks:
+        return None
+    start = len(values) - 1
+    while start > 0:
+        window = values[start - 1 :]
+        if not all(math.isfinite(v) for v in window):
+            break
+        if max(window) - min(window) > tolerance * max(abs(v) for v in window):
+            break
+        start -= 1
+    return points[start][0] if len(values) - start >= checks else None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_saturation_and_early_collapse_kept_as_checks_arrive_equal_their_definition(seed):
+    """The history updates its derived numbers from new checks only; after every check they equal the
+    from-scratch definition (plateaus, jumps, a resize, a return to the first rank)."""
+    from dataclasses import replace
+
+    generator = torch.Generator().manual_seed(seed)
+    template = measure(healthy_model(), BaseNormCache())[0]
+    history = MetricsHistory()
+    limits = AlertThresholds(saturation_checks=3, saturation_tolerance=0.05, early_collapse_steps=120)
+    value, seen = 4.0, {}
+    for step in range(10, 400, 10):
+        jump = float(torch.rand(1, generator=generator))
+        value = value * (1 + 0.3 * (jump - 0.5)) if jump > 0.6 else value * (1 + 0.01 * (jump - 0.3))
+        rank = 4 if 150 <= step < 220 else 8  # resized, then back
+        record = replace(template, nominal_rank=rank, effective_rank=value, rank_utilization=value / rank)
+        history.add(step, [record])
+        seen.setdefault(rank, []).append((step, value))
+        points = seen[rank]
+        for tolerance, checks in ((0.05, 3), (0.02, 5)):
+            expected = _saturated_since_by_definition(points, tolerance, checks)
+            assert history.saturated_since(template.name, tolerance=tolerance, checks=checks) == expected
+        early = [v for s, v in points if s <= limits.early_collapse_steps]
+        peak_at = max(range(len(early)), key=early.__getitem__) if early else 0
+        after = early[peak_at + 1 :]
+        expected_drop = 1 - min(after) / early[peak_at] if len(early) >= 2 and after else None
+        drop = history.early_peak_drop(template.name, limits.early_collapse_steps)
+        assert drop == pytest.approx(expected_drop) if expected_drop is not None else drop is None

@@ -44,41 +44,54 @@ def gradient_effective_ranks(
     effective rank does not need the resolution a condition number does (directions below 3e-4 of the
     strongest add < 1e-3).
     """
-    names, lefts, rights, scales = [], [], [], []
+    names, scales, factors = [], [], []
     for module in modules:
         grads = factor_gradients(module)
         if grads is None:
             continue
         grad_B, grad_A = grads
-        B, A = module.B.float(), module.A.float()
-        grad_B, grad_A = grad_B.float(), grad_A.float()
-        # Gradients are orders of magnitude smaller than the weights: balance the two blocks of the left
-        # factor (the product is unchanged) so that the Gram route does not lose the gradient directions
-        # below its resolution floor.
-        norm_grad_B, norm_B = _norm_or_one(grad_B), _norm_or_one(B)
-        lefts.append(torch.cat([grad_B / norm_grad_B, B / norm_B], dim=1))
-        rights.append(torch.cat([A * norm_grad_B, grad_A * norm_B], dim=0))
+        factors.append((grad_B.float(), module.B.float(), module.A.float(), grad_A.float()))
         names.append(module.name)
         scales.append(module.scale)
     if not names:
         return {}
-    finite = [
-        bool(torch.isfinite(left).all() and torch.isfinite(right).all())
-        for left, right in zip(lefts, rights, strict=True)
-    ]
+    # Gradients are orders of magnitude smaller than the weights: balance the two blocks of the left
+    # factor (the product is unchanged) so that the Gram route does not lose the gradient directions
+    # below its resolution floor. All the norms come back in one read, not two per module.
+    norms = torch.stack(
+        [torch.linalg.vector_norm(matrix) for grad_B, B, _, _ in factors for matrix in (grad_B, B)]
+    ).tolist()
+    lefts, rights = [], []
+    for index, (grad_B, B, A, grad_A) in enumerate(factors):
+        norm_grad_B, norm_B = _one_if_degenerate(norms[2 * index]), _one_if_degenerate(norms[2 * index + 1])
+        lefts.append(torch.cat([grad_B / norm_grad_B, B / norm_B], dim=1))
+        rights.append(torch.cat([A * norm_grad_B, grad_A * norm_B], dim=0))
     ranks = dict.fromkeys(names, NAN)
-    kept = [index for index, ok in enumerate(finite) if ok]
-    if not kept:
-        return ranks
-    spectra = lora_spectra(
-        [lefts[i] for i in kept], [rights[i] for i in kept], [scales[i] for i in kept], dtype=dtype
-    ).delta.cpu()
+    # Like the metrics: the batch is scanned for NaN/Inf only when the decomposition fails or returns them.
+    try:
+        spectra = lora_spectra(lefts, rights, scales, dtype=dtype).delta
+        kept = list(range(len(names)))
+    except (torch.linalg.LinAlgError, RuntimeError):
+        spectra, kept = None, []
+    if spectra is None or not bool(torch.isfinite(spectra).all()):
+        kept = [
+            index
+            for index, (left, right) in enumerate(zip(lefts, rights, strict=True))
+            if bool(torch.isfinite(left).all() and torch.isfinite(right).all())
+        ]
+        if not kept:
+            return ranks
+        spectra = lora_spectra(
+            [lefts[i] for i in kept], [rights[i] for i in kept], [scales[i] for i in kept], dtype=dtype
+        ).delta
+    spectra = spectra.cpu()
+    usable = ((spectra[:, 0] > 0) & torch.isfinite(spectra).all(1)).tolist()
+    values = effective_rank(spectra).tolist()
     for row, index in enumerate(kept):
-        if float(spectra[row, 0]) > 0 and bool(torch.isfinite(spectra[row]).all()):
-            ranks[names[index]] = float(effective_rank(spectra[row]))
+        if usable[row]:
+            ranks[names[index]] = values[row]
     return ranks
 
 
-def _norm_or_one(matrix: torch.Tensor) -> float:
-    norm = float(torch.linalg.vector_norm(matrix))
+def _one_if_degenerate(norm: float) -> float:
     return norm if norm > 0 and math.isfinite(norm) else 1.0

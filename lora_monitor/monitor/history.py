@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _io as serialization
@@ -42,7 +42,7 @@ class ModuleDynamics:
     gradient_effective_rank: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        return serialization.json_safe(asdict(self))
+        return serialization.json_safe(serialization.plain_fields(self))
 
 
 @dataclass

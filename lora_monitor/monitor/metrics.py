@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -103,7 +103,7 @@ class ModuleMetrics:
         In JSON a ``kappa`` of None on a non-zero, finite module means ``inf`` (a rank-deficient factor, see
         ``numerical_rank_A``/``numerical_rank_B``).
         """
-        record = asdict(self)
+        record = serialization.plain_fields(self)
         if json_safe:
             record = serialization.json_safe(record)
         return record

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from .. import _io as serialization
@@ -54,7 +54,10 @@ class GroupSummary:
             "num_modules": self.num_modules,
             "num_zero": self.num_zero,
             "num_non_finite": self.num_non_finite,
-            "metrics": {key: serialization.json_safe(asdict(value)) for key, value in self.metrics.items()},
+            "metrics": {
+                key: serialization.json_safe(serialization.plain_fields(value))
+                for key, value in self.metrics.items()
+            },
         }
 
 
