@@ -107,3 +107,27 @@ def test_analyze_an_adapter_with_nan_weights_exits_2_naming_the_module(tmp_path,
     model.save_pretrained(tmp_path / "inf")
     assert main(["analyze", str(tmp_path / "inf"), "--json"]) == 2
     assert broken in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["resize", "mask"])
+def test_a_module_squeezed_between_checks_is_read_as_it_is_now(mode):
+    """The monitor keeps its records between checks; a squeeze (new parameters, or a mask) in between must
+    show at the next check: the new rank and the spectrum of the factors as they are now."""
+    from lora_monitor.in_squeeze.resize import squeeze_model
+
+    model = peft_llama(r=8)
+    monitor = Monitor()
+    first = {m.name: m for m in monitor.check(model, 1).metrics}
+    assert {m.nominal_rank for m in first.values()} == {8}
+    squeeze_model(model, 3, mode=mode)
+    with torch.no_grad():  # and training goes on: the values read must be today's
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.mul_(2.0)
+    second = {m.name: m for m in monitor.check(model, 2).metrics}
+    for name, layer in lora_layers(model).items():
+        B = layer.lora_B["default"].weight.detach().double()[:, :3]
+        A = layer.lora_A["default"].weight.detach().double()[:3]
+        S = torch.linalg.svdvals(layer.scaling["default"] * B @ A)[:3]
+        assert second[name].nominal_rank == 3
+        assert second[name].sigma_max == pytest.approx(float(S[0]), rel=1e-9)
+        assert second[name].effective_rank == pytest.approx(dense_effective_rank(S), rel=1e-9)

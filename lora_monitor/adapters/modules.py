@@ -20,6 +20,8 @@ from .factors import (
     KEPT_RANK_ATTRIBUTE,
     MAGNITUDE_SUFFIX,
     PEFT_PREFIX,
+    as_A_matrix,
+    as_B_matrix,
     factor_kind,
     factor_parameters,
     full_tensor,
@@ -271,9 +273,10 @@ class LiveModules:
         model = unwrap_model(source)
         key = (adapter_name, getattr(model, "active_adapter", None))
         if model is not self._model or key != self._key or _layout(self._records) != self._layout:
-            self._records = find_lora_modules(model, adapter_name)
-            self._model, self._key, self._layout = model, key, _layout(self._records)
-            self._sharded = records_are_sharded(self._records)
+            records = find_lora_modules(model, adapter_name)
+            self._model, self._key, self._layout = model, key, _layout(records)
+            self._sharded = records_are_sharded(records)
+            self._records = records if self._sharded else [_direct(record) for record in records]
         # Under FSDP2 the records are a snapshot gathered now (a collective, in every process).
         return gather_records(self._records) if self._sharded else self._records
 
@@ -283,13 +286,29 @@ class LiveModules:
         return self._sharded
 
 
+def _direct(record: LoraModule) -> LoraModule:
+    """The record reading its parameters straight from the objects found now: valid while the layout is
+    (which :class:`LiveModules` checks at every call), and several lookups cheaper per read."""
+    if is_masked(record.module, record.adapter_name):
+        return record
+    B_param, A_param = factor_parameters(record.module, record.adapter_name)
+    return dataclasses.replace(
+        record,
+        load_A=lambda A=A_param: as_A_matrix(A.detach()),
+        load_B=lambda B=B_param: as_B_matrix(B.detach()),
+    )
+
+
 def _layout(records: list[LoraModule]) -> list[tuple]:
-    """What a record's fixed fields depend on, per pair: the A parameter (its identity and rank), the kept
-    rank of a mask and the scale."""
+    """What a record's fixed fields and direct reads depend on, per pair: the A and B parameters (their
+    identity and A's rank), the kept rank of a mask and the scale."""
     layout = []
     for record in records:
         module, name = record.module, record.adapter_name
-        A = module.lora_A[name].weight if name in module.lora_A else module.lora_embedding_A.get(name)
+        if name in module.lora_A:
+            A, B = module.lora_A[name].weight, module.lora_B[name].weight
+        else:
+            A, B = module.lora_embedding_A.get(name), module.lora_embedding_B.get(name)
         kept = getattr(module, KEPT_RANK_ATTRIBUTE, {}).get(name)
-        layout.append((id(A), None if A is None else A.shape[0], kept, module.scaling.get(name)))
+        layout.append((id(A), id(B), None if A is None else A.shape[0], kept, module.scaling.get(name)))
     return layout
