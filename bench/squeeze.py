@@ -188,6 +188,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument(
+        "--dense",
+        choices=("on", "off"),
+        default="on",
+        help="time PEFT's dense route on two modules (minutes on a busy machine)",
+    )
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -211,14 +217,13 @@ def main() -> None:
             f"{args.dtype}, {params / 1e6:.0f}M parameters, {size_mb:.0f} MiB (written in "
             f"{time.perf_counter() - began:.1f} s)"
         )
-        steps = ["load_save", "analyze", "compress_16", "compress_recommended", "dense_svd", "gemm"]
+        steps = ["load_save", "analyze", "compress_16", "compress_recommended", "gemm"]
+        if args.dense == "on":
+            steps.insert(-1, "dense_svd")
         results = {}
         for step in steps:
             results[step] = in_child(step, folder, out, args.rank)
             print(f"  {step}: {results[step]['seconds']:.2f} s", flush=True)
-        per_shape = results["dense_svd"]["per_shape"]
-        per_layer = 4 * per_shape["self_attn.q_proj"] + 3 * per_shape["mlp.gate_proj"]
-        dense_total = per_layer * args.layers
         reference = results["load_save"]["seconds"]
 
         table = Table(
@@ -240,26 +245,32 @@ def main() -> None:
             results["compress_recommended"]["seconds"],
             results["compress_recommended"],
         )
-        row(
-            "PEFT dense route (ΔW + torch.linalg.svd)",
-            dense_total,
-            results["dense_svd"],
-            " *",
-        )
-        console = Console()
-        console.print(table)
         analysis = results["analyze"]
+        console = Console()
+        if "dense_svd" in results:
+            per_shape = results["dense_svd"]["per_shape"]
+            per_layer = 4 * per_shape["self_attn.q_proj"] + 3 * per_shape["mlp.gate_proj"]
+            dense_total = per_layer * args.layers
+            row("PEFT dense route (ΔW + torch.linalg.svd)", dense_total, results["dense_svd"], " *")
+        console.print(table)
         console.print(
-            f"* extrapolated: 4 × q ({per_shape['self_attn.q_proj']:.2f} s) + 3 × gate "
-            f"({per_shape['mlp.gate_proj']:.2f} s; up and down have the same or the transposed shape) per "
-            f"layer × {args.layers} layers; its peak RSS is for those two modules only.",
-            highlight=False,
+            f"adapter on disk: {size_mb:.0f} MiB; peak RSS over imports / adapter:", highlight=False
         )
-        console.print(
-            f"dense route / analyze_adapter: {dense_total / analysis['seconds']:.0f}×;  "
-            f"dense route / compress to 16: {dense_total / results['compress_16']['seconds']:.0f}×",
-            highlight=False,
-        )
+        for step in ("analyze", "compress_16", "compress_recommended"):
+            over = results[step]["peak_rss_mb"] - results[step]["baseline_rss_mb"]
+            console.print(f"  {step}: {over / size_mb:.2f}×", highlight=False)
+        if "dense_svd" in results:
+            console.print(
+                f"* extrapolated: 4 × q ({per_shape['self_attn.q_proj']:.2f} s) + 3 × gate "
+                f"({per_shape['mlp.gate_proj']:.2f} s; up and down have the same or the transposed shape) "
+                f"per layer × {args.layers} layers; its peak RSS is for those two modules only.",
+                highlight=False,
+            )
+            console.print(
+                f"dense route / analyze_adapter: {dense_total / analysis['seconds']:.0f}×;  "
+                f"dense route / compress to 16: {dense_total / results['compress_16']['seconds']:.0f}×",
+                highlight=False,
+            )
         flops = results["gemm"]["flops"]
         factor_elements = params
         gram_seconds = factor_elements * args.rank * 2 / flops
