@@ -114,6 +114,7 @@ LM_SETTINGS = {
         "direct r=64": (3e-4,),
         "in-squeeze (defaults)": (3e-4,),
         "cont-squeeze 64→8 at 80%": (3e-4,),
+        "no adapter (zero-shot)": (0.0,),
     },
 }
 LM_CONDITIONS = [
@@ -124,6 +125,7 @@ LM_CONDITIONS = [
     "direct r=1",
     "direct r=2",
     "cont-squeeze 64→8 at 80%",
+    "no adapter (zero-shot)",
 ]
 
 
@@ -336,6 +338,10 @@ def run_condition(name: str, seed: int, lr: float, data: dict, tokenizer, dev, t
     if name.startswith("alpha="):
         prefix, core = name.split(" ", 1)
         fixed_alpha = int(prefix.removeprefix("alpha="))
+    if name == "no adapter (zero-shot)":  # the pretrained model as it is: what the adapters add to
+        model, _ = base_model()
+        record = {"condition": name, "seed": seed, "lr": lr, "train_seconds": 0.0, "task": TASK}
+        return record | {"dev": evaluate(model, dev), "test": evaluate(model, test)}
     monitor = SpectralMonitorCallback(MONITOR_EVERY, jsonl_name=None, log_alerts=False)
     callbacks: list = [monitor]
     if core.startswith("direct r="):
@@ -438,7 +444,7 @@ def per_seed(records: list[dict], seeds: list[int]) -> dict[str, dict[int, dict]
     rows: dict[str, dict[int, dict]] = {}
     for seed in seeds:
         source = chosen(records, f"direct r={SOURCE_RANK}", seed)
-        for name in conditions():
+        for name in [*conditions(), "no adapter (zero-shot)"]:
             run = chosen(records, name, seed)
             if run:
                 rows.setdefault(name, {})[seed] = {"test": run["test"], "lr": run["lr"]}
@@ -516,6 +522,7 @@ def print_tables(records: list[dict]) -> None:
         "alpha=16 direct r=8",
         "alpha=16 direct r=64",
         "alpha=16 in-squeeze (defaults)",
+        "no adapter (zero-shot)",
     ]
     for name in order:
         if name not in rows:

@@ -20,28 +20,27 @@ def find_calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
     ``Trainer(callbacks=[...])`` working. Called from ``on_init_end``/``on_train_begin``: searching at every
     train begin keeps a callback reused by a second Trainer bound to the new one.
     """
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, CallbackHandler) and any(c is callback for c in owner.callbacks):
-                return owner
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
+    return _calling_owner(lambda owner: _holds(owner, callback))
 
 
 def find_calling_trainer(callback: TrainerCallback) -> Any:
     """The Trainer whose handler is calling ``callback`` right now (None when not called by a Trainer): the
     same stack walk as :func:`find_calling_handler`, for a callback that needs the Trainer's own data (its
     ``eval_dataset``, through ``get_eval_dataloader``)."""
+    return _calling_owner(lambda owner: _holds(getattr(owner, "callback_handler", None), callback))
+
+
+def _holds(handler: Any, callback: TrainerCallback) -> bool:
+    return isinstance(handler, CallbackHandler) and any(c is callback for c in handler.callbacks)
+
+
+def _calling_owner(wanted) -> Any:
+    """The first ``self`` among the calling frames for which ``wanted(self)`` holds, else None."""
     frame = inspect.currentframe()
     try:
         while frame is not None:
             owner = frame.f_locals.get("self")
-            handler = getattr(owner, "callback_handler", None)
-            if isinstance(handler, CallbackHandler) and any(c is callback for c in handler.callbacks):
+            if wanted(owner):
                 return owner
             frame = frame.f_back
     finally:
