@@ -151,7 +151,9 @@ class Monitor:
         """Measure every LoRA module of ``model`` (a live model, a ``SavedAdapter`` or an adapter folder),
         update the history and alerts, and return the :class:`MonitorRecord` of this check.
 
-        Modules are found again at every check (a module resized during training is seen as it is now).
+        The modules found at the first check are kept while the model's layout holds, and found again when
+        it changes (a module resized or masked by In-Squeeze is seen as it is now); LoRA layers injected
+        into the model after the first check are seen after :meth:`reset`.
         In a distributed run each process measures its share and every process gets every record (a
         collective: every process must call it). Under FSDP2 every process first gathers every module's
         factors (and each base weight, once), so the metrics equal a single process's. ``optimizer`` lets the ``dead_adapter`` alert name a
