@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import statistics
@@ -493,7 +494,7 @@ def print_tables(records: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=160)
+    console = Console(width=200)
     probes = [r for r in records if r["condition"] == "probe"]
     records = [r for r in records if r["condition"] != "probe"]
     seeds = sorted({r["seed"] for r in records})
@@ -576,6 +577,7 @@ def print_tables(records: list[dict]) -> None:
             f"{probe['type_ranks']} ({probe['seconds']:.1f} s)"
         )
     print_alpha_sweep(console, records)
+    print_signal_bands(console, records)
     sources = [chosen(records, f"direct r={SOURCE_RANK}", s) for s in seeds]
     sources = [s for s in sources if s]
     if sources:
@@ -625,7 +627,8 @@ def print_alpha_sweep(console, records: list[dict]) -> None:
     if not any(r["condition"] in names.values() and "signals" in r for r in records):
         return
     table = Table(title="α/r sweep at rank 8 (scale α/8): mean over seeds, monitor signals at the last check")
-    columns = ("α", "LR", "runs", "test acc %", "train loss", "max update scale", "max dominance")
+    columns = ("α", "LR", "runs", "test acc %", "train loss", "mean update scale", "max update scale")
+    columns += ("max dominance",)
     columns += ("κ_A volatility", "κ_B volatility", "alerts")
     for column in columns:
         table.add_column(column, justify="right" if column != "alerts" else "left")
@@ -646,6 +649,7 @@ def print_alpha_sweep(console, records: list[dict]) -> None:
                 str(len(runs)),
                 mean_se([r["test"]["accuracy"] for r in runs]),
                 mean(r.get("train_loss") for r in runs),
+                mean(r["signals"].get("lora/mean_update_scale") for r in runs),
                 mean(r["signals"].get("lora/max_update_scale") for r in runs),
                 mean(r["signals"].get("lora/max_dominance") for r in runs),
                 mean(r["signals"].get("lora/mean_kappa_A_volatility") for r in runs),
@@ -666,6 +670,37 @@ def use_task(name: str) -> None:
         TARGETS, SPLIT = LM_SETTINGS["TARGETS"], LM_SETTINGS["SPLIT"]
         STEPS, BATCH = LM_SETTINGS["STEPS"], LM_SETTINGS["BATCH"]
         CONDITION_LRS = LM_SETTINGS["CONDITION_LRS"]
+
+
+UPDATE_SCALE_BANDS = (0.0, 0.01, 0.03, 0.06, math.inf)
+
+
+def print_signal_bands(console, records: list[dict]) -> None:
+    """Every monitored run, grouped by the monitor's mean update scale ‖s·B@A‖F/‖W‖F at the last check:
+    does that one number, read without any held-out data, tell the runs that learned from the others?"""
+    from rich.table import Table
+
+    runs = [r for r in records if (r.get("signals") or {}).get("lora/mean_update_scale") is not None]
+    if not runs:
+        return
+    table = Table(title="all monitored runs by mean update scale at the last check (no held-out data used)")
+    for column in ("mean update scale", "runs", "test acc % (mean)", "min", "max", "conditions @ LR"):
+        table.add_column(column, justify="left" if column.startswith("cond") else "right")
+    for low, high in itertools.pairwise(UPDATE_SCALE_BANDS):
+        band = [r for r in runs if low <= r["signals"]["lora/mean_update_scale"] < high]
+        if not band:
+            continue
+        accuracies = [100 * r["test"]["accuracy"] for r in band]
+        names = sorted({f"{r['condition']} @ {r['lr']:g}" for r in band})
+        table.add_row(
+            f"[{low:g}, {high:g})",
+            str(len(band)),
+            f"{statistics.mean(accuracies):.2f}",
+            f"{min(accuracies):.2f}",
+            f"{max(accuracies):.2f}",
+            "; ".join(names),
+        )
+    console.print(table)
 
 
 def main() -> None:
