@@ -13,39 +13,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback, TrainerControl, TrainingArguments
 
 from lora_monitor.adapters import find_lora_modules, unwrap_model
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.monitor.intruders import IntruderDimensions, intruder_dimensions
-from lora_monitor.render.console import print_function_recommendation
+from lora_monitor.monitor.intruders import IntruderDimensions
 from lora_monitor.render.report import write_report
-from lora_monitor.squeeze import (
-    CompressionResult,
-    SqueezeAnalysis,
-    SqueezeOptions,
-    analyze_adapter,
-    compress_adapter,
-    gather_adapter,
-    manifest_entry,
-    print_analysis,
-    write_squeeze_manifest,
-)
-from lora_monitor.squeeze.function import (
-    DEFAULT_TOLERANCE,
-    FunctionRecommendation,
-    recommend_rank_by_function,
-)
+from lora_monitor.squeeze import CompressionResult, SqueezeAnalysis, SqueezeOptions, gather_adapter
+from lora_monitor.squeeze.end_of_training import squeeze_trained_adapter
+from lora_monitor.squeeze.function import DEFAULT_TOLERANCE, FunctionRecommendation
 from lora_monitor.squeeze.manifest import TABLE_COLUMNS, summary_scalars, table_rows
 
-from ._trainer_glue import (
-    active_wandb,
-    emit_log,
-    find_calling_handler,
-    find_calling_trainer,
-    is_last_step,
-)
+from ._trainer_glue import active_wandb, emit_log, find_calling_handler, find_calling_trainer, is_last_step
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +43,11 @@ class PostSqueezeCallback(TrainerCallback):
     weight (:mod:`lora_monitor.monitor.intruders`; about a second per 4096-wide module on a CPU, once).
     The ``squeeze/*`` summary reaches every ``report_to`` integration as a log event at that step.
 
-    With ``by_function=True`` the rank is also chosen by what it does to held-out loss
-    (:func:`~lora_monitor.squeeze.function.recommend_rank_by_function`): every candidate rank is tried in
-    place on the trained model over ``eval_batches``, or the Trainer's ``eval_dataset`` when none are given,
-    and the smallest whose loss is within ``tolerance`` (relative) of the full adapter's is recommended,
-    printed beside the energy advice (per module type too with ``by_module_type=True``), kept as
-    ``callback.function``, written to the manifest and, with ``compress=True``, used for the compressed
-    copy. Cost: one pass over the evaluation set per candidate rank (and per module type), with a progress
-    bar. Not under FSDP2.
-    A failed analysis or write (NaN weights, a full disk) is logged and kept as ``callback.error``; it never
-    takes the trained model down with it.
+    With ``by_function=True`` every candidate rank is also tried in place on the trained model over
+    ``eval_batches`` (default: the Trainer's ``eval_dataset``), one pass per rank
+    (:func:`~lora_monitor.squeeze.function.recommend_rank_by_function`); the smallest rank within ``tolerance``
+    of the full adapter's loss is printed beside the energy advice (per type with ``by_module_type``), kept
+    as ``callback.function``, written to the manifest and used by ``compress``. Not under FSDP2.
     """
 
     def __init__(
@@ -158,34 +132,30 @@ class PostSqueezeCallback(TrainerCallback):
             model = gather_adapter(model, self.adapter_name)
             if not state.is_world_process_zero:
                 return None
-            self.analysis = analyze_adapter(
+            batches = self.eval_batches
+            result = squeeze_trained_adapter(
                 model,
-                min_variance_retention=self.options.min_variance_retention,
-                target_ranks=self.options.target_ranks,
+                output_dir,
+                self.options,
                 adapter_name=self.adapter_name,
+                compress_to=self.output_subdir if self.compress else None,
+                eval_batches=(lambda: batches or list(self._trainer.get_eval_dataloader()))
+                if self.by_function
+                else None,
+                tolerance=self.tolerance,
+                by_module_type=self.by_module_type,
+                intruders=self.intruders,
+                print_tables=self.print_table,
             )
-            if self.print_table:
-                print_analysis(self.analysis)
-            if self.by_function and isinstance(model, torch.nn.Module):  # not on an FSDP2 snapshot
-                self.function = self._recommend_by_function(model)
-                if self.print_table:
-                    print_function_recommendation(self.function)
-            if self.compress:
-                self.compression = self._compress(model, output_dir)
-            if self.intruders and isinstance(model, torch.nn.Module):  # not on a gathered FSDP2 snapshot
-                modules = find_lora_modules(model, self.adapter_name)
-                self.intruder_dimensions = intruder_dimensions(modules, lambda module: module.base_weight())
-            entry = manifest_entry(self.analysis, self.compression, self.intruder_dimensions)
-            if self.function is not None:
-                entry["function"] = self.function.to_dict()
-            write_squeeze_manifest(output_dir, entry)
+            self.analysis, self.function = result.analysis, result.function
+            self.compression, self.intruder_dimensions = result.compression, result.intruders
+            for warning in result.warnings:  # the analysis is written; only the compressed copy is missing
+                self.error = warning
+                logger.warning("PostSqueezeCallback: %s", warning)
             self._log_to_wandb(args)
             if self.report:
                 self.report_path = write_report(output_dir)
-            scalars = summary_scalars(self.analysis, self.intruder_dimensions)
-            if self.function is not None:
-                scalars["squeeze/function_recommended_rank"] = self.function.recommended_rank
-            return emit_log(self._handler, args, state, control, scalars)
+            return emit_log(self._handler, args, state, control, result.scalars())
         except LoraMonitorError as error:  # NaN weights, an unwritable output_dir...: logged, never raised
             self.error = str(error)
             logger.warning("PostSqueezeCallback: %s", error)
@@ -193,40 +163,6 @@ class PostSqueezeCallback(TrainerCallback):
             self.error = f"{type(error).__name__}: {error}"
             logger.exception("PostSqueezeCallback failed after training; the trained adapter is unaffected")
         return None
-
-    def _recommend_by_function(self, model: torch.nn.Module) -> FunctionRecommendation:
-        batches = self.eval_batches
-        if batches is None:
-            batches = list(self._trainer.get_eval_dataloader())
-        return recommend_rank_by_function(
-            model,
-            batches,
-            ranks=self.options.target_ranks,
-            tolerance=self.tolerance,
-            adapter_name=self.adapter_name,
-            energy_threshold=self.options.min_variance_retention,
-            by_module_type=self.by_module_type,
-        )
-
-    def _compress(self, model: Any, output_dir: Path) -> CompressionResult | None:
-        # At the function's rank when it was measured, else the energy's (or per module); no recommendation
-        # is an error naming the closest rank.
-        by_function = self.function is not None and not self.options.per_module
-        try:
-            return compress_adapter(
-                model,
-                output_dir / self.output_subdir,
-                min_variance_retention=self.options.min_variance_retention,
-                per_module=self.options.per_module,
-                target_rank=self.function.recommended_rank if by_function else None,
-                target_ranks=self.options.target_ranks,
-                adapter_name=self.adapter_name,
-                overwrite=True,  # a re-run into the same output_dir replaces its own squeezed copy
-            )
-        except LoraMonitorError as error:  # the analysis is still written to the manifest
-            self.error = f"nothing compressed: {error}"
-            logger.warning("PostSqueezeCallback: %s", self.error)
-            return None
 
     def _log_to_wandb(self, args: TrainingArguments) -> None:
         wandb = active_wandb(args)

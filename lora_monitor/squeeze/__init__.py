@@ -5,7 +5,9 @@
 - :mod:`.analysis`: the variance table and rank recommendations (:func:`analyze_adapter`);
 - :mod:`.function`: the rank whose held-out loss stays within a tolerance (:func:`recommend_rank_by_function`);
 - :mod:`.compress`: the compressed adapter folder (:func:`compress_adapter`);
-- :mod:`.manifest`: the run manifest's ``"squeeze"`` entry.
+- :mod:`.manifest`: the run manifest's ``"squeeze"`` entry;
+- :mod:`.end_of_training`: all of the above on a trained adapter in one call (:func:`squeeze_trained_adapter`,
+  what ``PostSqueezeCallback`` runs).
 
 The table itself is drawn by :mod:`lora_monitor.render.console` (re-exported here as :func:`print_analysis`).
 """
@@ -13,6 +15,7 @@ The table itself is drawn by :mod:`lora_monitor.render.console` (re-exported her
 from ..render.console import print_analysis, squeeze_table, summary_lines
 from .analysis import GroupRecommendation, ModuleSqueeze, SqueezeAnalysis, analyze_adapter
 from .compress import CompressionResult, compress_adapter, gather_adapter
+from .end_of_training import EndOfTraining, squeeze_trained_adapter
 from .function import DEFAULT_TOLERANCE, FunctionRecommendation, RankEvaluation, recommend_rank_by_function
 from .manifest import manifest_entry, write_squeeze_manifest
 from .options import (
@@ -29,6 +32,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "DEFAULT_TOLERANCE",
     "CompressionResult",
+    "EndOfTraining",
     "FunctionRecommendation",
     "GroupRecommendation",
     "ModuleSqueeze",
@@ -44,6 +48,7 @@ __all__ = [
     "read_squeeze_toml",
     "recommend_rank_by_function",
     "squeeze_table",
+    "squeeze_trained_adapter",
     "summary_lines",
     "validate_rank",
     "validate_ranks",

@@ -1,0 +1,118 @@
+"""Everything Post-Squeeze does with a trained adapter, in one call: what ``PostSqueezeCallback`` runs at the
+end of training (and any training loop can run): the variance table, the rank by function on held-out
+batches, the compressed copy, the intruder dimensions and the manifest entry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import find_lora_modules
+from ..errors import LoraMonitorError
+from ..monitor.intruders import IntruderDimensions, intruder_dimensions
+from ..render.console import print_analysis, print_function_recommendation
+from .analysis import SqueezeAnalysis, analyze_adapter
+from .compress import CompressionResult, compress_adapter
+from .function import DEFAULT_TOLERANCE, FunctionRecommendation, recommend_rank_by_function
+from .manifest import manifest_entry, summary_scalars, write_squeeze_manifest
+from .options import SqueezeOptions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EndOfTraining:
+    """What :func:`squeeze_trained_adapter` found and wrote; ``warnings`` holds what failed without stopping
+    it (a compression with no rank to compress to)."""
+
+    analysis: SqueezeAnalysis
+    function: FunctionRecommendation | None = None
+    compression: CompressionResult | None = None
+    intruders: list[IntruderDimensions] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def scalars(self) -> dict[str, float]:
+        """The ``squeeze/*`` summary keys for loggers."""
+        scalars = summary_scalars(self.analysis, self.intruders)
+        if self.function is not None:
+            scalars["squeeze/function_recommended_rank"] = self.function.recommended_rank
+        return scalars
+
+
+def squeeze_trained_adapter(
+    model: Any,
+    output_dir: str | Path,
+    options: SqueezeOptions,
+    *,
+    adapter_name: str | None = None,
+    compress_to: str | None = None,
+    eval_batches: Callable[[], Iterable[dict[str, Any]]] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    by_module_type: bool = False,
+    intruders: bool = True,
+    print_tables: bool = True,
+) -> EndOfTraining:
+    """Analyse a trained adapter (a live model, or the gathered snapshot of an FSDP2 one) and write the
+    ``squeeze`` manifest entry into ``output_dir``.
+
+    ``eval_batches`` (called once) gives held-out batches for the rank by function; ``compress_to`` names
+    the sub-folder of ``output_dir`` for the compressed copy, at the function's rank when it was measured,
+    else the energy recommendation (or one rank per module with ``options.per_module``). Intruder
+    dimensions and the rank by function need a live model. Raises :class:`LoraMonitorError` on bad input.
+    """
+    output_dir = Path(output_dir)
+    live = isinstance(model, torch.nn.Module)
+    result = EndOfTraining(
+        analyze_adapter(
+            model,
+            min_variance_retention=options.min_variance_retention,
+            target_ranks=options.target_ranks,
+            adapter_name=adapter_name,
+        )
+    )
+    if print_tables:
+        print_analysis(result.analysis)
+    if eval_batches is not None and live:
+        result.function = recommend_rank_by_function(
+            model,
+            eval_batches(),
+            ranks=options.target_ranks,
+            tolerance=tolerance,
+            adapter_name=adapter_name,
+            energy_threshold=options.min_variance_retention,
+            by_module_type=by_module_type,
+        )
+        if print_tables:
+            print_function_recommendation(result.function)
+    if compress_to is not None:
+        by_function = result.function is not None and not options.per_module
+        try:  # no recommendation is an error naming the closest rank; the analysis is still written
+            result.compression = compress_adapter(
+                model,
+                output_dir / compress_to,
+                min_variance_retention=options.min_variance_retention,
+                per_module=options.per_module,
+                target_rank=result.function.recommended_rank if by_function else None,
+                target_ranks=options.target_ranks,
+                adapter_name=adapter_name,
+                overwrite=True,  # a re-run into the same output_dir replaces its own compressed copy
+            )
+        except LoraMonitorError as error:
+            result.warnings.append(f"nothing compressed: {error}")
+    if intruders and live:
+        modules = find_lora_modules(model, adapter_name)
+        result.intruders = intruder_dimensions(modules, lambda module: module.base_weight())
+    entry = manifest_entry(result.analysis, result.compression, result.intruders)
+    if result.function is not None:
+        entry["function"] = result.function.to_dict()
+    write_squeeze_manifest(output_dir, entry)
+    return result
+
+
+__all__ = ["EndOfTraining", "squeeze_trained_adapter"]
