@@ -137,32 +137,25 @@ def _group_grams(
 ) -> tuple[Tensor, Tensor]:
     """``BᵀB`` and ``AAᵀ`` of the pairs at ``indices`` (same rank), float64 stacks ``(N, r, r)``.
 
-    Pairs of the same shapes (every q_proj of a model, say) are stacked and multiplied in one batched
-    product; with hundreds of modules the Python and dispatch overhead of one product per module, not the
-    arithmetic, is what separates the engine from the floor. Stacking copies each factor once, which is
-    cheap next to the ``m·r²`` product it feeds.
+    Each product is written straight into its slot of one preallocated stack: per module this is one
+    matrix product and nothing else, because with hundreds of modules the Python and allocation overhead
+    around the products, not the products themselves, is what separates the engine from the floor.
+    (Stacking same-shaped factors into one ``bmm`` was measured 3.5× slower on 7B-shaped factors: the
+    copy and the strided batched product cost more than the calls they save.)
     """
     rank = As[indices[0]].shape[0]
     device = As[indices[0]].device
     gram_B = torch.empty(len(indices), rank, rank, dtype=dtype, device=device)
     gram_A = torch.empty(len(indices), rank, rank, dtype=dtype, device=device)
-    same_shapes: dict[tuple, list[int]] = {}
-    for position, i in enumerate(indices):
-        key = (tuple(Bs[i].shape), tuple(As[i].shape), Bs[i].dtype, As[i].dtype, Bs[i].device)
-        same_shapes.setdefault(key, []).append(position)
     with torch.no_grad():
-        for positions in same_shapes.values():
-            members = [indices[position] for position in positions]
-            if len(members) == 1:
-                B, A = Bs[members[0]].to(dtype), As[members[0]].to(dtype)
-                torch.matmul(B.mT, B, out=gram_B[positions[0]])
-                torch.matmul(A, A.mT, out=gram_A[positions[0]])
-                continue
-            B = torch.stack([Bs[i] for i in members]).to(dtype)
-            A = torch.stack([As[i] for i in members]).to(dtype)
-            slots = torch.tensor(positions, device=device)
-            gram_B[slots] = torch.bmm(B.mT, B)
-            gram_A[slots] = torch.bmm(A, A.mT)
+        for position, i in enumerate(indices):
+            B, A = Bs[i], As[i]
+            if B.dtype != dtype:
+                B = B.to(dtype)
+            if A.dtype != dtype:
+                A = A.to(dtype)
+            torch.matmul(B.mT, B, out=gram_B[position])
+            torch.matmul(A, A.mT, out=gram_A[position])
     return gram_B.double(), gram_A.double()
 
 
