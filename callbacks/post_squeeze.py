@@ -149,9 +149,10 @@ class PostSqueezeCallback(TrainerCallback):
             )
             self.analysis, self.function = result.analysis, result.function
             self.compression, self.intruder_dimensions = result.compression, result.intruders
-            for warning in result.warnings:  # the analysis is written; only the compressed copy is missing
+            for warning in result.warnings:  # the analysis is kept; only the compressed copy is missing
                 self.error = warning
                 logger.warning("PostSqueezeCallback: %s", warning)
+            result.write_manifest(output_dir)
             self._log_to_wandb(args)
             if self.report:
                 self.report_path = write_report(output_dir)

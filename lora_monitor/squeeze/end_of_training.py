@@ -37,6 +37,13 @@ class EndOfTraining:
     intruders: list[IntruderDimensions] | None = None
     warnings: list[str] = field(default_factory=list)
 
+    def write_manifest(self, output_dir: str | Path) -> Path:
+        """Write the ``squeeze`` entry (analysis, function, compression, intruders) into ``output_dir``."""
+        entry = manifest_entry(self.analysis, self.compression, self.intruders)
+        if self.function is not None:
+            entry["function"] = self.function.to_dict()
+        return write_squeeze_manifest(Path(output_dir), entry)
+
     def scalars(self) -> dict[str, float]:
         """The ``squeeze/*`` summary keys for loggers."""
         scalars = summary_scalars(self.analysis, self.intruders)
@@ -58,8 +65,8 @@ def squeeze_trained_adapter(
     intruders: bool = True,
     print_tables: bool = True,
 ) -> EndOfTraining:
-    """Analyse a trained adapter (a live model, or the gathered snapshot of an FSDP2 one) and write the
-    ``squeeze`` manifest entry into ``output_dir``.
+    """Analyse a trained adapter (a live model, or the gathered snapshot of an FSDP2 one); then
+    :meth:`EndOfTraining.write_manifest` writes the ``squeeze`` manifest entry.
 
     ``eval_batches`` (called once) gives held-out batches for the rank by function; ``compress_to`` names
     the sub-folder of ``output_dir`` for the compressed copy, at the function's rank when it was measured,
@@ -108,10 +115,6 @@ def squeeze_trained_adapter(
     if intruders and live:
         modules = find_lora_modules(model, adapter_name)
         result.intruders = intruder_dimensions(modules, lambda module: module.base_weight())
-    entry = manifest_entry(result.analysis, result.compression, result.intruders)
-    if result.function is not None:
-        entry["function"] = result.function.to_dict()
-    write_squeeze_manifest(output_dir, entry)
     return result
 
 
