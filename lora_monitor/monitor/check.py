@@ -111,7 +111,6 @@ class Monitor:
         if self.intruders_every is not None:
             check_number(self.intruders_every, "intruders_every", low=1, whole=True)
         self._base_subspaces = BaseSubspaceCache()
-        self._modules = LiveModules()
         self.reset()
 
     def reset(self) -> None:

@@ -5,7 +5,6 @@ batches, the compressed copy, the intruder dimensions and the manifest entry.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,6 @@ from .compress import CompressionResult, compress_adapter
 from .function import DEFAULT_TOLERANCE, FunctionRecommendation, recommend_rank_by_function
 from .manifest import manifest_entry, summary_scalars, write_squeeze_manifest
 from .options import SqueezeOptions
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
