@@ -123,6 +123,7 @@ LM_CONDITIONS = [
     "in-squeeze (defaults)",
     "direct r=1",
     "direct r=2",
+    "direct r=4",
     "cont-squeeze 64→8 at 80%",
     "no adapter (zero-shot)",
 ]

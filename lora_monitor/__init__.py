@@ -3,7 +3,7 @@
 The public API, one screen:
 
     Finding LoRA pairs     find_lora_modules(model), load_adapter(path)            -> LoraModule records
-    The spectrum engine    factored_svd, lora_spectra, truncate_factors, randomized_svd, LinearOperator,
+    The spectrum engine    factored_svd, lora_spectra, truncate_factors, truncate_many, randomized_svd, LinearOperator,
                            weight_singular_values, effective_rank, stable_rank, condition_number,
                            energy_curve, rank_for_energy, spectral_norm
     Health metrics         compute_module_metrics, summarize, MetricsHistory, BaseNormCache;
@@ -70,6 +70,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "spectral_norm",
         "stable_rank",
         "truncate_factors",
+        "truncate_many",
         "weight_singular_values",
     ),
     ".squeeze": ("SqueezeAnalysis", "analyze_adapter", "compress_adapter", "recommend_rank_by_function"),
@@ -136,6 +137,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         spectral_norm,
         stable_rank,
         truncate_factors,
+        truncate_many,
         weight_singular_values,
     )
     from .squeeze import SqueezeAnalysis, analyze_adapter, compress_adapter, recommend_rank_by_function
@@ -189,6 +191,7 @@ __all__ = [
     "stable_rank",
     "summarize",
     "truncate_factors",
+    "truncate_many",
     "weight_singular_values",
     "write_adapter_folder",
     "write_report",

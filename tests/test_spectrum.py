@@ -19,6 +19,7 @@ from lora_monitor.spectrum import (
     spectral_norm,
     stable_rank,
     truncate_factors,
+    truncate_many,
 )
 
 
@@ -112,6 +113,33 @@ def test_truncate_factors_is_the_best_rank_k_approximation_and_maps_make_the_fac
     assert torch.allclose(torch.linalg.svdvals(exact.B), S[:5].sqrt(), rtol=1e-9)
     with pytest.raises(ValueError, match="at least 1"):
         truncate_factors(B, A, 0)
+
+
+def test_truncate_many_gives_each_pair_its_own_best_rank_k_approximation():
+    generator = torch.Generator().manual_seed(5)
+    # Mixed shapes, ranks (two groups) and targets, a zero B (PEFT's initialisation), and k above the rank.
+    shapes = [(64, 12, 48), (80, 12, 40), (32, 6, 72), (48, 12, 48), (40, 6, 56)]
+    Bs = [torch.randn(m, r, generator=generator, dtype=torch.float64) for m, r, _ in shapes]
+    As = [torch.randn(r, n, generator=generator, dtype=torch.float64) for _, r, n in shapes]
+    Bs[3] = torch.zeros_like(Bs[3])
+    ks = [5, 3, 2, 4, 9]
+    results = truncate_many(Bs, As, ks, dtype=torch.float64)
+    for B, A, k, result in zip(Bs, As, ks, results, strict=True):
+        keep = min(k, A.shape[0])
+        U, S, Vh = dense_svd(B, A)
+        best = (U[:, :keep] * S[:keep]) @ Vh[:keep]
+        assert result.B.shape == (B.shape[0], keep) and result.A.shape == (keep, A.shape[1])
+        assert torch.allclose(result.B @ result.A, best, atol=1e-9 * max(float(S[0]), 1e-300))
+        assert torch.allclose(B @ result.map_B, result.B, atol=1e-9 * max(float(S[0]), 1e-300))
+        assert torch.allclose(result.map_A @ A, result.A, atol=1e-9 * max(float(S[0]), 1e-300))
+        if float(S[0]) == 0:
+            assert math.isnan(result.retained)
+        else:
+            assert result.retained == pytest.approx(float((S[:keep] ** 2).sum() / (S**2).sum()), rel=1e-9)
+    with pytest.raises(ValueError, match="target ranks"):
+        truncate_many(Bs, As, ks[:2])
+    with pytest.raises(ValueError, match="at least 1"):
+        truncate_many(Bs, As, [0, 1, 1, 1, 1])
 
 
 def test_truncate_factors_rsvd_matches_the_dense_svd_and_its_maps_make_the_factors():

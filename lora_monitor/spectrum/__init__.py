@@ -30,6 +30,7 @@ from .factored import (
     factored_svd,
     lora_spectra,
     truncate_factors,
+    truncate_many,
 )
 from .randomized import (
     LinearOperator,
@@ -67,5 +68,6 @@ __all__ = [
     "spectral_norm",
     "stable_rank",
     "truncate_factors",
+    "truncate_many",
     "weight_singular_values",
 ]

@@ -327,19 +327,43 @@ def truncate_factors(
     compute = _compute_dtype(dtype)
     if method == "rsvd":
         return _truncate_factors_randomized(B, A, k, compute, oversample, power_iters, generator)
-    _, cores = _grouped_cores([B], [A], compute)
-    core = next(iter(cores.values()))
-    keep = min(k, A.shape[0])
-    S = core.core_S[0]
-    root = S[:keep].sqrt()
-    # B_new = U_k S_k^½ = B · (Q_B Λ_B^-½ U_c,k S_k^½) ; A_new = S_k^½ V_kᵀ = (S_k^½ V_c,kᵀ Λ_A^-½ Q_Aᵀ) · A
-    map_B = (core.vec_B[0] * _safe_inverse_sqrt(core.eig_B[0])) @ (core.core_U[0, :, :keep] * root)
-    map_A = ((core.vec_A[0] * _safe_inverse_sqrt(core.eig_A[0])) @ (core.core_V[0, :, :keep] * root)).mT
-    new_B = (B.detach().to(compute) @ map_B.to(compute)).to(B.dtype)
-    new_A = (map_A.to(compute) @ A.detach().to(compute)).to(A.dtype)
-    curve = energy_curve(S)
-    retained = float(curve[keep - 1])
-    return TruncatedFactors(new_B, new_A, map_B, map_A, S, retained)
+    return truncate_many([B], [A], [k], dtype=compute)[0]
+
+
+def truncate_many(
+    Bs: Sequence[Tensor], As: Sequence[Tensor], ks: Sequence[int], *, dtype: torch.dtype = torch.float32
+) -> list[TruncatedFactors]:
+    """:func:`truncate_factors` (exact, ``"qr"``) for many LoRA pairs at once, pair ``i`` to rank ``ks[i]``.
+
+    The small decompositions of every same-rank group go through one batched call each, so per pair what
+    is left is one Gram product per factor and one product per new factor: a whole adapter is truncated at
+    the cost of reading its factors a few times. Each result is the one ``truncate_factors`` gives.
+    """
+    Bs, As = list(Bs), list(As)
+    if len(ks) != len(Bs):
+        raise ValueError(f"got {len(ks)} target ranks for {len(Bs)} LoRA pairs")
+    if any(k < 1 for k in ks):
+        raise ValueError(f"target ranks must be at least 1, got {min(ks)}")
+    _check_pairs(Bs, As)
+    compute = _compute_dtype(dtype)
+    groups, cores = _grouped_cores(Bs, As, compute)
+    results: list[TruncatedFactors | None] = [None] * len(Bs)
+    for indices in groups.values():
+        core = cores[len(As[indices[0]])]
+        root = core.core_S.sqrt().unsqueeze(-2)
+        # B_new = U_k S_k^½ = B · (Q_B Λ_B^-½ U_c,k S_k^½) ; A_new = S_k^½ V_kᵀ = (S_k^½ V_c,kᵀ Λ_A^-½ Q_Aᵀ) · A
+        maps_B = (core.vec_B * _safe_inverse_sqrt(core.eig_B).unsqueeze(-2)) @ (core.core_U * root)
+        maps_A = ((core.vec_A * _safe_inverse_sqrt(core.eig_A).unsqueeze(-2)) @ (core.core_V * root)).mT
+        curves = energy_curve(core.core_S)
+        for position, i in enumerate(indices):
+            B, A = Bs[i].detach(), As[i].detach()
+            keep = min(ks[i], A.shape[0])
+            map_B, map_A = maps_B[position, :, :keep], maps_A[position, :keep]
+            new_B = (B.to(compute) @ map_B.to(compute)).to(B.dtype)
+            new_A = (map_A.to(compute) @ A.to(compute)).to(A.dtype)
+            retained = float(curves[position, keep - 1])
+            results[i] = TruncatedFactors(new_B, new_A, map_B, map_A, core.core_S[position], retained)
+    return results  # type: ignore[return-value]
 
 
 def _truncate_factors_randomized(

@@ -29,6 +29,7 @@ from ..adapters import (
     BIN_NAME,
     CONFIG_NAME,
     SAFETENSORS_NAME,
+    LoraModule,
     OpenedAdapter,
     check_output,
     find_lora_modules,
@@ -39,8 +40,8 @@ from ..adapters import (
     write_adapter_folder,
 )
 from ..errors import LoraMonitorError
-from ..spectrum import truncate_factors
-from .analysis import SqueezeAnalysis, _check_finite, _decomposed, _progress, analyse
+from ..spectrum import truncate_many
+from .analysis import CHUNK_SIZE, SqueezeAnalysis, _check_finite, _decomposed, _progress, analyse
 from .options import DEFAULT_THRESHOLD, SqueezeOptions
 
 
@@ -157,30 +158,21 @@ def compress_adapter(
     retained: dict[str, float] = {}
     factor_keys: set[str] = set()
     with _progress(len(adapter.modules), "squeeze: compress", progress) as bar:
-        for module in adapter.modules:
-            A_stored, B_stored = adapter.tensor(module.keys["A"]), adapter.tensor(module.keys["B"])
-            factor_keys.update((module.keys["A"], module.keys["B"]))
-            A, B = A_stored.reshape(module.rank, -1), B_stored.reshape(-1, module.rank)
-            new_rank = ranks[module.name]
-            if new_rank >= module.rank:
-                _check_finite(module, adapter.description, lora_A=A, lora_B=B)  # copied: never decomposed
-                tensors[module.keys["A"]], tensors[module.keys["B"]] = A_stored, B_stored
-                retained[module.name] = 1.0 if bool((A != 0).any() and (B != 0).any()) else math.nan
-            else:
-                on = device if device is not None else A.device
-                truncated = _decomposed(
-                    partial(truncate_factors, B.to(on), A.to(on), new_rank, dtype=_compute_dtype(A.dtype)),
-                    lambda result: bool(torch.isfinite(result.singular_values).all()),
-                    [(module, A, B)],
-                    adapter.description,
-                )
-                # conv: A is (r, in, kh, kw) and B (out, r, 1, 1); the rank is dim 0 of A and dim 1 of B
-                tensors[module.keys["A"]] = truncated.A.reshape(new_rank, *A_stored.shape[1:]).cpu()
-                tensors[module.keys["B"]] = truncated.B.reshape(
-                    B_stored.shape[0], new_rank, *B_stored.shape[2:]
-                ).cpu()
-                retained[module.name] = truncated.retained
-            bar.update(1)
+        for start in range(0, len(adapter.modules), CHUNK_SIZE):
+            chunk = adapter.modules[start : start + CHUNK_SIZE]
+            to_truncate = []
+            for module in chunk:
+                A_stored, B_stored = adapter.tensor(module.keys["A"]), adapter.tensor(module.keys["B"])
+                factor_keys.update((module.keys["A"], module.keys["B"]))
+                A, B = A_stored.reshape(module.rank, -1), B_stored.reshape(-1, module.rank)
+                if ranks[module.name] >= module.rank:
+                    _check_finite(module, adapter.description, lora_A=A, lora_B=B)  # copied: never decomposed
+                    tensors[module.keys["A"]], tensors[module.keys["B"]] = A_stored, B_stored
+                    retained[module.name] = 1.0 if bool((A != 0).any() and (B != 0).any()) else math.nan
+                else:
+                    to_truncate.append((module, A_stored, B_stored, A, B))
+            _write_truncated(adapter.description, to_truncate, ranks, device, tensors, retained)
+            bar.update(len(chunk))
     for key in adapter.keys:
         if key not in factor_keys:
             tensors[key] = adapter.tensor(key)  # DoRA magnitudes, modules_to_save, lora bias, anything else
@@ -204,3 +196,41 @@ def compress_adapter(
         config=config,
         analysis=analysis,
     )
+
+
+def _write_truncated(
+    where: str,
+    modules: list[tuple[LoraModule, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    ranks: dict[str, int],
+    device: str | torch.device | None,
+    tensors: dict[str, torch.Tensor],
+    retained: dict[str, float],
+) -> None:
+    """Truncate ``(module, A_stored, B_stored, A, B)`` pairs to their new ranks in one batched call per
+    compute dtype, and put the new factors, in their stored shapes, dtypes and on the CPU, into ``tensors``."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for index, (_, A_stored, *_) in enumerate(modules):
+        by_dtype.setdefault(_compute_dtype(A_stored.dtype), []).append(index)
+    for compute, indices in by_dtype.items():
+        chosen = [modules[i] for i in indices]
+        on = [device if device is not None else A.device for *_, A, _ in chosen]
+        results = _decomposed(
+            partial(
+                truncate_many,
+                [B.to(where_to) for (*_, B), where_to in zip(chosen, on, strict=True)],
+                [A.to(where_to) for (*_, A, _), where_to in zip(chosen, on, strict=True)],
+                [ranks[module.name] for module, *_ in chosen],
+                dtype=compute,
+            ),
+            lambda found: all(bool(torch.isfinite(r.singular_values).all()) for r in found),
+            [(module, A, B) for module, _, _, A, B in chosen],
+            where,
+        )
+        for (module, A_stored, B_stored, _, _), truncated in zip(chosen, results, strict=True):
+            new_rank = ranks[module.name]
+            # conv: A is (r, in, kh, kw) and B (out, r, 1, 1); the rank is dim 0 of A and dim 1 of B
+            tensors[module.keys["A"]] = truncated.A.reshape(new_rank, *A_stored.shape[1:]).cpu()
+            tensors[module.keys["B"]] = truncated.B.reshape(
+                B_stored.shape[0], new_rank, *B_stored.shape[2:]
+            ).cpu()
+            retained[module.name] = truncated.retained
