@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ..adapters import LoraModule, factor_parameters, full_tensor
-from ..spectrum import effective_rank, lora_spectra
+from ..spectrum import effective_rank, lora_step_spectra
 
 NAN = math.nan
 
@@ -39,7 +39,8 @@ def gradient_effective_ranks(
     """Effective rank of the first-order gradient step through each adapter, by module name.
 
     A step along the factor gradients changes ``ΔW`` by ``s·(∇B·A + B·∇A) = s·[∇B, B] @ [A; ∇A]`` to first
-    order: a LoRA pair of rank ``2r``, decomposed by the same engine (one batched call). NaN where that
+    order: a LoRA pair of rank ``2r``, decomposed by the same engine (one batched call,
+    :func:`~lora_monitor.spectrum.lora_step_spectra`). NaN where that
     step is zero or not finite; modules without gradients are left out. float32 is the default: an
     effective rank does not need the resolution a condition number does (directions below 3e-4 of the
     strongest add < 1e-3).
@@ -50,40 +51,29 @@ def gradient_effective_ranks(
         if grads is None:
             continue
         grad_B, grad_A = grads
-        factors.append((grad_B.float(), module.B.float(), module.A.float(), grad_A.float()))
+        factors.append((grad_B, module.B, module.A, grad_A))
         names.append(module.name)
         scales.append(module.scale)
     if not names:
         return {}
-    # Gradients are orders of magnitude smaller than the weights: balance the two blocks of the left
-    # factor (the product is unchanged) so that the Gram route does not lose the gradient directions
-    # below its resolution floor. All the norms come back in one read, not two per module.
-    norms = torch.stack(
-        [torch.linalg.vector_norm(matrix) for grad_B, B, _, _ in factors for matrix in (grad_B, B)]
-    ).tolist()
-    lefts, rights = [], []
-    for index, (grad_B, B, A, grad_A) in enumerate(factors):
-        norm_grad_B, norm_B = _one_if_degenerate(norms[2 * index]), _one_if_degenerate(norms[2 * index + 1])
-        lefts.append(torch.cat([grad_B / norm_grad_B, B / norm_B], dim=1))
-        rights.append(torch.cat([A * norm_grad_B, grad_A * norm_B], dim=0))
     ranks = dict.fromkeys(names, NAN)
     # Like the metrics: the batch is scanned for NaN/Inf only when the decomposition fails or returns them.
     try:
-        spectra = lora_spectra(lefts, rights, scales, dtype=dtype).delta
+        spectra = lora_step_spectra(*zip(*factors, strict=True), scales, dtype=dtype)
         kept = list(range(len(names)))
     except (torch.linalg.LinAlgError, RuntimeError):
         spectra, kept = None, []
     if spectra is None or not bool(torch.isfinite(spectra).all()):
         kept = [
             index
-            for index, (left, right) in enumerate(zip(lefts, rights, strict=True))
-            if bool(torch.isfinite(left).all() and torch.isfinite(right).all())
+            for index, four in enumerate(factors)
+            if all(bool(torch.isfinite(matrix).all()) for matrix in four)
         ]
         if not kept:
             return ranks
-        spectra = lora_spectra(
-            [lefts[i] for i in kept], [rights[i] for i in kept], [scales[i] for i in kept], dtype=dtype
-        ).delta
+        spectra = lora_step_spectra(
+            *zip(*[factors[i] for i in kept], strict=True), [scales[i] for i in kept], dtype=dtype
+        )
     spectra = spectra.cpu()
     usable = ((spectra[:, 0] > 0) & torch.isfinite(spectra).all(1)).tolist()
     values = effective_rank(spectra).tolist()
@@ -91,7 +81,3 @@ def gradient_effective_ranks(
         if usable[row]:
             ranks[names[index]] = values[row]
     return ranks
-
-
-def _one_if_degenerate(norm: float) -> float:
-    return norm if norm > 0 and math.isfinite(norm) else 1.0

@@ -29,6 +29,7 @@ from .factored import (
     condition_number,
     factored_svd,
     lora_spectra,
+    lora_step_spectra,
     truncate_factors,
     truncate_many,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "factored_svd",
     "left_singular_vectors",
     "lora_spectra",
+    "lora_step_spectra",
     "randomized_svd",
     "rank_for_energy",
     "reaches",

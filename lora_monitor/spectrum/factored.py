@@ -239,6 +239,73 @@ def lora_spectra(
     return LoraSpectra(delta=out["d"], A=out["a"], B=out["b"])
 
 
+def lora_step_spectra(
+    grad_B: Sequence[Tensor],
+    B: Sequence[Tensor],
+    A: Sequence[Tensor],
+    grad_A: Sequence[Tensor],
+    scale: ScaleInput = 1.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Singular values of the first-order change ``s·(∇B·A + B·∇A)`` of many LoRA pairs, one batched pass.
+
+    The change is the rank-``2r`` pair ``s·[∇B, B] @ [A; ∇A]``; its ``2r×2r`` Gram matrices are assembled
+    from the blocks ``∇BᵀB``, ``A∇Aᵀ``... so the ``2r``-wide factors are never built (three products per
+    side where the wide factor needs four, and no copies). The two halves are balanced to the same norm
+    (``∇B/‖∇B‖, B/‖B‖`` with ``A·‖∇B‖, ∇A·‖B‖``: the product is unchanged) so that gradients orders of
+    magnitude smaller than the weights stay above the Gram route's resolution floor. Returns float64
+    ``(N, 2·r_max)``, descending, zero-padded.
+    """
+    grads_B, Bs, As, grads_A = list(grad_B), list(B), list(A), list(grad_A)
+    _check_pairs(Bs, As)
+    _check_pairs(grads_B, As)
+    _check_pairs(Bs, grads_A)
+    scales = _as_scales(scale, len(Bs))
+    dtype = _compute_dtype(dtype)
+    device = Bs[0].device if Bs else torch.device("cpu")
+    max_rank = max((a.shape[0] for a in As), default=0)
+    out = torch.zeros(len(Bs), 2 * max_rank, dtype=torch.float64, device=device)
+    eps = torch.finfo(dtype).eps
+    for rank, indices in _rank_groups(As).items():
+        left = torch.empty(len(indices), 2 * rank, 2 * rank, dtype=dtype, device=device)
+        right = torch.empty_like(left)
+        with torch.no_grad():
+            for position, i in enumerate(indices):
+                _block_gram(
+                    left[position], grads_B[i].detach().to(dtype), Bs[i].detach().to(dtype), rows=False
+                )
+                _block_gram(
+                    right[position], As[i].detach().to(dtype), grads_A[i].detach().to(dtype), rows=True
+                )
+        left, right = left.double(), right.double()
+        # ‖∇B‖² and ‖B‖² are the traces of the diagonal blocks: the balancing needs no other pass.
+        norms = torch.stack([left[:, :rank, :rank], left[:, rank:, rank:]], 1).diagonal(dim1=-2, dim2=-1)
+        norms = norms.sum(-1).sqrt()
+        norms = torch.where((norms > 0) & torch.isfinite(norms), norms, torch.ones_like(norms))
+        balance = torch.cat([norms[:, :1].expand(-1, rank), norms[:, 1:].expand(-1, rank)], 1)
+        left = left / (balance.unsqueeze(-1) * balance.unsqueeze(-2))
+        right = right * (balance.unsqueeze(-1) * balance.unsqueeze(-2))
+        delta, _, _ = _singular_values(left, right, eps)
+        group_scales = torch.tensor([abs(scales[i]) for i in indices], dtype=torch.float64, device=device)
+        out[torch.tensor(indices, device=device), : 2 * rank] = delta * group_scales.unsqueeze(-1)
+    return out
+
+
+def _block_gram(slot: Tensor, first: Tensor, second: Tensor, rows: bool) -> None:
+    """The Gram matrix of ``[first, second]`` (side by side; stacked when ``rows``) written into ``slot``."""
+    rank = first.shape[0] if rows else first.shape[1]
+    if rows:
+        slot[:rank, :rank] = first @ first.mT
+        slot[rank:, rank:] = second @ second.mT
+        slot[:rank, rank:] = first @ second.mT
+    else:
+        slot[:rank, :rank] = first.mT @ first
+        slot[rank:, rank:] = second.mT @ second
+        slot[:rank, rank:] = first.mT @ second
+    slot[rank:, :rank] = slot[:rank, rank:].mT
+
+
 def factored_svd(
     B: FactorInput,
     A: FactorInput,
