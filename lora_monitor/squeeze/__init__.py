@@ -4,6 +4,8 @@
   and :func:`read_squeeze_toml` (the command's TOML ``[squeeze]`` table);
 - :mod:`.analysis`: the variance table and rank recommendations (:func:`analyze_adapter`);
 - :mod:`.function`: the rank whose held-out loss stays within a tolerance (:func:`recommend_rank_by_function`);
+- :mod:`.budget`: per-module ranks under a parameter budget, by energy or by measured sensitivity
+  (:func:`allocate_by_energy`, :func:`allocate_by_sensitivity`);
 - :mod:`.compress`: the compressed adapter folder (:func:`compress_adapter`);
 - :mod:`.manifest`: the run manifest's ``"squeeze"`` entry;
 - :mod:`.end_of_training`: all of the above on a trained adapter in one call (:func:`squeeze_trained_adapter`,
@@ -14,6 +16,13 @@ The table itself is drawn by :mod:`lora_monitor.render.console` (re-exported her
 
 from ..render.console import print_analysis, squeeze_table, summary_lines
 from .analysis import GroupRecommendation, ModuleSqueeze, SqueezeAnalysis, analyze_adapter
+from .budget import (
+    BudgetAllocation,
+    allocate_by_energy,
+    allocate_by_sensitivity,
+    parameters_per_rank,
+    uniform_budget,
+)
 from .compress import CompressionResult, compress_adapter, gather_adapter
 from .end_of_training import EndOfTraining, squeeze_trained_adapter
 from .function import DEFAULT_TOLERANCE, FunctionRecommendation, RankEvaluation, recommend_rank_by_function
@@ -31,6 +40,7 @@ from .options import (
 __all__ = [
     "DEFAULT_THRESHOLD",
     "DEFAULT_TOLERANCE",
+    "BudgetAllocation",
     "CompressionResult",
     "EndOfTraining",
     "FunctionRecommendation",
@@ -39,17 +49,21 @@ __all__ = [
     "RankEvaluation",
     "SqueezeAnalysis",
     "SqueezeOptions",
+    "allocate_by_energy",
+    "allocate_by_sensitivity",
     "analyze_adapter",
     "compress_adapter",
     "default_target_ranks",
     "gather_adapter",
     "manifest_entry",
+    "parameters_per_rank",
     "print_analysis",
     "read_squeeze_toml",
     "recommend_rank_by_function",
     "squeeze_table",
     "squeeze_trained_adapter",
     "summary_lines",
+    "uniform_budget",
     "validate_rank",
     "validate_ranks",
     "validate_threshold",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -42,7 +42,7 @@ from ..adapters import (
 from ..errors import LoraMonitorError
 from ..spectrum import truncate_many
 from .analysis import CHUNK_SIZE, SqueezeAnalysis, _check_finite, _decomposed, _progress, analyse
-from .options import DEFAULT_THRESHOLD, SqueezeOptions
+from .options import DEFAULT_THRESHOLD, SqueezeOptions, validate_rank
 
 
 @dataclass
@@ -72,10 +72,13 @@ class CompressionResult:
 def _plan(
     adapter: OpenedAdapter,
     options: SqueezeOptions,
+    module_ranks: Mapping[str, int] | None,
     device: str | torch.device | None,
     progress: bool | None,
 ) -> tuple[dict[str, int], SqueezeAnalysis | None]:
     """The new rank of every module, and the analysis it came from (None for a fixed ``target_rank``)."""
+    if module_ranks is not None:
+        return _given_ranks(adapter, options, module_ranks), None
     if options.target_rank is not None:
         return {m.name: min(options.target_rank, m.rank) for m in adapter.modules}, None
     analysis = analyse(adapter, options, device, progress)
@@ -88,6 +91,23 @@ def _plan(
             "(give target_rank to compress anyway)"
         )
     return {m.name: min(analysis.recommended_rank, m.rank) for m in adapter.modules}, analysis
+
+
+def _given_ranks(
+    adapter: OpenedAdapter, options: SqueezeOptions, module_ranks: Mapping[str, int]
+) -> dict[str, int]:
+    """``module_ranks`` checked against the adapter: every name one of its modules, every rank an integer
+    >= 1 (capped at the module's rank); modules not named keep their rank."""
+    if options.target_rank is not None or options.per_module:
+        raise LoraMonitorError("give module_ranks, target_rank or per_module, not more than one")
+    ranks = {m.name: m.rank for m in adapter.modules}
+    unknown = sorted(set(module_ranks) - set(ranks))
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise LoraMonitorError(f"{adapter.description}: module_ranks names no LoRA module {shown}")
+    for name, rank in module_ranks.items():
+        ranks[name] = min(validate_rank(rank, f"module_ranks[{name!r}]"), ranks[name])
+    return ranks
 
 
 def _compute_dtype(stored: torch.dtype) -> torch.dtype:
@@ -120,6 +140,7 @@ def compress_adapter(
     min_variance_retention: float | None = None,
     per_module: bool = False,
     target_ranks: Sequence[int] | None = None,
+    module_ranks: Mapping[str, int] | None = None,
     adapter_name: str | None = None,
     overwrite: bool = False,
     device: str | torch.device | None = None,
@@ -133,6 +154,8 @@ def compress_adapter(
     - neither: one rank for all, the analysis's ``recommended_rank`` at ``min_variance_retention``
       (default 0.95) among ``target_ranks`` (default: powers of two up to the adapter's rank, and that rank);
       when no candidate reaches the threshold the error says which rank came closest and what it keeps.
+    - ``module_ranks={name: k}``: the ranks you give, e.g. a :class:`~lora_monitor.squeeze.BudgetAllocation`'s
+      (modules not named keep their rank).
 
     Modules already at or below their new rank are copied unchanged. Every module keeps its scale exactly;
     DoRA magnitudes, ``modules_to_save``, other stored keys and the stored dtype are kept. The folder is
@@ -151,7 +174,7 @@ def compress_adapter(
     adapter = open_adapter(path_or_model, adapter_name, with_state=True)
     output = Path(output_path)
     check_output(output, adapter.folder, overwrite)
-    ranks, analysis = _plan(adapter, options, device, progress)
+    ranks, analysis = _plan(adapter, options, module_ranks, device, progress)
     assert adapter.tensor is not None and adapter.config is not None
 
     tensors: dict[str, torch.Tensor] = {}
