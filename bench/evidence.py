@@ -17,6 +17,10 @@ decay), each at every learning rate of a small grid (3e-4, 2e-3), the one used p
   r=64 / post-squeeze 64→8   (c): rank 64, then compress_adapter to 8 (no more training); the energy and the
                              function recommendation (recommend_rank_by_function on the dev set) of this run
   cont-squeeze 64→8 at 80%   (d): one squeeze to 8 after 80% of the steps, trained on at rank 8
+  budget squeeze 64→4,8      the r=64 run again (same seed, bit-identical), squeezed to the parameter budget of
+                             uniform rank 4 and 8 three ways: uniform, per-module ranks by energy
+                             (allocate_by_energy) and one rank per module type by the dev loss each type
+                             loses alone (allocate_by_sensitivity); each written, reloaded and evaluated
   in-squeeze (defaults)      (e): InSqueezeCallback(target_rank=8) with the library's default arguments
                              (lr_scaling="rank": each squeezed module's step × r_source/r_now)
   in-squeeze lr_scaling=...  diagnosis: "none" (the default before this evidence) and "sqrt"
@@ -68,6 +72,7 @@ LEARNING_RATES = (3e-4, 2e-3)
 CONDITION_LRS = {
     "in-squeeze lr_scaling=none": (3e-4,),
     "in-squeeze lr_scaling=sqrt": (3e-4,),
+    "budget squeeze 64→4,8": (3e-4,),  # r=64's best rate on dev for every seed
     "direct r=1": (2e-3,),
     "direct r=2": (2e-3,),
     "direct r=4": (2e-3,),
@@ -309,6 +314,7 @@ def conditions() -> list[str]:
     names += [
         "cont-squeeze 64→8 at 80%",
         "in-squeeze (defaults)",
+        "budget squeeze 64→4,8",
         "in-squeeze lr_scaling=none",
         "in-squeeze lr_scaling=sqrt",
         "adalora 64→8",
@@ -353,7 +359,9 @@ def run_condition(name: str, seed: int, lr: float, data: dict, tokenizer, dev, t
         monitor = None
     else:
         model = lora_model(SOURCE_RANK, fixed_alpha or SOURCE_RANK, seed)
-        if core == "cont-squeeze 64→8 at 80%":
+        if core == BUDGET_CONDITION:
+            pass  # trained as r=64; squeezed three ways after training (budget_extras)
+        elif core == "cont-squeeze 64→8 at 80%":
             callbacks.append(
                 InSqueezeCallback(target_rank=TARGET_RANK, schedule=[(int(0.8 * STEPS), TARGET_RANK)])
             )
@@ -376,6 +384,8 @@ def run_condition(name: str, seed: int, lr: float, data: dict, tokenizer, dev, t
     record["test"] = evaluate(model, test)
     if name == f"direct r={SOURCE_RANK}":
         record.update(squeeze_source_extras(model, dev, test))
+    if core == BUDGET_CONDITION:
+        record.update(budget_extras(model, dev, test))
     return record
 
 
@@ -396,6 +406,63 @@ def squeeze_source_extras(model, dev, test) -> dict:
         squeezed = PeftModel.from_pretrained(base, Path(scratch) / "r8")
         extras["post"] = {"dev": evaluate(squeezed, dev), "test": evaluate(squeezed, test)}
     return extras
+
+
+BUDGET_CONDITION = "budget squeeze 64→4,8"
+BUDGET_RANKS = (4, 8)
+
+
+def budget_extras(model, dev, test) -> dict:
+    """The trained r=64 model squeezed to the parameter budget of uniform rank 4 and 8: uniformly, by energy
+    and by sensitivity (each module type's dev loss increase when truncated alone); test accuracy of each."""
+    from peft import PeftModel
+
+    from lora_monitor import compress_adapter
+    from lora_monitor.squeeze import (
+        allocate_by_energy,
+        allocate_by_sensitivity,
+        recommend_rank_by_function,
+        uniform_budget,
+    )
+
+    function = recommend_rank_by_function(
+        model, [batch for _, batch in dev], ranks=KNEE_RANKS, by_module_type=True, progress=False
+    )
+    extras: dict = {"function": function.to_dict(), "budget": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        for rank in BUDGET_RANKS:
+            budget = uniform_budget(model, rank)
+            plans = {
+                "uniform": None,
+                "energy": allocate_by_energy(model, budget),
+                "sensitivity": allocate_by_sensitivity(model, function, budget),
+            }
+            results = {}
+            for method, plan in plans.items():
+                folder = Path(scratch) / f"{method}-{rank}"
+                if plan is None:
+                    compress_adapter(model, folder, target_rank=rank, progress=False)
+                else:
+                    compress_adapter(model, folder, module_ranks=plan.module_ranks, progress=False)
+                base, _ = base_model()
+                squeezed = PeftModel.from_pretrained(base, folder)
+                results[method] = {
+                    "test": evaluate(squeezed, test),
+                    "parameters": budget if plan is None else plan.parameters,
+                    "retained": None if plan is None else plan.retained,
+                    "type_ranks": None if plan is None else plan.type_ranks,
+                    "ranks_by_type": None if plan is None else _ranks_by_type(plan.module_ranks),
+                }
+            extras["budget"][str(rank)] = {"budget": budget, **results}
+    return extras
+
+
+def _ranks_by_type(module_ranks: dict[str, int]) -> dict[str, float]:
+    """Mean rank per module type (the last part of the module name)."""
+    by_type: dict[str, list[int]] = {}
+    for name, rank in module_ranks.items():
+        by_type.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
+    return {kind: statistics.fmean(ranks) for kind, ranks in sorted(by_type.items())}
 
 
 def run_probe(seed: int, data: dict, tokenizer) -> dict:
@@ -577,6 +644,7 @@ def print_tables(records: list[dict]) -> None:
         )
     print_alpha_sweep(console, records)
     print_signal_bands(console, records)
+    print_budget_table(console, records)
     sources = [chosen(records, f"direct r={SOURCE_RANK}", s) for s in seeds]
     sources = [s for s in sources if s]
     if sources:
@@ -614,6 +682,57 @@ def print_tables(records: list[dict]) -> None:
                 f"{source['function_seconds']:.0f}",
             )
         console.print(advice)
+
+
+def print_budget_table(console, records: list[dict]) -> None:
+    """The r=64 adapter squeezed to the same parameter budget uniformly, by energy and by sensitivity."""
+    from rich.table import Table
+
+    runs = [r for r in records if r["condition"] == BUDGET_CONDITION and "budget" in r]
+    if not runs:
+        return
+    seeds = sorted({r["seed"] for r in runs})
+    table = Table(
+        title=f"one r=64 adapter per seed (seeds {seeds}) squeezed to the parameter budget of a uniform rank: "
+        "test accuracy (%), paired against the uniform squeeze"
+    )
+    for column in (
+        "budget",
+        "allocation",
+        "test acc mean ± SE",
+        "Δ vs uniform (pts)",
+        "energy kept",
+        "ranks",
+    ):
+        table.add_column(column, justify="left" if column in ("allocation", "ranks") else "right")
+    for rank in BUDGET_RANKS:
+        by_method: dict[str, dict[int, dict]] = {}
+        for run in runs:
+            for method, result in run["budget"][str(rank)].items():
+                if method != "budget":
+                    by_method.setdefault(method, {})[run["seed"]] = result
+        for method, row in by_method.items():
+            first = row[seeds[0]]
+            if method == "sensitivity":
+                shown = "; ".join(
+                    "/".join(f"{kind}={r}" for kind, r in row[seed]["type_ranks"].items())
+                    for seed in sorted(row)
+                )
+            elif method == "energy":
+                shown = " ".join(f"{kind}≈{mean:.1f}" for kind, mean in first["ranks_by_type"].items())
+                shown += " (seed 0, mean per type)"
+            else:
+                shown = f"all {rank}"
+            kept = [r["retained"] for r in row.values() if r["retained"] is not None]
+            table.add_row(
+                f"r={rank}",
+                method,
+                mean_se([r["test"]["accuracy"] for r in row.values()]),
+                "" if method == "uniform" else paired(row, by_method["uniform"]),
+                f"{statistics.fmean(kept):.3f}" if kept else "",
+                shown,
+            )
+    console.print(table)
 
 
 def print_alpha_sweep(console, records: list[dict]) -> None:

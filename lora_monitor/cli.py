@@ -113,6 +113,12 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
     choice.add_argument(
         "--per-module", action="store_true", help="give each module the smallest rank reaching the threshold"
     )
+    parser.add_argument(
+        "--allocate",
+        choices=["energy", "sensitivity"],
+        help="spend the parameters of --rank (or of the recommended rank) everywhere per module instead: by "
+        "energy kept, or by the held-out loss each module type loses (sensitivity: needs --base and --data)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--adapter-name", help="which adapter of a multi-adapter folder (sub-folder name)")
     parser.add_argument("--device", help="torch device for the decomposition (default: cpu)")
@@ -164,7 +170,12 @@ def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any) 
 def _run_squeeze(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .render.console import print_compression, print_function_recommendation, print_json
+    from .render.console import (
+        print_budget_allocation,
+        print_compression,
+        print_function_recommendation,
+        print_json,
+    )
     from .squeeze import SqueezeOptions, analyze_adapter, compress_adapter, print_analysis, read_squeeze_toml
 
     settings: dict[str, Any] = {"adapter_path": args.adapter}
@@ -187,8 +198,16 @@ def _run_squeeze(args: argparse.Namespace) -> int:
     options = dataclasses.replace(options, **chosen, where="" if chosen else options.where)
     output = args.out or settings.get("output_path") or None
     device = args.device or settings.get("device")
-    if (args.rank is not None or args.per_module) and not output:
-        raise LoraMonitorError("--rank and --per-module choose how to compress: give --out DIR as well")
+    if (args.rank is not None or args.per_module or args.allocate) and not output:
+        raise LoraMonitorError(
+            "--rank, --per-module and --allocate choose how to compress: give --out DIR as well"
+        )
+    if args.allocate and options.per_module:
+        raise LoraMonitorError("--allocate spends the budget of one rank per module: not with --per-module")
+    if args.allocate == "sensitivity":
+        if not (args.base and args.data):
+            raise LoraMonitorError("--allocate sensitivity measures each module type: give --base and --data")
+        args.by_module_type = True
 
     analysis = analyze_adapter(
         settings["adapter_path"],
@@ -205,7 +224,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     function = _function_advice(args, settings["adapter_path"], options) if args.base or args.data else None
-    result = None
+    result = allocation = None
     if output:
         rank = options.target_rank
         if rank is None and not options.per_module and function is not None:
@@ -217,12 +236,15 @@ def _run_squeeze(args: argparse.Namespace) -> int:
                     "(give --rank to compress anyway, or lower --threshold)"
                 )
             rank = analysis.recommended_rank
+        if args.allocate:
+            allocation = _allocate(args, settings["adapter_path"], rank, function)
         result = compress_adapter(
             settings["adapter_path"],
             output,
-            target_rank=rank,
+            target_rank=None if allocation else rank,
             min_variance_retention=options.min_variance_retention,
             per_module=options.per_module,
+            module_ranks=allocation.module_ranks if allocation else None,
             adapter_name=args.adapter_name,
             overwrite=args.overwrite,
             device=device,
@@ -232,6 +254,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
             {
                 "analysis": analysis.to_dict(),
                 "function": function.to_dict() if function else None,
+                "allocation": allocation.to_dict() if allocation else None,
                 "compressed": result.to_dict() if result else None,
             }
         )
@@ -239,9 +262,21 @@ def _run_squeeze(args: argparse.Namespace) -> int:
     print_analysis(analysis)
     if function is not None:
         print_function_recommendation(function)
+    if allocation is not None:
+        print_budget_allocation(allocation, rank)
     if result is not None:
         print_compression(result)
     return 0
+
+
+def _allocate(args: argparse.Namespace, adapter_path: str, rank: int, function: Any) -> Any:
+    """Per-module ranks within the parameters of ``rank`` everywhere (``--allocate``)."""
+    from .squeeze import allocate_by_energy, allocate_by_sensitivity, uniform_budget
+
+    budget = uniform_budget(adapter_path, rank, args.adapter_name)
+    if args.allocate == "energy":
+        return allocate_by_energy(adapter_path, budget, adapter_name=args.adapter_name)
+    return allocate_by_sensitivity(adapter_path, function, budget, adapter_name=args.adapter_name)
 
 
 # ---- allocate (per-layer ranks from base-weight spectra) -------------------------------------------------

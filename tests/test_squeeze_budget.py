@@ -28,7 +28,7 @@ def uneven_model():
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for index, record in enumerate(find_lora_modules(model)):
-            B_param, A_param = factor_parameters(record.module, record.adapter_name)
+            B_param, _ = factor_parameters(record.module, record.adapter_name)
             decay = torch.logspace(0, -float(index % 3 + 1), B_param.shape[1], dtype=torch.float64)
             B_param.mul_(decay * (1.0 + index % 4) * (0.5 + torch.rand(1, generator=generator).double()))
     return model
@@ -101,7 +101,9 @@ def test_module_ranks_write_each_modules_best_truncation(tmp_path):
 def test_sensitivity_allocation_is_the_best_combination_of_type_ranks(tokenizer):
     model = uneven_model()
     data = calibration_batches(SENTENCES[:8], tokenizer, batch_size=4, max_length=16)
-    function = recommend_rank_by_function(model, data, ranks=[1, 2, 4, 8], by_module_type=True, progress=False)
+    function = recommend_rank_by_function(
+        model, data, ranks=[1, 2, 4, 8], by_module_type=True, progress=False
+    )
     records = find_lora_modules(model)
     budget = uniform_budget(model, 2)
     allocation = allocate_by_sensitivity(model, function, budget)

@@ -183,3 +183,40 @@ def test_rank_by_function_on_a_saved_adapter(tmp_path, capsys, adapter_folder, t
 
     status, _, err = run(capsys, adapter_folder, "--data", data)
     assert status == 2 and "--base and --data go together" in err
+
+
+def test_allocate_spends_the_budget_of_a_rank_per_module(tmp_path, capsys, adapter_folder, tokenizer):
+    from tiny_models import SENTENCES
+
+    from lora_monitor.squeeze import allocate_by_energy, uniform_budget
+
+    status, out, _ = run(
+        capsys, adapter_folder, "--rank", "4", "--allocate", "energy", "--out", tmp_path / "e"
+    )
+    assert status == 0 and "Allocated by energy" in out
+    expected = allocate_by_energy(adapter_folder, uniform_budget(adapter_folder, 4))
+    ranks = reloaded_ranks(tmp_path / "e")
+    assert {name.removeprefix("base_model.model."): rank for name, rank in ranks.items()} == (
+        expected.module_ranks
+    )
+    assert len(set(ranks.values())) > 1  # the decaying spectra differ per module: so do the ranks
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "heldout.txt"
+    data.write_text("\n".join(SENTENCES[:12]))
+    sensitivity = [adapter_folder, "--rank", "4", "--allocate", "sensitivity", "--ranks", "1,2,4,8,16"]
+    status, out, _ = run(
+        capsys, *sensitivity, "--base", tmp_path / "base", "--data", data, "--out", tmp_path / "s", "--json"
+    )
+    assert status == 0
+    payload = json.loads(out)
+    allocation = payload["allocation"]
+    assert allocation["method"] == "sensitivity" and allocation["parameters"] <= allocation["budget"]
+    assert set(allocation["type_ranks"]) == set(payload["function"]["type_evaluations"])
+    assert set(reloaded_ranks(tmp_path / "s").values()) == set(allocation["type_ranks"].values())
+
+    status, _, err = run(capsys, adapter_folder, "--allocate", "sensitivity", "--out", tmp_path / "x")
+    assert status == 2 and "give --base and --data" in err and not (tmp_path / "x").exists()
+    status, _, err = run(capsys, adapter_folder, "--allocate", "energy")
+    assert status == 2 and "give --out DIR" in err

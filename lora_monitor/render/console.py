@@ -258,6 +258,27 @@ def print_compression(result: Any) -> None:
     )
 
 
+def print_budget_allocation(allocation: Any, uniform_rank: int) -> None:
+    """One line for a :class:`~lora_monitor.squeeze.BudgetAllocation`: how the budget of a uniform rank was
+    spent, what it keeps, and the rank of each module type (mean where modules of a type differ)."""
+    by_type: dict[str, list[int]] = {}
+    for name, rank in allocation.module_ranks.items():
+        by_type.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
+    ranks = ", ".join(
+        f"{kind} {ranks[0]}"
+        if len(set(ranks)) == 1
+        else f"{kind} {min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):.1f})"
+        for kind, ranks in sorted(by_type.items())
+    )
+    loss = allocation.predicted_loss_increase
+    print(
+        f"Allocated by {allocation.method}: {allocation.parameters:,} of {allocation.budget:,} LoRA parameters "
+        f"(the budget of rank {uniform_rank} everywhere), {100 * allocation.retained:.1f}% of ‖ΔW‖² kept"
+        + (f", summed loss increase of the types {loss:+.4f}" if loss is not None else "")
+        + f"; ranks: {ranks}"
+    )
+
+
 # ---- the rank allocation table (`lora-monitor allocate`) --------------------------------------------------
 
 
