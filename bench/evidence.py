@@ -17,7 +17,7 @@ decay), each at every learning rate of a small grid (3e-4, 2e-3), the one used p
   r=64 / post-squeeze 64→8   (c): rank 64, then compress_adapter to 8 (no more training); the energy and the
                              function recommendation (recommend_rank_by_function on the dev set) of this run
   cont-squeeze 64→8 at 80%   (d): one squeeze to 8 after 80% of the steps, trained on at rank 8
-  budget squeeze 64→4,8      the r=64 run again (same seed, bit-identical), squeezed to the parameter budget of
+  budget squeeze 64→4/8      the r=64 run again (same seed, bit-identical), squeezed to the parameter budget of
                              uniform rank 4 and 8 three ways: uniform, per-module ranks by energy
                              (allocate_by_energy) and one rank per module type by the dev loss each type
                              loses alone (allocate_by_sensitivity); each written, reloaded and evaluated
@@ -72,7 +72,7 @@ LEARNING_RATES = (3e-4, 2e-3)
 CONDITION_LRS = {
     "in-squeeze lr_scaling=none": (3e-4,),
     "in-squeeze lr_scaling=sqrt": (3e-4,),
-    "budget squeeze 64→4,8": (3e-4,),  # r=64's best rate on dev for every seed
+    "budget squeeze 64→4/8": (3e-4,),  # r=64's best rate on dev for every seed
     "direct r=1": (2e-3,),
     "direct r=2": (2e-3,),
     "direct r=4": (2e-3,),
@@ -314,7 +314,7 @@ def conditions() -> list[str]:
     names += [
         "cont-squeeze 64→8 at 80%",
         "in-squeeze (defaults)",
-        "budget squeeze 64→4,8",
+        "budget squeeze 64→4/8",
         "in-squeeze lr_scaling=none",
         "in-squeeze lr_scaling=sqrt",
         "adalora 64→8",
@@ -408,7 +408,7 @@ def squeeze_source_extras(model, dev, test) -> dict:
     return extras
 
 
-BUDGET_CONDITION = "budget squeeze 64→4,8"
+BUDGET_CONDITION = "budget squeeze 64→4/8"
 BUDGET_RANKS = (4, 8)
 
 
