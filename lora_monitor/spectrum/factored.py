@@ -176,8 +176,11 @@ def _grouped_cores(
     return groups, cores
 
 
-def _singular_values(gram_B: Tensor, gram_A: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Singular values of ``B@A``, ``A`` and ``B`` from their float64 Gram stacks, descending.
+def _singular_values(
+    gram_B: Tensor, gram_A: Tensor, eps: float, *, of_factors: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Singular values of ``B@A``, ``A`` and ``B`` from their float64 Gram stacks, descending (those of
+    ``A`` only ``of_factors``: ``None`` otherwise, one eigenvalue problem per module fewer).
 
     σ(BA)² are the eigenvalues of ``R_B G_A R_Bᵀ`` for any ``R_BᵀR_B = G_B``. Where ``B`` is resolved to
     full rank, ``R_Bᵀ`` is the Cholesky factor of ``G_B`` (a tenth of the cost of an eigendecomposition),
@@ -189,10 +192,10 @@ def _singular_values(gram_B: Tensor, gram_A: Tensor, eps: float) -> tuple[Tensor
     count, rank = gram_B.shape[0], gram_B.shape[-1]
     lower, info = torch.linalg.cholesky_ex(gram_B)
     core = lower.mT @ gram_A @ lower
-    eigenvalues = torch.linalg.eigvalsh(torch.cat([gram_B, gram_A, core]))
+    eigenvalues = torch.linalg.eigvalsh(torch.cat([gram_B, gram_A, core] if of_factors else [gram_B, core]))
     eig_B = _floor_descending(eigenvalues[:count], eps)
-    eig_A = _floor_descending(eigenvalues[count : 2 * count], eps)
-    squared = eigenvalues[2 * count :].clone()  # ascending, as _floor_descending expects
+    eig_A = _floor_descending(eigenvalues[count : 2 * count], eps) if of_factors else None
+    squared = eigenvalues[-count:].clone()  # ascending, as _floor_descending expects
     unresolved = ((info != 0) | (eig_B[:, -1] <= 0)).nonzero().squeeze(-1)
     if len(unresolved):
         chosen_B = eig_B[unresolved]
@@ -200,7 +203,7 @@ def _singular_values(gram_B: Tensor, gram_A: Tensor, eps: float) -> tuple[Tensor
         root_B = vectors_B * chosen_B.sqrt().unsqueeze(-2)  # R_Bᵀ with floored directions removed
         squared[unresolved] = torch.linalg.eigvalsh(root_B.mT @ gram_A[unresolved] @ root_B)
     delta = _floor_descending(squared, eps * rank).sqrt()
-    return delta, eig_A.sqrt(), eig_B.sqrt()
+    return delta, None if eig_A is None else eig_A.sqrt(), eig_B.sqrt()
 
 
 def _safe_inverse_sqrt(eigenvalues: Tensor) -> Tensor:
@@ -286,7 +289,7 @@ def lora_step_spectra(
         balance = torch.cat([norms[:, :1].expand(-1, rank), norms[:, 1:].expand(-1, rank)], 1)
         left = left / (balance.unsqueeze(-1) * balance.unsqueeze(-2))
         right = right * (balance.unsqueeze(-1) * balance.unsqueeze(-2))
-        delta, _, _ = _singular_values(left, right, eps)
+        delta, _, _ = _singular_values(left, right, eps, of_factors=False)
         group_scales = torch.tensor([abs(scales[i]) for i in indices], dtype=torch.float64, device=device)
         out[torch.tensor(indices, device=device), : 2 * rank] = delta * group_scales.unsqueeze(-1)
     return out
