@@ -118,19 +118,27 @@ def test_truncate_factors_is_the_best_rank_k_approximation_and_maps_make_the_fac
 
 def test_lora_step_spectra_match_the_dense_first_order_change():
     generator = torch.Generator().manual_seed(8)
-    # Two ranks (two groups), gradients a million times smaller than the weights, and a zero ∇B.
-    shapes = [(48, 6, 40), (56, 4, 32), (40, 6, 64)]
+    # Two ranks (two groups), gradients a million times smaller than the weights, a zero ∇B, a zero B
+    # (PEFT's first step: the step's left factor has a zero half) and a B with two repeated columns (the
+    # left Gram matrix is singular without being zero: the floored route, decided from Cholesky pivots).
+    shapes = [(48, 6, 40), (56, 4, 32), (40, 6, 64), (48, 6, 40), (40, 6, 48)]
     Bs = [torch.randn(m, r, generator=generator, dtype=torch.float64) for m, r, _ in shapes]
     As = [torch.randn(r, n, generator=generator, dtype=torch.float64) for _, r, n in shapes]
     grads_B = [1e-6 * torch.randn(B.shape, generator=generator, dtype=torch.float64) for B in Bs]
     grads_A = [1e-6 * torch.randn(A.shape, generator=generator, dtype=torch.float64) for A in As]
     grads_B[2] = torch.zeros_like(grads_B[2])
-    scales = [0.5, -2.0, 1.0]
+    Bs[3] = torch.zeros_like(Bs[3])
+    Bs[4][:, 4:] = Bs[4][:, :2]
+    grads_B[4][:, 4:] = grads_B[4][:, :2]
+    scales = [0.5, -2.0, 1.0, 2.0, 1.0]
     spectra = lora_step_spectra(grads_B, Bs, As, grads_A, scales, dtype=torch.float64)
-    assert spectra.shape == (3, 12) and spectra.dtype == torch.float64
+    assert spectra.shape == (5, 12) and spectra.dtype == torch.float64
     for index, (gB, B, A, gA) in enumerate(zip(grads_B, Bs, As, grads_A, strict=True)):
-        reference = torch.linalg.svdvals(abs(scales[index]) * (gB @ A + B @ gA))[: 2 * A.shape[0]]
+        change = abs(scales[index]) * (gB @ A + B @ gA)
+        reference = torch.linalg.svdvals(change)[: 2 * A.shape[0]]
         assert_spectrum_close(spectra[index, : 2 * A.shape[0]], reference, rtol=1e-8)
+        # Directions the change does not have are exactly zero, not rounding noise.
+        assert int((spectra[index] > 0).sum()) == int(torch.linalg.matrix_rank(change))
         assert (spectra[index, 2 * A.shape[0] :] == 0).all()
     rough = lora_step_spectra([g.float() for g in grads_B], Bs, As, grads_A, scales)
     assert_spectrum_close(rough[0, :12], spectra[0], rtol=1e-4)
