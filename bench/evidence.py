@@ -648,8 +648,9 @@ def print_tables(records: list[dict]) -> None:
     sources = [chosen(records, f"direct r={SOURCE_RANK}", s) for s in seeds]
     sources = [s for s in sources if s]
     if sources:
+        dev_start, dev_end = SPLIT["dev"]
         advice = Table(
-            title="recommendations from the tuned r=64 adapter (function: on the 500 dev examples)"
+            title=f"recommendations from the tuned r=64 adapter (function: on the {dev_end - dev_start} dev examples)"
         )
         advice.add_column("seed")
         advice.add_column("energy 95%", justify="right")

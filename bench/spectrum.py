@@ -41,6 +41,7 @@ NAMES += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 def in_memory_adapter(modules: list[tuple[torch.Tensor, torch.Tensor]], rank: int):
     """The factors as a SavedAdapter held in memory: what ``Monitor.check`` reads, with no file behind it."""
     from lora_monitor.adapters import LoraModule, SavedAdapter
+    from lora_monitor.adapters.saved import TensorReader
 
     records = []
     for index, (B, A) in enumerate(modules):
@@ -63,7 +64,10 @@ def in_memory_adapter(modules: list[tuple[torch.Tensor, torch.Tensor]], rank: in
                 load_B=lambda B=B: B,
             )
         )
-    return SavedAdapter(Path("in-memory"), {}, Path("in-memory"), [], records)
+    # Nothing is read from disk: each record loads its factor from memory, so the reader stays unopened.
+    return SavedAdapter(
+        Path("in-memory"), {}, Path("in-memory"), [], records, TensorReader(Path("in-memory"))
+    )
 
 
 DENSE_SHRINK = 4  # --dense scaled: each side divided by this, time multiplied by DENSE_SHRINK**3

@@ -1,0 +1,69 @@
+"""The benchmark scripts run to their tables at a tiny size (their figures are read by people, not asserted:
+this only keeps a library change from breaking a bench unnoticed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_bench(arguments: list[str], tmp_path: Path) -> str:
+    environment = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "BENCH_THREADS": "1",
+        "COLUMNS": "200",
+    }
+    result = subprocess.run(
+        [sys.executable, str(BENCH / arguments[0]), *arguments[1:]],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, f"{arguments} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (
+            [
+                "spectrum.py",
+                "--layers",
+                "1",
+                "--ranks",
+                "8",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+                "--dense",
+                "off",
+            ],
+            "lora_spectra / floor",
+        ),
+        (
+            ["squeeze.py", "--layers", "1", "--rank", "32", "--dense", "off"],
+            "peak RSS over imports / adapter",
+        ),
+        (
+            ["monitor_overhead.py", "--steps", "6", "--warmup", "1", "--repeats", "1", "--hidden", "64"],
+            "monitor every step",
+        ),
+    ],
+    ids=["spectrum", "squeeze", "monitor_overhead"],
+)
+def test_bench_prints_its_table(arguments, expected, tmp_path):
+    assert expected in run_bench(arguments, tmp_path)
