@@ -313,8 +313,12 @@ _JOIN_BELOW_ELEMENTS = 1 << 16
 def _block_gram(slot: Tensor, first: Tensor, second: Tensor, rows: bool) -> None:
     """The Gram matrix of ``[first, second]`` (side by side; stacked when ``rows``) written into ``slot``."""
     if first.numel() < _JOIN_BELOW_ELEMENTS:
-        joined = torch.cat([first, second], 0 if rows else 1)
-        torch.matmul(joined, joined.mT, out=slot) if rows else torch.matmul(joined.mT, joined, out=slot)
+        if rows:
+            joined = torch.cat([first, second], 0)
+            torch.matmul(joined, joined.mT, out=slot)
+        else:
+            joined = torch.cat([first, second], 1)
+            torch.matmul(joined.mT, joined, out=slot)
         return
     rank = first.shape[0] if rows else first.shape[1]
     if rows:
