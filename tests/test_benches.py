@@ -3,36 +3,18 @@ this only keeps a library change from breaking a bench unnoticed)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from offline_run import run_offline
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def run_bench(arguments: list[str], tmp_path: Path) -> str:
-    environment = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "BENCH_THREADS": "1",
-        "COLUMNS": "200",
-    }
-    result = subprocess.run(
-        [sys.executable, str(BENCH / arguments[0]), *arguments[1:]],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, f"{arguments} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
+    command = [sys.executable, str(BENCH / arguments[0]), *arguments[1:]]
+    return run_offline(command, tmp_path, timeout=300, environment={"BENCH_THREADS": "1", "COLUMNS": "200"})
 
 
 @pytest.mark.parametrize(

