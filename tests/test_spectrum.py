@@ -171,6 +171,42 @@ def test_truncate_many_gives_each_pair_its_own_best_rank_k_approximation():
         truncate_many(Bs, As, [0, 1, 1, 1, 1])
 
 
+@pytest.mark.parametrize("stored", [torch.float64, torch.bfloat16])
+def test_truncate_many_across_batches_with_ill_conditioned_and_rank_deficient_factors(stored):
+    # Eleven same-rank pairs (more than one batch on the CPU): well-conditioned ones, B with singular values
+    # down to 1e-3 of the largest (the Cholesky route), and A or B that hold fewer directions than their rank
+    # (repeated rows or columns: the floored eigendecomposition route), each truncated below and above what
+    # it holds. bfloat16 factors are decomposed in float32 and compared with a float64 SVD of the stored values.
+    generator = torch.Generator().manual_seed(8)
+    rank, Bs, As = 10, [], []
+    for index in range(11):
+        B = torch.randn(60 + index, rank, generator=generator, dtype=torch.float64)
+        A = torch.randn(rank, 50 - index, generator=generator, dtype=torch.float64)
+        if index % 3 == 1:
+            B = B * torch.logspace(0, -3, rank, dtype=torch.float64)
+        if index % 4 == 2:
+            A[5:] = A[:5]  # A holds 5 directions
+        if index % 4 == 3:
+            B[:, 7:] = B[:, :3]  # B holds 7
+        Bs.append(B.to(stored))
+        As.append(A.to(stored))
+    ks = [1 + (3 * index) % 9 for index in range(11)]
+    compute = torch.float64 if stored == torch.float64 else torch.float32
+    tolerance = 1e-9 if stored == torch.float64 else 1e-4
+    results = truncate_many(Bs, As, ks, dtype=compute)
+    for B, A, k, result in zip(Bs, As, ks, results, strict=True):
+        U, S, Vh = dense_svd(B, A)
+        best = (U[:, :k] * S[:k]) @ Vh[:k]
+        assert result.B.dtype == stored and result.A.dtype == stored
+        assert result.B.shape == (B.shape[0], k) and result.A.shape == (k, A.shape[1])
+        rebuilt = result.B.double() @ result.A.double()
+        # bfloat16 output rounds each new factor to 2^-8: the product stays within about that of the best.
+        slack = tolerance if stored == torch.float64 else 2e-2
+        assert torch.linalg.matrix_norm(rebuilt - best) <= slack * float(S[0])
+        assert_spectrum_close(result.singular_values, S, rtol=tolerance)
+        assert result.retained == pytest.approx(float((S[:k] ** 2).sum() / (S**2).sum()), rel=tolerance)
+
+
 def test_truncate_factors_rsvd_matches_the_dense_svd_and_its_maps_make_the_factors():
     generator = torch.Generator().manual_seed(6)
     # A decaying spectrum, rank 12: with k + oversample ≥ 12 the probes span the whole range (exact).
