@@ -54,7 +54,7 @@ def as_B_matrix(tensor: torch.Tensor) -> torch.Tensor:
 
 def as_A_matrix(tensor: torch.Tensor) -> torch.Tensor:
     """``A`` as an ``r×n`` matrix (linear ``r×in``, conv ``r×in×kh×kw`` flattened)."""
-    return tensor.reshape(tensor.shape[0], -1)
+    return tensor if tensor.dim() == 2 else tensor.reshape(tensor.shape[0], -1)
 
 
 def nominal_rank(module: LoraLayer, adapter_name: str) -> int:

@@ -43,19 +43,21 @@ class LoraModule:
     load_B: Callable[[], torch.Tensor] = field(repr=False)
     module: torch.nn.Module | None = field(default=None, repr=False)
     keys: dict[str, str] = field(default_factory=dict, repr=False)  # state-dict keys in a saved adapter
+    # The live (B, A) Parameters, where the record was made to read them directly (None: looked up).
+    live_parameters: tuple[torch.nn.Parameter, torch.nn.Parameter] | None = field(default=None, repr=False)
 
     @property
     def A(self) -> torch.Tensor:
         """``r × n`` matrix (a view of the live parameter, or read from disk now)."""
         # Shaped from the tensor itself, so a record stays right after In-Squeeze changed the rank.
         factor = self.load_A()
-        return factor.reshape(factor.shape[0], -1)
+        return factor if factor.dim() == 2 else factor.reshape(factor.shape[0], -1)
 
     @property
     def B(self) -> torch.Tensor:
         """``m × r`` matrix (a conv ``lora_B`` kernel is ``out × r × 1 × 1``)."""
         factor = self.load_B()
-        return factor.reshape(factor.shape[0], -1)
+        return factor if factor.dim() == 2 else factor.reshape(factor.shape[0], -1)
 
     @property
     def is_attention(self) -> bool:

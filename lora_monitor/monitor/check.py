@@ -245,7 +245,7 @@ def _frozen_reason(module: LoraModule, learning_rates: dict[int, float] | None) 
     """Why a live pair cannot train, where that is visible: requires_grad, learning rate, optimizer."""
     if module.module is None:
         return None
-    parameters = factor_parameters(module.module, module.adapter_name)
+    parameters = module.live_parameters or factor_parameters(module.module, module.adapter_name)
     if not any(param.requires_grad for param in parameters):
         return "requires_grad is off"
     if learning_rates is None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..adapters import LoraModule, factor_parameters, full_tensor
+from ..adapters import LoraModule, as_A_matrix, as_B_matrix, factor_parameters, full_tensor
 from ..spectrum import effective_rank, lora_step_spectra
 
 NAN = math.nan
@@ -20,16 +20,19 @@ def factor_gradients(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor] | 
     """
     if module.module is None:
         return None
-    B_param, A_param = factor_parameters(module.module, module.adapter_name)
+    B_param, A_param = module.live_parameters or factor_parameters(module.module, module.adapter_name)
     if A_param.grad is None and B_param.grad is None:
         return None
-    grad_A = A_param.grad if A_param.grad is not None else torch.zeros_like(A_param)
-    grad_B = B_param.grad if B_param.grad is not None else torch.zeros_like(B_param)
+    grad_A = A_param.grad.detach() if A_param.grad is not None else torch.zeros_like(A_param)
+    grad_B = B_param.grad.detach() if B_param.grad is not None else torch.zeros_like(B_param)
     # FSDP2 shards gradients too: gathered whole (a collective: every process reads every module's, in order).
-    grad_B, grad_A = full_tensor(grad_B.detach()), full_tensor(grad_A.detach())
+    grad_B, grad_A = as_B_matrix(full_tensor(grad_B)), as_A_matrix(full_tensor(grad_A))
     # Shaped like the record's factors: a masked module (In-Squeeze mask mode) shows its kept directions.
-    grad_B = grad_B.detach().reshape(grad_B.shape[0], -1)[:, : module.rank]
-    grad_A = grad_A.detach().reshape(grad_A.shape[0], -1)[: module.rank]
+    # (Sliced only then: this runs for every module at every step of a monitor with every_n_steps=1.)
+    if grad_B.shape[1] != module.rank:
+        grad_B = grad_B[:, : module.rank]
+    if grad_A.shape[0] != module.rank:
+        grad_A = grad_A[: module.rank]
     return grad_B, grad_A
 
 
