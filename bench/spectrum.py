@@ -1,6 +1,7 @@
 """Benchmark: the batched spectrum engine against the obvious alternatives, on a Llama-2-7B-shaped adapter.
 
     python bench/spectrum.py [--ranks 16,64] [--layers 32] [--repeats 3] [--threads N] [--dense scaled|full|off]
+                             [--device cuda]
 
 Random fp32 LoRA factors for 32 layers × (q, k, v, o: 4096×4096; gate, up: 11008×4096; down: 4096×11008).
 For each rank it times, on the same tensors in one run (every row is printed as soon as it is measured):
@@ -10,6 +11,8 @@ For each rank it times, on the same tensors in one run (every row is printed as 
   - lora_monitor's engine: singular values of every ΔW, A and B (lora_spectra), and full U, S, V (factored_svd);
   - dense SVD of each m×n delta, extrapolated to all 224 modules (see --dense);
 and prints the times, each next to the floor (the larger of the two floors), and engine / floor per rank.
+With --device cuda (or any torch device) it also times lora_spectra and one monitor check on the factors
+copied to that device, synchronised, in the same table as the CPU rows ('vs engine': against the CPU engine).
 
 --dense scaled (default, ~10 s): dense singular values of quarter-size deltas (1024×1024, 2752×1024,
 1024×2752) scaled by the m·n·min(m, n) flop ratio (64×): an estimate. --dense full measures one delta of
@@ -73,13 +76,17 @@ def in_memory_adapter(modules: list[tuple[torch.Tensor, torch.Tensor]], rank: in
 DENSE_SHRINK = 4  # --dense scaled: each side divided by this, time multiplied by DENSE_SHRINK**3
 
 
-def timings(fn, repeats: int) -> tuple[float, float]:
-    """(min, median) seconds of ``repeats`` calls after one warm-up call (allocator, thread pool)."""
+def timings(fn, repeats: int, device: torch.device | None = None) -> tuple[float, float]:
+    """(min, median) seconds of ``repeats`` calls after one warm-up call (allocator, thread pool); on an
+    accelerator ``device`` each call is timed to the end of its queued work."""
+    synchronize = torch.cuda.synchronize if device is not None and device.type == "cuda" else lambda: None
     fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return min(times), statistics.median(times)
 
@@ -113,7 +120,13 @@ def main() -> None:
         default="scaled",
         help="dense SVD extrapolation: scaled from quarter-size deltas (~10 s, default), full shapes (minutes), off",
     )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="also time the engine and a monitor check on this torch device (e.g. cuda)",
+    )
     args = parser.parse_args()
+    device = torch.device(args.device) if args.device else None
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(width=max(Console().width, 120))
@@ -132,7 +145,8 @@ def main() -> None:
                 dense_per_shape[shape] = dense_seconds(shape, args.dense)
             console.log(f"dense SVD {shape[0]}×{shape[1]} ({args.dense}): {dense_per_shape[shape]:.2f} s")
 
-    table = Table(title="Singular values of every LoRA delta in a 7B-shaped adapter (fp32, CPU)")
+    where = "CPU" if device is None else f"CPU and {device}"
+    table = Table(title=f"Singular values of every LoRA delta in a 7B-shaped adapter (fp32, {where})")
     for column in ("rank", "what", "min (ms)", "median (ms)", "vs floor", "vs engine"):
         table.add_column(column, justify="right" if column != "what" else "left")
     for rank in [int(r) for r in args.ranks.split(",")]:
@@ -175,6 +189,16 @@ def main() -> None:
                 )
             ),
         }
+        if device is not None:
+            moved = [(B.to(device), A.to(device)) for B, A in modules]
+            measurements[f"on {device}: lora_spectra (values of ΔW, A, B)"] = lambda moved=moved: timings(
+                lambda: lora_spectra([B for B, _ in moved], [A for _, A in moved]), args.repeats, device
+            )
+            measurements[f"on {device}: one monitor check"] = lambda moved=moved, rank=rank: timings(
+                partial(Monitor(track_gradients=False).check, in_memory_adapter(moved, rank), 1),
+                args.repeats,
+                device,
+            )
         rows: dict[str, tuple[float, float]] = {}
         for what, measure in measurements.items():
             with console.status(f"r={rank}: {what}"):

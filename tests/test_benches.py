@@ -33,8 +33,10 @@ def run_bench(arguments: list[str], tmp_path: Path) -> str:
                 "1",
                 "--dense",
                 "off",
+                "--device",
+                "cpu",  # the accelerator rows' code path, on the CPU (a GPU session passes cuda)
             ],
-            "lora_spectra / floor",
+            "on cpu: one monitor check",
         ),
         (
             ["squeeze.py", "--layers", "1", "--rank", "32", "--dense", "off"],
