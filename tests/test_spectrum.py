@@ -79,6 +79,10 @@ def test_stacks_lists_ragged_ranks_and_top_k():
     assert torch.all(spectra.delta[0, 4:] == 0)
     assert_spectrum_close(spectra.A[1], torch.linalg.svdvals(ragged_A[1].double()))
     assert_spectrum_close(spectra.B[0, :4], torch.linalg.svdvals(ragged_B[0].double()))
+    # Only the deltas' values: the same ones, without the factors'.
+    deltas_only = lora_spectra(ragged_B, ragged_A, [1.0, -2.0], of_factors=False)
+    assert deltas_only.A is None and deltas_only.B is None
+    assert torch.allclose(deltas_only.delta, spectra.delta, rtol=1e-6, atol=1e-6 * float(spectra.delta.max()))
 
 
 def test_rank_deficient_and_zero_factors():
@@ -89,9 +93,14 @@ def test_rank_deficient_and_zero_factors():
     assert spectra.delta[0, 1:].abs().max() == 0  # exactly rank 1, not sqrt(eps) noise
     assert effective_rank(spectra.delta[0]).item() == pytest.approx(1.0)
     assert condition_number(collapsed_B).item() == math.inf
+    # Without the factors' eigenvalues the collapse is found from the Cholesky pivots: still exactly rank 1.
+    deltas_only = lora_spectra(collapsed_B, A, dtype=torch.float64, of_factors=False).delta
+    assert deltas_only[0, 1:].abs().max() == 0
+    assert torch.allclose(deltas_only, spectra.delta, rtol=1e-12)
 
     zero = lora_spectra(torch.zeros(40, 8), A)
     assert torch.all(zero.delta == 0)
+    assert torch.all(lora_spectra(torch.zeros(40, 8), A, of_factors=False).delta == 0)
     assert effective_rank(zero.delta[0]).item() == 0.0
     assert torch.isnan(energy_curve(zero.delta[0])).all()
     assert rank_for_energy(zero.delta[0], 0.9) == 0

@@ -284,7 +284,7 @@ def squeeze_model(
     ]
     if min_variance_retention is not None and chosen:
         live = [live_factors(r.module, r.adapter_name) for r in chosen]
-        spectra = lora_spectra([B for B, _ in live], [A for _, A in live]).delta
+        spectra = lora_spectra([B for B, _ in live], [A for _, A in live], of_factors=False).delta
         for record, spectrum in zip(chosen, spectra, strict=True):
             needed = rank_for_energy(spectrum, min_variance_retention)
             targets[record.name] = max(targets[record.name], needed)

@@ -29,12 +29,13 @@ class LoraSpectra:
     """Singular values of a batch of LoRA pairs, all from one pass over the factors.
 
     ``delta`` holds the singular values of ``s·B@A`` and ``A``/``B`` those of the factors, each ``(N, r)``
-    and descending. Zero-padded where a module's rank is below the batch's largest rank.
+    and descending. Zero-padded where a module's rank is below the batch's largest rank. ``A`` and ``B`` are
+    None when they were not asked for (``lora_spectra(..., of_factors=False)``).
     """
 
     delta: Tensor
-    A: Tensor
-    B: Tensor
+    A: Tensor | None
+    B: Tensor | None
 
 
 @dataclass
@@ -262,13 +263,19 @@ def _safe_inverse_sqrt(eigenvalues: Tensor) -> Tensor:
 
 
 def lora_spectra(
-    B: FactorInput, A: FactorInput, scale: ScaleInput = 1.0, *, dtype=torch.float32
+    B: FactorInput,
+    A: FactorInput,
+    scale: ScaleInput = 1.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    of_factors: bool = True,
 ) -> LoraSpectra:
     """Singular values of ``scale·B@A``, of ``A`` and of ``B`` for many LoRA pairs in one pass.
 
     ``B`` and ``A`` are a pair of matrices, stacks ``(N, m, r)``/``(N, r, n)``, or lists of matrices of any
     shapes and ranks (nothing is copied into a stack). Results are float64 on the factors' device,
-    ``(N, r_max)``, descending, zero-padded for pairs whose rank is below the largest.
+    ``(N, r_max)``, descending, zero-padded for pairs whose rank is below the largest. ``of_factors=False``
+    gives only the delta's (``A`` and ``B`` None): two eigenvalue problems per pair fewer.
     """
     Bs, As = _as_list(B), _as_list(A)
     _check_pairs(Bs, As)
@@ -279,18 +286,19 @@ def lora_spectra(
         return LoraSpectra(empty, empty, empty)
     device = Bs[0].device
     max_rank = max(A.shape[0] for A in As)
-    out = {
-        name: torch.zeros(len(Bs), max_rank, dtype=torch.float64, device=device) for name in ("d", "a", "b")
-    }
+    names = ("d", "a", "b") if of_factors else ("d",)
+    out = {name: torch.zeros(len(Bs), max_rank, dtype=torch.float64, device=device) for name in names}
     eps = torch.finfo(dtype).eps
     for rank, indices in _rank_groups(As).items():
-        delta, values_A, values_B = _singular_values(*_group_grams(Bs, As, indices, dtype), eps)
+        grams = _group_grams(Bs, As, indices, dtype)
+        delta, values_A, values_B = _singular_values(*grams, eps, of_factors=of_factors)
         index = torch.tensor(indices, device=device)
         group_scales = torch.tensor([abs(scales[i]) for i in indices], dtype=torch.float64, device=device)
         out["d"][index, :rank] = delta * group_scales.unsqueeze(-1)
-        out["a"][index, :rank] = values_A
-        out["b"][index, :rank] = values_B
-    return LoraSpectra(delta=out["d"], A=out["a"], B=out["b"])
+        if of_factors:
+            out["a"][index, :rank] = values_A
+            out["b"][index, :rank] = values_B
+    return LoraSpectra(delta=out["d"], A=out.get("a"), B=out.get("b"))
 
 
 def lora_step_spectra(

@@ -267,7 +267,11 @@ def _module_spectra(
                 pairs = [(module, A.to(device), B.to(device)) for module, A, B in pairs]
             result = _decomposed(
                 partial(
-                    lora_spectra, [B for *_, B in pairs], [A for _, A, _ in pairs], [m.scale for m in chunk]
+                    lora_spectra,
+                    [B for *_, B in pairs],
+                    [A for _, A, _ in pairs],
+                    [m.scale for m in chunk],
+                    of_factors=False,  # the table needs the deltas' values only
                 ),
                 lambda found: bool(torch.isfinite(found.delta).all()),
                 pairs,
