@@ -32,14 +32,14 @@ passed); rules that need a history wait for enough non-zero checks. The rules th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import _io as serialization
 from .history import MetricsHistory
 from .metrics import ModuleMetrics
-from .rules import RULES
+from .rules import RULES, Rule
 from .thresholds import AlertThresholds, Severity
 
 __all__ = ["Alert", "AlertMonitor", "AlertThresholds", "Severity", "check_alerts"]
@@ -86,20 +86,22 @@ def check_alerts(
     alerts = []
     for rule in RULES:
         hits = rule.find(metrics, history, limits, step)
-        if not hits:
-            continue
-        alerts.append(
-            Alert(
-                code=rule.code,
-                severity=rule.severity,
-                modules=tuple(name for name, _ in hits),
-                message=rule.describe(hits, records, limits, step),
-                action=rule.action,
-                step=step,
-                values=dict(hits),
-            )
-        )
+        if hits:
+            alerts.append(_alert(rule, hits, records, limits, step))
     return alerts
+
+
+def _alert(rule: Rule, hits: list[tuple[str, float]], records, limits: AlertThresholds, step) -> Alert:
+    """The alert of ``rule`` for ``hits`` (its message names those modules only)."""
+    return Alert(
+        code=rule.code,
+        severity=rule.severity,
+        modules=tuple(name for name, _ in hits),
+        message=rule.describe(hits, records, limits, step),
+        action=rule.action,
+        step=step,
+        values=dict(hits),
+    )
 
 
 class AlertMonitor:
@@ -117,15 +119,20 @@ class AlertMonitor:
     def update(
         self, metrics: Sequence[ModuleMetrics], history: MetricsHistory | None = None, step: int | None = None
     ) -> list[Alert]:
-        new_alerts = []
-        for alert in check_alerts(metrics, history, self.thresholds, step):
-            fresh = [name for name in alert.modules if (alert.code, alert.severity, name) not in self._raised]
-            if not fresh:
+        # Hits already raised are dropped before any message is written: a condition that persists (a
+        # saturated or dominant module) is found again at every check and described only the first time.
+        new_alerts, records = [], None
+        for rule in RULES:
+            hits = [
+                hit
+                for hit in rule.find(metrics, history, self.thresholds, step)
+                if (rule.code, rule.severity, hit[0]) not in self._raised
+            ]
+            if not hits:
                 continue
-            if len(fresh) != len(alert.modules):
-                alert = _restrict(alert, fresh, metrics, history, self.thresholds, step)
-            self._raised.update((alert.code, alert.severity, name) for name in fresh)
-            new_alerts.append(alert)
+            records = records or {record.name: record for record in metrics}
+            self._raised.update((rule.code, rule.severity, name) for name, _ in hits)
+            new_alerts.append(_alert(rule, hits, records, self.thresholds, step))
         self.alerts.extend(new_alerts)
         return new_alerts
 
@@ -137,24 +144,3 @@ class AlertMonitor:
             key = f"{alert.code}/{alert.severity.value}"
             counts[key] = counts.get(key, 0) + 1
         return counts
-
-
-def _restrict(
-    alert: Alert,
-    names: Iterable[str],
-    metrics: Sequence[ModuleMetrics],
-    history: MetricsHistory | None,
-    limits: AlertThresholds,
-    step: int | None,
-) -> Alert:
-    """The same alert limited to ``names``, with its message rewritten for them."""
-    keep = set(names)
-    rule = next(r for r in RULES if r.code == alert.code and r.severity == alert.severity)
-    hits = [(name, value) for name, value in alert.values.items() if name in keep]
-    records = {record.name: record for record in metrics}
-    return replace(
-        alert,
-        modules=tuple(name for name, _ in hits),
-        message=rule.describe(hits, records, limits, step),
-        values=dict(hits),
-    )

@@ -19,7 +19,7 @@ _Hit = tuple[str, float]  # (module name, triggering value)
 
 
 @dataclass(frozen=True)
-class _Rule:
+class Rule:
     code: str
     severity: Severity
     find: Callable[[Sequence[ModuleMetrics], MetricsHistory | None, AlertThresholds, int | None], list[_Hit]]
@@ -228,8 +228,8 @@ def _format(value: float) -> str:
     return "inf (rank-deficient)" if math.isinf(value) else f"{value:.3g}"
 
 
-RULES: tuple[_Rule, ...] = (
-    _Rule(
+RULES: tuple[Rule, ...] = (
+    Rule(
         "non_finite",
         Severity.CRITICAL,
         _non_finite,
@@ -237,7 +237,7 @@ RULES: tuple[_Rule, ...] = (
         "Training has diverged in these modules: lower the learning rate, enable gradient clipping "
         "(max_grad_norm) or check the data and precision (fp16 overflow); resume from an earlier checkpoint.",
     ),
-    _Rule(
+    Rule(
         "dead_adapter",
         Severity.CRITICAL,
         _dead,
@@ -246,7 +246,7 @@ RULES: tuple[_Rule, ...] = (
         "make sure they are in the optimizer's param groups (an optimizer built before get_peft_model "
         "misses them).",
     ),
-    _Rule(
+    Rule(
         "low_effective_rank",
         Severity.WARNING,
         _low_rank,
@@ -254,14 +254,14 @@ RULES: tuple[_Rule, ...] = (
         "Reduce the rank of these modules (e.g. `lora-monitor squeeze`), or adjust lora_alpha so that more "
         "directions are used.",
     ),
-    _Rule(
+    Rule(
         "ill_conditioned",
         Severity.WARNING,
         _ill_conditioned,
         _describe_ill_conditioned,
         "Reduce the learning rate (or add weight decay on the LoRA factors).",
     ),
-    _Rule(
+    Rule(
         "early_rank_collapse",
         Severity.WARNING,
         _early_collapse,
@@ -269,14 +269,14 @@ RULES: tuple[_Rule, ...] = (
         "Try a different initialization (e.g. PiSSA/OLoRA), a lower lora_alpha or learning rate, or a longer "
         "warmup.",
     ),
-    _Rule(
+    Rule(
         "rank_saturated",
         Severity.INFO,
         _saturated,
         _describe_saturated,
         "Consider stopping: the task may be learned, or the adapter cannot use more directions.",
     ),
-    _Rule(
+    Rule(
         "adapter_dominance",
         Severity.CRITICAL,
         _dominance("dominance_critical", None),
@@ -284,21 +284,21 @@ RULES: tuple[_Rule, ...] = (
         "Lower lora_alpha or the learning rate, or stop earlier: the adapter is overwriting what the base "
         "model knows.",
     ),
-    _Rule(
+    Rule(
         "adapter_dominance",
         Severity.WARNING,
         _dominance("dominance_warning", "dominance_critical"),
         _describe_dominance,
         "Watch the evaluation loss for forgetting; consider a lower lora_alpha or learning rate.",
     ),
-    _Rule(
+    Rule(
         "update_scale_too_large",
         Severity.WARNING,
         _scale_high,
         _describe_scale_high,
         "Lower lora_alpha (the update is scaled by alpha/r) or the learning rate.",
     ),
-    _Rule(
+    Rule(
         "update_scale_too_small",
         Severity.INFO,
         _scale_low,
