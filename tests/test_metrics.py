@@ -247,6 +247,41 @@ def test_history_trend_saturation_and_volatility(model):
     assert zero.dynamics(name).trend is None and zero.dynamics(name).checks == 0
 
 
+def _brute_force_saturated_since(values: list[float], steps: list[int], tolerance: float, checks: int):
+    """The definition, read literally: the earliest start of an unchanged run ending at the latest check."""
+    for start in range(len(values)):
+        window = values[start:]
+        if max(window) - min(window) <= tolerance * max(abs(v) for v in window):
+            return steps[start] if len(window) >= checks else None
+    return None
+
+
+def test_saturation_follows_its_definition_at_every_check(model):
+    """Plateaus that form, drift out of tolerance and form again, asked at every check (as a monitor every
+    step does) and with a check replaced at the same step: the incremental run agrees with the definition."""
+    template = compute_module_metrics(find_lora_modules(model)[:1])[0]
+    generator = torch.Generator().manual_seed(3)
+    history = MetricsHistory(saturation_checks=4, saturation_tolerance=0.02)
+    values, steps = [], []
+    level = 5.0
+    for step in range(1, 301):
+        if step % 37 == 0:
+            level *= 1.1  # a jump breaks the plateau
+        level *= 1 + 0.004 * float(torch.randn((), generator=generator))  # drift, sometimes out of 2%
+        history.add(step, [_series_record(template, level)])
+        values.append(level)
+        steps.append(step)
+        expected = _brute_force_saturated_since(values, steps, 0.02, 4)
+        assert history.saturated_since(template.name) == expected, step
+        if step % 50 == 0:  # the same step checked again with another value replaces the first
+            values[-1] = level * 1.5
+            history.add(step, [_series_record(template, values[-1])])
+            assert history.saturated_since(template.name) == _brute_force_saturated_since(
+                values, steps, 0.02, 4
+            )
+    assert any(_brute_force_saturated_since(values[:n], steps[:n], 0.02, 4) for n in range(4, 300))
+
+
 def test_a_resized_module_starts_its_dynamics_over(model):
     """After a resize (In-Squeeze, rank 16 → 8) its utilization jumps; only the rank-8 checks count."""
     template = compute_module_metrics(find_lora_modules(model)[:1])[0]

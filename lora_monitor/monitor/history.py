@@ -9,6 +9,7 @@ zero or non-finite ΔW carry no trend and are skipped; a module resized during t
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,24 +42,54 @@ class ModuleDynamics:
     kappa_B_volatility: float | None
     gradient_effective_rank: float | None
 
-    def to_dict(self) -> dict[str, Any]:
-        return serialization.json_safe(serialization.plain_fields(self))
+    def to_dict(self, *, json_safe: bool = True) -> dict[str, Any]:
+        record = serialization.plain_fields(self)
+        return serialization.json_safe(record) if json_safe else record
 
 
-@dataclass
 class _Run:
-    """The longest run of unchanged values ending at the latest point: ``values[start:length]``, with the
-    lowest, highest and largest absolute value in it (``finite`` False when the latest value is not)."""
+    """The longest run of unchanged values ending at the latest point seen: ``values[start:length]``.
 
-    length: int
-    start: int
-    low: float
-    high: float
-    largest: float
-    finite: bool
+    Unchanged means a spread ``max − min`` of at most ``tolerance × max |value|``. For positive values
+    (effective ranks) a window that is not unchanged stays so when it grows, so the run's start only moves
+    forward: each point is added once and the window's lowest and highest values are kept in monotonic
+    queues, at a constant cost per point however long the run (walking back over the run at each point
+    that breaks it cost a check more the longer a plateau lasted).
+    """
 
-    def fits(self, tolerance: float) -> bool:
-        return self.finite and (self.high - self.low) <= tolerance * self.largest
+    def __init__(self, tolerance: float) -> None:
+        self.tolerance = tolerance
+        self.start = self.length = 0
+        self.finite = False
+        self._lows: deque[tuple[int, float]] = deque()  # values increasing from the front
+        self._highs: deque[tuple[int, float]] = deque()  # values decreasing from the front
+
+    def add(self, value: float) -> None:
+        """Extend the run with the next point's value."""
+        index, self.length = self.length, self.length + 1
+        if not math.isfinite(value):  # nothing runs through a non-finite value
+            self.start, self.finite = index, False
+            self._lows.clear()
+            self._highs.clear()
+            return
+        if not self.finite:
+            self.start, self.finite = index, True
+        while self._lows and self._lows[-1][1] >= value:
+            self._lows.pop()
+        self._lows.append((index, value))
+        while self._highs and self._highs[-1][1] <= value:
+            self._highs.pop()
+        self._highs.append((index, value))
+        while not self._fits():
+            self.start += 1
+            if self._lows[0][0] < self.start:
+                self._lows.popleft()
+            if self._highs[0][0] < self.start:
+                self._highs.popleft()
+
+    def _fits(self) -> bool:
+        low, high = self._lows[0][1], self._highs[0][1]
+        return high - low <= self.tolerance * max(abs(low), abs(high))
 
 
 @dataclass
@@ -189,7 +220,14 @@ class MetricsHistory:
     def trend(self, name: str) -> tuple[str | None, float | None]:
         """Trend of rank utilization over the last ``window`` non-zero checks at the current rank, and its
         relative change."""
-        points = self.current_series(name, "rank_utilization", last=self.window)
+        return self._trend(self._recent(name))
+
+    def _recent(self, name: str) -> list[tuple[int, ModuleMetrics]]:
+        """The last ``window`` usable checks at the module's current rank: what trend and volatility read."""
+        return self._track(name).current.points[-self.window :]
+
+    def _trend(self, recent: Sequence[tuple[int, ModuleMetrics]]) -> tuple[str | None, float | None]:
+        points = [(step, record.rank_utilization) for step, record in recent]
         if len(points) < 2:
             return None, None
         change = _fitted_relative_change(points)
@@ -217,26 +255,10 @@ class MetricsHistory:
         if not points or len(points) < checks:
             return None
         run = series.runs.get(tolerance)
-        if run is None or run.length > len(points):
-            run = _run_ending_at(points, len(points) - 1, tolerance)
-        # Effective ranks are positive, so a window that is not unchanged stays so when a point is added:
-        # the run ending at a new point starts where the previous run started, or later.
-        for index in range(run.length, len(points)):
-            value = points[index][1].effective_rank
-            if run.finite and math.isfinite(value):
-                extended = _Run(
-                    index + 1,
-                    run.start,
-                    min(run.low, value),
-                    max(run.high, value),
-                    max(run.largest, abs(value)),
-                    True,
-                )
-                if extended.fits(tolerance):
-                    run = extended
-                    continue
-            run = _run_ending_at(points, index, tolerance)
-        series.runs[tolerance] = run
+        if run is None or run.length > len(points):  # new, or the points were rebuilt
+            run = series.runs[tolerance] = _Run(tolerance)
+        for _, record in points[run.length :]:
+            run.add(record.effective_rank)
         if len(points) - run.start < checks:
             return None
         return points[run.start][0]
@@ -264,20 +286,13 @@ class MetricsHistory:
     def kappa_volatility(self, name: str, factor: str) -> float | None:
         """Standard deviation of ``log10 κ`` of factor ``"A"`` or ``"B"`` over the last ``window`` checks at
         the current rank (None without two finite values)."""
-        values = [
-            math.log10(value)
-            for _, value in self.current_series(name, f"kappa_{factor}", last=self.window)
-            if math.isfinite(value) and value > 0
-        ]
-        if len(values) < 2:
-            return None
-        mean = sum(values) / len(values)  # statistics.pstdev is exact but 20× slower, at every check
-        return math.sqrt(sum((value - mean) ** 2 for value in values) / len(values))
+        return _log10_spread([getattr(record, f"kappa_{factor}") for _, record in self._recent(name)])
 
     def dynamics(self, name: str) -> ModuleDynamics:
         """Everything :class:`ModuleDynamics` holds for module ``name``."""
         track = self._track(name)
-        trend, change = self.trend(name)
+        recent = self._recent(name)  # read once for the trend and both volatilities
+        trend, change = self._trend(recent)
         since = self.saturated_since(name)
         latest = self.records.get(name, [])
         gradient_rank = latest[-1][1].gradient_effective_rank if latest else None
@@ -288,8 +303,8 @@ class MetricsHistory:
             rank_utilization_change=change,
             saturated_since=since,
             steps_to_saturation=None if since is None else since - track.first_usable_step,
-            kappa_A_volatility=self.kappa_volatility(name, "A"),
-            kappa_B_volatility=self.kappa_volatility(name, "B"),
+            kappa_A_volatility=_log10_spread([record.kappa_A for _, record in recent]),
+            kappa_B_volatility=_log10_spread([record.kappa_B for _, record in recent]),
             gradient_effective_rank=gradient_rank,
         )
 
@@ -297,26 +312,13 @@ class MetricsHistory:
         return [self.dynamics(name) for name in self.records]
 
 
-def _run_ending_at(points: Sequence[tuple[int, ModuleMetrics]], end: int, tolerance: float) -> _Run:
-    """The longest run of unchanged effective ranks ending at ``points[end]``, found walking back."""
-    value = points[end][1].effective_rank
-    run = _Run(end + 1, end, value, value, abs(value), math.isfinite(value))
-    while run.finite and run.start > 0:
-        earlier = points[run.start - 1][1].effective_rank
-        if not math.isfinite(earlier):
-            break
-        wider = _Run(
-            end + 1,
-            run.start - 1,
-            min(run.low, earlier),
-            max(run.high, earlier),
-            max(run.largest, abs(earlier)),
-            True,
-        )
-        if not wider.fits(tolerance):
-            break
-        run = wider
-    return run
+def _log10_spread(values: Sequence[float | None]) -> float | None:
+    """Standard deviation of ``log10`` of the finite positive values (None with fewer than two)."""
+    logs = [math.log10(value) for value in values if value is not None and math.isfinite(value) and value > 0]
+    if len(logs) < 2:
+        return None
+    mean = sum(logs) / len(logs)  # statistics.pstdev is exact but 20× slower, at every check
+    return math.sqrt(sum((value - mean) ** 2 for value in logs) / len(logs))
 
 
 def _fitted_relative_change(points: Sequence[tuple[int, float]]) -> float | None:

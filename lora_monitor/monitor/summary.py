@@ -8,6 +8,7 @@ grouping of :func:`lora_monitor.adapters.module_block`; :class:`AdapterSummary` 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,15 +50,13 @@ class GroupSummary:
     metrics: dict[str, MetricSummary]
     num_non_finite: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, json_safe: bool = True) -> dict[str, Any]:
+        metrics = {key: serialization.plain_fields(value) for key, value in self.metrics.items()}
         return {
             "num_modules": self.num_modules,
             "num_zero": self.num_zero,
             "num_non_finite": self.num_non_finite,
-            "metrics": {
-                key: serialization.json_safe(serialization.plain_fields(value))
-                for key, value in self.metrics.items()
-            },
+            "metrics": serialization.json_safe(metrics) if json_safe else metrics,
         }
 
 
@@ -85,11 +84,14 @@ class AdapterSummary:
             scalars.update(_group_scalars(group, f"{prefix}{block}/", PER_BLOCK_SCALARS))
         return scalars
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, json_safe: bool = True) -> dict[str, Any]:
+        """Strict-JSON ready (an infinite worst κ is null), unless ``json_safe=False``."""
         return {
-            "overall": self.overall.to_dict(),
-            "by_block": {key: value.to_dict() for key, value in self.by_block.items()},
-            "by_layer": {str(key): value.to_dict() for key, value in self.by_layer.items()},
+            "overall": self.overall.to_dict(json_safe=json_safe),
+            "by_block": {key: value.to_dict(json_safe=json_safe) for key, value in self.by_block.items()},
+            "by_layer": {
+                str(key): value.to_dict(json_safe=json_safe) for key, value in self.by_layer.items()
+            },
         }
 
 
@@ -106,28 +108,46 @@ def _group_scalars(group: GroupSummary, prefix: str, only: Sequence[str] | None 
     return scalars
 
 
-def _summarize_metric(metrics: Sequence[ModuleMetrics], metric: str) -> MetricSummary:
-    values = []
-    for record in metrics:
-        value = getattr(record, metric)
-        if record.is_zero or record.non_finite or value is None or math.isnan(value):
-            continue
-        values.append((value, record.name))
+# A module's values of every summarized metric, read in one call (a check summarizes each module three
+# times, overall, in its block and in its layer: attribute reads per metric showed at every-step checks).
+_METRIC_VALUES = operator.attrgetter(*SUMMARIZED_METRICS)
+_FIRST = operator.itemgetter(0)
+
+
+def _summarize_metric(values: Sequence[tuple[float, str]], metric: str) -> MetricSummary:
+    """Mean (of the finite values) and worst of one metric's defined ``(value, module)`` pairs."""
     if not values:
         return MetricSummary(None, None, None, 0)
     finite = [value for value, _ in values if math.isfinite(value)]
     mean = sum(finite) / len(finite) if finite else None
     pick = min if metric in LOWER_IS_WORSE else max
-    worst, worst_module = pick(values, key=lambda item: item[0])
+    worst, worst_module = pick(values, key=_FIRST)
     return MetricSummary(mean, worst, worst_module, len(values))
 
 
-def _group(metrics: Sequence[ModuleMetrics]) -> GroupSummary:
+def _group(rows: Sequence[tuple[ModuleMetrics, tuple]]) -> GroupSummary:
+    """The summary of one group from its ``(record, metric values)`` rows."""
+    usable = [
+        (record.name, values) for record, values in rows if not record.is_zero and not record.non_finite
+    ]
+    names = [name for name, _ in usable]
+    columns = (
+        zip(*(values for _, values in usable), strict=True) if usable else [()] * len(SUMMARIZED_METRICS)
+    )
+    metrics = {}
+    for metric, column in zip(SUMMARIZED_METRICS, columns, strict=True):
+        # `value == value` is False for NaN only: undefined values are left out
+        defined = [
+            (value, name)
+            for value, name in zip(column, names, strict=True)
+            if value is not None and value == value
+        ]
+        metrics[metric] = _summarize_metric(defined, metric)
     return GroupSummary(
-        num_modules=len(metrics),
-        num_zero=sum(record.is_zero for record in metrics),
-        num_non_finite=sum(record.non_finite for record in metrics),
-        metrics={metric: _summarize_metric(metrics, metric) for metric in SUMMARIZED_METRICS},
+        num_modules=len(rows),
+        num_zero=sum(record.is_zero for record, _ in rows),
+        num_non_finite=sum(record.non_finite for record, _ in rows),
+        metrics=metrics,
     )
 
 
@@ -137,14 +157,15 @@ def summarize(metrics: Sequence[ModuleMetrics]) -> AdapterSummary:
     Zero modules and undefined values are left out of means and worsts; the mean of a condition number
     is over the finite ones (the worst may be ``inf``).
     """
-    by_block: dict[str, list[ModuleMetrics]] = {}
-    by_layer: dict[int, list[ModuleMetrics]] = {}
-    for record in metrics:
-        by_block.setdefault(record.block, []).append(record)
-        if record.layer_index is not None:
-            by_layer.setdefault(record.layer_index, []).append(record)
+    rows = [(record, _METRIC_VALUES(record)) for record in metrics]
+    by_block: dict[str, list[tuple[ModuleMetrics, tuple]]] = {}
+    by_layer: dict[int, list[tuple[ModuleMetrics, tuple]]] = {}
+    for row in rows:
+        by_block.setdefault(row[0].block, []).append(row)
+        if row[0].layer_index is not None:
+            by_layer.setdefault(row[0].layer_index, []).append(row)
     return AdapterSummary(
-        overall=_group(metrics),
+        overall=_group(rows),
         by_block={key: _group(value) for key, value in sorted(by_block.items())},
         by_layer={key: _group(value) for key, value in sorted(by_layer.items())},
     )
