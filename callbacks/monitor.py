@@ -112,7 +112,9 @@ class SpectralMonitorCallback(TrainerCallback):
         if state.is_world_process_zero:
             if self.jsonl_name:
                 self._guarded(
-                    append_json_line, Path(args.output_dir or ".") / self.jsonl_name, record.to_dict()
+                    append_json_line,
+                    Path(args.output_dir or ".") / self.jsonl_name,
+                    record.to_dict(json_safe=False),  # the writer makes it strict, only if it must
                 )
             for alert in record.new_alerts if self.log_alerts else ():
                 logger.log(logging.getLevelName(alert.severity.name), "step %d: %s", record.step, alert)

@@ -56,7 +56,10 @@ def _safe_item(item: Any) -> Any:
 def plain_fields(instance: Any) -> dict[str, Any]:
     """A flat dataclass's fields as a dict: ``dataclasses.asdict`` without its deep copy, which costs ten
     times more and shows at a monitor check every step."""
-    return {name: getattr(instance, name) for name in _field_names(type(instance))}
+    names, values = _field_names(type(instance)), vars(instance)
+    if len(values) == len(names):  # only the fields, set by __init__ in their order: copied in one call
+        return dict(values)
+    return {name: getattr(instance, name) for name in names}
 
 
 @functools.cache
@@ -70,11 +73,15 @@ def json_number(value: float) -> int | float:
 
 
 def dumps(document: Any, *, indent: int | None = 2, sort_keys: bool = False) -> str:
-    """Strict JSON text (non-finite numbers become null) ending in a newline."""
-    try:  # most documents are clean already (to_dict made them so): one pass, not two
-        text = json.dumps(document, indent=indent, sort_keys=sort_keys, allow_nan=False)
+    """Strict JSON text (non-finite numbers become null) ending in a newline; one line without spaces
+    when ``indent`` is None (a JSONL line, written at every monitor check)."""
+    options = {"indent": indent, "sort_keys": sort_keys, "allow_nan": False}
+    if indent is None:
+        options["separators"] = (",", ":")
+    try:  # most documents are clean already: one pass, not two
+        text = json.dumps(document, **options)
     except ValueError:
-        text = json.dumps(json_safe(document), indent=indent, sort_keys=sort_keys, allow_nan=False)
+        text = json.dumps(json_safe(document), **options)
     return text + "\n"
 
 

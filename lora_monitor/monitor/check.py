@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from .. import _io
 from .._distributed import gather_objects, my_share
-from .._io import json_safe
 from ..adapters import LiveModules, LoraModule, factor_parameters
 from ..errors import check_number
 from .alerts import Alert, AlertMonitor, AlertThresholds
@@ -56,17 +56,20 @@ class MonitorRecord:
     scalars: dict[str, float]
     local_module_count: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, json_safe: bool = True) -> dict[str, Any]:
         """The JSONL line: ``step``, ``epoch``, ``summary``, ``scalars``, ``alerts`` (the new ones),
-        ``dynamics`` and ``modules``, strict-JSON ready (NaN and ±inf are null)."""
+        ``dynamics`` and ``modules``, strict-JSON ready (NaN and ±inf are null). ``json_safe=False`` leaves
+        non-finite floats as they are, for a writer that replaces them itself when there are any
+        (:func:`lora_monitor._io.dumps`: at most checks there are none, and the pass is saved)."""
+        scalars = _io.json_safe(self.scalars) if json_safe else dict(self.scalars)
         return {
             "step": self.step,
             "epoch": self.epoch,
-            "summary": self.summary.to_dict(),
-            "scalars": json_safe(self.scalars),
+            "summary": self.summary.to_dict(json_safe=json_safe),
+            "scalars": scalars,
             "alerts": [alert.to_dict() for alert in self.new_alerts],
-            "dynamics": [d.to_dict() for d in self.dynamics],
-            "modules": [m.to_dict(json_safe=True) for m in self.metrics],
+            "dynamics": [d.to_dict(json_safe=json_safe) for d in self.dynamics],
+            "modules": [m.to_dict(json_safe=json_safe) for m in self.metrics],
         }
 
 
