@@ -261,7 +261,8 @@ class LiveModules:
 
     def forget(self) -> None:
         """Walk the model again at the next call."""
-        self._model: torch.nn.Module | None = None
+        self._source: torch.nn.Module | None = None  # what the caller passed (maybe a DDP wrapper)
+        self._model: torch.nn.Module | None = None  # the model behind it
         self._key: tuple | None = None
         self._records: list[LoraModule] = []
         self._layout: list[tuple] = []
@@ -270,7 +271,10 @@ class LiveModules:
     def __call__(self, source: Any, adapter_name: str | None = None) -> list[LoraModule]:
         if not isinstance(source, torch.nn.Module):
             return lora_modules(source, adapter_name)
-        model = unwrap_model(source)
+        # The same wrapper holds the same model: unwrapping costs failed attribute lookups through PEFT's
+        # __getattr__ chain, twice a step under every_n_steps=1.
+        model = self._model if source is self._source else unwrap_model(source)
+        self._source = source
         key = (adapter_name, getattr(model, "active_adapter", None))
         if model is not self._model or key != self._key or _layout(self._records) != self._layout:
             records = find_lora_modules(model, adapter_name)
