@@ -40,6 +40,10 @@ def train(tmp_path, dataset, monitor, steps=4, model=None, extra_callbacks=(), *
     return trainer
 
 
+def _refuse_constant(token: str):
+    raise AssertionError(f"{token} in a JSONL line: not strict JSON")
+
+
 def test_trainer_reports_metrics_to_log_history_integrations_and_jsonl(tmp_path, lm_dataset, caplog):
     recorder = RecordingCallback()
     monitor = SpectralMonitorCallback(every_n_steps=2, thresholds={"dominance_warning": 0.2})
@@ -76,8 +80,11 @@ def test_trainer_reports_metrics_to_log_history_integrations_and_jsonl(tmp_path,
         sum(m.effective_rank for m in final.values()) / len(final)
     )
 
-    lines = [json.loads(line) for line in (tmp_path / "lora_monitor.jsonl").read_text().splitlines()]
+    # Strict JSON: NaN/Infinity tokens are refused. The step-0 line has only zero modules (NaN ranks: null).
+    text = (tmp_path / "lora_monitor.jsonl").read_text()
+    lines = [json.loads(line, parse_constant=_refuse_constant) for line in text.splitlines()]
     assert [line["step"] for line in lines] == [0, 2, 4]
+    assert all(record["effective_rank"] is None for record in lines[0]["modules"])
     modules = [ModuleMetrics.from_dict(record) for record in lines[-1]["modules"]]
     assert [m.name for m in modules] == [m.name for m in monitor.latest]
     assert modules[0].kappa_A == pytest.approx(monitor.latest[0].kappa_A)
