@@ -153,6 +153,16 @@ def test_lora_step_spectra_match_the_dense_first_order_change():
     assert_spectrum_close(rough[0, :12], spectra[0], rtol=1e-4)
 
 
+def test_lora_step_spectra_refuse_gradients_not_shaped_like_their_factors():
+    B, A = torch.randn(8, 2), torch.randn(2, 6)
+    with pytest.raises(
+        ValueError, match=r"pair 1: gradients \(7, 2\) and \(2, 6\) are not shaped like B \(8, 2\)"
+    ):
+        lora_step_spectra([B, torch.randn(7, 2)], [B, B], [A, A], [A, A])
+    with pytest.raises(ValueError, match="got 2 ∇B, 2 B, 1 A and 2 ∇A"):
+        lora_step_spectra([B, B], [B, B], [A], [A, A])
+
+
 def test_truncate_many_gives_each_pair_its_own_best_rank_k_approximation():
     generator = torch.Generator().manual_seed(5)
     # Mixed shapes, ranks (two groups) and targets, a zero B (PEFT's initialisation), and k above the rank.

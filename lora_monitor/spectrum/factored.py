@@ -320,35 +320,55 @@ def lora_step_spectra(
     ``(N, 2·r_max)``, descending, zero-padded.
     """
     grads_B, Bs, As, grads_A = list(grad_B), list(B), list(A), list(grad_A)
-    _check_pairs(Bs, As)
-    _check_pairs(grads_B, As)
-    _check_pairs(Bs, grads_A)
+    _check_steps(grads_B, Bs, As, grads_A)
     scales = _as_scales(scale, len(Bs))
     dtype = _compute_dtype(dtype)
     device = Bs[0].device if Bs else torch.device("cpu")
-    max_rank = max((a.shape[0] for a in As), default=0)
+    groups = _rank_groups(As)
+    max_rank = max(groups, default=0)
     out = torch.zeros(len(Bs), 2 * max_rank, dtype=torch.float64, device=device)
     eps = torch.finfo(dtype).eps
-    for rank, indices in _rank_groups(As).items():
+    for rank, indices in groups.items():
         left = torch.empty(len(indices), 2 * rank, 2 * rank, dtype=dtype, device=device)
         right = torch.empty_like(left)
         with torch.no_grad():
-            for position, i in enumerate(indices):
-                _block_gram(left[position], _as_dtype(grads_B[i], dtype), _as_dtype(Bs[i], dtype), rows=False)
-                _block_gram(right[position], _as_dtype(As[i], dtype), _as_dtype(grads_A[i], dtype), rows=True)
+            # unbind: every slot's view in one call (indexing the stack per module costs a call each)
+            for i, left_slot, right_slot in zip(indices, left.unbind(0), right.unbind(0), strict=True):
+                _block_gram(left_slot, _as_dtype(grads_B[i], dtype), _as_dtype(Bs[i], dtype), rows=False)
+                _block_gram(right_slot, _as_dtype(As[i], dtype), _as_dtype(grads_A[i], dtype), rows=True)
         # The 2r×2r stage stays in the compute dtype: the Gram matrices hold its rounding already, and an
         # effective rank needs no more (float64 here cost a third more per step of a monitor every step).
         # ‖∇B‖² and ‖B‖² are the traces of the diagonal blocks: the balancing needs no other pass.
-        norms = torch.stack([left[:, :rank, :rank], left[:, rank:, rank:]], 1).diagonal(dim1=-2, dim2=-1)
-        norms = norms.sum(-1).sqrt()
-        norms = torch.where((norms > 0) & torch.isfinite(norms), norms, torch.ones_like(norms))
-        balance = torch.cat([norms[:, :1].expand(-1, rank), norms[:, 1:].expand(-1, rank)], 1)
-        left = left / (balance.unsqueeze(-1) * balance.unsqueeze(-2))
-        right = right * (balance.unsqueeze(-1) * balance.unsqueeze(-2))
-        delta, _, _ = _singular_values(left, right, eps, of_factors=False)
+        norms = left.diagonal(dim1=-2, dim2=-1).reshape(len(indices), 2, rank).sum(-1).sqrt()
+        norms = torch.where((norms > 0) & torch.isfinite(norms), norms, 1.0)
+        balance = norms.repeat_interleave(rank, dim=1)
+        balance = balance.unsqueeze(-1) * balance.unsqueeze(-2)
+        delta, _, _ = _singular_values(left.div_(balance), right.mul_(balance), eps, of_factors=False)
         group_scales = torch.tensor([abs(scales[i]) for i in indices], dtype=torch.float64, device=device)
-        out[torch.tensor(indices, device=device), : 2 * rank] = delta * group_scales.unsqueeze(-1)
+        delta = delta * group_scales.unsqueeze(-1)
+        if len(indices) == len(Bs):  # one rank group (the usual case): the rows are in order already
+            out[:, : 2 * rank] = delta
+        else:
+            out[torch.tensor(indices, device=device), : 2 * rank] = delta
     return out
+
+
+def _check_steps(grads_B: list[Tensor], Bs: list[Tensor], As: list[Tensor], grads_A: list[Tensor]) -> None:
+    """Every ``(∇B, B, A, ∇A)`` is a LoRA pair with its gradients shaped like it; one pass (per step)."""
+    if not len(grads_B) == len(Bs) == len(As) == len(grads_A):
+        raise ValueError(
+            f"got {len(grads_B)} ∇B, {len(Bs)} B, {len(As)} A and {len(grads_A)} ∇A: one of each per pair"
+        )
+    for index, (grad_B, B, A, grad_A) in enumerate(zip(grads_B, Bs, As, grads_A, strict=True)):
+        if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"pair {index}: B {tuple(B.shape)} and A {tuple(A.shape)} are not an (m×r, r×n) LoRA pair"
+            )
+        if grad_B.shape != B.shape or grad_A.shape != A.shape:
+            raise ValueError(
+                f"pair {index}: gradients {tuple(grad_B.shape)} and {tuple(grad_A.shape)} are not shaped like "
+                f"B {tuple(B.shape)} and A {tuple(A.shape)}"
+            )
 
 
 # Below this many elements per factor, joining the two factors and taking one product is faster than the
