@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from .errors import LoraMonitorError
 
 # The files a run writes into the Trainer's output_dir.
@@ -75,6 +77,13 @@ def json_number(value: float) -> int | float:
 def dumps(document: Any, *, indent: int | None = 2, sort_keys: bool = False) -> str:
     """Strict JSON text (non-finite numbers become null) ending in a newline; one line without spaces
     when ``indent`` is None (a JSONL line, written at every monitor check)."""
+    if indent is None:
+        # orjson writes non-finite floats as null itself and formats floats ~15× faster than the standard
+        # library (a monitor line holds ~1,500 of them: 0.5 ms of every check at every_n_steps=1). A value
+        # it does not take (an int beyond 64 bits, a custom type) goes the standard way below.
+        options = _JSONL_OPTIONS | (orjson.OPT_SORT_KEYS if sort_keys else 0)
+        with contextlib.suppress(TypeError):
+            return orjson.dumps(document, option=options).decode()
     options = {"indent": indent, "sort_keys": sort_keys, "allow_nan": False}
     if indent is None:
         options["separators"] = (",", ":")
@@ -83,6 +92,9 @@ def dumps(document: Any, *, indent: int | None = 2, sort_keys: bool = False) -> 
     except ValueError:
         text = json.dumps(json_safe(document), **options)
     return text + "\n"
+
+
+_JSONL_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
 
 def _staging_prefix(target: Path) -> str:

@@ -7,12 +7,14 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _squeeze_helpers import offline_wandb_history_keys, offline_wandb_summary
 from tiny_models import SENTENCES, peft_llama, training_args
 from transformers import Trainer, TrainerCallback
 
+from lora_monitor import _io
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.callbacks.monitor import SpectralMonitorCallback
 from lora_monitor.monitor.metrics import ModuleMetrics, compute_module_metrics
@@ -42,6 +44,26 @@ def train(tmp_path, dataset, monitor, steps=4, model=None, extra_callbacks=(), *
 
 def _refuse_constant(token: str):
     raise AssertionError(f"{token} in a JSONL line: not strict JSON")
+
+
+def test_a_jsonl_line_is_strict_json_with_the_values_the_standard_library_reads():
+    # The JSONL writer goes through orjson; what it does not take (an int beyond 64 bits) through json.
+    document = {
+        "step": 3,
+        "values": [1e-05, -0.0, 0.1, 1e300, 5e-324, math.nan, -math.inf, math.inf],
+        "numpy": [np.float64(0.25), np.float32(2.5), np.int64(7)],
+        "by_layer": {0: {"x": math.nan}, 1: {"x": 2.0}},
+        "names": ("a", "b"),
+        "empty": None,
+    }
+    expected = json.loads(json.dumps(_io.json_safe({**document, "numpy": [0.25, 2.5, 7]}), allow_nan=False))
+    fast = _io.dumps(document, indent=None)
+    assert fast.endswith("}\n") and fast.count("\n") == 1
+    assert json.loads(fast, parse_constant=_refuse_constant) == expected
+    huge = {**document, "numpy": [0.25, 2.5, 7], "huge": 2**70}
+    slow = _io.dumps(huge, indent=None)  # orjson refuses the int: the standard path, same rules
+    assert json.loads(slow, parse_constant=_refuse_constant) == {**expected, "huge": 2**70}
+    assert list(json.loads(_io.dumps({"b": 1, "a": 2}, indent=None, sort_keys=True))) == ["a", "b"]
 
 
 def test_trainer_reports_metrics_to_log_history_integrations_and_jsonl(tmp_path, lm_dataset, caplog):
