@@ -83,8 +83,13 @@ def set_kept_rank(module: LoraLayer, adapter_name: str, rank: int | None) -> Non
     setattr(module, KEPT_RANK_ATTRIBUTE, kept)
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def is_sharded(tensor: torch.Tensor) -> bool:
     """True for a DTensor (FSDP2 shards every parameter into one): each process holds only a part."""
+    if type(tensor) in _PLAIN_TENSOR_TYPES:  # the answer for nearly every call, without the import below
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)

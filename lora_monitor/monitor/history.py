@@ -125,7 +125,10 @@ class _Track:
     @property
     def current(self) -> _RankSeries:
         """The series at the module's latest nominal rank."""
-        return self.by_rank.setdefault(self.rank, _RankSeries())
+        series = self.by_rank.get(self.rank)
+        if series is None:  # not setdefault: that builds a new (discarded) series at every read
+            series = self.by_rank[self.rank] = _RankSeries()
+        return series
 
     def add(self, step: int, record: ModuleMetrics) -> None:
         self.rank = record.nominal_rank
