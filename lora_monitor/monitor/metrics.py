@@ -261,23 +261,18 @@ def _summaries(modules, factors, dtype) -> dict[str, dict[str, float]]:
     delta, values_A, values_B = spectra.delta, spectra.A, spectra.B  # (N, r_max), descending, zero-padded
     ranks = torch.tensor([module.rank for module in modules], device=delta.device)
     within_rank = torch.arange(delta.shape[1], device=delta.device) < ranks.unsqueeze(1)
-    table = torch.stack(
+    # The three spectra in one stack: each summary of all three is one call (fewer calls per check).
+    spectra_stack = torch.stack([delta, values_A, values_B])  # (3, N, r_max)
+    table = torch.cat(
         [
-            delta[:, 0],
-            delta.square().sum(-1).sqrt(),
-            effective_rank(delta),
-            effective_rank(values_A),
-            effective_rank(values_B),
-            stable_rank(delta),
-            condition_number_from_singular_values(values_A, within_rank),
-            condition_number_from_singular_values(values_B, within_rank),
-            (delta > 0).sum(-1).double(),
-            (values_A > 0).sum(-1).double(),
-            (values_B > 0).sum(-1).double(),
-        ],
-        dim=1,
-    )
-    finite = torch.isfinite(delta).all(1) & torch.isfinite(values_A).all(1) & torch.isfinite(values_B).all(1)
+            torch.stack([delta[:, 0], delta.square().sum(-1).sqrt()]),
+            effective_rank(spectra_stack),  # of ΔW, A and B
+            stable_rank(delta).unsqueeze(0),
+            condition_number_from_singular_values(spectra_stack[1:], within_rank),  # of A and B
+            (spectra_stack > 0).sum(-1).double(),  # numerical ranks of ΔW, A and B
+        ]
+    ).T  # (N, len(_SUMMARY)), in _SUMMARY's order
+    finite = torch.isfinite(spectra_stack).all(-1).all(0)
     return {
         module.name: dict(zip(_SUMMARY, row, strict=True))
         for module, row, ok in zip(modules, table.cpu().tolist(), finite.cpu().tolist(), strict=True)

@@ -181,7 +181,7 @@ def _cores(gram_B: Tensor, gram_A: Tensor, eps: float, *, exact_small: bool = Tr
 
 
 def _group_grams(
-    Bs: list[Tensor], As: list[Tensor], indices: list[int], dtype: torch.dtype
+    Bs: list[Tensor], As: list[Tensor], indices: Sequence[int], dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """``BᵀB`` and ``AAᵀ`` of the pairs at ``indices`` (same rank), float64 stacks ``(N, r, r)``.
 
@@ -196,10 +196,10 @@ def _group_grams(
     gram_B = torch.empty(len(indices), rank, rank, dtype=dtype, device=device)
     gram_A = torch.empty(len(indices), rank, rank, dtype=dtype, device=device)
     with torch.no_grad():
-        for position, i in enumerate(indices):
+        for i, slot_B, slot_A in zip(indices, gram_B.unbind(0), gram_A.unbind(0), strict=True):
             B, A = _as_dtype(Bs[i], dtype), _as_dtype(As[i], dtype)
-            torch.matmul(B.mT, B, out=gram_B[position])
-            torch.matmul(A, A.mT, out=gram_A[position])
+            torch.matmul(B.mT, B, out=slot_B)
+            torch.matmul(A, A.mT, out=slot_A)
     return gram_B.double(), gram_A.double()
 
 
@@ -285,11 +285,17 @@ def lora_spectra(
         empty = torch.zeros(0, 0, dtype=torch.float64)
         return LoraSpectra(empty, empty, empty)
     device = Bs[0].device
-    max_rank = max(A.shape[0] for A in As)
+    groups = _rank_groups(As)
+    eps = torch.finfo(dtype).eps
+    if len(groups) == 1:  # one rank (the usual case): the group's results are the batch's, in order
+        grams = _group_grams(Bs, As, range(len(Bs)), dtype)
+        delta, values_A, values_B = _singular_values(*grams, eps, of_factors=of_factors)
+        magnitudes = torch.tensor([abs(value) for value in scales], dtype=torch.float64, device=device)
+        return LoraSpectra(delta=delta * magnitudes.unsqueeze(-1), A=values_A, B=values_B)
+    max_rank = max(groups)
     names = ("d", "a", "b") if of_factors else ("d",)
     out = {name: torch.zeros(len(Bs), max_rank, dtype=torch.float64, device=device) for name in names}
-    eps = torch.finfo(dtype).eps
-    for rank, indices in _rank_groups(As).items():
+    for rank, indices in groups.items():
         grams = _group_grams(Bs, As, indices, dtype)
         delta, values_A, values_B = _singular_values(*grams, eps, of_factors=of_factors)
         index = torch.tensor(indices, device=device)
