@@ -138,6 +138,49 @@ def test_scalars_leave_out_an_infinite_worst_kappa():
     assert math.isinf(summary.overall.metrics["kappa_B"].worst)
 
 
+def test_summary_follows_its_definition_with_ties_undefined_and_infinite_values(model):
+    """Every group's mean and worst against the definition read literally: zero and non-finite modules
+    left out, None and NaN left out, the mean over the finite values, the first of equal worsts named."""
+    from lora_monitor.monitor.summary import LOWER_IS_WORSE, SUMMARIZED_METRICS
+
+    base = compute_module_metrics(find_lora_modules(model), BaseNormCache())
+    generator = torch.Generator().manual_seed(3)
+    pool = [0.5, 2.0, 2.0, 7.0, math.inf, math.nan, None]  # repeated values make ties
+    metrics = []
+    for index, record in enumerate(base):
+        picks = torch.randint(len(pool), (len(SUMMARIZED_METRICS),), generator=generator).tolist()
+        changes = {metric: pool[pick] for metric, pick in zip(SUMMARIZED_METRICS, picks, strict=True)}
+        metrics.append(replace(record, **changes, is_zero=index == 3, non_finite=index == 5))
+
+    def literal(group: list[ModuleMetrics], metric: str):
+        usable = [m for m in group if not m.is_zero and not m.non_finite]
+        defined = [(getattr(m, metric), m.name) for m in usable]
+        defined = [(v, name) for v, name in defined if v is not None and not math.isnan(v)]
+        if not defined:
+            return (None, None, None, 0)
+        finite = [v for v, _ in defined if math.isfinite(v)]
+        order = min if metric in LOWER_IS_WORSE else max
+        worst = order(v for v, _ in defined)
+        first = next(name for v, name in defined if v == worst)
+        return (sum(finite) / len(finite) if finite else None, worst, first, len(defined))
+
+    summary = summarize(metrics)
+    groups = {"overall": (summary.overall, metrics)}
+    for block, group in summary.by_block.items():
+        groups[block] = (group, [m for m in metrics if m.block == block])
+    for layer, group in summary.by_layer.items():
+        groups[f"layer {layer}"] = (group, [m for m in metrics if m.layer_index == layer])
+    assert len(groups) == 5
+    for label, (group, members) in groups.items():
+        assert group.num_modules == len(members) and group.num_zero == sum(m.is_zero for m in members)
+        for metric in SUMMARIZED_METRICS:
+            found = group.metrics[metric]
+            assert (found.mean, found.worst, found.worst_module, found.count) == literal(members, metric), (
+                label,
+                metric,
+            )
+
+
 def test_base_norms_are_computed_once_per_module(model):
     modules = find_lora_modules(model)
     reads = []

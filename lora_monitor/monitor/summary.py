@@ -111,18 +111,25 @@ def _group_scalars(group: GroupSummary, prefix: str, only: Sequence[str] | None 
 # A module's values of every summarized metric, read in one call (a check summarizes each module three
 # times, overall, in its block and in its layer: attribute reads per metric showed at every-step checks).
 _METRIC_VALUES = operator.attrgetter(*SUMMARIZED_METRICS)
-_FIRST = operator.itemgetter(0)
+_LOWER_IS_WORSE = frozenset(LOWER_IS_WORSE)
 
 
-def _summarize_metric(values: Sequence[tuple[float, str]], metric: str) -> MetricSummary:
-    """Mean (of the finite values) and worst of one metric's defined ``(value, module)`` pairs."""
-    if not values:
+def _summarize_column(column: Sequence[float | None], names: Sequence[str], metric: str) -> MetricSummary:
+    """Mean (of the finite values) and worst of one metric's values over a group's modules (``names``, in
+    the same order); undefined values (None, NaN) are left out, and the first of equal worsts is named."""
+    # `value == value` is False for NaN only
+    defined = [value for value in column if value is not None and value == value]
+    if not defined:
         return MetricSummary(None, None, None, 0)
-    finite = [value for value, _ in values if math.isfinite(value)]
-    mean = sum(finite) / len(finite) if finite else None
-    pick = min if metric in LOWER_IS_WORSE else max
-    worst, worst_module = pick(values, key=_FIRST)
-    return MetricSummary(mean, worst, worst_module, len(values))
+    worst = min(defined) if metric in _LOWER_IS_WORSE else max(defined)
+    total = sum(defined)
+    if math.isfinite(total):  # every value finite (the usual case): no second pass
+        mean = total / len(defined)
+    else:  # an infinite value (κ of a rank-deficient factor): the mean is of the finite ones
+        finite = [value for value in defined if math.isfinite(value)]
+        mean = sum(finite) / len(finite) if finite else None
+    # index finds the worst object itself or an equal value before it: the first of equal worsts
+    return MetricSummary(mean, worst, names[column.index(worst)], len(defined))
 
 
 def _group(rows: Sequence[tuple[ModuleMetrics, tuple]]) -> GroupSummary:
@@ -134,20 +141,14 @@ def _group(rows: Sequence[tuple[ModuleMetrics, tuple]]) -> GroupSummary:
     columns = (
         zip(*(values for _, values in usable), strict=True) if usable else [()] * len(SUMMARIZED_METRICS)
     )
-    metrics = {}
-    for metric, column in zip(SUMMARIZED_METRICS, columns, strict=True):
-        # `value == value` is False for NaN only: undefined values are left out
-        defined = [
-            (value, name)
-            for value, name in zip(column, names, strict=True)
-            if value is not None and value == value
-        ]
-        metrics[metric] = _summarize_metric(defined, metric)
     return GroupSummary(
         num_modules=len(rows),
         num_zero=sum(record.is_zero for record, _ in rows),
         num_non_finite=sum(record.non_finite for record, _ in rows),
-        metrics=metrics,
+        metrics={
+            metric: _summarize_column(column, names, metric)
+            for metric, column in zip(SUMMARIZED_METRICS, columns, strict=True)
+        },
     )
 
 
