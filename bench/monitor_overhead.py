@@ -6,10 +6,10 @@ timed from one ``on_step_end`` to the next by a callback placed after the monito
 includes the monitor's work at that step (the gradient rank in ``on_pre_optimizer_step``, the metrics,
 alerts, JSONL line and log event in ``on_step_end``). The configurations are interleaved and repeated;
 the table shows the min and the median over the repeats of each one's mean step, the step ratios to the
-run without a callback (min to min, median to median) from the same invocation, and the time in the
-monitor's hooks per check against the median step. On a shared machine a step ratio moves by several
-percent with whatever else runs during one run of 100 steps; the hooks' share of a step is the steady
-figure.
+run without a callback (min to min, median to median, and the median of each repeat's ratio to the run
+without a callback of the same repeat), and the time in the monitor's hooks per check against the median
+step. On a shared machine a step ratio moves by several percent with whatever else runs during one run
+of 100 steps; the hooks' share of a step is the steady figure.
 
     python bench/monitor_overhead.py [--steps 100] [--repeats 3] [--threads 1]
 """
@@ -165,6 +165,13 @@ def main() -> None:
         means = [mean_step for mean_step, _, _ in runs[name]]
         return min(means), statistics.median(means)
 
+    def paired_ratios(name: str) -> list[float]:
+        """Each repeat's mean step over the no-callback run of the same repeat (run minutes apart at most)."""
+        return [
+            mean_step / plain[0]
+            for (mean_step, _, _), plain in zip(runs[name], runs["no callback"], strict=True)
+        ]
+
     def per_check(name: str) -> float | None:
         """Median over the repeats of the seconds in the hooks per check."""
         found = [seconds / checks for _, checks, seconds in runs[name] if checks]
@@ -182,6 +189,7 @@ def main() -> None:
         "checks",
         "mean step ms (min · median)",
         "step ratio (min · median)",
+        "paired ratio (median)",
         "hooks ms per check",
         "hooks / step",
     )
@@ -195,6 +203,7 @@ def main() -> None:
             str(runs[name][0][1]),
             f"{1000 * low:.1f} · {1000 * middle:.1f}",
             f"{low / baseline[0]:.3f} · {middle / baseline[1]:.3f}",
+            f"{statistics.median(paired_ratios(name)):.3f}",
             "–" if hooks is None else f"{1000 * hooks:.1f}",
             # against the median step without a callback: the steady figure (a step ratio moves with
             # whatever else the machine does during one run; the time in the hooks is the monitor's own)
