@@ -49,6 +49,11 @@ class StepTimer(TrainerCallback):
         self._last = now
 
 
+def working(step: int, block: int) -> bool:
+    """Whether the alternating monitor checks at optimizer step ``step`` (1-based): the first block works."""
+    return (step - 1) // block % 2 == 0
+
+
 class TimedMonitor(SpectralMonitorCallback):
     """The monitor, with the time spent in its per-step hooks added up (the start-of-training check,
     which also caches the base norms once, is kept apart)."""
@@ -79,6 +84,24 @@ class TimedMonitor(SpectralMonitorCallback):
         return result
 
 
+class AlternatingMonitor(TimedMonitor):
+    """The timed monitor every step of alternate blocks of ``block`` steps, idle in the blocks between."""
+
+    def __init__(self, block: int, **kwargs) -> None:
+        super().__init__(every_n_steps=1, **kwargs)
+        self.block = block
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if working(state.global_step + 1, self.block):  # the step about to end
+            return super().on_pre_optimizer_step(args, state, control, **kwargs)
+        return None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if working(state.global_step, self.block):
+            return super().on_step_end(args, state, control, **kwargs)
+        return None
+
+
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -104,10 +127,9 @@ def dataset(args: argparse.Namespace) -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def run(args: argparse.Namespace, every_n_steps: int | None, data: Dataset) -> tuple[float, int, float]:
-    """Mean step time (after warmup), number of in-training checks, seconds in the monitor's step hooks."""
+def run(args: argparse.Namespace, monitor: TimedMonitor | None, data: Dataset) -> list[float]:
+    """Train once with ``monitor`` (None: no callback); every optimizer step's seconds, in order."""
     timer = StepTimer()
-    monitor = None if every_n_steps is None else TimedMonitor(every_n_steps=every_n_steps, log_alerts=False)
     callbacks = [timer] if monitor is None else [monitor, timer]
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
@@ -131,10 +153,20 @@ def run(args: argparse.Namespace, every_n_steps: int | None, data: Dataset) -> t
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         trainer.train()
-    measured = timer.step_times[args.warmup :]
-    if monitor is None:
-        return statistics.fmean(measured), 0, 0.0
-    return statistics.fmean(measured), monitor.step_checks, monitor.hook_seconds
+    return timer.step_times
+
+
+def block_ratios(step_times: list[float], block: int, warmup: int) -> list[float]:
+    """Mean step of each working block over that of the resting block after it (steps after ``warmup``)."""
+    blocks: dict[int, list[float]] = {}
+    for step, seconds in enumerate(step_times, start=1):
+        if step > warmup:
+            blocks.setdefault((step - 1) // block, []).append(seconds)
+    return [
+        statistics.fmean(blocks[index]) / statistics.fmean(blocks[index + 1])
+        for index in sorted(blocks)
+        if working(index * block + 1, block) and index + 1 in blocks
+    ]
 
 
 def main() -> None:
@@ -147,6 +179,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--block", type=int, default=5, help="steps per block of the alternating run")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 steadies timings on a shared machine)"
     )
@@ -156,9 +189,19 @@ def main() -> None:
     data = dataset(args)
     configurations = {"no callback": None, "monitor every 50 steps": 50, "monitor every step": 1}
     runs: dict[str, list[tuple[float, int, float]]] = {name: [] for name in configurations}
+    alternating: list[tuple[list[float], float]] = []  # each run's block ratios and hooks per check
     for _ in range(args.repeats):
         for name, every in configurations.items():
-            runs[name].append(run(args, every, data))
+            monitor = None if every is None else TimedMonitor(every_n_steps=every, log_alerts=False)
+            mean_step = statistics.fmean(run(args, monitor, data)[args.warmup :])
+            runs[name].append(
+                (mean_step, 0, 0.0)
+                if monitor is None
+                else (mean_step, monitor.step_checks, monitor.hook_seconds)
+            )
+        monitor = AlternatingMonitor(args.block, log_alerts=False)
+        ratios = block_ratios(run(args, monitor, data), args.block, args.warmup)
+        alternating.append((ratios, monitor.hook_seconds / max(monitor.step_checks, 1)))
 
     def steps(name: str) -> tuple[float, float]:
         """Min and median over the repeats of a configuration's mean step."""
@@ -211,6 +254,16 @@ def main() -> None:
         )
     console = Console(width=160)
     console.print(table)
+    pairs = [ratio for ratios, _ in alternating for ratio in ratios]
+    run_medians = [statistics.median(ratios) for ratios, _ in alternating if ratios]
+    if pairs:
+        console.print(
+            f"Side by side in one run (the monitor every step of alternate blocks of {args.block} steps, "
+            f"{len(pairs)} pairs of a working block and the resting block after it over {args.repeats} runs): "
+            f"step ratio {statistics.median(pairs):.3f} (median of the pairs; per run "
+            + " · ".join(f"{median:.3f}" for median in run_medians)
+            + f"), hooks {1000 * statistics.median(hooks for _, hooks in alternating):.1f} ms per check."
+        )
     hooks_50 = per_check("monitor every 50 steps")
     if hooks_50 is not None:
         console.print(
