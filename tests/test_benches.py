@@ -43,8 +43,11 @@ def run_bench(arguments: list[str], tmp_path: Path) -> str:
             "peak RSS over imports / adapter",
         ),
         (
-            ["monitor_overhead.py", "--steps", "6", "--warmup", "1", "--repeats", "1", "--hidden", "64"],
-            "monitor every step",
+            [
+                *("monitor_overhead.py", "--steps", "6", "--warmup", "1", "--repeats", "1", "--hidden", "64"),
+                *("--block", "2"),
+            ],
+            "Side by side in one run",  # printed after the table, from the alternating run's block pairs
         ),
     ],
     ids=["spectrum", "squeeze", "monitor_overhead"],
