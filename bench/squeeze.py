@@ -12,8 +12,10 @@ The adapter has Llama-2-7B's shapes: per layer q, k, v, o (4096×4096), gate, up
 (4096×11008), 224 LoRA pairs at r=64 with random factors whose spectrum decays (so the recommended rank is a
 real choice). It is written with safetensors into a temporary folder and deleted afterwards.
 
-Each step runs in its own process, so that its peak resident memory (``ru_maxrss``) is its own; the table
-shows that peak and the part above the process's memory after importing torch ("over imports"):
+Each step runs in its own process, so that its peak resident memory (``ru_maxrss``) is its own, and the
+steps alternate over ``--repeats`` rounds (3 by default): the table shows the min and the median of each
+step's seconds and of its ratio to the load + save of the same round, the highest peak, and the part of it
+above the process's memory after importing torch ("over imports"):
 
 - safetensors load + save of the same file: the I/O reference every ratio is taken against;
 - ``analyze_adapter`` (the factored route of the spectrum engine, float32);
@@ -32,6 +34,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -197,6 +200,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the steps, alternating")
     parser.add_argument(
         "--dense",
         choices=("on", "off"),
@@ -233,40 +237,72 @@ def main() -> None:
             f"{time.perf_counter() - began:.1f} s) in {workspace.parent}"
         )
         steps = ["load_save", "analyze", "compress_16", "compress_recommended", "gemm"]
-        if args.dense == "on":
-            steps.insert(-1, "dense_svd")
-        results = {}
-        for step in steps:
-            results[step] = in_child(step, folder, out, args.rank)
-            print(f"  {step}: {results[step]['seconds']:.2f} s", flush=True)
-        reference = results["load_save"]["seconds"]
+        rounds: dict[str, list[dict]] = {step: [] for step in steps}
+        for index in range(args.repeats):
+            for step in steps:
+                output = out / f"round-{index}"
+                output.mkdir(exist_ok=True)
+                rounds[step].append(in_child(step, folder, output, args.rank))
+                print(f"  round {index + 1}, {step}: {rounds[step][-1]['seconds']:.2f} s", flush=True)
+            shutil.rmtree(out / f"round-{index}")
+        if args.dense == "on":  # minutes: once
+            rounds["dense_svd"] = [in_child("dense_svd", folder, out, args.rank)]
+        # Each step's highest peak memory and first result (the same in every round), its seconds per round.
+        results = {
+            step: {
+                **found[0],
+                "peak_rss_mb": max(item["peak_rss_mb"] for item in found),
+                "baseline_rss_mb": min(item["baseline_rss_mb"] for item in found),
+            }
+            for step, found in rounds.items()
+        }
+        seconds = {step: [item["seconds"] for item in found] for step, found in rounds.items()}
+        ratios = {  # to the load + save of the same round (seconds apart): what the machine does hits both
+            step: [mine / reference for mine, reference in zip(values, seconds["load_save"], strict=False)]
+            for step, values in seconds.items()
+        }
+        reference = min(seconds["load_save"])
 
         table = Table(
             title=f"Post-Squeeze, Llama-2-7B-shaped adapter ({7 * args.layers} pairs, r={args.rank})"
         )
-        for column in ("step", "seconds", "× load+save", "peak RSS MiB", "over imports MiB"):
+        columns = (
+            "step",
+            "seconds (min · median)",
+            "× load+save (min · median)",
+            "peak RSS MiB",
+            "over imports MiB",
+        )
+        for column in columns:
             table.add_column(column, justify="right" if column != "step" else "left")
 
-        def row(label: str, seconds: float, result: dict | None, note: str = "") -> None:
-            rss = f"{result['peak_rss_mb']:.0f}" if result else "—"
-            extra = f"{result['peak_rss_mb'] - result['baseline_rss_mb']:.0f}" if result else "—"
-            table.add_row(label + note, f"{seconds:.2f}", f"{seconds / reference:.2f}", rss, extra)
+        def spread(values: list[float]) -> str:
+            return f"{min(values):.2f} · {statistics.median(values):.2f}"
 
-        row("safetensors load + save", reference, results["load_save"])
-        row("analyze_adapter", results["analyze"]["seconds"], results["analyze"])
-        row("compress_adapter, rank 16", results["compress_16"]["seconds"], results["compress_16"])
-        row(
-            "compress_adapter, recommended rank",
-            results["compress_recommended"]["seconds"],
-            results["compress_recommended"],
-        )
+        def row(label: str, step: str, note: str = "") -> None:
+            result = results[step]
+            rss = f"{result['peak_rss_mb']:.0f}"
+            extra = f"{result['peak_rss_mb'] - result['baseline_rss_mb']:.0f}"
+            table.add_row(label + note, spread(seconds[step]), spread(ratios[step]), rss, extra)
+
+        row("safetensors load + save", "load_save")
+        row("analyze_adapter", "analyze")
+        row("compress_adapter, rank 16", "compress_16")
+        row("compress_adapter, recommended rank", "compress_recommended")
         analysis = results["analyze"]
-        console = Console()
+        console = Console(width=130)
         if "dense_svd" in results:
             per_shape = results["dense_svd"]["per_shape"]
             per_layer = 4 * per_shape["self_attn.q_proj"] + 3 * per_shape["mlp.gate_proj"]
             dense_total = per_layer * args.layers
-            row("PEFT dense route (ΔW + torch.linalg.svd)", dense_total, results["dense_svd"], " *")
+            dense = results["dense_svd"]
+            table.add_row(
+                "PEFT dense route (ΔW + torch.linalg.svd) *",
+                f"{dense_total:.2f}",
+                f"{dense_total / reference:.2f}",
+                f"{dense['peak_rss_mb']:.0f}",
+                f"{dense['peak_rss_mb'] - dense['baseline_rss_mb']:.0f}",
+            )
         console.print(table)
         console.print(
             f"adapter on disk: {size_mb:.0f} MiB; peak RSS over imports / adapter:", highlight=False
@@ -282,11 +318,11 @@ def main() -> None:
                 highlight=False,
             )
             console.print(
-                f"dense route / analyze_adapter: {dense_total / analysis['seconds']:.0f}×;  "
-                f"dense route / compress to 16: {dense_total / results['compress_16']['seconds']:.0f}×",
+                f"dense route / analyze_adapter: {dense_total / min(seconds['analyze']):.0f}×;  "
+                f"dense route / compress to 16: {dense_total / min(seconds['compress_16']):.0f}×",
                 highlight=False,
             )
-        flops = results["gemm"]["flops"]
+        flops = max(item["flops"] for item in rounds["gemm"])
         factor_elements = params
         gram_seconds = factor_elements * args.rank * 2 / flops
         console.print(
