@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 
@@ -47,3 +49,23 @@ def check_number(
         highest = "" if math.isinf(high) else f" and at most {high:g}"
         raise LoraMonitorError(f"{name} must be {lowest}{highest}, got {value!r}{hint}")
     return value
+
+
+def check_path(path: str | os.PathLike, what: str, *, folder: bool, hint: str = "") -> Path:
+    """``path`` as a :class:`~pathlib.Path` when it is the folder (``folder=True``) or the file it should be,
+    else a :class:`LoraMonitorError` naming it: ``PATH: no such WHAT``, or what is there instead (with
+    ``hint``, what the input should be, appended).
+
+    The one check of an input path. It imports nothing: the command runs it on the paths it was given
+    before importing torch and PEFT (a second or more), so a mistyped path is answered at once.
+    """
+    found = Path(path)
+    hint = f"; {hint}" if hint else ""
+    if not found.exists():
+        raise LoraMonitorError(f"{found}: no such {what}")
+    article = "an" if what[:1] in "aeiou" else "a"
+    if folder and not found.is_dir():
+        raise LoraMonitorError(f"{found}: is a file, not {article} {what}{hint}")
+    if not folder and found.is_dir():
+        raise LoraMonitorError(f"{found}: is a folder, not {article} {what}{hint}")
+    return found

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import LoraMonitorError
+from ..errors import LoraMonitorError, check_path
 from .factors import MAGNITUDE_SUFFIX, SAVED_A_SUFFIXES, strip_prefix
 from .record import LoraModule
 from .scaling import describe_module, scale_for
@@ -25,6 +25,7 @@ from .scaling import describe_module, scale_for
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
+ADAPTER_FOLDER_HINT = f"give the folder that holds {CONFIG_NAME}"
 
 
 @dataclass
@@ -181,11 +182,7 @@ def load_adapter(path: str | Path, adapter_name: str | None = None) -> SavedAdap
     ``adapter_name``. Scales follow the config's ``r``, ``lora_alpha``, ``rank_pattern``,
     ``alpha_pattern`` and ``use_rslora`` exactly as PEFT applies them.
     """
-    folder = Path(path)
-    if not folder.exists():
-        raise LoraMonitorError(f"{folder}: no such adapter folder")
-    if not folder.is_dir():
-        raise LoraMonitorError(f"{folder}: is a file; give the adapter folder that holds {CONFIG_NAME}")
+    folder = check_path(path, "adapter folder", folder=True, hint=ADAPTER_FOLDER_HINT)
     if adapter_name is not None and adapter_name != "default":
         if not (folder / adapter_name).is_dir():
             found = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())

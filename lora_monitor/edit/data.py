@@ -5,19 +5,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import LoraMonitorError
+from ..errors import LoraMonitorError, check_path
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:
     """Texts from a .txt (one per non-empty line), .jsonl or .json file (strings or objects with "text")."""
-    file = Path(path)
-    if not file.is_file():
-        raise LoraMonitorError(f"{file}: no such data file")
+    file = check_path(path, "data file", folder=False)
     try:
         raw = file.read_text()
         if file.suffix == ".jsonl":

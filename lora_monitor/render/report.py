@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import MANIFEST_NAME, MONITOR_FILE, REPORT_NAME, SQUEEZE_FILES, atomic_write_text
-from ..errors import LoraMonitorError
+from ..errors import LoraMonitorError, check_path
 
 _TYPE_COLORS = {
     "q_proj": "#1f77b4",
@@ -240,9 +240,7 @@ def write_report(run_dir: str | os.PathLike, output_dir: str | os.PathLike | Non
     Returns the path of the HTML page. Raises :class:`LoraMonitorError` when the folder holds neither a
     monitor file nor a squeeze analysis.
     """
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise LoraMonitorError(f"{run}: no such run folder")
+    run = check_path(run_dir, "run folder", folder=True)
     records = load_monitor_records(run)
     analysis = load_squeeze_analysis(run)
     if not records and analysis is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LoraMonitorError, check_number
+from ..errors import LoraMonitorError, check_number, check_path
 
 DEFAULT_THRESHOLD = 0.95
 
@@ -128,8 +128,7 @@ def read_squeeze_toml(path: str | Path) -> dict[str, Any]:
             import tomli as tomllib  # type: ignore[no-redef]
         except ModuleNotFoundError as error:
             raise LoraMonitorError(f"{path}: reading TOML needs Python 3.11+ or the tomli package") from error
-    if not path.is_file():
-        raise LoraMonitorError(f"{path}: no such TOML file")
+    check_path(path, "TOML file", folder=False)
     try:
         document = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
