@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import LoraMonitorError
+from .errors import LoraMonitorError, check_path
 
 EXIT_BAD_INPUT = 2
 
@@ -464,6 +464,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The paths each command reads (argument -> what it is, and whether a folder), checked before the command
+# imports torch and PEFT (a second or more): a mistyped path is answered at once. What a folder must hold
+# is checked where it is read.
+_INPUT_PATHS: dict[str, dict[str, tuple[str, bool]]] = {
+    "analyze": {"adapter": ("adapter folder", True), "base": ("base model folder", True)},
+    "squeeze": {
+        "adapter": ("adapter folder", True),
+        "base": ("base model folder", True),
+        "data": ("data file", False),
+    },
+    "allocate": {"model": ("model folder", True)},
+    "edit": {
+        "adapter": ("adapter folder", True),
+        "base": ("base model folder", True),
+        "data": ("data file", False),
+        "heldout": ("data file", False),
+        "tokenizer": ("tokenizer folder", True),
+    },
+    "report": {"run_dir": ("run folder", True)},
+}
+
+
+def _check_input_paths(args: argparse.Namespace) -> None:
+    for argument, (what, folder) in _INPUT_PATHS.get(args.command, {}).items():
+        path = getattr(args, argument, None)
+        if path is None:
+            continue
+        if argument == "adapter" and str(path).endswith(".toml"):  # squeeze's settings file
+            what, folder = "TOML file", False
+        check_path(path, what, folder=folder)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lora-monitor`` command; returns (and exits with) the status."""
     args = build_parser().parse_args(argv)
@@ -472,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bury the command's own one-line messages. Its errors still show.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
+        _check_input_paths(args)
         status = args.handler(args)
     except LoraMonitorError as error:
         print(f"lora-monitor {args.command}: error: {error}", file=sys.stderr)

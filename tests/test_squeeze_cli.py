@@ -152,6 +152,57 @@ def test_installed_command_fails_cleanly_on_a_missing_folder(tmp_path):
     assert len(lines) == 1 and "no such adapter folder" in lines[0], completed.stderr
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--help"], None),
+        (["squeeze", "{missing}", "--rank", "4", "--out", "{tmp}/out"], "{missing}: no such adapter folder"),
+        (["squeeze", "{missing}.toml"], "{missing}.toml: no such TOML file"),
+        (["squeeze", "{file}"], "{file}: is a file, not an adapter folder"),
+        (["analyze", "{tmp}", "--base", "{missing}"], "{missing}: no such base model folder"),
+        (["allocate", "{file}"], "{file}: is a file, not a model folder"),
+        (
+            ["edit", "{tmp}", "--base", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/out"],
+            "{tmp}: is a folder, not a data file",
+        ),
+        (["report", "{missing}"], "{missing}: no such run folder"),
+    ],
+    ids=[
+        "help",
+        "squeeze-missing",
+        "toml-missing",
+        "squeeze-file",
+        "base-missing",
+        "allocate",
+        "edit",
+        "report",
+    ],
+)
+def test_help_and_a_wrong_input_path_are_answered_before_torch_is_imported(tmp_path, arguments, message):
+    # Importing torch and PEFT takes a second or more: the command answers these without them.
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    fill = {"missing": str(tmp_path / "missing"), "tmp": str(tmp_path), "file": str(tmp_path / "notes.txt")}
+    argv = [argument.format(**fill) for argument in arguments]
+    script = (
+        "import sys\n"
+        "from lora_monitor.cli import main\n"
+        "try:\n"
+        f"    status = main({argv!r})\n"
+        "except SystemExit as exit:\n"
+        "    status = exit.code\n"
+        "print('torch' in sys.modules, status)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.stdout.strip().splitlines()[-1] == ("False 0" if message is None else "False 2"), (
+        completed
+    )
+    if message is not None:
+        lines = completed.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0] == f"lora-monitor {argv[0]}: error: {message.format(**fill)}", (
+            lines
+        )
+
+
 def test_rank_by_function_on_a_saved_adapter(tmp_path, capsys, adapter_folder, tokenizer):
     from tiny_models import SENTENCES
 
