@@ -20,8 +20,9 @@ The public API, one screen:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 # Where each public name lives. Importing lora_monitor itself is cheap: a room (and torch, PEFT and
 # transformers behind it) is imported the first time one of its names is used, so that the command's
@@ -65,7 +66,6 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "factored_svd",
         "lora_spectra",
         "randomized_svd",
-        "recommend_rank_by_function",
         "rank_for_energy",
         "spectral_norm",
         "stable_rank",
@@ -76,23 +76,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".squeeze": ("SqueezeAnalysis", "analyze_adapter", "compress_adapter", "recommend_rank_by_function"),
     ".monitor.check": ("Monitor",),
 }
-_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str) -> Any:
-    module = _HOME.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lora_monitor' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # the next lookup is a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOME})
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from .adapters import (

@@ -94,3 +94,24 @@ def test_full_retention_is_reached_within_the_engine_tolerance(adapter_folder):
     # At the full rank every module keeps 100% up to rounding: spectrum.reaches decides, as everywhere.
     analysis = analyze_adapter(adapter_folder, min_variance_retention=1.0, target_ranks=[8])
     assert analysis.recommended_rank == 8 == analysis.recommended_rank_weighted
+
+
+def test_the_packages_import_their_names_on_first_use_and_every_public_name_resolves():
+    # lora_monitor and lora_monitor.squeeze import a module the first time one of its names is read (the
+    # command checks its options before torch is imported); every name in __all__ must resolve.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import lora_monitor, lora_monitor.squeeze\n"
+        "from lora_monitor.squeeze.options import SqueezeOptions\n"
+        "light = 'torch' not in sys.modules\n"
+        "missing = [f'{package.__name__}.{name}' for package in (lora_monitor, lora_monitor.squeeze)\n"
+        "           for name in package.__all__ if not hasattr(package, name)]\n"
+        "print(light, missing, lora_monitor.squeeze.analyze_adapter.__module__, 'torch' in sys.modules)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.stdout.strip().splitlines()[-1] == "True [] lora_monitor.squeeze.analysis True", (
+        completed
+    )

@@ -14,28 +14,71 @@
 The table itself is drawn by :mod:`lora_monitor.render.console` (re-exported here as :func:`print_analysis`).
 """
 
-from ..render.console import print_analysis, squeeze_table, summary_lines
-from .analysis import GroupRecommendation, ModuleSqueeze, SqueezeAnalysis, analyze_adapter
-from .budget import (
-    BudgetAllocation,
-    allocate_by_energy,
-    allocate_by_sensitivity,
-    parameters_per_rank,
-    uniform_budget,
-)
-from .compress import CompressionResult, compress_adapter, gather_adapter
-from .end_of_training import EndOfTraining, squeeze_trained_adapter
-from .function import DEFAULT_TOLERANCE, FunctionRecommendation, RankEvaluation, recommend_rank_by_function
-from .manifest import manifest_entry, write_squeeze_manifest
-from .options import (
-    DEFAULT_THRESHOLD,
-    SqueezeOptions,
-    default_target_ranks,
-    read_squeeze_toml,
-    validate_rank,
-    validate_ranks,
-    validate_threshold,
-)
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+# Where each public name lives: a module (and the engine, torch, behind it) is imported the first time one
+# of its names is read, so that the command validates its options (.options imports nothing) at once.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "..render.console": ("print_analysis", "squeeze_table", "summary_lines"),
+    ".analysis": ("GroupRecommendation", "ModuleSqueeze", "SqueezeAnalysis", "analyze_adapter"),
+    ".budget": (
+        "BudgetAllocation",
+        "allocate_by_energy",
+        "allocate_by_sensitivity",
+        "parameters_per_rank",
+        "uniform_budget",
+    ),
+    ".compress": ("CompressionResult", "compress_adapter", "gather_adapter"),
+    ".end_of_training": ("EndOfTraining", "squeeze_trained_adapter"),
+    ".function": (
+        "DEFAULT_TOLERANCE",
+        "FunctionRecommendation",
+        "RankEvaluation",
+        "recommend_rank_by_function",
+    ),
+    ".manifest": ("manifest_entry", "write_squeeze_manifest"),
+    ".options": (
+        "DEFAULT_THRESHOLD",
+        "SqueezeOptions",
+        "default_target_ranks",
+        "read_squeeze_toml",
+        "validate_rank",
+        "validate_ranks",
+        "validate_threshold",
+    ),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # what static checkers and IDEs see
+    from ..render.console import print_analysis, squeeze_table, summary_lines
+    from .analysis import GroupRecommendation, ModuleSqueeze, SqueezeAnalysis, analyze_adapter
+    from .budget import (
+        BudgetAllocation,
+        allocate_by_energy,
+        allocate_by_sensitivity,
+        parameters_per_rank,
+        uniform_budget,
+    )
+    from .compress import CompressionResult, compress_adapter, gather_adapter
+    from .end_of_training import EndOfTraining, squeeze_trained_adapter
+    from .function import (
+        DEFAULT_TOLERANCE,
+        FunctionRecommendation,
+        RankEvaluation,
+        recommend_rank_by_function,
+    )
+    from .manifest import manifest_entry, write_squeeze_manifest
+    from .options import (
+        DEFAULT_THRESHOLD,
+        SqueezeOptions,
+        default_target_ranks,
+        read_squeeze_toml,
+        validate_rank,
+        validate_ranks,
+        validate_threshold,
+    )
 
 __all__ = [
     "DEFAULT_THRESHOLD",
