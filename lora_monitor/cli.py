@@ -170,13 +170,9 @@ def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any) 
 def _run_squeeze(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .render.console import (
-        print_budget_allocation,
-        print_compression,
-        print_function_recommendation,
-        print_json,
-    )
-    from .squeeze import SqueezeOptions, analyze_adapter, compress_adapter, print_analysis, read_squeeze_toml
+    # Only the options module first (it imports nothing heavy): every option is checked before the engine,
+    # torch and the console are imported, so that a wrong option is answered at once.
+    from .squeeze.options import SqueezeOptions, read_squeeze_toml
 
     settings: dict[str, Any] = {"adapter_path": args.adapter}
     where = "lora-monitor squeeze"
@@ -208,6 +204,14 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         if not (args.base and args.data):
             raise LoraMonitorError("--allocate sensitivity measures each module type: give --base and --data")
         args.by_module_type = True
+
+    from .render.console import (
+        print_budget_allocation,
+        print_compression,
+        print_function_recommendation,
+        print_json,
+    )
+    from .squeeze import analyze_adapter, compress_adapter, print_analysis
 
     analysis = analyze_adapter(
         settings["adapter_path"],

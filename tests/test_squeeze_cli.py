@@ -166,6 +166,16 @@ def test_installed_command_fails_cleanly_on_a_missing_folder(tmp_path):
             "{tmp}: is a folder, not a data file",
         ),
         (["report", "{missing}"], "{missing}: no such run folder"),
+        # squeeze's options are checked before anything is read from the (here empty) folder
+        (
+            ["squeeze", "{tmp}", "--rank", "4"],
+            "--rank, --per-module and --allocate choose how to compress: give --out DIR as well",
+        ),
+        (
+            ["squeeze", "{tmp}", "--threshold", "2"],
+            "min_variance_retention must be above 0 and at most 1, got 2.0 (0.95 = keep 95%)",
+        ),
+        (["squeeze", "{tmp}", "--ranks", "0,4"], "every rank of target_ranks must be at least 1, got 0"),
     ],
     ids=[
         "help",
@@ -176,9 +186,12 @@ def test_installed_command_fails_cleanly_on_a_missing_folder(tmp_path):
         "allocate",
         "edit",
         "report",
+        "rank-without-out",
+        "threshold",
+        "ranks",
     ],
 )
-def test_help_and_a_wrong_input_path_are_answered_before_torch_is_imported(tmp_path, arguments, message):
+def test_help_a_wrong_input_path_or_option_is_answered_before_torch_is_imported(tmp_path, arguments, message):
     # Importing torch and PEFT takes a second or more: the command answers these without them.
     (tmp_path / "notes.txt").write_text("not an adapter")
     fill = {"missing": str(tmp_path / "missing"), "tmp": str(tmp_path), "file": str(tmp_path / "notes.txt")}
