@@ -319,9 +319,10 @@ def register_allocate(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_allocate(args: argparse.Namespace) -> int:
     from .adapters.base_model import load_base_model
-    from .allocation import allocate_ranks, spectral_analysis
+    from .allocation.allocate import allocate_ranks, check_allocation_options, spectral_analysis
     from .render.console import print_allocation, print_json
 
+    check_allocation_options(args.min_rank, args.max_rank, args.fraction, args.alpha_factor, args.budget)
     model = load_base_model(args.model)
     targets = (
         [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None

@@ -431,3 +431,19 @@ def test_cli_allocate_bad_folder_is_one_error_line(tmp_path, capsys):
     assert main(["allocate", str(empty)]) == 2
     error = capsys.readouterr().err
     assert "config.json" in error and error.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--min-rank", "0"], "min_rank must be at least 1, got 0"),
+        (["--min-rank", "8", "--max-rank", "4"], "max_rank must be at least 8, got 4 (min_rank=8)"),
+        (["--fraction", "1.5"], "layer_fraction must be above 0 and at most 1, got 1.5"),
+        (["--budget", "0"], "parameter_budget must be at least 1, got 0"),
+    ],
+)
+def test_cli_allocate_checks_its_options_before_loading_the_model(tmp_path, capsys, options, message):
+    # The folder holds no model: the option is what is reported, so it was checked first (before the model
+    # load and the weight spectra, minutes on a real model).
+    assert main(["allocate", str(tmp_path), *options]) == 2
+    assert capsys.readouterr().err == f"lora-monitor allocate: error: {message}\n"

@@ -298,6 +298,21 @@ def _budget_ranks(fractions: Tensor, steps: Tensor, caps: Tensor, budget: int, n
     return ranks.to(torch.int64)
 
 
+def check_allocation_options(
+    min_rank: int, max_rank: int, layer_fraction: float, alpha_factor: float, parameter_budget: int | None
+) -> None:
+    """A :class:`LoraMonitorError` naming the first of :func:`allocate_ranks`' numeric options out of range.
+
+    The command calls it before loading the model: the weight spectra of a real model take minutes, and a
+    bad ``--min-rank`` should not wait for them."""
+    check_number(min_rank, "min_rank", low=1, whole=True)
+    check_number(max_rank, "max_rank", low=min_rank, whole=True, hint=f"min_rank={min_rank}")
+    check_number(layer_fraction, "layer_fraction", low=0, low_open=True, high=1)
+    check_number(alpha_factor, "alpha_factor", low=0, low_open=True)
+    if parameter_budget is not None:
+        check_number(parameter_budget, "parameter_budget", low=1, whole=True)
+
+
 def allocate_ranks(
     model_or_spectra: nn.Module | Sequence[LayerSpectrum],
     *,
@@ -329,12 +344,7 @@ def allocate_ranks(
     ``model_or_spectra`` is a model (analysed with :func:`spectral_analysis`, ``fit`` and ``target_modules``
     applying) or the list that function returned.
     """
-    check_number(min_rank, "min_rank", low=1, whole=True)
-    check_number(max_rank, "max_rank", low=min_rank, whole=True, hint=f"min_rank={min_rank}")
-    check_number(layer_fraction, "layer_fraction", low=0, low_open=True, high=1)
-    check_number(alpha_factor, "alpha_factor", low=0, low_open=True)
-    if parameter_budget is not None:
-        check_number(parameter_budget, "parameter_budget", low=1, whole=True)
+    check_allocation_options(min_rank, max_rank, layer_fraction, alpha_factor, parameter_budget)
     if isinstance(model_or_spectra, nn.Module):
         spectra = spectral_analysis(
             model_or_spectra, target_modules=target_modules, fit=fit, progress=progress
