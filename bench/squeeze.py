@@ -257,10 +257,6 @@ def main() -> None:
             for step, found in rounds.items()
         }
         seconds = {step: [item["seconds"] for item in found] for step, found in rounds.items()}
-        ratios = {  # to the load + save of the same round (seconds apart): what the machine does hits both
-            step: [mine / reference for mine, reference in zip(values, seconds["load_save"], strict=False)]
-            for step, values in seconds.items()
-        }
         reference = min(seconds["load_save"])
 
         table = Table(
@@ -279,11 +275,13 @@ def main() -> None:
         def spread(values: list[float]) -> str:
             return f"{min(values):.2f} · {statistics.median(values):.2f}"
 
-        def row(label: str, step: str, note: str = "") -> None:
+        def row(label: str, step: str) -> None:
             result = results[step]
             rss = f"{result['peak_rss_mb']:.0f}"
             extra = f"{result['peak_rss_mb'] - result['baseline_rss_mb']:.0f}"
-            table.add_row(label + note, spread(seconds[step]), spread(ratios[step]), rss, extra)
+            # each round over the load + save of the same round (seconds apart: what the machine does hits both)
+            ratios = [mine / own for mine, own in zip(seconds[step], seconds["load_save"], strict=True)]
+            table.add_row(label, spread(seconds[step]), spread(ratios), rss, extra)
 
         row("safetensors load + save", "load_save")
         row("analyze_adapter", "analyze")

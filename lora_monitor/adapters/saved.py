@@ -25,7 +25,6 @@ from .scaling import describe_module, scale_for
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-ADAPTER_FOLDER_HINT = f"give the folder that holds {CONFIG_NAME}"
 
 
 @dataclass
@@ -182,7 +181,7 @@ def load_adapter(path: str | Path, adapter_name: str | None = None) -> SavedAdap
     ``adapter_name``. Scales follow the config's ``r``, ``lora_alpha``, ``rank_pattern``,
     ``alpha_pattern`` and ``use_rslora`` exactly as PEFT applies them.
     """
-    folder = check_path(path, "adapter folder", folder=True, hint=ADAPTER_FOLDER_HINT)
+    folder = check_path(path, "adapter folder", folder=True, hint=f"give the folder that holds {CONFIG_NAME}")
     if adapter_name is not None and adapter_name != "default":
         if not (folder / adapter_name).is_dir():
             found = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
