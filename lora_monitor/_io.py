@@ -1,4 +1,5 @@
-"""Files: strict JSON, the one atomic writer, and the names of the files a run writes.
+"""Files: strict JSON, the one atomic writer, the names of the files lora-monitor reads and writes, and what
+an input folder must hold (:func:`adapter_folder`, :func:`model_folder`).
 
 Every file or folder lora-monitor writes goes through :func:`atomic_file` or :func:`staged_folder`: it is
 built under a hidden staging name beside its target and renamed into place, so a reader (or a crash)
@@ -23,7 +24,14 @@ from typing import Any
 
 import orjson
 
-from .errors import LoraMonitorError
+from .errors import LoraMonitorError, check_path
+
+# A PEFT adapter folder: its config and its weights (safetensors, or PyTorch's pickle format).
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+# A model folder written by save_pretrained.
+MODEL_CONFIG_NAME = "config.json"
 
 # The files a run writes into the Trainer's output_dir.
 MONITOR_FILE = "lora_monitor.jsonl"
@@ -32,6 +40,54 @@ SQUEEZE_MANIFEST_NAME = "squeeze_manifest.json"
 SQUEEZE_FILES = (SQUEEZE_MANIFEST_NAME, MANIFEST_NAME)
 REPORT_NAME = "report.html"
 EDIT_META_NAME = "spectral_edit_meta.json"
+
+
+def adapter_folder(path: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """The folder that holds the adapter's :data:`CONFIG_NAME`: ``path``, or its sub-folder ``adapter_name``
+    (where PEFT saves an adapter that is not ``"default"``); else a :class:`LoraMonitorError` that says what
+    is there instead (other adapters in sub-folders are named, with the option that picks one).
+
+    It reads no file and imports nothing: ``load_adapter`` starts with it, and the command runs it before it
+    imports torch, so a folder that is not an adapter is answered at once.
+    """
+    folder = check_path(path, "adapter folder", folder=True, hint=f"give the folder that holds {CONFIG_NAME}")
+    if adapter_name is not None and adapter_name != "default":
+        if not (folder / adapter_name).is_dir():
+            found = _nested_adapters(folder)
+            raise LoraMonitorError(
+                f"{folder}: no adapter named {adapter_name!r} (adapters in sub-folders: {found or 'none'})"
+            )
+        folder = folder / adapter_name
+    if not (folder / CONFIG_NAME).is_file():
+        raise LoraMonitorError(no_adapter_config_message(folder))
+    return folder
+
+
+def no_adapter_config_message(folder: Path) -> str:
+    """Why ``folder`` is no adapter folder; PEFT saves an adapter named ``foo`` as ``folder/foo/``: say so."""
+    nested = _nested_adapters(folder) if folder.is_dir() else []
+    if not nested:
+        return f"{folder}: no {CONFIG_NAME} here, so this is not a PEFT adapter folder"
+    options = " or ".join(f"--adapter-name {name} (adapter_name={name!r})" for name in nested)
+    return (
+        f"{folder}: no {CONFIG_NAME} here, but PEFT saved adapter(s) {nested} in sub-folders: pass {options}, "
+        f"or give {folder / nested[0]}"
+    )
+
+
+def _nested_adapters(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if (path / CONFIG_NAME).is_file())
+
+
+def model_folder(path: str | os.PathLike, what: str = "model folder") -> Path:
+    """``path`` when it is a folder holding :data:`MODEL_CONFIG_NAME` (a model saved with ``save_pretrained``),
+    else a :class:`LoraMonitorError` naming it. Reads no file, imports nothing (see :func:`adapter_folder`)."""
+    folder = check_path(path, what, folder=True, hint="expected a model saved with save_pretrained")
+    if not (folder / MODEL_CONFIG_NAME).is_file():
+        raise LoraMonitorError(
+            f"{folder}: no {MODEL_CONFIG_NAME} (expected a model saved with save_pretrained)"
+        )
+    return folder
 
 
 def json_safe(value: Any) -> Any:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._io import adapter_folder, model_folder
 from .errors import LoraMonitorError, check_path
 
 EXIT_BAD_INPUT = 2
@@ -318,11 +319,14 @@ def register_allocate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_allocate(args: argparse.Namespace) -> int:
+    from .allocation.options import check_allocation_options
+
+    # before torch is imported and the model loaded (seconds to minutes): a wrong option is answered at once
+    check_allocation_options(args.min_rank, args.max_rank, args.fraction, args.alpha_factor, args.budget)
     from .adapters.base_model import load_base_model
-    from .allocation.allocate import allocate_ranks, check_allocation_options, spectral_analysis
+    from .allocation.allocate import allocate_ranks, spectral_analysis
     from .render.console import print_allocation, print_json
 
-    check_allocation_options(args.min_rank, args.max_rank, args.fraction, args.alpha_factor, args.budget)
     model = load_base_model(args.model)
     targets = (
         [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
@@ -348,8 +352,6 @@ def _run_allocate(args: argparse.Namespace) -> int:
 
 # The edit's numeric options (--core-frac etc.); left out, they take EditConfig's defaults.
 _EDIT_NUMBERS = ("core_frac", "noise_frac", "amp_factor", "sup_factor", "mid_factor", "eta")
-# The options spectral_edit takes exactly as the command line gives them.
-_EDIT_AS_GIVEN = ("mode", "update", "seed", "batch_size", "max_length", "overwrite")
 
 
 def register_edit(subparsers: argparse._SubParsersAction) -> None:
@@ -383,6 +385,21 @@ def register_edit(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_edit(args: argparse.Namespace) -> int:
+    from .edit.options import check_batching, edit_config
+
+    # The edit's options (EditConfig's fields), each checked before torch and transformers are imported and
+    # the tokenizer and the model loaded (seconds to minutes): a wrong one is answered at once.
+    options = {
+        "mode": args.mode,
+        "update": args.update,
+        "seed": args.seed,
+        "target_modules": [t for t in args.target_modules.split(",") if t],
+        "layers": _integers(args.layers, "--layers") if args.layers else None,
+        "preserve_energy": None if args.preserve_energy == "none" else args.preserve_energy,
+        **{name: getattr(args, name) for name in _EDIT_NUMBERS if getattr(args, name) is not None},
+    }
+    edit_config(**options)
+    check_batching(args.batch_size, args.max_length, args.samples)
     from .edit import load_tokenizer, read_texts, spectral_edit
     from .render.console import print_edit, print_json
 
@@ -401,12 +418,11 @@ def _run_edit(args: argparse.Namespace) -> int:
         base_model=args.base,
         output_path=args.out,
         heldout_data=heldout,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
         max_samples=args.samples,
-        target_modules=[t for t in args.target_modules.split(",") if t],
-        layers=_integers(args.layers, "--layers") if args.layers else None,
-        preserve_energy=None if args.preserve_energy == "none" else args.preserve_energy,
-        **{name: getattr(args, name) for name in _EDIT_AS_GIVEN},
-        **{name: getattr(args, name) for name in _EDIT_NUMBERS if getattr(args, name) is not None},
+        overwrite=args.overwrite,
+        **options,
     )
     if args.json:
         print_json({"output_path": str(result.output_path), **result.to_dict()})
@@ -469,36 +485,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The paths each command reads (argument -> what it is, and whether a folder), checked before the command
-# imports torch and PEFT (a second or more): a mistyped path is answered at once. What a folder must hold
-# is checked where it is read.
-_INPUT_PATHS: dict[str, dict[str, tuple[str, bool]]] = {
-    "analyze": {"adapter": ("adapter folder", True), "base": ("base model folder", True)},
-    "squeeze": {
-        "adapter": ("adapter folder", True),
-        "base": ("base model folder", True),
-        "data": ("data file", False),
-    },
-    "allocate": {"model": ("model folder", True)},
+# The paths each command reads (argument -> what it is: an adapter folder, a model folder, or a file or folder
+# named by the text), checked before the command imports torch and PEFT (a second or more): a mistyped path,
+# or a folder that does not hold an adapter or a model, is answered at once.
+_INPUT_PATHS: dict[str, dict[str, str]] = {
+    "analyze": {"adapter": "adapter", "base": "model"},
+    "squeeze": {"adapter": "adapter", "base": "model", "data": "data file"},
+    "allocate": {"model": "model"},
     "edit": {
-        "adapter": ("adapter folder", True),
-        "base": ("base model folder", True),
-        "data": ("data file", False),
-        "heldout": ("data file", False),
-        "tokenizer": ("tokenizer folder", True),
+        "adapter": "adapter",
+        "base": "model",
+        "data": "data file",
+        "heldout": "data file",
+        "tokenizer": "tokenizer folder",
     },
-    "report": {"run_dir": ("run folder", True)},
+    "report": {"run_dir": "run folder"},
 }
 
 
 def _check_input_paths(args: argparse.Namespace) -> None:
-    for argument, (what, folder) in _INPUT_PATHS.get(args.command, {}).items():
+    for argument, kind in _INPUT_PATHS.get(args.command, {}).items():
         path = getattr(args, argument, None)
         if path is None:
             continue
-        if argument == "adapter" and str(path).endswith(".toml"):  # squeeze's settings file
-            what, folder = "TOML file", False
-        check_path(path, what, folder=folder)
+        if kind == "adapter" and str(path).endswith(".toml"):  # squeeze's settings file
+            check_path(path, "TOML file", folder=False)
+        elif kind == "adapter":
+            adapter_folder(path, getattr(args, "adapter_name", None))
+        elif kind == "model":
+            model_folder(path, "base model folder" if argument == "base" else "model folder")
+        else:
+            check_path(path, kind, folder=kind.endswith("folder"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -443,7 +443,8 @@ def test_cli_allocate_bad_folder_is_one_error_line(tmp_path, capsys):
     ],
 )
 def test_cli_allocate_checks_its_options_before_loading_the_model(tmp_path, capsys, options, message):
-    # The folder holds no model: the option is what is reported, so it was checked first (before the model
-    # load and the weight spectra, minutes on a real model).
+    # The folder holds a config.json but no model: the option is what is reported, so it was checked first
+    # (before the model load and the weight spectra, minutes on a real model).
+    (tmp_path / "config.json").write_text("{}")
     assert main(["allocate", str(tmp_path), *options]) == 2
     assert capsys.readouterr().err == f"lora-monitor allocate: error: {message}\n"

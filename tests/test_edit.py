@@ -198,6 +198,16 @@ def test_bad_options_and_inputs(tmp_path, tokenizer):
     for option, (value, message) in bad_numbers.items():
         with pytest.raises(LoraMonitorError, match=message):
             spectral_edit(lora_model(), SENTENCES[:2], tokenizer=tokenizer, **{option: value})
+    bad_batching = {
+        "batch_size": (0, "batch_size must be at least 1, got 0"),
+        "max_length": (2.5, "max_length must be a whole number, got 2.5"),
+        "max_samples": (0, "max_samples must be at least 1, got 0"),
+    }
+    for option, (value, message) in bad_batching.items():
+        with pytest.raises(LoraMonitorError, match=message):
+            spectral_edit(lora_model(), SENTENCES[:2], tokenizer=tokenizer, **{option: value})
+        with pytest.raises(LoraMonitorError, match=message):
+            calibration_batches(SENTENCES[:2], tokenizer, **{option: value})
     with pytest.raises(LoraMonitorError, match="no LoRA module matches"):
         spectral_edit(lora_model(), SENTENCES[:2], tokenizer=tokenizer, target_modules=["q_proj"])
     with pytest.raises(LoraMonitorError, match="need a tokenizer"):

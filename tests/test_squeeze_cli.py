@@ -158,43 +158,116 @@ def test_installed_command_fails_cleanly_on_a_missing_folder(tmp_path):
         (["--help"], None),
         (["squeeze", "{missing}", "--rank", "4", "--out", "{tmp}/out"], "{missing}: no such adapter folder"),
         (["squeeze", "{missing}.toml"], "{missing}.toml: no such TOML file"),
-        (["squeeze", "{file}"], "{file}: is a file, not an adapter folder"),
-        (["analyze", "{tmp}", "--base", "{missing}"], "{missing}: no such base model folder"),
-        (["allocate", "{file}"], "{file}: is a file, not a model folder"),
         (
-            ["edit", "{tmp}", "--base", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/out"],
+            ["squeeze", "{file}"],
+            "{file}: is a file, not an adapter folder; give the folder that holds adapter_config.json",
+        ),
+        (
+            ["squeeze", "{empty}"],
+            "{empty}: no adapter_config.json here, so this is not a PEFT adapter folder",
+        ),
+        (
+            ["analyze", "{multi}"],
+            "{multi}: no adapter_config.json here, but PEFT saved adapter(s) ['sql'] in sub-folders: pass "
+            "--adapter-name sql (adapter_name='sql'), or give {multi}/sql",
+        ),
+        (
+            ["analyze", "{multi}", "--adapter-name", "chat"],
+            "{multi}: no adapter named 'chat' (adapters in sub-folders: ['sql'])",
+        ),
+        (["analyze", "{adapter}", "--base", "{missing}"], "{missing}: no such base model folder"),
+        (
+            ["analyze", "{adapter}", "--base", "{tmp}"],
+            "{tmp}: no config.json (expected a model saved with save_pretrained)",
+        ),
+        (
+            ["allocate", "{file}"],
+            "{file}: is a file, not a model folder; expected a model saved with save_pretrained",
+        ),
+        (
+            ["edit", "{adapter}", "--base", "{model}", "--data", "{tmp}", "--out", "{tmp}/out"],
             "{tmp}: is a folder, not a data file",
         ),
         (["report", "{missing}"], "{missing}: no such run folder"),
-        # squeeze's options are checked before anything is read from the (here empty) folder
+        # the options are checked before anything is read from the folders (which hold only a config)
         (
-            ["squeeze", "{tmp}", "--rank", "4"],
+            ["squeeze", "{adapter}", "--rank", "4"],
             "--rank, --per-module and --allocate choose how to compress: give --out DIR as well",
         ),
         (
-            ["squeeze", "{tmp}", "--threshold", "2"],
+            ["squeeze", "{adapter}", "--threshold", "2"],
             "min_variance_retention must be above 0 and at most 1, got 2.0 (0.95 = keep 95%)",
         ),
-        (["squeeze", "{tmp}", "--ranks", "0,4"], "every rank of target_ranks must be at least 1, got 0"),
+        (["squeeze", "{adapter}", "--ranks", "0,4"], "every rank of target_ranks must be at least 1, got 0"),
+        (["allocate", "{model}", "--fraction", "0"], "layer_fraction must be above 0 and at most 1, got 0.0"),
+        (
+            [
+                "edit",
+                "{adapter}",
+                "--base",
+                "{model}",
+                "--data",
+                "{file}",
+                "--out",
+                "{tmp}/out",
+                "--core-frac",
+                "2",
+            ],
+            "core_frac must be at least 0 and at most 1, got 2.0",
+        ),
+        (
+            [
+                "edit",
+                "{adapter}",
+                "--base",
+                "{model}",
+                "--data",
+                "{file}",
+                "--out",
+                "{tmp}/out",
+                "--samples",
+                "0",
+            ],
+            "max_samples must be at least 1, got 0",
+        ),
     ],
     ids=[
         "help",
         "squeeze-missing",
         "toml-missing",
         "squeeze-file",
+        "squeeze-no-config",
+        "adapter-in-sub-folder",
+        "no-such-adapter-name",
         "base-missing",
+        "base-no-config",
         "allocate",
         "edit",
         "report",
         "rank-without-out",
         "threshold",
         "ranks",
+        "allocate-fraction",
+        "edit-core-frac",
+        "edit-samples",
     ],
 )
 def test_help_a_wrong_input_path_or_option_is_answered_before_torch_is_imported(tmp_path, arguments, message):
     # Importing torch and PEFT takes a second or more: the command answers these without them.
     (tmp_path / "notes.txt").write_text("not an adapter")
-    fill = {"missing": str(tmp_path / "missing"), "tmp": str(tmp_path), "file": str(tmp_path / "notes.txt")}
+    (tmp_path / "empty").mkdir()
+    for config in ("adapter/adapter_config.json", "multi/sql/adapter_config.json", "model/config.json"):
+        (tmp_path / config).parent.mkdir(parents=True)
+        (tmp_path / config).write_text("{}")
+    fill = {
+        "missing": str(tmp_path / "missing"),
+        "tmp": str(tmp_path),
+        "file": str(tmp_path / "notes.txt"),
+        "adapter": str(tmp_path / "adapter"),
+        "multi": str(tmp_path / "multi"),
+        "model": str(tmp_path / "model"),
+        "empty": str(tmp_path / "empty"),
+    }
     argv = [argument.format(**fill) for argument in arguments]
     script = (
         "import sys\n"

@@ -97,17 +97,21 @@ def test_full_retention_is_reached_within_the_engine_tolerance(adapter_folder):
 
 
 def test_the_packages_import_their_names_on_first_use_and_every_public_name_resolves():
-    # lora_monitor and lora_monitor.squeeze import a module the first time one of its names is read (the
-    # command checks its options before torch is imported); every name in __all__ must resolve.
+    # lora_monitor and its squeeze, allocation and edit packages import a module the first time one of its
+    # names is read (the command checks its options before torch is imported); every name in __all__ must
+    # resolve.
     import subprocess
     import sys
 
     script = (
         "import sys\n"
-        "import lora_monitor, lora_monitor.squeeze\n"
+        "import lora_monitor, lora_monitor.squeeze, lora_monitor.allocation, lora_monitor.edit\n"
         "from lora_monitor.squeeze.options import SqueezeOptions\n"
+        "from lora_monitor.allocation.options import check_allocation_options\n"
+        "from lora_monitor.edit.options import EditConfig, check_batching, edit_config\n"
         "light = 'torch' not in sys.modules\n"
-        "missing = [f'{package.__name__}.{name}' for package in (lora_monitor, lora_monitor.squeeze)\n"
+        "packages = (lora_monitor, lora_monitor.squeeze, lora_monitor.allocation, lora_monitor.edit)\n"
+        "missing = [f'{package.__name__}.{name}' for package in packages\n"
         "           for name in package.__all__ if not hasattr(package, name)]\n"
         "print(light, missing, lora_monitor.squeeze.analyze_adapter.__module__, 'torch' in sys.modules)\n"
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import model_folder
 from ..errors import LoraMonitorError
 from .record import LoraModule
 
@@ -19,11 +20,7 @@ def load_base_model(folder: str | os.PathLike, *, causal_lm_first: bool = True) 
     Tries ``AutoModelForCausalLM`` and then ``AutoModel`` (an encoder such as BERT has no causal head);
     with ``causal_lm_first=False`` only ``AutoModel``. Raises :class:`LoraMonitorError` naming the folder.
     """
-    path = Path(folder)
-    if not path.is_dir():
-        raise LoraMonitorError(f"{path}: not a folder (expected a model saved with save_pretrained)")
-    if not (path / "config.json").is_file():
-        raise LoraMonitorError(f"{path}: no config.json (expected a model saved with save_pretrained)")
+    path = model_folder(folder)
     from transformers import AutoModel, AutoModelForCausalLM
 
     errors = []

@@ -17,14 +17,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import LoraMonitorError, check_path
+from .._io import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, adapter_folder, no_adapter_config_message
+from ..errors import LoraMonitorError
 from .factors import MAGNITUDE_SUFFIX, SAVED_A_SUFFIXES, strip_prefix
 from .record import LoraModule
 from .scaling import describe_module, scale_for
-
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
 
 
 @dataclass
@@ -109,20 +106,6 @@ def _stored_shapes(weights_file: Path) -> dict[str, tuple[int, ...]]:
         raise LoraMonitorError(f"{weights_file}: not a readable adapter weights file ({error})") from error
 
 
-def _no_config_message(folder: Path) -> str:
-    """Why ``folder`` is no adapter folder; PEFT saves an adapter named ``foo`` as ``folder/foo/``: say so."""
-    nested = (
-        sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else []
-    )
-    if not nested:
-        return f"{folder}: no {CONFIG_NAME} here, so this is not a PEFT adapter folder"
-    options = " or ".join(f"--adapter-name {name} (adapter_name={name!r})" for name in nested)
-    return (
-        f"{folder}: no {CONFIG_NAME} here, but PEFT saved adapter(s) {nested} in sub-folders: pass {options}, "
-        f"or give {folder / nested[0]}"
-    )
-
-
 def _check_target_modules(config: dict[str, Any], config_file: Path, modules: list[LoraModule]) -> None:
     """Refuse a config whose ``target_modules`` would not put every stored pair back where it was.
 
@@ -161,7 +144,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     """The folder's ``adapter_config.json`` as a dict, checked to be a LoRA config."""
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
-        raise LoraMonitorError(_no_config_message(folder))
+        raise LoraMonitorError(no_adapter_config_message(folder))
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -181,14 +164,7 @@ def load_adapter(path: str | Path, adapter_name: str | None = None) -> SavedAdap
     ``adapter_name``. Scales follow the config's ``r``, ``lora_alpha``, ``rank_pattern``,
     ``alpha_pattern`` and ``use_rslora`` exactly as PEFT applies them.
     """
-    folder = check_path(path, "adapter folder", folder=True, hint=f"give the folder that holds {CONFIG_NAME}")
-    if adapter_name is not None and adapter_name != "default":
-        if not (folder / adapter_name).is_dir():
-            found = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
-            raise LoraMonitorError(
-                f"{folder}: no adapter named {adapter_name!r} (adapters in sub-folders: {found or 'none'})"
-            )
-        folder = folder / adapter_name
+    folder = adapter_folder(path, adapter_name)
     config = read_adapter_config(folder)
     weights_file = folder / SAFETENSORS_NAME
     if not weights_file.is_file():

@@ -19,9 +19,10 @@ from torch import nn
 
 from .._io import json_number
 from ..adapters import pattern_key
-from ..errors import LoraMonitorError, check_number
+from ..errors import LoraMonitorError
 from ..spectrum import weight_singular_values
 from .htsr import FitRule, LayerSpectrum, spectra_from_eigenvalues
+from .options import check_allocation_options
 
 Tensor = torch.Tensor
 Scaling = Literal["linear", "log", "sqrt"]
@@ -296,21 +297,6 @@ def _budget_ranks(fractions: Tensor, steps: Tensor, caps: Tensor, budget: int, n
             ranks[index] += 1
             spent += int(steps[index])
     return ranks.to(torch.int64)
-
-
-def check_allocation_options(
-    min_rank: int, max_rank: int, layer_fraction: float, alpha_factor: float, parameter_budget: int | None
-) -> None:
-    """A :class:`LoraMonitorError` naming the first of :func:`allocate_ranks`' numeric options out of range.
-
-    The command calls it before loading the model: the weight spectra of a real model take minutes, and a
-    bad ``--min-rank`` should not wait for them."""
-    check_number(min_rank, "min_rank", low=1, whole=True)
-    check_number(max_rank, "max_rank", low=min_rank, whole=True, hint=f"min_rank={min_rank}")
-    check_number(layer_fraction, "layer_fraction", low=0, low_open=True, high=1)
-    check_number(alpha_factor, "alpha_factor", low=0, low_open=True)
-    if parameter_budget is not None:
-        check_number(parameter_budget, "parameter_budget", low=1, whole=True)
 
 
 def allocate_ranks(

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import LoraMonitorError, check_path
+from .options import check_batching
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:
@@ -41,7 +42,8 @@ def load_tokenizer(folder: str | os.PathLike, hint: str = "") -> Any:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as error:
         hint = f"; {hint}" if hint else ""
-        raise LoraMonitorError(f"{folder}: no usable tokenizer here ({error}){hint}") from error
+        reason = " ".join(str(error).split())  # transformers' message spans lines: the error is one line
+        raise LoraMonitorError(f"{folder}: no usable tokenizer here ({reason}){hint}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -62,6 +64,7 @@ def calibration_batches(
     ``text_field`` column (tokenized) or already tokenized ``input_ids``, or a list of ready batches
     (dicts of tensors). Padding positions get label ``-100``.
     """
+    check_batching(batch_size, max_length, max_samples)
     ready = isinstance(data, Sequence) and data and isinstance(data[0], dict)
     if ready and isinstance(data[0].get("input_ids"), torch.Tensor) and data[0]["input_ids"].dim() == 2:
         return list(data)  # already batches: used as given

@@ -21,50 +21,10 @@ import torch
 
 from .._io import EDIT_META_NAME, dumps
 from ..adapters import LoraModule, factor_parameters, is_masked
-from ..errors import LoraMonitorError, check_number
+from ..errors import LoraMonitorError
 from ..spectrum import factored_svd
 from .data import calibration_batches, evaluate_loss, to_device
-
-MODES = ("abs_select", "random_index", "gd")
-
-
-@dataclass
-class EditConfig:
-    """The options of one edit, written into ``spectral_edit_meta.json``."""
-
-    mode: str = "abs_select"
-    target_modules: tuple[str, ...] = ("down_proj", "o_proj")
-    layers: tuple[int, ...] | None = None
-    core_frac: float = 0.2
-    noise_frac: float = 0.2
-    amp_factor: float = 1.25
-    sup_factor: float = 0.8
-    mid_factor: float = 1.0
-    eta: float = 0.2
-    update: str = "multiplicative"
-    preserve_energy: str | None = "l1"
-    seed: int = 0
-
-    def validate(self) -> None:
-        """Raise :class:`LoraMonitorError` naming the first option that is out of range."""
-        if self.mode not in MODES:
-            raise LoraMonitorError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.update not in ("multiplicative", "additive"):
-            raise LoraMonitorError(f"update must be 'multiplicative' or 'additive', got {self.update!r}")
-        if self.preserve_energy not in ("l1", "l2", None):
-            raise LoraMonitorError(
-                f"preserve_energy must be 'l1', 'l2' or None, got {self.preserve_energy!r}"
-            )
-        for name in ("core_frac", "noise_frac"):
-            check_number(getattr(self, name), name, low=0, high=1)
-        if self.core_frac + self.noise_frac > 1:
-            raise LoraMonitorError(
-                f"core_frac + noise_frac must be at most 1, got {self.core_frac + self.noise_frac}"
-            )
-        for name in ("amp_factor", "sup_factor", "mid_factor"):
-            check_number(getattr(self, name), name, low=0)
-        check_number(self.eta, "eta")
-        check_number(self.seed, "seed", whole=True)
+from .options import EditConfig, check_batching, edit_config
 
 
 @dataclass
@@ -258,15 +218,8 @@ def spectral_edit(
     adapter is written there (config, weights in their original dtype, ``spectral_edit_meta.json``).
     With ``heldout_data`` the calibration and held-out losses before and after are measured.
     """
-    unknown = set(options) - set(EditConfig.__dataclass_fields__)
-    if unknown:
-        raise LoraMonitorError(f"unknown spectral_edit options {sorted(unknown)}")
-    if "target_modules" in options and options["target_modules"] is not None:
-        options["target_modules"] = tuple(options["target_modules"])
-    if options.get("layers") is not None:
-        options["layers"] = tuple(options["layers"])
-    config = EditConfig(**options)
-    config.validate()
+    config = edit_config(**options)
+    check_batching(batch_size, max_length, max_samples)
 
     model, source_folder = _model_to_edit(model_or_path, base_model, adapter_name)
     from ..adapters import find_lora_modules

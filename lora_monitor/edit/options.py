@@ -1,0 +1,85 @@
+"""The options of a spectral edit, checked without importing torch: :class:`EditConfig`, :func:`edit_config`
+and :func:`check_batching`.
+
+``lora-monitor edit`` checks every option here before it imports torch and transformers or loads a tokenizer
+and a model (seconds, minutes for a real model): a wrong ``--core-frac`` is answered at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import LoraMonitorError, check_number
+
+MODES = ("abs_select", "random_index", "gd")
+
+
+@dataclass
+class EditConfig:
+    """The options of one edit, written into ``spectral_edit_meta.json``."""
+
+    mode: str = "abs_select"
+    target_modules: tuple[str, ...] = ("down_proj", "o_proj")
+    layers: tuple[int, ...] | None = None
+    core_frac: float = 0.2
+    noise_frac: float = 0.2
+    amp_factor: float = 1.25
+    sup_factor: float = 0.8
+    mid_factor: float = 1.0
+    eta: float = 0.2
+    update: str = "multiplicative"
+    preserve_energy: str | None = "l1"
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`LoraMonitorError` naming the first option that is out of range."""
+        if self.mode not in MODES:
+            raise LoraMonitorError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.update not in ("multiplicative", "additive"):
+            raise LoraMonitorError(f"update must be 'multiplicative' or 'additive', got {self.update!r}")
+        if self.preserve_energy not in ("l1", "l2", None):
+            raise LoraMonitorError(
+                f"preserve_energy must be 'l1', 'l2' or None, got {self.preserve_energy!r}"
+            )
+        for name in ("core_frac", "noise_frac"):
+            check_number(getattr(self, name), name, low=0, high=1)
+        if self.core_frac + self.noise_frac > 1:
+            raise LoraMonitorError(
+                f"core_frac + noise_frac must be at most 1, got {self.core_frac + self.noise_frac}"
+            )
+        for name in ("amp_factor", "sup_factor", "mid_factor"):
+            check_number(getattr(self, name), name, low=0)
+        check_number(self.eta, "eta")
+        check_number(self.seed, "seed", whole=True)
+
+
+def edit_config(**options: Any) -> EditConfig:
+    """The :class:`EditConfig` of ``options`` (its fields by name), validated; an unknown name is refused."""
+    unknown = set(options) - set(EditConfig.__dataclass_fields__)
+    if unknown:
+        raise LoraMonitorError(f"unknown spectral_edit options {sorted(unknown)}")
+    for name in ("target_modules", "layers"):
+        if options.get(name) is not None:
+            options[name] = _as_tuple(options[name])
+    config = EditConfig(**options)
+    config.validate()
+    return config
+
+
+def _as_tuple(values: Iterable[Any] | str) -> tuple[Any, ...]:
+    return (values,) if isinstance(values, str) else tuple(values)
+
+
+def check_batching(batch_size: int, max_length: int, max_samples: int | None) -> None:
+    """A :class:`LoraMonitorError` naming the first of the calibration batching options out of range:
+    ``batch_size`` and ``max_length`` (tokens per text) at least 1, ``max_samples`` at least 1 or None
+    (every text)."""
+    check_number(batch_size, "batch_size", low=1, whole=True)
+    check_number(max_length, "max_length", low=1, whole=True)
+    if max_samples is not None:
+        check_number(max_samples, "max_samples", low=1, whole=True)
+
+
+__all__ = ["MODES", "EditConfig", "check_batching", "edit_config"]
