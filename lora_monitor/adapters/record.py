@@ -7,6 +7,7 @@ live model, :mod:`.saved` from a folder; it sits in a file of its own so that bo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -64,9 +65,11 @@ class LoraModule:
         """True for attention projections (q, k, v, o and their fused forms), False for MLP and others."""
         return self.block == "attention"
 
-    @property
+    @functools.cached_property
     def block(self) -> str:
-        """``"attention"``, ``"mlp"`` or ``"other"`` (see :func:`~lora_monitor.adapters.scaling.module_block`)."""
+        """``"attention"``, ``"mlp"`` or ``"other"`` (see :func:`~lora_monitor.adapters.scaling.module_block`).
+
+        Worked out once per record: a monitor reads it for every module at every check."""
         return module_block(self.name)
 
     @property
