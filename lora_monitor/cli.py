@@ -180,6 +180,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
     if args.adapter.endswith(".toml"):
         settings = read_squeeze_toml(args.adapter)
         where = f"{args.adapter}: [squeeze]"
+        adapter_folder(settings["adapter_path"], args.adapter_name)  # what the command line's was checked for
     # The TOML table first, then what the command line overrides; one validator for both.
     options = SqueezeOptions.from_mapping(settings, where)
     overrides = {

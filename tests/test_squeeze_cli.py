@@ -166,6 +166,7 @@ def test_installed_command_fails_cleanly_on_a_missing_folder(tmp_path):
             ["squeeze", "{empty}"],
             "{empty}: no adapter_config.json here, so this is not a PEFT adapter folder",
         ),
+        (["squeeze", "{toml}"], "{empty}: no adapter_config.json here, so this is not a PEFT adapter folder"),
         (
             ["analyze", "{multi}"],
             "{multi}: no adapter_config.json here, but PEFT saved adapter(s) ['sql'] in sub-folders: pass "
@@ -237,6 +238,7 @@ def test_installed_command_fails_cleanly_on_a_missing_folder(tmp_path):
         "toml-missing",
         "squeeze-file",
         "squeeze-no-config",
+        "toml-adapter-no-config",
         "adapter-in-sub-folder",
         "no-such-adapter-name",
         "base-missing",
@@ -256,6 +258,7 @@ def test_help_a_wrong_input_path_or_option_is_answered_before_torch_is_imported(
     # Importing torch and PEFT takes a second or more: the command answers these without them.
     (tmp_path / "notes.txt").write_text("not an adapter")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "squeeze.toml").write_text(f'[squeeze]\nadapter_path = "{tmp_path / "empty"}"\n')
     for config in ("adapter/adapter_config.json", "multi/sql/adapter_config.json", "model/config.json"):
         (tmp_path / config).parent.mkdir(parents=True)
         (tmp_path / config).write_text("{}")
@@ -267,6 +270,7 @@ def test_help_a_wrong_input_path_or_option_is_answered_before_torch_is_imported(
         "multi": str(tmp_path / "multi"),
         "model": str(tmp_path / "model"),
         "empty": str(tmp_path / "empty"),
+        "toml": str(tmp_path / "squeeze.toml"),
     }
     argv = [argument.format(**fill) for argument in arguments]
     script = (
