@@ -180,7 +180,6 @@ def _run_squeeze(args: argparse.Namespace) -> int:
     if args.adapter.endswith(".toml"):
         settings = read_squeeze_toml(args.adapter)
         where = f"{args.adapter}: [squeeze]"
-        adapter_folder(settings["adapter_path"], args.adapter_name)  # what the command line's was checked for
     # The TOML table first, then what the command line overrides; one validator for both.
     options = SqueezeOptions.from_mapping(settings, where)
     overrides = {
@@ -206,6 +205,8 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         if not (args.base and args.data):
             raise LoraMonitorError("--allocate sensitivity measures each module type: give --base and --data")
         args.by_module_type = True
+    if args.adapter.endswith(".toml"):  # the adapter it names, checked as the command line's was
+        adapter_folder(settings["adapter_path"], args.adapter_name)
 
     from .render.console import (
         print_budget_allocation,
