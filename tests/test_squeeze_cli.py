@@ -152,6 +152,10 @@ def test_installed_command_fails_cleanly_on_a_missing_folder(tmp_path):
     assert len(lines) == 1 and "no such adapter folder" in lines[0], completed.stderr
 
 
+# An edit whose paths all pass the command's checks (see the test below).
+EDIT_ARGUMENTS = ["edit", "{adapter}", "--base", "{model}", "--data", "{file}", "--out", "{tmp}/out"]
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -202,33 +206,11 @@ def test_installed_command_fails_cleanly_on_a_missing_folder(tmp_path):
         (["squeeze", "{adapter}", "--ranks", "0,4"], "every rank of target_ranks must be at least 1, got 0"),
         (["allocate", "{model}", "--fraction", "0"], "layer_fraction must be above 0 and at most 1, got 0.0"),
         (
-            [
-                "edit",
-                "{adapter}",
-                "--base",
-                "{model}",
-                "--data",
-                "{file}",
-                "--out",
-                "{tmp}/out",
-                "--core-frac",
-                "2",
-            ],
+            [*EDIT_ARGUMENTS, "--core-frac", "2"],
             "core_frac must be at least 0 and at most 1, got 2.0",
         ),
         (
-            [
-                "edit",
-                "{adapter}",
-                "--base",
-                "{model}",
-                "--data",
-                "{file}",
-                "--out",
-                "{tmp}/out",
-                "--samples",
-                "0",
-            ],
+            [*EDIT_ARGUMENTS, "--samples", "0"],
             "max_samples must be at least 1, got 0",
         ),
     ],
