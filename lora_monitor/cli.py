@@ -138,7 +138,9 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
     function.add_argument(
         "--by-module-type", action="store_true", help="also per module type (one pass per type and rank)"
     )
-    function.add_argument("--samples", type=int, default=64, help="texts used (default: %(default)s)")
+    function.add_argument(
+        "--samples", type=int, default=64, help="texts used, 0 for every text (default: %(default)s)"
+    )
     function.add_argument("--batch-size", type=int, default=8)
     function.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -205,6 +207,12 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         if not (args.base and args.data):
             raise LoraMonitorError("--allocate sensitivity measures each module type: give --base and --data")
         args.by_module_type = True
+    if args.base or args.data:  # the rank by function's options
+        from .edit.options import check_batching
+        from .squeeze.options import validate_tolerance
+
+        validate_tolerance(args.tolerance)
+        check_batching(args.batch_size, args.max_length, args.samples)
     if args.adapter.endswith(".toml"):  # the adapter it names, checked as the command line's was
         adapter_folder(settings["adapter_path"], args.adapter_name)
 
@@ -375,7 +383,9 @@ def register_edit(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--update", default="multiplicative", choices=["multiplicative", "additive"])
     parser.add_argument("--preserve-energy", default="l1", choices=["l1", "l2", "none"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples", type=int, default=32, help="calibration samples (default: %(default)s)")
+    parser.add_argument(
+        "--samples", type=int, default=32, help="calibration samples, 0 for every text (default: %(default)s)"
+    )
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument(

@@ -201,7 +201,7 @@ def test_bad_options_and_inputs(tmp_path, tokenizer):
     bad_batching = {
         "batch_size": (0, "batch_size must be at least 1, got 0"),
         "max_length": (2.5, "max_length must be a whole number, got 2.5"),
-        "max_samples": (0, "max_samples must be at least 1, got 0"),
+        "max_samples": (-1, "max_samples must be at least 0, got -1"),
     }
     for option, (value, message) in bad_batching.items():
         with pytest.raises(LoraMonitorError, match=message):

@@ -74,12 +74,12 @@ def _as_tuple(values: Iterable[Any] | str) -> tuple[Any, ...]:
 
 def check_batching(batch_size: int, max_length: int, max_samples: int | None) -> None:
     """A :class:`LoraMonitorError` naming the first of the calibration batching options out of range:
-    ``batch_size`` and ``max_length`` (tokens per text) at least 1, ``max_samples`` at least 1 or None
-    (every text)."""
+    ``batch_size`` and ``max_length`` (tokens per text) at least 1, ``max_samples`` a whole number (0 or None:
+    every text)."""
     check_number(batch_size, "batch_size", low=1, whole=True)
     check_number(max_length, "max_length", low=1, whole=True)
     if max_samples is not None:
-        check_number(max_samples, "max_samples", low=1, whole=True)
+        check_number(max_samples, "max_samples", low=0, whole=True, hint="0 = every text")
 
 
 __all__ = ["MODES", "EditConfig", "check_batching", "edit_config"]

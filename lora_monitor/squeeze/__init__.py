@@ -47,6 +47,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "validate_rank",
         "validate_ranks",
         "validate_threshold",
+        "validate_tolerance",
     ),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -78,6 +79,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         validate_rank,
         validate_ranks,
         validate_threshold,
+        validate_tolerance,
     )
 
 __all__ = [
@@ -110,5 +112,6 @@ __all__ = [
     "validate_rank",
     "validate_ranks",
     "validate_threshold",
+    "validate_tolerance",
     "write_squeeze_manifest",
 ]

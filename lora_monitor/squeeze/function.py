@@ -22,10 +22,10 @@ import torch
 from .._io import json_safe
 from ..adapters import factor_parameters, find_lora_modules, unwrap_model
 from ..adapters.factors import as_A_matrix, as_B_matrix, live_factors
-from ..errors import LoraMonitorError, check_number
+from ..errors import LoraMonitorError
 from ..spectrum import truncate_factors
 from .analysis import analyze_adapter
-from .options import DEFAULT_THRESHOLD, default_target_ranks, validate_rank
+from .options import DEFAULT_THRESHOLD, default_target_ranks, validate_rank, validate_tolerance
 
 # Relative increase of the mean held-out loss a recommended rank may cost (0.01 = 1%). Chosen from
 # bench/evidence.py (see bench/EVIDENCE.md): on MiniLM / Rotten Tomatoes a 1% loss increase at the recommended
@@ -208,7 +208,7 @@ def recommend_rank_by_function(
     more pass per candidate rank and module type.
     ``progress`` forces the progress bar on or off (by default it shows when stderr is a terminal).
     """
-    tolerance = check_number(tolerance, "tolerance", low=0.0, hint="0.01 = allow 1% more held-out loss")
+    tolerance = validate_tolerance(tolerance)
     batches = list(eval_batches)
     if not batches:
         raise LoraMonitorError("eval_batches is empty: give at least one batch with labels")
