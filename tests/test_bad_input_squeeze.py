@@ -282,3 +282,12 @@ def test_named_adapter_layout_points_to_adapter_name(tmp_path, capsys):
     assert analyze_adapter(tmp_path / "saved" / "foo").mean_variance == by_name.mean_variance
     status, _, err = run(capsys, tmp_path / "saved", "--adapter-name", "foo")
     assert status == 0, err
+    # onto its base (what --base needs): the adapter in the sub-folder, with its own factors
+    from lora_monitor.adapters.base_model import load_onto_base
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    loaded = load_onto_base(tmp_path / "saved", tmp_path / "base", "foo")
+    saved_B = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["foo"].weight
+    assert torch.equal(
+        loaded.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight, saved_B
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
@@ -44,8 +43,8 @@ def load_onto_base(
     naming the folder (``needed_for`` says what the base was needed for when none is given)."""
     from .saved import load_adapter
 
-    folder = Path(folder)
-    load_adapter(folder, adapter_name)  # validates the folder with a clear message
+    # validated with a clear message; an adapter_name is the sub-folder PEFT saved that adapter in
+    folder = load_adapter(folder, adapter_name).path
     if base_model is None:
         raise LoraMonitorError(f"{folder}: {needed_for} needs its base model (base_model=... / --base)")
     if isinstance(base_model, str | os.PathLike):
