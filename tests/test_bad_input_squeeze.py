@@ -127,6 +127,22 @@ def test_output_under_a_regular_file(tmp_path, capsys, adapter_folder):
     assert blocker.read_text() == "not a folder" and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("device", ["foo", "cuda:99"])
+def test_a_device_this_machine_has_not_is_one_error(tmp_path, capsys, adapter_folder, device):
+    # "foo" is no torch device; no machine has a 100th GPU (and a CPU-only build has none)
+    for call in (
+        lambda: analyze_adapter(adapter_folder, device=device),
+        lambda: compress_adapter(adapter_folder, tmp_path / "out", target_rank=2, device=device),
+    ):
+        with pytest.raises(LoraMonitorError, match=f"device '{device}' is not available here"):
+            call()
+    status, out, err = run(
+        capsys, adapter_folder, "--rank", "2", "--out", tmp_path / "out", "--device", device
+    )
+    assert_one_line_error(status, out, err, f"device '{device}' is not available here")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
 def full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
