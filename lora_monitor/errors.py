@@ -69,3 +69,20 @@ def check_path(path: str | os.PathLike, what: str, *, folder: bool, hint: str = 
     if not folder and found.is_dir():
         raise LoraMonitorError(f"{found}: is a folder, not {article} {what}{hint}")
     return found
+
+
+def check_device(device: Any) -> Any:
+    """``device`` as a ``torch.device`` when this machine has it (None stays None), else a
+    :class:`LoraMonitorError` naming it: a name torch does not know, or a device torch was not built for or
+    cannot reach here (``"cuda"`` on a CPU-only build, ``"cuda:3"`` on a machine with one GPU)."""
+    if device is None:
+        return None
+    import torch  # only here: the other checks of this module answer before torch is imported
+
+    try:
+        resolved = torch.device(device)
+        torch.empty(0, device=resolved)  # what reaching the device takes; raises where it is not here
+    except Exception as error:  # torch raises RuntimeError, AssertionError, TypeError... by device kind
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise LoraMonitorError(f"device {device!r} is not available here ({reason})") from error
+    return resolved

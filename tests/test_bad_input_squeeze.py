@@ -141,6 +141,11 @@ def test_a_device_this_machine_has_not_is_one_error(tmp_path, capsys, adapter_fo
     )
     assert_one_line_error(status, out, err, f"device '{device}' is not available here")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    # the same check where the allocation's weight spectra are computed
+    from lora_monitor.allocation import spectral_analysis
+
+    with pytest.raises(LoraMonitorError, match=f"device '{device}' is not available here"):
+        spectral_analysis(tiny_llama(0), device=device, progress=False)
 
 
 def full_disk(*args, **kwargs):

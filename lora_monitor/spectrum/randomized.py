@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..errors import check_device
 from .factored import SVDResult, Tensor, _compute_dtype
 
 # --------------------------------------------------------------------------------------------------------
@@ -147,6 +148,7 @@ def weight_singular_values(
             raise ValueError(f"weight {index}: need a floating-point matrix, got {W.dtype} {tuple(W.shape)}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else None
+    device = check_device(device)
     groups: dict[tuple[int, int], list[int]] = {}
     for index, W in enumerate(matrices):
         groups.setdefault(tuple(W.shape), []).append(index)

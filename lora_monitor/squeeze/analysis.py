@@ -26,9 +26,9 @@ import torch
 
 from .._io import json_safe
 from ..adapters import LoraModule, OpenedAdapter, module_block, open_adapter
-from ..errors import LoraMonitorError
+from ..errors import LoraMonitorError, check_device
 from ..spectrum import energy_curve, lora_spectra, rank_for_energy, reaches
-from .options import DEFAULT_THRESHOLD, SqueezeOptions, default_target_ranks, validate_device
+from .options import DEFAULT_THRESHOLD, SqueezeOptions, default_target_ranks
 
 # Modules decomposed per call of the engine: large enough to batch the r×r work, small enough that only
 # this many factor pairs are in memory at once.
@@ -311,7 +311,7 @@ def analyze_adapter(
     in any factor (naming the module).
     """
     options = SqueezeOptions(min_variance_retention=min_variance_retention, target_ranks=target_ranks)
-    device = validate_device(device)
+    device = check_device(device)
     adapter = open_adapter(path_or_model, adapter_name, with_state=False)
     return analyse(adapter, options, device, progress)
 

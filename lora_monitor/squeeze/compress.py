@@ -39,10 +39,10 @@ from ..adapters import (
     unwrap_model,
     write_adapter_folder,
 )
-from ..errors import LoraMonitorError
+from ..errors import LoraMonitorError, check_device
 from ..spectrum import truncate_many
 from .analysis import CHUNK_SIZE, SqueezeAnalysis, _check_finite, _decomposed, _progress, analyse
-from .options import DEFAULT_THRESHOLD, SqueezeOptions, validate_device, validate_rank
+from .options import DEFAULT_THRESHOLD, SqueezeOptions, validate_rank
 
 
 @dataclass
@@ -171,7 +171,7 @@ def compress_adapter(
         target_rank=target_rank,
         per_module=per_module,
     )
-    device = validate_device(device)
+    device = check_device(device)
     adapter = open_adapter(path_or_model, adapter_name, with_state=True)
     output = Path(output_path)
     check_output(output, adapter.folder, overwrite)

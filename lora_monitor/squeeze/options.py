@@ -28,23 +28,6 @@ def validate_tolerance(tolerance: Any) -> float:
     return float(check_number(tolerance, "tolerance", low=0.0, hint="0.01 = allow 1% more held-out loss"))
 
 
-def validate_device(device: Any) -> Any:
-    """``device`` as a ``torch.device`` when this machine has it (None stays None: the factors' own device),
-    else a :class:`LoraMonitorError` naming it: a name torch does not know, or a device torch was not built for
-    or cannot reach here (``"cuda"`` on a CPU-only build, ``"cuda:3"`` on a machine with one GPU)."""
-    if device is None:
-        return None
-    import torch  # only here: the rest of this module answers before torch is imported
-
-    try:
-        resolved = torch.device(device)
-        torch.empty(0, device=resolved)  # what reaching the device takes; raises where it is not here
-    except Exception as error:  # torch raises RuntimeError, AssertionError, TypeError... by device kind
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise LoraMonitorError(f"device {device!r} is not available here ({reason})") from error
-    return resolved
-
-
 def validate_rank(rank: Any, what: str = "target_rank") -> int:
     """``rank`` as an int if it is a whole number >= 1, else a :class:`LoraMonitorError` naming ``what``."""
     return int(check_number(rank, what, low=1, whole=True))
