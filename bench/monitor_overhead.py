@@ -1,7 +1,8 @@
 """Step-time overhead of SpectralMonitorCallback in a real Trainer run.
 
 The same small-but-not-trivial run (a 4-layer Llama, hidden 256, LoRA r=16 on every linear layer) is
-trained with no callback, with the monitor every 50 steps and with the monitor every step. Each step is
+trained with no callback, with the monitor every 50 steps, with the monitor every step (the gradient rank
+at every 10th, the callback's default) and with the gradient rank at every step too. Each step is
 timed from one ``on_step_end`` to the next by a callback placed after the monitor, so a step's time
 includes the monitor's work at that step (the gradient rank in ``on_pre_optimizer_step``, the metrics,
 alerts, JSONL line and log event in ``on_step_end``). The configurations are interleaved and repeated;
@@ -50,8 +51,9 @@ class StepTimer(TrainerCallback):
 
 
 def working(step: int, block: int) -> bool:
-    """Whether the alternating monitor checks at optimizer step ``step`` (1-based): the first block works."""
-    return (step - 1) // block % 2 == 0
+    """Whether the alternating monitor checks at optimizer step ``step`` (1-based): the blocks are steps
+    0-9, 10-19, ... (for ``block=10``), aligned with the spans of the monitor's gradient rank; the first works."""
+    return step // block % 2 == 0
 
 
 class TimedMonitor(SpectralMonitorCallback):
@@ -161,11 +163,11 @@ def block_ratios(step_times: list[float], block: int, warmup: int) -> list[float
     blocks: dict[int, list[float]] = {}
     for step, seconds in enumerate(step_times, start=1):
         if step > warmup:
-            blocks.setdefault((step - 1) // block, []).append(seconds)
+            blocks.setdefault(step // block, []).append(seconds)
     return [
         statistics.fmean(blocks[index]) / statistics.fmean(blocks[index + 1])
         for index in sorted(blocks)
-        if working(index * block + 1, block) and index + 1 in blocks
+        if working(index * block, block) and index + 1 in blocks
     ]
 
 
@@ -179,7 +181,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--block", type=int, default=5, help="steps per block of the alternating run")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=10,
+        help="steps per block of the alternating run (10: one gradient rank per working block, as in a run)",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 steadies timings on a shared machine)"
     )
@@ -187,21 +194,29 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     data = dataset(args)
-    configurations = {"no callback": None, "monitor every 50 steps": 50, "monitor every step": 1}
+    configurations = {
+        "no callback": None,
+        "monitor every 50 steps": {"every_n_steps": 50},
+        "monitor every step": {"every_n_steps": 1},  # the gradient rank every 10 steps (the default)
+        "every step, gradient rank too": {"every_n_steps": 1, "gradient_every_n_steps": 1},
+    }
+    side_by_side = {"monitor every step": {}, "every step, gradient rank too": {"gradient_every_n_steps": 1}}
     runs: dict[str, list[tuple[float, int, float]]] = {name: [] for name in configurations}
-    alternating: list[tuple[list[float], float]] = []  # each run's block ratios and hooks per check
+    # each run's block ratios and hooks per check, per configuration
+    alternating: dict[str, list[tuple[list[float], float]]] = {name: [] for name in side_by_side}
     for _ in range(args.repeats):
-        for name, every in configurations.items():
-            monitor = None if every is None else TimedMonitor(every_n_steps=every, log_alerts=False)
+        for name, options in configurations.items():
+            monitor = None if options is None else TimedMonitor(log_alerts=False, **options)
             mean_step = statistics.fmean(run(args, monitor, data)[args.warmup :])
             runs[name].append(
                 (mean_step, 0, 0.0)
                 if monitor is None
                 else (mean_step, monitor.step_checks, monitor.hook_seconds)
             )
-        monitor = AlternatingMonitor(args.block, log_alerts=False)
-        ratios = block_ratios(run(args, monitor, data), args.block, args.warmup)
-        alternating.append((ratios, monitor.hook_seconds / max(monitor.step_checks, 1)))
+        for name, options in side_by_side.items():
+            monitor = AlternatingMonitor(args.block, log_alerts=False, **options)
+            ratios = block_ratios(run(args, monitor, data), args.block, args.warmup)
+            alternating[name].append((ratios, monitor.hook_seconds / max(monitor.step_checks, 1)))
 
     def steps(name: str) -> tuple[float, float]:
         """Min and median over the repeats of a configuration's mean step."""
@@ -254,16 +269,17 @@ def main() -> None:
         )
     console = Console(width=160)
     console.print(table)
-    pairs = [ratio for ratios, _ in alternating for ratio in ratios]
-    run_medians = [statistics.median(ratios) for ratios, _ in alternating if ratios]
-    if pairs:
-        console.print(
-            f"Side by side in one run (the monitor every step of alternate blocks of {args.block} steps, "
-            f"{len(pairs)} pairs of a working block and the resting block after it over {args.repeats} runs): "
-            f"step ratio {statistics.median(pairs):.3f} (median of the pairs; per run "
-            + " · ".join(f"{median:.3f}" for median in run_medians)
-            + f"), hooks {1000 * statistics.median(hooks for _, hooks in alternating):.1f} ms per check."
-        )
+    for name, results in alternating.items():
+        pairs = [ratio for ratios, _ in results for ratio in ratios]
+        run_medians = [statistics.median(ratios) for ratios, _ in results if ratios]
+        if pairs:
+            console.print(
+                f"Side by side in one run, {name} (the monitor every step of alternate blocks of {args.block} "
+                f"steps, {len(pairs)} pairs of a working block and the resting block after it over "
+                f"{args.repeats} runs): step ratio {statistics.median(pairs):.3f} (median of the pairs; per run "
+                + " · ".join(f"{median:.3f}" for median in run_medians)
+                + f"), hooks {1000 * statistics.median(hooks for _, hooks in results):.1f} ms per check."
+            )
     hooks_50 = per_check("monitor every 50 steps")
     if hooks_50 is not None:
         console.print(

@@ -145,12 +145,44 @@ def test_attach_and_every_n_steps(tmp_path, lm_dataset):
     assert all(m.gradient_effective_rank is None for m in monitor.latest)
 
 
+@pytest.mark.parametrize(("gradient_every", "measured"), [(5, [1, 5, 10, 12]), (1, list(range(1, 13)))])
+def test_gradient_rank_at_the_first_check_of_each_span_and_the_last_step(
+    tmp_path, lm_dataset, gradient_every, measured
+):
+    monitor = SpectralMonitorCallback(every_n_steps=1, gradient_every_n_steps=gradient_every)
+    trainer = train(tmp_path, lm_dataset, monitor, steps=12)
+    lines = [json.loads(line) for line in (tmp_path / "lora_monitor.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(13))  # the weights at every check
+    with_gradients = [
+        line["step"]
+        for line in lines
+        if any(m["gradient_effective_rank"] is not None for m in line["modules"])
+    ]
+    assert with_gradients == measured
+    for line in lines:  # a check has every module's gradient rank or none
+        ranks = [m["gradient_effective_rank"] for m in line["modules"]]
+        assert all(rank is None for rank in ranks) or all(0 < rank <= 2 * 8 for rank in ranks)  # r=8
+    logged = [e["step"] for e in trainer.state.log_history if "lora/mean_gradient_effective_rank" in e]
+    assert logged == measured
+
+
+def test_a_new_run_measures_the_gradient_rank_at_its_first_check(tmp_path, lm_dataset):
+    # Steps 1 and 4 lie in the same span of 5: without starting afresh, the second run's step 1 would not count.
+    monitor = SpectralMonitorCallback(every_n_steps=1, gradient_every_n_steps=5, jsonl_name=None)
+    trainer = train(tmp_path, lm_dataset, monitor, steps=4)
+    trainer.train()
+    logged = [e["step"] for e in trainer.state.log_history if "lora/mean_gradient_effective_rank" in e]
+    assert logged == [1, 4]  # the second run's history (the first's: the same)
+
+
 def test_every_n_steps_below_one_is_refused():
     from lora_monitor.errors import LoraMonitorError
 
     for bad in (0, -3):
         with pytest.raises(LoraMonitorError, match=f"every_n_steps must be at least 1, got {bad}"):
             SpectralMonitorCallback(every_n_steps=bad)
+        with pytest.raises(LoraMonitorError, match=f"gradient_every_n_steps must be at least 1, got {bad}"):
+            SpectralMonitorCallback(gradient_every_n_steps=bad)
 
 
 def test_wandb_offline_run_holds_the_keys(tmp_path, lm_dataset, monkeypatch):
