@@ -29,7 +29,8 @@ class ModuleDynamics:
     is the standard deviation of ``log10 κ`` over the window (orders of magnitude; None without two finite
     values). Trend, saturation and volatility use only the checks at the module's current nominal rank (a
     module resized during training starts over); ``checks`` counts every non-zero check.
-    ``gradient_effective_rank`` is the latest one.
+    ``gradient_effective_rank`` is the latest check's (None where that check did not measure it: see
+    ``SpectralMonitorCallback(gradient_every_n_steps=...)``).
     """
 
     name: str
