@@ -51,8 +51,9 @@ class StepTimer(TrainerCallback):
 
 
 def working(step: int, block: int) -> bool:
-    """Whether the alternating monitor checks at optimizer step ``step`` (1-based): the blocks are steps
-    0-9, 10-19, ... (for ``block=10``), aligned with the spans of the monitor's gradient rank; the first works."""
+    """Whether the alternating monitor checks at optimizer step ``step``: the blocks are steps 1-9, 10-19,
+    20-29, ... (for ``block=10``: aligned with the multiples at which the monitor measures the gradient
+    rank), and the first works."""
     return step // block % 2 == 0
 
 
@@ -159,15 +160,17 @@ def run(args: argparse.Namespace, monitor: TimedMonitor | None, data: Dataset) -
 
 
 def block_ratios(step_times: list[float], block: int, warmup: int) -> list[float]:
-    """Mean step of each working block over that of the resting block after it (steps after ``warmup``)."""
+    """Mean step of each working block over that of the resting block after it. Only whole blocks after
+    ``warmup`` are paired (the first block, steps 1 to ``block - 1``, never is)."""
     blocks: dict[int, list[float]] = {}
     for step, seconds in enumerate(step_times, start=1):
-        if step > warmup:
-            blocks.setdefault(step // block, []).append(seconds)
+        blocks.setdefault(step // block, []).append(seconds)
     return [
         statistics.fmean(blocks[index]) / statistics.fmean(blocks[index + 1])
         for index in sorted(blocks)
-        if working(index * block, block) and index + 1 in blocks
+        if working(index * block, block)
+        and index * block > warmup
+        and len(blocks[index]) == len(blocks.get(index + 1, ())) == block
     ]
 
 
@@ -185,7 +188,8 @@ def main() -> None:
         "--block",
         type=int,
         default=10,
-        help="steps per block of the alternating run (10: one gradient rank per working block, as in a run)",
+        help="steps per block of the alternating run (10: the gradient rank at the first step of each working "
+        "block, one step in ten as in a run with every_n_steps=1)",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 steadies timings on a shared machine)"

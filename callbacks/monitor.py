@@ -40,11 +40,12 @@ class SpectralMonitorCallback(TrainerCallback):
         every_n_steps: check every this many optimizer steps (plus at the start and the end of training).
         thresholds, adapter_name, track_gradients, intruders_every: as for
             :class:`~lora_monitor.monitor.Monitor` (``intruders_every=500``: intruder dimensions now and then).
-        gradient_every_n_steps: measure the gradient rank at the first check in each span of this many
-            steps (steps 0-9, 10-19, ... by default) and at the last step. With checks this far apart or
-            more (the default ``every_n_steps=50``) that is every check; with checks every step it is
-            steps 1, 10, 20, ..., where it costs about 40% of a check. The weights' metrics and alerts
-            are measured at every check either way; 1 measures the gradient at every check too.
+        gradient_every_n_steps: measure the gradient rank at the first check at or after each multiple of
+            this many steps, and at the last step (``max_steps``). With checks this far apart or more (the
+            default ``every_n_steps=50``) that is every check after the start; with checks every step it is
+            steps 10, 20, 30, ..., where it would cost about 40% of each check. The weights' metrics and
+            alerts are measured at every check either way; 1 measures the gradient at every check too. A
+            run stopped before ``max_steps`` (early stopping) may end on a check without it.
         jsonl_name: file in ``output_dir`` that receives one JSON line per check (None: no file).
         log_alerts: send new alerts to the ``lora_monitor`` logger.
 
@@ -69,7 +70,6 @@ class SpectralMonitorCallback(TrainerCallback):
         )
         self.every_n_steps, self.jsonl_name, self.log_alerts = every_n_steps, jsonl_name, log_alerts
         self.gradient_every_n_steps = gradient_every_n_steps
-        self._last_gradient_step: int | None = None
         self.monitor = Monitor(thresholds, adapter_name, track_gradients, intruders_every=intruders_every)
         self._handler, self._failed_once, self._warned_no_handler = None, False, False
 
@@ -96,22 +96,22 @@ class SpectralMonitorCallback(TrainerCallback):
         self._handler = find_calling_handler(self) or self._handler
         if self.history.steps and state.global_step <= self.history.steps[-1]:
             self.monitor.reset()  # a new run (not a resume): its history and alerts start empty
-        self._last_gradient_step = None
         return self._check(args, state, control, model, kwargs.get("optimizer"))
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         # Gradients exist only here (zeroed before on_step_end); the step about to end is global_step + 1.
         step = state.global_step + 1
-        if model is not None and step % self.every_n_steps == 0 and self._gradient_due(step, state):
-            self._last_gradient_step = step
+        last = 0 < state.max_steps <= step  # on_step_end checks the last step whatever its number
+        if model is not None and (step % self.every_n_steps == 0 or last) and self._gradient_due(step, last):
             self._guarded(self.monitor.record_gradients, model, step)
 
-    def _gradient_due(self, step: int, state) -> bool:
-        """Whether the check at ``step`` measures the gradient rank: the first check in its span of
-        ``gradient_every_n_steps`` steps, or the last step. Decided from step numbers alone, so every
-        process of a distributed run decides alike (under FSDP2 the measurement is a collective)."""
-        last, span = self._last_gradient_step, self.gradient_every_n_steps
-        return last is None or step // span != last // span or 0 < state.max_steps <= step
+    def _gradient_due(self, step: int, last: bool) -> bool:
+        """Whether the check at ``step`` measures the gradient rank: the last step, or the first check at or
+        after a multiple of ``gradient_every_n_steps`` (the check before it, ``every_n_steps`` earlier, lies
+        before that multiple). Step numbers alone decide: every process of a distributed run decides alike
+        (under FSDP2 the measurement is a collective), and a resumed run measures where it would have."""
+        span = self.gradient_every_n_steps
+        return last or step // span != (step - self.every_n_steps) // span
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every_n_steps == 0 or is_last_step(state, control):

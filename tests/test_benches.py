@@ -44,7 +44,7 @@ def run_bench(arguments: list[str], tmp_path: Path) -> str:
         ),
         (
             [
-                *("monitor_overhead.py", "--steps", "6", "--warmup", "1", "--repeats", "1", "--hidden", "64"),
+                *("monitor_overhead.py", "--steps", "8", "--warmup", "1", "--repeats", "1", "--hidden", "64"),
                 *("--block", "2"),
             ],
             "Side by side in one run",  # printed after the table, from the alternating run's block pairs

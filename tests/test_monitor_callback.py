@@ -68,7 +68,9 @@ def test_a_jsonl_line_is_strict_json_with_the_values_the_standard_library_reads(
 
 def test_trainer_reports_metrics_to_log_history_integrations_and_jsonl(tmp_path, lm_dataset, caplog):
     recorder = RecordingCallback()
-    monitor = SpectralMonitorCallback(every_n_steps=2, thresholds={"dominance_warning": 0.2})
+    monitor = SpectralMonitorCallback(
+        every_n_steps=2, thresholds={"dominance_warning": 0.2}, gradient_every_n_steps=2
+    )
     with caplog.at_level(logging.INFO, logger="lora_monitor"):
         trainer = train(tmp_path, lm_dataset, monitor, steps=4, extra_callbacks=[recorder])
 
@@ -145,14 +147,23 @@ def test_attach_and_every_n_steps(tmp_path, lm_dataset):
     assert all(m.gradient_effective_rank is None for m in monitor.latest)
 
 
-@pytest.mark.parametrize(("gradient_every", "measured"), [(5, [1, 5, 10, 12]), (1, list(range(1, 13)))])
-def test_gradient_rank_at_the_first_check_of_each_span_and_the_last_step(
-    tmp_path, lm_dataset, gradient_every, measured
+@pytest.mark.parametrize(
+    ("every", "gradient_every", "steps", "measured"),
+    [
+        (1, 5, 12, [5, 10, 12]),  # the multiples of 5, and the last step
+        (1, 1, 12, list(range(1, 13))),
+        (2, 5, 12, [6, 10, 12]),  # the first check at or after each multiple
+        (5, 2, 7, [5, 7]),  # checks further apart than the span: every one, and a last step off the grid
+    ],
+)
+def test_gradient_rank_at_the_first_check_after_each_multiple_and_the_last_step(
+    tmp_path, lm_dataset, every, gradient_every, steps, measured
 ):
-    monitor = SpectralMonitorCallback(every_n_steps=1, gradient_every_n_steps=gradient_every)
-    trainer = train(tmp_path, lm_dataset, monitor, steps=12)
+    monitor = SpectralMonitorCallback(every_n_steps=every, gradient_every_n_steps=gradient_every)
+    trainer = train(tmp_path, lm_dataset, monitor, steps=steps)
     lines = [json.loads(line) for line in (tmp_path / "lora_monitor.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == list(range(13))  # the weights at every check
+    checked = [0, *range(every, steps + 1, every)]
+    assert [line["step"] for line in lines] == (checked if checked[-1] == steps else [*checked, steps])
     with_gradients = [
         line["step"]
         for line in lines
@@ -164,15 +175,6 @@ def test_gradient_rank_at_the_first_check_of_each_span_and_the_last_step(
         assert all(rank is None for rank in ranks) or all(0 < rank <= 2 * 8 for rank in ranks)  # r=8
     logged = [e["step"] for e in trainer.state.log_history if "lora/mean_gradient_effective_rank" in e]
     assert logged == measured
-
-
-def test_a_new_run_measures_the_gradient_rank_at_its_first_check(tmp_path, lm_dataset):
-    # Steps 1 and 4 lie in the same span of 5: without starting afresh, the second run's step 1 would not count.
-    monitor = SpectralMonitorCallback(every_n_steps=1, gradient_every_n_steps=5, jsonl_name=None)
-    trainer = train(tmp_path, lm_dataset, monitor, steps=4)
-    trainer.train()
-    logged = [e["step"] for e in trainer.state.log_history if "lora/mean_gradient_effective_rank" in e]
-    assert logged == [1, 4]  # the second run's history (the first's: the same)
 
 
 def test_every_n_steps_below_one_is_refused():

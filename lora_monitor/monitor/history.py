@@ -340,7 +340,7 @@ def _fitted_relative_change(points: Sequence[tuple[int, float]]) -> float | None
 
 
 def dynamics_scalars(dynamics: Sequence[ModuleDynamics], prefix: str = "lora/") -> dict[str, float]:
-    """Counts of modules per trend and saturated, mean κ volatility and mean gradient effective rank."""
+    """Counts of modules per trend and saturated, and the mean κ volatility of each factor."""
     scalars = {
         f"{prefix}num_collapsing_modules": float(sum(d.trend == "collapsing" for d in dynamics)),
         f"{prefix}num_increasing_modules": float(sum(d.trend == "increasing" for d in dynamics)),
