@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import __version__
 from ._io import adapter_folder, model_folder
 from .errors import LoraMonitorError, check_path
 
@@ -487,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-monitor", description="Watch, squeeze and compress LoRA adapters (PEFT)."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register_analyze(subparsers)
     register_squeeze(subparsers)
