@@ -282,12 +282,18 @@ def _run_demo(output: Path, steps: int, verbosity: str) -> dict[str, Any]:
         + f", In-Squeeze to {target} {figures['heldout_loss_in_squeeze']:.4f}.\n"
         f"Everything is in {output}/: the base model ({base_folder.name}/), the monitor JSONL, the squeeze "
         f"manifest and the adapters; plots and the HTML report: {figures['report']}.\n"
-        f"Reload an adapter: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
-        f"'{output / 'base'}'), '{output / 'run1' / 'adapter'}'), or lora-monitor squeeze "
-        f"{output / 'run1' / 'adapter'} --base {output / 'base'} --data {output / 'heldout.txt'}.\n"
         f"{len(monitor.alerts)} alert(s) in run 1. "
         "(The base here is a randomly initialised Llama, since nothing is downloaded: its weights are small, "
         "so the adapter soon dominates them. That is what the dominance alerts are saying.)",
         highlight=False,
+    )
+    # soft_wrap: lines a user copies, never broken inside a path
+    summary.print(
+        "Reload an adapter: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+        f"'{output / 'base'}'), '{output / 'run1' / 'adapter'}')\n"
+        f"or: lora-monitor squeeze {output / 'run1' / 'adapter'} --base {output / 'base'} "
+        f"--data {output / 'heldout.txt'}",
+        highlight=False,
+        soft_wrap=True,
     )
     return figures
