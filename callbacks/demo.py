@@ -1,10 +1,16 @@
 """``lora-monitor demo``: train a small model with LoRA at a high rank and show what the callbacks find.
 
-Offline and CPU-only, about a minute on 2 cores. A tiny Llama (built from a config) is fine-tuned with a
-rank-32 LoRA on a small synthetic corpus. Run 1 carries the SpectralMonitorCallback and the
-PostSqueezeCallback (which writes a compressed adapter); run 2 trains the same adapter with the
+Offline and CPU-only, about a minute on 2 cores. A tiny Llama (built from a config, randomly initialised)
+is fine-tuned with a rank-32 LoRA on a small synthetic corpus. Run 1 carries the SpectralMonitorCallback
+and the PostSqueezeCallback (which writes a compressed adapter); run 2 trains the same adapter with the
 InSqueezeCallback annealing the rank down to the recommended one. The demo then reloads the compressed
 adapter with PEFT and compares held-out losses.
+
+What it writes under ``output_dir``: ``base/`` (the random base model and its tokenizer, saved first so
+that every adapter records it in ``base_model_name_or_path``), ``heldout.txt`` (the held-out texts, one per
+line, for ``lora-monitor squeeze --base --data``), ``run1/`` (``adapter/``, ``squeezed/``,
+``lora_monitor.jsonl``, ``squeeze_manifest.json``, the report) and ``run2/adapter/``. Each adapter reloads
+as written: ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)``.
 
 This is the one module under ``lora_monitor/`` that drives a ``Trainer``; nothing in the core imports it.
 """
@@ -92,14 +98,27 @@ def tiny_llama_config(
     return LlamaConfig(**{**fields, **overrides})
 
 
-def _base_model(vocab_size: int):
+def save_base_model(folder: Path, tokenizer) -> Path:
+    """The demo's random base model (a tiny Llama, seed 0) and its tokenizer, saved to ``folder``; returns
+    its absolute path, which every adapter trained on it records in ``base_model_name_or_path``."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config(vocab_size, hidden_size=128, max_position_embeddings=64))
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=128, max_position_embeddings=64))
+    folder = folder.resolve()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
-def _peft_model(vocab_size: int):
+def _base_model(base_folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    # Loaded from its folder, so that PEFT records the folder as the adapter's base_model_name_or_path.
+    return AutoModelForCausalLM.from_pretrained(base_folder)
+
+
+def _peft_model(base_folder: Path):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -107,10 +126,12 @@ def _peft_model(vocab_size: int):
         lora_alpha=SOURCE_RANK,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
-    return get_peft_model(_base_model(vocab_size), config)
+    base = _base_model(base_folder)
+    torch.manual_seed(0)  # the same LoRA initialisation in both runs
+    return get_peft_model(base, config)
 
 
-def _train(model, dataset, output_dir: Path, steps: int, callbacks: list[Any]):
+def _train(model, dataset, output_dir: Path, steps: int, callbacks: list[Any], verbose: bool = False):
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     arguments = TrainingArguments(
@@ -127,7 +148,8 @@ def _train(model, dataset, output_dir: Path, steps: int, callbacks: list[Any]):
         dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=arguments, train_dataset=dataset, callbacks=callbacks)
-    trainer.remove_callback(PrinterCallback)  # the demo prints its own summary, not every log dict
+    if not verbose:
+        trainer.remove_callback(PrinterCallback)  # the demo prints its own summary, not every log dict
     trainer.train()
     return trainer
 
@@ -136,29 +158,46 @@ def _losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def run_demo(output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 60) -> dict[str, Any]:
-    """Run the demo and print its findings; returns the figures it printed (for tests and scripts)."""
+def run_demo(
+    output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 60, verbosity: str = "normal"
+) -> dict[str, Any]:
+    """Run the demo and print its findings; returns the figures it printed (for tests and scripts).
+
+    ``verbosity``: ``"quiet"`` prints the summary alone, ``"normal"`` the tables, the alerts (each once) and
+    the summary, ``"verbose"`` also the Trainer's log lines and lora-monitor's debug messages.
+    """
+    from lora_monitor._output import VERBOSITIES, quiet_third_party, transformers_progress_bars
+    from lora_monitor.in_squeeze.options import check_choice
+
+    check_choice(verbosity, VERBOSITIES, "verbosity")
+    with quiet_third_party(), transformers_progress_bars(verbosity == "verbose"):
+        return _run_demo(Path(output_dir), steps, verbosity)
+
+
+def _run_demo(output: Path, steps: int, verbosity: str) -> dict[str, Any]:
     from peft import PeftModel
 
     from lora_monitor.callbacks import InSqueezeCallback, PostSqueezeCallback, SpectralMonitorCallback
     from lora_monitor.edit import calibration_batches, evaluate_loss
 
-    os.environ.setdefault("WANDB_MODE", "offline")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    console = Console()
-    output = Path(output_dir)
+    verbose, quiet = verbosity == "verbose", verbosity == "quiet"
+    if not verbose:
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+    console = Console(quiet=quiet)  # quiet: only the summary, printed below by a console that is not
     texts = demo_corpus()
     train_texts, heldout_texts = texts[:224], texts[224:]
     tokenizer = _tokenizer(texts)
     train_data = _dataset(tokenizer, train_texts)
     heldout = calibration_batches(heldout_texts, tokenizer, batch_size=16)
-    vocab_size = len(tokenizer)
+    base_folder = save_base_model(output / "base", tokenizer)
+    (output / "heldout.txt").write_text("\n".join(heldout_texts) + "\n")
 
     console.rule(f"[bold]Run 1: LoRA r={SOURCE_RANK}, {steps} steps, SpectralMonitor + PostSqueeze")
-    monitor = SpectralMonitorCallback(every_n_steps=max(1, steps // 6))
-    post = PostSqueezeCallback(min_variance_retention=0.95, compress=True)
-    model = _peft_model(vocab_size)
-    trainer = _train(model, train_data, output / "run1", steps, [monitor, post])
+    # The alerts are listed once below, with the rest of what the monitor saw: not logged as they come too.
+    monitor = SpectralMonitorCallback(every_n_steps=max(1, steps // 6), log_alerts=False)
+    post = PostSqueezeCallback(min_variance_retention=0.95, compress=True, print_table=not quiet)
+    model = _peft_model(base_folder)
+    trainer = _train(model, train_data, output / "run1", steps, [monitor, post], verbose)
     model.save_pretrained(output / "run1" / "adapter")
     losses = _losses(trainer)
 
@@ -187,7 +226,7 @@ def run_demo(output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 6
     if monitor.alerts:
         console.print(f"[bold]{len(monitor.alerts)} alert(s):")
         for alert in monitor.alerts:
-            console.print(f"  • {alert}", highlight=False)
+            console.print(f"  • {alert}", highlight=False, markup=False)  # "[critical]" is text, not markup
     else:
         console.print("No alerts.")
 
@@ -200,9 +239,10 @@ def run_demo(output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 6
         "alerts": [alert.to_dict() for alert in monitor.alerts],
         "run1_final_loss": losses[-1] if losses else None,
         "heldout_loss_source": evaluate_loss(model, heldout),
+        "base_model": str(base_folder),
     }
     if recommended is not None and compressed_folder.is_dir():
-        reloaded = PeftModel.from_pretrained(_base_model(vocab_size), compressed_folder)
+        reloaded = PeftModel.from_pretrained(_base_model(base_folder), compressed_folder)
         figures["heldout_loss_compressed"] = evaluate_loss(reloaded, heldout)
         console.print(
             f"Compressed adapter (rank {recommended}) written to {compressed_folder} and reloaded with PEFT: "
@@ -213,8 +253,8 @@ def run_demo(output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 6
     target = recommended or 8
     console.rule(f"[bold]Run 2: the same training with InSqueeze {SOURCE_RANK} → {target}")
     squeezer = InSqueezeCallback(target_rank=target, start_step=0.3, end_step=0.6)
-    model2 = _peft_model(vocab_size)
-    trainer2 = _train(model2, train_data, output / "run2", steps, [squeezer])
+    model2 = _peft_model(base_folder)
+    trainer2 = _train(model2, train_data, output / "run2", steps, [squeezer], verbose)
     model2.save_pretrained(output / "run2" / "adapter")
     for event in squeezer.events:
         retained = list(event["retained_variance"].values())
@@ -229,8 +269,9 @@ def run_demo(output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 6
     from lora_monitor.render.report import write_report
 
     figures["report"] = str(write_report(output / "run1"))
-    console.rule("[bold]Summary")
-    console.print(
+    summary = Console()
+    summary.rule("[bold]Summary")
+    summary.print(
         f"Trained at rank {SOURCE_RANK}; Post-Squeeze recommends rank {recommended} (≥95% of ΔW's energy).\n"
         f"Held-out loss: rank {SOURCE_RANK} {figures['heldout_loss_source']:.4f}"
         + (
@@ -239,10 +280,20 @@ def run_demo(output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 6
             else ""
         )
         + f", In-Squeeze to {target} {figures['heldout_loss_in_squeeze']:.4f}.\n"
-        f"Everything is in {output}/ (monitor JSONL, squeeze manifest, adapters); "
-        f"plots and the HTML report: {figures['report']}.\n"
+        f"Everything is in {output}/: the base model ({base_folder.name}/), the monitor JSONL, the squeeze "
+        f"manifest and the adapters; plots and the HTML report: {figures['report']}.\n"
+        f"{len(monitor.alerts)} alert(s) in run 1. "
         "(The base here is a randomly initialised Llama, since nothing is downloaded: its weights are small, "
-        "so the adapter soon dominates them. That is what the dominance alerts above are saying.)",
+        "so the adapter soon dominates them. That is what the dominance alerts are saying.)",
         highlight=False,
+    )
+    # soft_wrap: lines a user copies, never broken inside a path
+    summary.print(
+        "Reload an adapter: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+        f"'{output / 'base'}'), '{output / 'run1' / 'adapter'}')\n"
+        f"or: lora-monitor squeeze {output / 'run1' / 'adapter'} --base {output / 'base'} "
+        f"--data {output / 'heldout.txt'}",
+        highlight=False,
+        soft_wrap=True,
     )
     return figures

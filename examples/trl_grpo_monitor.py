@@ -33,9 +33,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--out", default="runs/trl_grpo")
+    parser.add_argument("--steps", type=int, default=20, help="training steps (default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default="runs/trl_grpo",
+        help="folder for everything the run writes (default: %(default)s, under the current folder)",
+    )
     args = parser.parse_args()
 
     model, tokenizer = smollm2()

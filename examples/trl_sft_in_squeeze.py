@@ -24,10 +24,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--target-rank", type=int, default=8)
-    parser.add_argument("--out", default="runs/trl_sft")
+    parser.add_argument("--steps", type=int, default=60, help="training steps (default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=64, help="LoRA rank at the start (default: %(default)s)")
+    parser.add_argument(
+        "--target-rank", type=int, default=8, help="LoRA rank In-Squeeze ends at (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out",
+        default="runs/trl_sft",
+        help="folder for everything the run writes (default: %(default)s, under the current folder)",
+    )
     args = parser.parse_args()
 
     model, tokenizer = smollm2()

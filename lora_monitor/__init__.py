@@ -23,6 +23,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_exports
+from ._output import silence_import_noise
+
+# Before PEFT is imported (by any room below, or by the user after us): see lora_monitor._output.
+silence_import_noise()
 
 # Where each public name lives. Importing lora_monitor itself is cheap: a room (and torch, PEFT and
 # transformers behind it) is imported the first time one of its names is used, so that the command's

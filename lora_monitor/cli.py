@@ -8,13 +8,13 @@ line on stderr with exit status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
 from ._io import adapter_folder, model_folder
+from ._output import progress_bars, quiet_third_party, verbosity_of_command
 from .errors import LoraMonitorError, check_path
 
 EXIT_BAD_INPUT = 2
@@ -23,10 +23,29 @@ EXIT_BAD_INPUT = 2
 def _command(
     subparsers: argparse._SubParsersAction, name: str, help: str, handler, description: str | None = None
 ) -> argparse.ArgumentParser:
-    """A sub-command's parser, with ``handler`` set to run it."""
+    """A sub-command's parser, with ``handler`` set to run it and the output options every command has."""
     parser = subparsers.add_parser(name, help=help, description=description)
     parser.set_defaults(handler=handler)
+    output = parser.add_argument_group("output").add_mutually_exclusive_group()
+    output.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only the results and errors: no warnings, no progress bars (default: off)",
+    )
+    output.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print progress bars and the library's debug messages (default: off: warnings, and "
+        "progress bars on a terminal)",
+    )
     return parser
+
+
+def _verbosity(args: argparse.Namespace) -> str:
+    """``"quiet"``, ``"verbose"`` or ``"normal"``, from the command's -q/-v."""
+    return "quiet" if args.quiet else "verbose" if args.verbose else "normal"
 
 
 # ---- analyze (SpectralMonitor metrics of a saved adapter) ------------------------------------------------
@@ -142,8 +161,15 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
     function.add_argument(
         "--samples", type=int, default=64, help="texts used, 0 for every text (default: %(default)s)"
     )
-    function.add_argument("--batch-size", type=int, default=8)
-    function.add_argument("--max-length", type=int, default=256)
+    function.add_argument(
+        "--batch-size", type=int, default=8, help="texts per forward pass (default: %(default)s)"
+    )
+    function.add_argument(
+        "--max-length",
+        type=int,
+        default=256,
+        help="tokens kept of each text, the rest cut off (default: %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -168,6 +194,7 @@ def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any) 
         tolerance=args.tolerance,
         energy_threshold=options.min_variance_retention,
         by_module_type=args.by_module_type,
+        progress=progress_bars(_verbosity(args)),
     )
 
 
@@ -231,9 +258,10 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         target_ranks=options.target_ranks,
         adapter_name=args.adapter_name,
         device=device,
+        progress=progress_bars(_verbosity(args)),
     )
     source_rank = settings.get("source_rank") or 0
-    if source_rank and source_rank != analysis.source_rank:
+    if source_rank and source_rank != analysis.source_rank and not args.quiet:
         print(
             f"lora-monitor squeeze: warning: source_rank {source_rank} was expected, the weights have rank "
             f"{analysis.source_rank} (the weights are used)",
@@ -264,6 +292,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
             adapter_name=args.adapter_name,
             overwrite=args.overwrite,
             device=device,
+            progress=progress_bars(_verbosity(args)),
         )
     if args.json:
         print_json(
@@ -300,7 +329,14 @@ def _allocate(args: argparse.Namespace, adapter_path: str, rank: int, function: 
 
 def register_allocate(subparsers: argparse._SubParsersAction) -> None:
     parser = _command(
-        subparsers, "allocate", "per-layer LoRA ranks from the base model's weight spectra", _run_allocate
+        subparsers,
+        "allocate",
+        "per-layer LoRA ranks from the base model's weight spectra",
+        _run_allocate,
+        description="Before training: fit a power law to the singular values of each weight of a base model "
+        "(heavy-tailed self-regularization) and give the layers whose spectra say they have the most to "
+        "learn a higher LoRA rank. Prints the rank_pattern/alpha_pattern/target_modules to put in a "
+        "LoraConfig.",
     )
     parser.add_argument("model", help="base model folder (config.json + weights)")
     parser.add_argument("--min-rank", type=int, default=4, help="smallest rank given (default: %(default)s)")
@@ -342,7 +378,9 @@ def _run_allocate(args: argparse.Namespace) -> int:
     targets = (
         [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
     )
-    spectra = spectral_analysis(model, target_modules=targets, fit=args.fit, progress=not args.json)
+    spectra = spectral_analysis(
+        model, target_modules=targets, fit=args.fit, progress=not (args.json or args.quiet)
+    )
     allocation = allocate_ranks(
         spectra,
         min_rank=args.min_rank,
@@ -363,11 +401,28 @@ def _run_allocate(args: argparse.Namespace) -> int:
 
 # The edit's numeric options (--core-frac etc.); left out, they take EditConfig's defaults.
 _EDIT_NUMBERS = ("core_frac", "noise_frac", "amp_factor", "sup_factor", "mid_factor", "eta")
+_EDIT_NUMBER_HELP = {
+    "core_frac": "fraction of each module's directions amplified (the most sensitive)",
+    "noise_frac": "fraction of each module's directions suppressed (the least sensitive)",
+    "amp_factor": "factor on the amplified singular values",
+    "sup_factor": "factor on the suppressed singular values",
+    "mid_factor": "factor on the singular values neither amplified nor suppressed",
+    "eta": "step size of --mode gd, relative to the module's largest sensitivity",
+}
 
 
 def register_edit(subparsers: argparse._SubParsersAction) -> None:
+    from .edit.options import EditConfig  # no torch: --help answers at once
+
     parser = _command(
-        subparsers, "edit", "amplify/suppress singular directions by calibration sensitivity", _run_edit
+        subparsers,
+        "edit",
+        "amplify/suppress singular directions by calibration sensitivity",
+        _run_edit,
+        description="Spectral editing of a trained adapter: measure how sensitive the loss on calibration "
+        "texts is to each singular value of each edited module's delta, then amplify the most sensitive "
+        "directions and suppress the least (or take a gradient step on the singular values), at the same "
+        "rank and scale. The edited adapter is written to --out; the input is never modified.",
     )
     parser.add_argument("adapter", help="adapter folder to edit (never modified)")
     parser.add_argument("--base", required=True, help="base model folder the adapter was trained on")
@@ -376,19 +431,54 @@ def register_edit(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="folder for the edited adapter")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the base model folder)")
-    parser.add_argument("--mode", default="abs_select", choices=["abs_select", "random_index", "gd"])
-    parser.add_argument("--target-modules", default="down_proj,o_proj", help="comma-separated module types")
+    parser.add_argument(
+        "--mode",
+        default="abs_select",
+        choices=["abs_select", "random_index", "gd"],
+        help="abs_select: amplify the most sensitive directions, suppress the least; random_index: the same "
+        "counts picked at random (a control); gd: a gradient step on the singular values (default: "
+        "%(default)s)",
+    )
+    parser.add_argument(
+        "--target-modules",
+        default="down_proj,o_proj",
+        help="comma-separated module types to edit (default: %(default)s)",
+    )
     parser.add_argument("--layers", help="comma-separated layer indices (default: all)")
     for name in _EDIT_NUMBERS:
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float)
-    parser.add_argument("--update", default="multiplicative", choices=["multiplicative", "additive"])
-    parser.add_argument("--preserve-energy", default="l1", choices=["l1", "l2", "none"])
-    parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=float,
+            help=f"{_EDIT_NUMBER_HELP[name]} (default: {EditConfig.__dataclass_fields__[name].default})",
+        )
+    parser.add_argument(
+        "--update",
+        default="multiplicative",
+        choices=["multiplicative", "additive"],
+        help="how --mode gd applies its step: σ·exp(-eta·g) or σ - eta·g·σmax (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--preserve-energy",
+        default="l1",
+        choices=["l1", "l2", "none"],
+        help="rescale the edited singular values to keep their sum (l1) or sum of squares (l2) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed of --mode random_index (default: %(default)s)"
+    )
     parser.add_argument(
         "--samples", type=int, default=32, help="calibration samples, 0 for every text (default: %(default)s)"
     )
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument(
+        "--batch-size", type=int, default=2, help="texts per forward pass (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=256,
+        help="tokens kept of each text, the rest cut off (default: %(default)s)",
+    )
     parser.add_argument(
         "--eval", action="store_true", help="report calibration and held-out loss before/after"
     )
@@ -449,7 +539,14 @@ def _run_edit(args: argparse.Namespace) -> int:
 
 def register_report(subparsers: argparse._SubParsersAction) -> None:
     parser = _command(
-        subparsers, "report", "PNG plots and a self-contained HTML page of a training run", _run_report
+        subparsers,
+        "report",
+        "PNG plots and a self-contained HTML page of a training run",
+        _run_report,
+        description="Draw what the callbacks recorded in a training run's output_dir (lora_monitor.jsonl, "
+        "squeeze_manifest.json): the singular values of each module's delta, the variance kept per rank, the "
+        "effective rank per module at each check and the adapter's dominance over the base; as PNG files "
+        "and one report.html that embeds them with the tables.",
     )
     parser.add_argument(
         "run_dir", help="the Trainer's output_dir (lora_monitor.jsonl, squeeze_manifest.json)"
@@ -466,7 +563,14 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = _command(
-        subparsers, "demo", "train a tiny model with the callbacks and show what they find", _run_demo
+        subparsers,
+        "demo",
+        "train a tiny model with the callbacks and show what they find",
+        _run_demo,
+        description="Offline and on the CPU (about a minute on 2 cores): a tiny random Llama with a rank-32 "
+        "LoRA trains with the SpectralMonitorCallback and the PostSqueezeCallback, then again with the "
+        "InSqueezeCallback. The base model, the adapters, the monitor's records and the report are written "
+        "to --out.",
     )
     parser.add_argument(
         "--out", default="lora-monitor-demo", help="folder for the run (default: %(default)s)"
@@ -477,7 +581,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from .callbacks.demo import run_demo
 
-    run_demo(output_dir=args.out, steps=args.steps)
+    run_demo(output_dir=args.out, steps=args.steps, verbosity=_verbosity(args))
     return 0
 
 
@@ -535,13 +639,11 @@ def _check_input_paths(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lora-monitor`` command; returns (and exits with) the status."""
     args = build_parser().parse_args(argv)
-    # PEFT imports bitsandbytes where it is installed, and on some CPUs bitsandbytes warns at import about
-    # a 4-bit kernel package it could not load; no command here runs that kernel, so the warning would only
-    # bury the command's own one-line messages. Its errors still show.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # lora_monitor's import has already silenced the third-party noise of an import (lora_monitor._output).
     try:
-        _check_input_paths(args)
-        status = args.handler(args)
+        with verbosity_of_command(_verbosity(args)), quiet_third_party():
+            _check_input_paths(args)
+            status = args.handler(args)
     except LoraMonitorError as error:
         print(f"lora-monitor {args.command}: error: {error}", file=sys.stderr)
         status = EXIT_BAD_INPUT

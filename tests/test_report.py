@@ -108,3 +108,22 @@ def test_report_of_an_untrained_adapter_has_no_retention_to_draw(tmp_path):
     (tmp_path / "squeeze_manifest.json").write_text(json.dumps(json_safe(analysis.to_dict())))
     page = write_report(tmp_path).read_text()
     assert "—" in page and not (tmp_path / "retention.png").exists()
+
+
+def test_heat_map_leaves_out_the_checks_where_every_delta_is_still_zero(run_dir):
+    import math
+
+    from lora_monitor.render.report import effective_rank_grid, load_monitor_records
+
+    records = load_monitor_records(run_dir)
+    # PEFT's default init: B = 0 at step 0, so no module has an effective rank there (undefined, not 1)
+    assert records[0]["step"] == 0
+    assert all(m["effective_rank"] is None for m in records[0]["modules"])
+    grid = effective_rank_grid(records)
+    assert grid.left_out_steps == [0]
+    assert grid.steps == [r["step"] for r in records[1:]]
+    assert len(grid.values) == len(grid.names) == len(records[-1]["modules"])
+    for column in range(len(grid.steps)):  # no blank column is left
+        assert any(not math.isnan(row[column]) for row in grid.values)
+    first = {m["name"]: m["effective_rank"] for m in records[1]["modules"]}
+    assert [row[0] for row in grid.values] == [first[name] for name in grid.names]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -63,20 +64,68 @@ def test_resize_is_the_best_rank_k_delta_with_the_scale_kept(tmp_path, use_rslor
         event = next(e for e in events if e.name == record.name)
         assert event.retained_variance == pytest.approx(float((S[:4] ** 2).sum() / (S**2).sum()), rel=1e-8)
     config = model.peft_config["default"]
-    # One anchored key per module: it names that full module path and no other.
-    assert config.rank_pattern[pattern_key(Q_PROJ)] == 4
-    assert set(config.rank_pattern) == {pattern_key(r.name) for r in find_lora_modules(model)}
+    # Every module shares rank 4: the config says so in r, with the alpha that keeps each scale, no patterns.
     expected_alpha = 32 * (math.sqrt(4 / 16) if use_rslora else 4 / 16)
-    assert config.alpha_pattern[pattern_key(Q_PROJ)] == pytest.approx(expected_alpha)
+    assert (config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern) == (
+        4,
+        expected_alpha,
+        {},
+        {},
+    )
 
-    # Saved and reloaded on a fresh base: same shapes, same function.
+    # Saved and reloaded on a fresh base: same shapes, same scales, same weights, same function.
     model.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (written["r"], written["lora_alpha"], written["rank_pattern"], written["alpha_pattern"]) == (
+        4,
+        expected_alpha,
+        {},
+        {},
+    )
     saved = load_adapter(tmp_path)
     assert {m.rank for m in saved} == {4}
     reloaded = PeftModel.from_pretrained(tiny_llama(0).double(), tmp_path).eval()
+    _assert_same_adapter(reloaded, model, scales)
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-10)
+
+
+def _assert_same_adapter(reloaded, model, scales: dict[str, float]) -> None:
+    """Every module of ``reloaded`` has the live model's rank and factors, and exactly the scale in ``scales``."""
+    live = {r.name: r for r in find_lora_modules(model)}
+    for record in find_lora_modules(reloaded):
+        assert record.rank == live[record.name].rank
+        assert record.module.scaling["default"] == scales[record.name]  # exactly: no rounding crept in
+        assert torch.equal(record.B, live[record.name].B) and torch.equal(record.A, live[record.name].A)
+
+
+def test_only_the_modules_that_differ_keep_a_pattern_entry(tmp_path):
+    model = peft_llama(r=16, lora_alpha=32, rank_pattern={"k_proj": 8}).double()
+    scales = {r.name: r.module.scaling["default"] for r in find_lora_modules(model)}
+    untouched = "model.layers.1.mlp.down_proj"
+    squeeze_model(model, {r.name: 4 for r in find_lora_modules(model) if r.name != untouched})
+
+    config = model.peft_config["default"]
+    # 13 modules at rank 4 (k_proj from 8, with the alpha that keeps its scale 32/8, the rest 32/16)
+    assert (config.r, config.lora_alpha) == (4, 8)
+    assert config.rank_pattern == {pattern_key(untouched): 16}
+    k_projs = [r.name for r in find_lora_modules(model) if r.module_type == "k_proj"]
+    assert config.alpha_pattern == {pattern_key(untouched): 32, **{pattern_key(name): 16 for name in k_projs}}
+    model.save_pretrained(tmp_path)
+    _assert_same_adapter(PeftModel.from_pretrained(tiny_llama(0).double(), tmp_path), model, scales)
+
+
+def test_a_resumed_squeezed_checkpoint_keeps_the_compact_config(tmp_path):
+    model = peft_llama(r=16, lora_alpha=32).double()
+    squeeze_model(model, 4, mode="mask")
+    model.save_pretrained(tmp_path)
+    for mode in ("mask", "resize"):
+        fresh = peft_llama(r=16, lora_alpha=32).double()  # what a resumed run builds before loading
+        install_rank_hooks(fresh, mode=mode)
+        set_peft_model_state_dict(fresh, load_peft_weights(str(tmp_path)))
+        config = fresh.peft_config["default"]
+        assert (config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern) == (4, 8, {}, {})
 
 
 def test_projected_adam_moments_follow_the_factor_maps():

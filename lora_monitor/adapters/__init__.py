@@ -29,7 +29,7 @@ from .factors import (
     write_whole,
     zero_past,
 )
-from .folder import check_output, lora_config_for_ranks, write_adapter_folder
+from .folder import check_output, lora_config_for_ranks, rank_fields, write_adapter_folder
 from .modules import (
     REFERENCE_ADAPTER_NAMES,
     LiveModules,
@@ -91,6 +91,7 @@ __all__ = [
     "nominal_rank",
     "open_adapter",
     "pattern_key",
+    "rank_fields",
     "read_adapter_config",
     "records_are_sharded",
     "saved_keys",

@@ -40,20 +40,32 @@ def lora_config_for_ranks(
             rank,
             module.alpha if rank == module.rank else alpha_for_scale(module.scale, rank, module.use_rslora),
         )
+    return {**config, **rank_fields(targets)}
+
+
+def rank_fields(targets: Mapping[str, tuple[int, float]]) -> dict[str, Any]:
+    """``r``, ``lora_alpha``, ``rank_pattern`` and ``alpha_pattern`` of a LoRA config that gives each module
+    (by path) its ``(rank, alpha)`` in ``targets``, and names as few modules as it can.
+
+    The commonest pair (the larger rank on a tie) becomes ``r``/``lora_alpha``: an adapter whose modules all
+    share a rank says so in ``r``, with empty patterns. Every other module gets an anchored key
+    (:func:`~lora_monitor.adapters.pattern_key`) in the pattern(s) where it differs. ``targets`` must name
+    every LoRA module of the adapter: the patterns of the config it replaces are dropped.
+    """
     counts = Counter(targets.values())
     default_rank, default_alpha = max(counts, key=lambda pair: (counts[pair], pair[0]))
-    new = dict(config)
-    new["r"] = default_rank
-    new["lora_alpha"] = json_number(default_alpha)
-    new["rank_pattern"] = {
-        pattern_key(name): rank for name, (rank, _) in targets.items() if rank != default_rank
+    return {
+        "r": default_rank,
+        "lora_alpha": json_number(default_alpha),
+        "rank_pattern": {
+            pattern_key(name): rank for name, (rank, _) in targets.items() if rank != default_rank
+        },
+        "alpha_pattern": {
+            pattern_key(name): json_number(alpha)
+            for name, (_, alpha) in targets.items()
+            if alpha != default_alpha
+        },
     }
-    new["alpha_pattern"] = {
-        pattern_key(name): json_number(alpha)
-        for name, (_, alpha) in targets.items()
-        if alpha != default_alpha
-    }
-    return new
 
 
 def _is_within(path: Path, folder: Path) -> bool:

@@ -38,6 +38,7 @@ from ..adapters import (
 from .options import MODES, check_choice
 from .replace import (
     adapter_config,
+    compact_config,
     install_factors,
     saved_rank_and_alpha,
     set_rank_keeping_scale,
@@ -48,6 +49,7 @@ from .replace import (
 # Attributes lora-monitor keeps on a LoraLayer.
 _GRADIENT_MASKS = "lora_monitor_mask_hooks"  # {adapter: ((id(B), id(A)), [hook handles])}
 _RANK_HOOK_BINDING = "lora_monitor_binding"  # the _RankHookBinding its state-dict hooks read
+_CONFIG_HOOK = "lora_monitor_config_hook"  # on the model: compacts the config once a whole load is done
 
 
 @dataclass
@@ -192,4 +194,11 @@ def install_rank_hooks(model: nn.Module, *, adapter_name: str | None = None, mod
     config = adapter_config(model, records[0].adapter_name) if records else None
     for record in records:
         bind_rank_hooks(record.module, record.name, record.adapter_name, mode, config)
+    if config is not None and getattr(model, _CONFIG_HOOK, None) is None:
+        # Each layer's pre-hook writes its own pattern entries; once the whole checkpoint is in, the config
+        # says r: 4 for an adapter squeezed to 4 everywhere, as after the squeeze itself.
+        def compact_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+            compact_config(config, records)
+
+        setattr(model, _CONFIG_HOOK, model.register_load_state_dict_post_hook(compact_after_load))
     return len(records)

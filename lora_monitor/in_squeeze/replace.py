@@ -7,7 +7,7 @@ the alpha that keeps the scale is :func:`lora_monitor.adapters.alpha_at_rank`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,11 +15,13 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..adapters import (
+    LoraModule,
     alpha_at_rank,
     factor_kind,
     factor_parameters,
     kept_rank,
     pattern_key,
+    rank_fields,
     unwrap_model,
     zero_past,
 )
@@ -121,3 +123,19 @@ def write_module_pattern(config: Any, name: str, rank: int, alpha: float) -> Non
         # PEFT takes the first pattern key that matches, and a user's pattern (``q_proj``) may match this
         # module too: ours goes in front.
         setattr(config, field_name, {key: value, **pattern})
+
+
+def compact_config(config: Any | None, records: Sequence[LoraModule]) -> None:
+    """Rewrite a live ``LoraConfig`` from its modules' saved ranks and alphas, as few patterns as it takes.
+
+    After a squeeze every module has its own anchored ``rank_pattern``/``alpha_pattern`` entry
+    (:func:`write_module_pattern`); an adapter saved like that says ``r: 16`` with a pattern of 4s for every
+    module. Here the commonest ``(rank, alpha)`` becomes ``r``/``lora_alpha`` and only the modules that
+    differ keep an entry (:func:`~lora_monitor.adapters.rank_fields`), each module's scale exactly as it
+    was. ``records`` are every LoRA module of the config's adapter (:func:`find_lora_modules`).
+    """
+    if config is None or not records:
+        return
+    targets = {record.name: saved_rank_and_alpha(record.module, record.adapter_name) for record in records}
+    for field_name, value in rank_fields(targets).items():
+        setattr(config, field_name, value)

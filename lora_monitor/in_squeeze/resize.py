@@ -54,6 +54,7 @@ from .optimizer import left_map, project_masked_state, right_map, swap_in_optimi
 from .options import check_squeeze_options
 from .replace import (
     adapter_config,
+    compact_config,
     install_factors,
     saved_rank_and_alpha,
     set_rank_keeping_scale,
@@ -316,6 +317,8 @@ def squeeze_model(
                 generator=generator,
             )
         )
+    # One r for the modules that share a rank (all of them, after a uniform squeeze), patterns for the rest.
+    compact_config(config, records)
     return events
 
 
@@ -356,4 +359,5 @@ def compact_masks(
             "project",
         )
         events.append(ResizeEvent(record.name, adapter, nominal, kept, 1.0, "resize", "slice", "project"))
+    compact_config(config, records)
     return events

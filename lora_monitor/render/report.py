@@ -7,7 +7,8 @@ A run folder (the Trainer's ``output_dir``) holds ``lora_monitor.jsonl`` (one li
 
 - ``spectra.png``: the singular values of every module's ΔW (from the squeeze analysis);
 - ``retention.png``: the share of ΔW's energy kept at each rank, mean/min/max over modules;
-- ``effective_rank_heatmap.png``: effective rank per module (rows) at each check (columns);
+- ``effective_rank_heatmap.png``: effective rank per module (rows) at each check (columns), the checks
+  where every B is still zero (step 0) left out and named under the axis;
 - ``dominance.png``: σmax(ΔW)/σmax(W) per module at the last check, with the 0.3 and 0.5 lines;
 
 and ``report.html`` with the plots embedded (base64) and the tables, readable offline as one file.
@@ -20,6 +21,7 @@ import html
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,25 +161,55 @@ def plot_retention(analysis: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_effective_rank_heatmap(records: list[dict[str, Any]], path: Path) -> Path | None:
+@dataclass
+class EffectiveRankGrid:
+    """What the effective-rank heat map draws: ``values[i][j]`` is module ``names[i]`` at check ``steps[j]``
+    (NaN where that check has no value for it). ``left_out_steps``: the checks where no module has an
+    effective rank yet (every B still zero, as at step 0 with PEFT's default init), which would be blank
+    columns."""
+
+    names: list[str]
+    steps: list[int]
+    values: list[list[float]]
+    left_out_steps: list[int]
+
+
+def effective_rank_grid(records: list[dict[str, Any]]) -> EffectiveRankGrid | None:
+    """The heat map's data from the monitor's checks; None when no check has an effective rank to show."""
     checks = [r for r in records if r.get("modules")]
     if not checks:
         return None
     names = [m["name"] for m in checks[-1]["modules"]]
-    steps = [r["step"] for r in checks]
-    grid = []
-    for name in names:
-        row = []
-        for record in checks:
-            value = next((m.get("effective_rank") for m in record["modules"] if m["name"] == name), None)
-            row.append(math.nan if value is None else value)
-        grid.append(row)
+    columns, steps, left_out = [], [], []
+    for record in checks:
+        by_name = {m["name"]: m.get("effective_rank") for m in record["modules"]}
+        column = [math.nan if by_name.get(name) is None else by_name[name] for name in names]
+        if all(math.isnan(value) for value in column):
+            left_out.append(record["step"])
+            continue
+        columns.append(column)
+        steps.append(record["step"])
+    if not columns:
+        return None
+    values = [[column[row] for column in columns] for row in range(len(names))]
+    return EffectiveRankGrid(names, steps, values, left_out)
+
+
+def plot_effective_rank_heatmap(records: list[dict[str, Any]], path: Path) -> Path | None:
+    grid = effective_rank_grid(records)
+    if grid is None:
+        return None
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7, max(3.0, 0.28 * len(names) + 1.5)))
-    image = axes.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    axes.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7)
-    axes.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=7)
-    axes.set_xlabel("training step")
+    figure, axes = plt.subplots(figsize=(7, max(3.0, 0.28 * len(grid.names) + 1.5)))
+    image = axes.imshow(grid.values, aspect="auto", cmap="viridis", interpolation="nearest")
+    axes.set_xticks(range(len(grid.steps)), [str(s) for s in grid.steps], fontsize=7)
+    axes.set_yticks(range(len(grid.names)), [_short(n) for n in grid.names], fontsize=7)
+    label = "training step"
+    if grid.left_out_steps:
+        shown = ", ".join(str(step) for step in grid.left_out_steps[:3])
+        more = ", ..." if len(grid.left_out_steps) > 3 else ""
+        label += f" (not shown: step {shown}{more}, where every B is still zero and ΔW = 0)"
+    axes.set_xlabel(label, fontsize=8)
     axes.set_title("Effective rank of ΔW per module over training")
     figure.colorbar(image, ax=axes, label="effective rank")
     figure.tight_layout()
