@@ -210,7 +210,8 @@ def run_demo(output_dir: str | os.PathLike = "lora-monitor-demo", steps: int = 6
             f"at rank {SOURCE_RANK}."
         )
 
-    target = recommended or 8
+    # InSqueezeCallback refuses a target at or above the adapter's rank (nothing to squeeze).
+    target = recommended if recommended and recommended < SOURCE_RANK else 8
     console.rule(f"[bold]Run 2: the same training with InSqueeze {SOURCE_RANK} → {target}")
     squeezer = InSqueezeCallback(target_rank=target, start_step=0.3, end_step=0.6)
     model2 = _peft_model(vocab_size)
