@@ -61,6 +61,25 @@ def test_a_nan_factor_mid_training_is_recorded_and_alerted_and_training_goes_on(
     assert lines[2]["alerts"][0]["code"] == "non_finite"  # the first of that check's alerts
 
 
+def test_a_base_weight_holding_nan_is_recorded_and_alerted_at_the_first_check(tmp_path, lm_dataset):
+    model = peft_llama(init_lora_weights=True)
+    with torch.no_grad():
+        layer(model, BROKEN).base_layer.weight[3, 1] = float("inf")
+    monitor = SpectralMonitorCallback(every_n_steps=1)
+    trainer = run(tmp_path, lm_dataset, monitor, model, 1)
+    assert trainer.state.global_step == 1
+
+    first = json.loads((tmp_path / "lora_monitor.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0
+    modules = {module["name"]: module for module in first["modules"]}
+    assert modules[BROKEN]["non_finite_base"] and modules[BROKEN]["dominance"] is None
+    # The others are measured against their own base (B = 0 at the start: a zero, finite dominance).
+    assert all(m["dominance"] == 0.0 and not m["non_finite_base"] for n, m in modules.items() if n != BROKEN)
+    alert = next(alert for alert in monitor.alerts if alert.code == "non_finite")
+    assert alert.step == 0 and alert.severity.value == "critical" and alert.modules == (BROKEN,)
+    assert "base weight" in alert.message and BROKEN in alert.message
+
+
 def test_a_failing_output_is_logged_once_and_training_goes_on(tmp_path, lm_dataset, caplog):
     (tmp_path / "lora_monitor.jsonl").mkdir(parents=True)  # the JSONL cannot be written: as a full disk
     monitor = SpectralMonitorCallback(every_n_steps=1)

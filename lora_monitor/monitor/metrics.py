@@ -16,7 +16,9 @@ The whole adapter's summary is in :mod:`.summary`, the history over checks in :m
 A module whose ``ΔW`` is exactly zero (``B = 0`` at initialization) is flagged ``is_zero``: its ranks and
 condition numbers are undefined (NaN), it is neither healthy nor alarming, and it is left out of means.
 A module with NaN or Inf in a factor (diverged training) is flagged ``non_finite``: every metric is NaN,
-the other modules are measured as usual, and nothing is raised (a monitor never stops training).
+the other modules are measured as usual, and nothing is raised (a monitor never stops training). A module
+whose frozen base weight holds NaN or Inf is flagged ``non_finite_base``: its dominance and update scale are
+NaN, its factors are measured as usual.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class ModuleMetrics:
     ``block`` is ``"attention"``, ``"mlp"`` or ``"other"`` (embeddings, ``lm_head``: see
     :func:`~lora_monitor.adapters.module_block`).
     An all-zero delta (``is_zero``) has NaN ranks and condition numbers: undefined, not healthy. A pair
-    with NaN/Inf factors (``non_finite``) has NaN everywhere.
+    with NaN/Inf factors (``non_finite``) has NaN everywhere. A pair over a base weight with NaN/Inf
+    (``non_finite_base``) has a NaN dominance and update scale (and NaN base norms).
 
     Filled in by :class:`~lora_monitor.monitor.check.Monitor` on a live model: ``unchanged_since``, the
     step of the first check from which the factors have stayed bit-identical (None once they changed), and
@@ -88,6 +91,7 @@ class ModuleMetrics:
     update_scale: float | None = None
     gradient_effective_rank: float | None = None
     non_finite: bool = False
+    non_finite_base: bool = False
     unchanged_since: int | None = None
     frozen_reason: str | None = None
     intruder_dimensions: int | None = None  # at checks that count them (Monitor(intruders_every=...))
@@ -134,7 +138,7 @@ class ModuleMetrics:
 
 @dataclass(frozen=True)
 class BaseNorm:
-    """σmax and Frobenius norm of one frozen base weight."""
+    """σmax and Frobenius norm of one frozen base weight (both NaN when the weight holds NaN or Inf)."""
 
     sigma_max: float
     frobenius: float
@@ -177,6 +181,10 @@ class BaseNormCache:
             weight = weight.reshape(weight.shape[0], -1)
         if not weight.is_floating_point():
             raise ValueError(f"base weight of dtype {weight.dtype} must be dequantized first")
+        if not bool(torch.isfinite(weight).all()):
+            # A broken base (a bad checkpoint or dequantization): undefined norms, alerted as non_finite; the
+            # power iteration would fail on it and take the whole check down with it. One pass, once.
+            return BaseNorm(sigma_max=NAN, frobenius=NAN)
         sigma = spectral_norm(weight, iters=self._power_iterations)
         frobenius = float(torch.linalg.vector_norm(weight.float(), dtype=torch.float64))
         return BaseNorm(sigma_max=sigma, frobenius=frobenius)
@@ -331,7 +339,10 @@ def _module_metrics(module: LoraModule, summary: Mapping[str, float], base: Base
     values["rank_utilization"] = values["effective_rank"] / module.rank
     values |= {key: NAN if is_zero else summary[key] for key in ("kappa_A", "kappa_B")}
     dominance = update_scale = None
-    if base is not None:
+    base_broken = base is not None and not (math.isfinite(base.sigma_max) and math.isfinite(base.frobenius))
+    if base_broken:
+        dominance = update_scale = NAN
+    elif base is not None:
         dominance = sigma_max / base.sigma_max if base.sigma_max > 0 else math.inf
         update_scale = frobenius / base.frobenius if base.frobenius > 0 else math.inf
     return ModuleMetrics(
@@ -347,4 +358,5 @@ def _module_metrics(module: LoraModule, summary: Mapping[str, float], base: Base
         base_frobenius=None if base is None else base.frobenius,
         dominance=dominance,
         update_scale=update_scale,
+        non_finite_base=base_broken,
     )

@@ -35,6 +35,10 @@ def _non_finite(metrics, history, limits, step) -> list[_Hit]:
     return [(m.name, math.nan) for m in metrics if m.non_finite]
 
 
+def _non_finite_base(metrics, history, limits, step) -> list[_Hit]:
+    return [(m.name, math.nan) for m in metrics if m.non_finite_base and not m.non_finite]
+
+
 def _dead(metrics, history, limits, step) -> list[_Hit]:
     # A zero B after N steps, or factors bit-identical since the first check N steps ago: nothing trains.
     if step is None or step < limits.dead_adapter_steps:
@@ -209,6 +213,14 @@ def _describe_non_finite(hits, records, limits, step) -> str:
     )
 
 
+def _describe_non_finite_base(hits, records, limits, step) -> str:
+    names = ", ".join(name for name, _ in _examples(hits))
+    return (
+        f"NaN or Inf in the frozen base weight of {_count(hits, records)}: {names}{_and_more(hits)}; their "
+        "dominance and update scale are recorded as NaN, the rest is measured and training goes on."
+    )
+
+
 def _describe_dead(hits, records, limits, step) -> str:
     parts = []
     for name, _ in _examples(hits):
@@ -236,6 +248,14 @@ RULES: tuple[Rule, ...] = (
         _describe_non_finite,
         "Training has diverged in these modules: lower the learning rate, enable gradient clipping "
         "(max_grad_norm) or check the data and precision (fp16 overflow); resume from an earlier checkpoint.",
+    ),
+    Rule(
+        "non_finite",
+        Severity.CRITICAL,
+        _non_finite_base,
+        _describe_non_finite_base,
+        "The base model is broken, not the adapter: reload it from a good checkpoint, and check its dtype and "
+        "quantization (a NaN in a frozen weight reaches every forward pass and then the LoRA factors).",
     ),
     Rule(
         "dead_adapter",
