@@ -94,6 +94,10 @@ class ModuleMetrics:
     non_finite_base: bool = False
     unchanged_since: int | None = None
     frozen_reason: str | None = None
+    # Rows of B exactly zero, as a fraction of its rows: 1 for a zero B (its initialization), 0 once it trains;
+    # anything between is an adapter half restored from a sharded checkpoint (see monitor.rules). NaN when
+    # the factors are not finite.
+    zero_row_fraction_B: float = 0.0
     intruder_dimensions: int | None = None  # at checks that count them (Monitor(intruders_every=...))
 
     @property
@@ -125,6 +129,7 @@ class ModuleMetrics:
             "stable_rank",
             "sigma_max",
             "frobenius",
+            "zero_row_fraction_B",
         )
         for key in undefined_when_none:
             values[key] = NAN if values.get(key) is None else values[key]
@@ -230,6 +235,7 @@ _SUMMARY = (
     "numerical_rank",
     "numerical_rank_A",
     "numerical_rank_B",
+    "zero_row_fraction_B",
 )
 
 
@@ -278,6 +284,7 @@ def _summaries(modules, factors, dtype) -> dict[str, dict[str, float]]:
             stable_rank(delta).unsqueeze(0),
             condition_number_from_singular_values(spectra_stack[1:], within_rank),  # of A and B
             (spectra_stack > 0).sum(-1).double(),  # numerical ranks of ΔW, A and B
+            torch.stack([_zero_row_fraction(B).to(delta.device) for B, _ in factors]).unsqueeze(0),
         ]
     ).T  # (N, len(_SUMMARY)), in _SUMMARY's order
     finite = torch.isfinite(spectra_stack).all(-1).all(0)
@@ -286,6 +293,13 @@ def _summaries(modules, factors, dtype) -> dict[str, dict[str, float]]:
         for module, row, ok in zip(modules, table.cpu().tolist(), finite.cpu().tolist(), strict=True)
         if ok
     }
+
+
+def _zero_row_fraction(B: torch.Tensor) -> torch.Tensor:
+    """The fraction of ``B``'s rows (output features) that are exactly zero, as a float64 scalar tensor on
+    ``B``'s device (no read-back: it travels with the other summaries)."""
+    rows = B.detach().reshape(B.shape[0], -1)
+    return (rows == 0).all(dim=1).sum(dtype=torch.float64) / rows.shape[0]
 
 
 def _base_norm(
@@ -328,6 +342,7 @@ def _non_finite_metrics(module: LoraModule) -> ModuleMetrics:
         sigma_max=NAN,
         frobenius=NAN,
         non_finite=True,
+        zero_row_fraction_B=NAN,
     )
 
 
@@ -359,4 +374,5 @@ def _module_metrics(module: LoraModule, summary: Mapping[str, float], base: Base
         dominance=dominance,
         update_scale=update_scale,
         non_finite_base=base_broken,
+        zero_row_fraction_B=summary["zero_row_fraction_B"],
     )

@@ -53,6 +53,15 @@ def _dead(metrics, history, limits, step) -> list[_Hit]:
     return hits
 
 
+def _half_restored(metrics, history, limits, step) -> list[_Hit]:
+    # Training never zeroes a whole row of B exactly; only B's initialization does, and then every row.
+    return [
+        (m.name, m.zero_row_fraction_B)
+        for m in metrics
+        if not m.non_finite and not m.is_zero and 0.0 < m.zero_row_fraction_B < 1.0
+    ]
+
+
 def _low_rank(metrics, history, limits, step) -> list[_Hit]:
     return [
         (m.name, m.rank_utilization) for m in _live(metrics) if m.rank_utilization < limits.low_rank_fraction
@@ -221,6 +230,17 @@ def _describe_non_finite_base(hits, records, limits, step) -> str:
     )
 
 
+def _describe_half_restored(hits, records, limits, step) -> str:
+    parts = ", ".join(f"{name} ({100 * value:.0f}% of its rows)" for name, value in _examples(hits))
+    return (
+        f"LoRA adapter looks half restored: at step {step} lora_B of {_count(hits, records)} has rows that are "
+        f"exactly zero while its other rows are not: {parts}{_and_more(hits)}. Training never zeroes a whole "
+        "row of B (only its initialization does, and then every row): this is what an adapter resumed from "
+        "a checkpoint that holds one process's shard looks like (FSDP2 checkpoints saved from the main "
+        "process only: accelerate PR #4206, axolotl issue #3772), with that fraction of the adapter gone."
+    )
+
+
 def _describe_dead(hits, records, limits, step) -> str:
     parts = []
     for name, _ in _examples(hits):
@@ -256,6 +276,15 @@ RULES: tuple[Rule, ...] = (
         _describe_non_finite_base,
         "The base model is broken, not the adapter: reload it from a good checkpoint, and check its dtype and "
         "quantization (a NaN in a frozen weight reaches every forward pass and then the LoRA factors).",
+    ),
+    Rule(
+        "half_restored_adapter",
+        Severity.CRITICAL,
+        _half_restored,
+        _describe_half_restored,
+        "Stop this run and resume from a checkpoint that holds the whole adapter: with FSDP2, save a full "
+        "(gathered) state dict (an Accelerate with PR #4206), or check the checkpoint's "
+        "adapter_model.safetensors for rows of zeros before resuming.",
     ),
     Rule(
         "dead_adapter",
