@@ -250,7 +250,8 @@ def _run_demo(output: Path, steps: int, verbosity: str) -> dict[str, Any]:
             f"at rank {SOURCE_RANK}."
         )
 
-    target = recommended or 8
+    # InSqueezeCallback refuses a target at or above the adapter's rank (nothing to squeeze).
+    target = recommended if recommended and recommended < SOURCE_RANK else 8
     console.rule(f"[bold]Run 2: the same training with InSqueeze {SOURCE_RANK} → {target}")
     squeezer = InSqueezeCallback(target_rank=target, start_step=0.3, end_step=0.6)
     model2 = _peft_model(base_folder)

@@ -9,12 +9,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from lora_monitor._distributed import is_distributed
 from lora_monitor.adapters import find_lora_modules
-from lora_monitor.in_squeeze import InSqueezeOptions, compact_masks, install_rank_hooks
+from lora_monitor.errors import LoraMonitorError
+from lora_monitor.in_squeeze import InSqueezeOptions, compact_masks, current_ranks, install_rank_hooks
 from lora_monitor.in_squeeze import schedule as squeeze_schedule
+from lora_monitor.in_squeeze.resume import RESUME_KEY, InSqueezeResumeState, check_resumed_ranks
 from lora_monitor.in_squeeze.step_scaling import SqueezedStepScaling
 
 from ._trainer_glue import emit_log, find_calling_handler
@@ -25,7 +27,7 @@ def _run_is_distributed(args: Any) -> bool:
     return is_distributed() or args.world_size > 1 or bool(args.deepspeed) or bool(args.fsdp)
 
 
-class InSqueezeCallback(TrainerCallback):
+class InSqueezeCallback(TrainerCallback, ExportableState):
     """Shrink a LoRA adapter's rank during training: train at a high rank, squeeze to ``target_rank``.
 
     Pass it to any ``Trainer`` (TRL's ``SFTTrainer``/``GRPOTrainer`` included)::
@@ -68,8 +70,13 @@ class InSqueezeCallback(TrainerCallback):
     Resuming: build the model exactly as for the first run (at the source rank), pass a new
     ``InSqueezeCallback`` with the same arguments in ``callbacks=[...]`` (not ``trainer.add_callback``: its
     hooks go in at ``on_init_end``, before the Trainer loads the checkpoint), and call
-    ``trainer.train(resume_from_checkpoint=...)``. The squeezes scheduled after the checkpoint's step follow
-    as planned; the callback keeps no state of its own in the checkpoint.
+    ``trainer.train(resume_from_checkpoint=...)``. The resumed run is the uninterrupted run: every
+    checkpoint's ``trainer_state.json`` keeps what the callback holds that changes training (the source
+    ranks the step scaling divides by, the plan of squeezes, a re-warm-up ramp in progress, the per-module
+    ranks), and ``on_train_begin`` restores it, whatever ``restore_callback_states_from_checkpoint`` says
+    (with it set, the Trainer replaces this object by a new one built from the saved arguments, so read
+    ``events`` from the callback in ``trainer.callback_handler.callbacks``). A model that does not come back
+    at the checkpoint's ranks stops the run with a :class:`~lora_monitor.errors.LoraMonitorError`.
     """
 
     def __init__(
@@ -92,12 +99,22 @@ class InSqueezeCallback(TrainerCallback):
             target_rank, schedule, start_step, end_step, method, optimizer_state, mode,
             min_variance_retention, rewarmup_steps, rsvd_oversample, rsvd_power_iters, lr_scaling,
         )  # fmt: skip
+        # The arguments as JSON, for the checkpoint (a Trainer that restores callbacks rebuilds one from them).
+        self._arguments = dict(
+            target_rank=target_rank,
+            schedule=schedule if isinstance(schedule, str) else [list(entry) for entry in schedule],
+            start_step=start_step, end_step=end_step, method=method, optimizer_state=optimizer_state,
+            mode=mode, min_variance_retention=min_variance_retention, rewarmup_steps=rewarmup_steps,
+            adapter_name=adapter_name, rsvd_oversample=rsvd_oversample, rsvd_power_iters=rsvd_power_iters,
+            lr_scaling=lr_scaling,
+        )  # fmt: skip
         self.adapter_name = adapter_name
         self.events: list[dict[str, Any]] = []
         self.plan: dict[int, int] = {}
         self.resolved_mode: str | None = None
         self._handler: CallbackHandler | None = None
         self._source_rank: int | None = None
+        self._model: Any = None
         self._probe = squeeze_schedule.LossProbe()
         self._rewarmup = squeeze_schedule.LearningRateRewarmup(self.options.rewarmup_steps)
 
@@ -116,15 +133,68 @@ class InSqueezeCallback(TrainerCallback):
         # Before the Trainer can load a checkpoint (which happens before on_train_begin): see the docstring.
         install_rank_hooks(model, adapter_name=self.adapter_name, mode=self.resolved_mode)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.resolved_mode is None:
             self.on_init_end(args, state, control, model=model)
         # Searched at every train begin so that a callback reused by a second Trainer logs through it.
         self._handler = find_calling_handler(self) or self._handler
-        self.plan = squeeze_schedule.plan_for(
-            self.options, self._source_rank, state.max_steps or args.max_steps
-        )
+        self._model = model
+        saved, same_arguments = self._saved_state(state) if state.global_step > 0 else (None, False)
+        if saved is not None:  # a resume: what the checkpoint kept, not what the loaded model shows
+            self._restore(saved, state.global_step, model, optimizer)
+        if saved is not None and same_arguments:  # the plan made at the start, whatever max_steps is now
+            self.plan = dict(saved.plan)
+        else:
+            self.plan = squeeze_schedule.plan_for(
+                self.options, self._source_rank, state.max_steps or args.max_steps
+            )
+        self._check_something_to_squeeze()
         self._probe.attach(model)
+
+    def state(self) -> dict[str, Any]:
+        """What a Trainer checkpoint keeps of this callback in ``trainer_state.json`` (see Resuming above)."""
+        step_scaling = getattr(self, "_step_scaling", None)  # set at on_init_end
+        resume = InSqueezeResumeState(
+            source_ranks=(step_scaling.source_ranks if step_scaling else None) or {},
+            plan=self.plan,
+            rewarmup=self._rewarmup.state(),
+            ranks=current_ranks(self._model, self.adapter_name) if self._model is not None else None,
+        )
+        return {"args": dict(self._arguments), "attributes": {}, RESUME_KEY: resume.to_json()}
+
+    def _saved_state(self, state: Any) -> tuple[InSqueezeResumeState | None, bool]:
+        """This callback's state in the checkpoint's ``trainer_state.json`` (None in one written without it),
+        and whether it was saved with the same arguments as this callback's."""
+        entry = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(entry, list):  # several callbacks of this class: the Trainer keeps them in order
+            peers = [c for c in getattr(self._handler, "callbacks", []) if type(c) is type(self)]
+            index = next((i for i, c in enumerate(peers) if c is self), 0)
+            entry = entry[index] if index < len(entry) else None
+        if not isinstance(entry, dict) or RESUME_KEY not in entry:
+            return None, False
+        saved = InSqueezeResumeState.from_json(entry[RESUME_KEY], "InSqueezeCallback: trainer_state.json")
+        return saved, entry.get("args") == self._arguments
+
+    def _restore(self, saved: InSqueezeResumeState, step: int, model: Any, optimizer: Any) -> None:
+        check_resumed_ranks(saved.ranks, current_ranks(model, self.adapter_name), "InSqueezeCallback")
+        if saved.source_ranks:
+            self._step_scaling.source_ranks = saved.source_ranks
+            self._source_rank = max(saved.source_ranks.values())
+        self._rewarmup.load_state(saved.rewarmup, step, optimizer)
+
+    def _check_something_to_squeeze(self) -> None:
+        """A target at or above every module's rank can never squeeze anything: say so before the first step."""
+        if not self._source_rank or any(rank < self._source_rank for rank in self.plan.values()):
+            return
+        if isinstance(self.options.schedule, str):
+            asked = f"target_rank={self.options.target_rank} is"
+        else:
+            asked = f"every rank of schedule={self._arguments['schedule']} is"
+        raise LoraMonitorError(
+            f"InSqueezeCallback: {asked} at or above the rank of every LoRA module of adapter "
+            f"'{self.adapter_name}' (largest: {self._source_rank}), so nothing would ever be squeezed; "
+            f"give a rank below {self._source_rank}"
+        )
 
     def attach(self, trainer: Any) -> InSqueezeCallback:
         """Route the squeeze logs through ``trainer``'s callbacks explicitly (normally found by itself)."""

@@ -20,7 +20,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from lora_monitor._io import append_json_line, json_safe
-from lora_monitor.errors import check_number
+from lora_monitor.adapters import find_lora_modules, unwrap_model
+from lora_monitor.errors import LoraMonitorError, check_number
 from lora_monitor.monitor import AlertThresholds, Monitor
 
 from ._trainer_glue import active_wandb, emit_log, find_calling_handler, is_last_step
@@ -51,6 +52,10 @@ class SpectralMonitorCallback(TrainerCallback):
 
     ``monitor`` is the :class:`~lora_monitor.monitor.Monitor`; ``latest`` (metrics), ``latest_summary``,
     ``latest_scalars``, ``history`` and ``alerts`` are its results.
+
+    Its options are checked when it is built, the adapter's presence at ``on_train_begin``: a model with no
+    LoRA module (or no adapter ``adapter_name``) stops the run there with a
+    :class:`~lora_monitor.errors.LoraMonitorError` rather than being watched for nothing.
     """
 
     def __init__(
@@ -68,6 +73,16 @@ class SpectralMonitorCallback(TrainerCallback):
         check_number(
             gradient_every_n_steps, "SpectralMonitorCallback: gradient_every_n_steps", low=1, whole=True
         )
+        if jsonl_name is not None and (
+            not isinstance(jsonl_name, str)
+            or not jsonl_name
+            or Path(jsonl_name).is_absolute()
+            or ".." in Path(jsonl_name).parts
+        ):
+            raise LoraMonitorError(
+                f"SpectralMonitorCallback: jsonl_name must be a file name inside output_dir (or None), "
+                f"got {jsonl_name!r}"
+            )
         self.every_n_steps, self.jsonl_name, self.log_alerts = every_n_steps, jsonl_name, log_alerts
         self.gradient_every_n_steps = gradient_every_n_steps
         self.monitor = Monitor(thresholds, adapter_name, track_gradients, intruders_every=intruders_every)
@@ -94,6 +109,8 @@ class SpectralMonitorCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._handler = find_calling_handler(self) or self._handler
+        if model is not None:  # the user's setup, not a check: a run with nothing to watch stops here
+            find_lora_modules(unwrap_model(model), self.monitor.adapter_name)
         if self.history.steps and state.global_step <= self.history.steps[-1]:
             self.monitor.reset()  # a new run (not a resume): its history and alerts start empty
         return self._check(args, state, control, model, kwargs.get("optimizer"))

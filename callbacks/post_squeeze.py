@@ -9,7 +9,7 @@ compressed copy. The analysis itself is :func:`lora_monitor.squeeze.analyze_adap
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from lora_monitor.squeeze import CompressionResult, SqueezeAnalysis, SqueezeOpti
 from lora_monitor.squeeze.end_of_training import squeeze_trained_adapter
 from lora_monitor.squeeze.function import DEFAULT_TOLERANCE, FunctionRecommendation
 from lora_monitor.squeeze.manifest import TABLE_COLUMNS, summary_scalars, table_rows
+from lora_monitor.squeeze.options import validate_tolerance
 
 from ._trainer_glue import active_wandb, emit_log, find_calling_handler, find_calling_trainer, is_last_step
 
@@ -48,6 +49,10 @@ class PostSqueezeCallback(TrainerCallback):
     (:func:`~lora_monitor.squeeze.function.recommend_rank_by_function`); the smallest rank within ``tolerance``
     of the full adapter's loss is printed beside the energy advice (per type with ``by_module_type``), kept
     as ``callback.function``, written to the manifest and used by ``compress``. Not under FSDP2.
+
+    Its options are checked when it is built; what needs the Trainer (the adapter, ``target_ranks`` against
+    its rank, held-out data for ``by_function``) at ``on_train_begin``, before the first step: either stops
+    with a :class:`~lora_monitor.errors.LoraMonitorError`, never after a whole run.
     """
 
     def __init__(
@@ -84,8 +89,9 @@ class PostSqueezeCallback(TrainerCallback):
         self.report = report
         self.intruders = intruders
         self.intruder_dimensions: list[IntruderDimensions] | None = None
-        self.by_function, self.tolerance, self.by_module_type = by_function, tolerance, by_module_type
-        self.eval_batches = None if eval_batches is None else list(eval_batches)
+        self.by_function, self.by_module_type = by_function, by_module_type
+        self.tolerance = validate_tolerance(tolerance, "PostSqueezeCallback: tolerance")
+        self.eval_batches = None if eval_batches is None else _checked_batches(eval_batches)
         self.function: FunctionRecommendation | None = None
         self._trainer = None
         self._handler, self._done_at = None, None
@@ -103,7 +109,14 @@ class PostSqueezeCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:  # fail before training, not after it, when there is nothing to squeeze
-            find_lora_modules(unwrap_model(model), self.adapter_name)
+            largest = max(module.rank for module in find_lora_modules(unwrap_model(model), self.adapter_name))
+            above = [rank for rank in self.options.target_ranks or () if rank > largest]
+            if above:
+                raise LoraMonitorError(
+                    f"PostSqueezeCallback: target_ranks {list(self.options.target_ranks)} holds "
+                    f"{', '.join(map(str, above))}, above the adapter's largest rank {largest}: a compressed "
+                    f"adapter has at most the directions it was trained with; give ranks up to {largest}"
+                )
         self._trainer = find_calling_trainer(self) or self._trainer
         no_data = self.eval_batches is None and getattr(self._trainer, "eval_dataset", None) is None
         if self.by_function and no_data:
@@ -171,3 +184,25 @@ class PostSqueezeCallback(TrainerCallback):
             table = wandb.Table(columns=list(TABLE_COLUMNS), data=table_rows(self.analysis))
             wandb.run.log({"squeeze/variance_table": table})
             wandb.run.summary.update(summary_scalars(self.analysis, self.intruder_dimensions))
+
+
+def _checked_batches(eval_batches: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``eval_batches`` as a list, if it is a non-empty iterable of dicts (model inputs with labels)."""
+    if isinstance(eval_batches, str | bytes | Mapping) or not isinstance(eval_batches, Iterable):
+        raise LoraMonitorError(
+            f"PostSqueezeCallback: eval_batches must be a list of batches (dicts of model inputs with labels), "
+            f"got {type(eval_batches).__name__}"
+        )
+    batches = list(eval_batches)
+    if not batches:
+        raise LoraMonitorError(
+            "PostSqueezeCallback: eval_batches is empty: give at least one batch, or leave it out to use "
+            "the Trainer's eval_dataset"
+        )
+    wrong = next((batch for batch in batches if not isinstance(batch, Mapping)), None)
+    if wrong is not None:
+        raise LoraMonitorError(
+            "PostSqueezeCallback: every batch of eval_batches must be a dict of model inputs with labels, "
+            f"got a {type(wrong).__name__}"
+        )
+    return batches

@@ -88,6 +88,13 @@ def _run_analyze(args: argparse.Namespace) -> int:
             f"{adapter.path}: module {', '.join(broken[:3])}{more} has NaN/Inf values in its LoRA factors; "
             "the adapter is broken (diverged training?), nothing was analysed"
         )
+    broken = [m.name for m in record.metrics if m.non_finite_base]
+    if broken:
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise LoraMonitorError(
+            f"{args.base}: the base weight of module {', '.join(broken[:3])}{more} has NaN/Inf values; "
+            "the base model is broken, nothing was analysed"
+        )
     intruders = intruder_dimensions(adapter.modules, lambda m: base(m.name)) if base else None
     if args.json:
         found = [item.to_dict() for item in intruders] if intruders is not None else None

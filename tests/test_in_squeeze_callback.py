@@ -260,6 +260,37 @@ def test_bad_callback_options_are_one_clear_error_naming_the_option():
             InSqueezeCallback(**options)
 
 
+@pytest.mark.parametrize(
+    "options, asked",
+    [
+        (dict(target_rank=16), "target_rank=16 is"),
+        (dict(target_rank=8), "target_rank=8 is"),
+        (dict(schedule=[(2, 8), (4, 12)]), r"every rank of schedule=\[\[2, 8\], \[4, 12\]\] is"),
+    ],
+)
+def test_a_target_at_or_above_the_adapters_rank_stops_the_run_before_the_first_step(
+    options, asked, tmp_path, tokenizer
+):
+    steps = []
+
+    class _Steps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    model = peft_llama(r=8, init_lora_weights=True)
+    args = training_args(tmp_path, max_steps=6)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_dataset(tokenizer),
+        callbacks=[InSqueezeCallback(**options), _Steps()],
+    )
+    message = rf"InSqueezeCallback: {asked} at or above the rank of every LoRA module .*largest: 8.*below 8"
+    with pytest.raises(LoraMonitorError, match=message):
+        trainer.train()
+    assert steps == [] and trainer.state.global_step == 0
+
+
 def test_works_in_trl_sft_trainer(tmp_path, tokenizer):
     from trl import SFTConfig, SFTTrainer
 

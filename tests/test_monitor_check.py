@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -107,6 +108,45 @@ def test_analyze_an_adapter_with_nan_weights_exits_2_naming_the_module(tmp_path,
     model.save_pretrained(tmp_path / "inf")
     assert main(["analyze", str(tmp_path / "inf"), "--json"]) == 2
     assert broken in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_analyze_with_a_base_weight_holding_nan_exits_2_naming_the_module(tmp_path, capsys, bad_value):
+    from tiny_models import tiny_llama
+
+    peft_llama(0).save_pretrained(tmp_path / "adapter")
+    base = tiny_llama(0)  # the base peft_llama(0) was built on, with one broken weight
+    broken = "model.layers.1.self_attn.v_proj"
+    with torch.no_grad():
+        base.get_submodule(broken).weight[2, 5] = bad_value
+    base.save_pretrained(tmp_path / "base")
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")]) == 2
+    error = capsys.readouterr().err
+    assert broken in error and "base weight" in error and "NaN/Inf" in error and "Traceback" not in error
+    # One line, besides transformers' own progress bar for loading the base.
+    assert len([line for line in error.strip().splitlines() if "Loading weights" not in line]) == 1
+
+
+def test_a_base_weight_holding_nan_is_alerted_and_the_rest_is_measured():
+    model = peft_llama(0)
+    broken = "model.layers.0.mlp.up_proj"
+    with torch.no_grad():
+        lora_layers(model)[broken].base_layer.weight[0, 0] = float("nan")
+    record = Monitor().check(model, 0)
+    by_name = {m.name: m for m in record.metrics}
+    assert by_name[broken].non_finite_base and not by_name[broken].non_finite
+    assert math.isnan(by_name[broken].dominance) and math.isnan(by_name[broken].update_scale)
+    assert by_name[broken].effective_rank > 0  # its factors are fine and measured
+    for name, metrics in by_name.items():
+        if name != broken:  # the others against their own base, by an independent dense SVD
+            weight = lora_layers(model)[name].base_layer.weight.double()
+            expected = metrics.sigma_max / float(torch.linalg.matrix_norm(weight, ord=2))
+            assert not metrics.non_finite_base and metrics.dominance == pytest.approx(expected, rel=0.03)
+    alerts = [alert for alert in record.new_alerts if alert.code == "non_finite"]
+    assert len(alerts) == 1 and alerts[0].severity.value == "critical" and alerts[0].modules == (broken,)
+    assert broken in alerts[0].message and "base weight" in alerts[0].message
+    assert json.loads(json.dumps(record.to_dict(json_safe=True)))  # the JSONL line stays strict JSON
 
 
 @pytest.mark.parametrize("mode", ["resize", "mask"])

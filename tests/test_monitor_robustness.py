@@ -61,6 +61,67 @@ def test_a_nan_factor_mid_training_is_recorded_and_alerted_and_training_goes_on(
     assert lines[2]["alerts"][0]["code"] == "non_finite"  # the first of that check's alerts
 
 
+def test_a_base_weight_holding_nan_is_recorded_and_alerted_at_the_first_check(tmp_path, lm_dataset):
+    model = peft_llama(init_lora_weights=True)
+    with torch.no_grad():
+        layer(model, BROKEN).base_layer.weight[3, 1] = float("inf")
+    monitor = SpectralMonitorCallback(every_n_steps=1)
+    trainer = run(tmp_path, lm_dataset, monitor, model, 1)
+    assert trainer.state.global_step == 1
+
+    first = json.loads((tmp_path / "lora_monitor.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0
+    modules = {module["name"]: module for module in first["modules"]}
+    assert modules[BROKEN]["non_finite_base"] and modules[BROKEN]["dominance"] is None
+    # The others are measured against their own base (B = 0 at the start: a zero, finite dominance).
+    assert all(m["dominance"] == 0.0 and not m["non_finite_base"] for n, m in modules.items() if n != BROKEN)
+    alert = next(alert for alert in monitor.alerts if alert.code == "non_finite")
+    assert alert.step == 0 and alert.severity.value == "critical" and alert.modules == (BROKEN,)
+    assert "base weight" in alert.message and BROKEN in alert.message
+
+
+def test_an_adapter_half_restored_from_a_sharded_checkpoint_is_alerted_at_the_first_check(
+    tmp_path, lm_dataset
+):
+    from safetensors.torch import load_file, save_file
+
+    monitor = SpectralMonitorCallback(every_n_steps=2, jsonl_name=None)
+    model = peft_llama(init_lora_weights=True)
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2),
+        train_dataset=lm_dataset,
+        callbacks=[monitor],
+    )
+    trainer.train()
+    assert not [alert for alert in monitor.alerts if alert.code == "half_restored_adapter"]
+
+    # What an FSDP2 checkpoint saved by the main process of two holds: its own half of each lora_B's rows,
+    # the other half zeros.
+    adapter_file = tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors"
+    tensors = load_file(adapter_file)
+    for key, tensor in tensors.items():
+        if "lora_B" in key:
+            assert bool((tensor != 0).any(dim=1).all())  # trained: no row of B is zero
+            tensor[tensor.shape[0] // 2 :] = 0
+    save_file(tensors, adapter_file, metadata={"format": "pt"})
+
+    resumed_monitor = SpectralMonitorCallback(every_n_steps=2, jsonl_name=None)
+    resumed = Trainer(
+        model=peft_llama(init_lora_weights=True),
+        args=training_args(tmp_path / "resumed", max_steps=4),
+        train_dataset=lm_dataset,
+        callbacks=[resumed_monitor],
+    )
+    resumed.train(resume_from_checkpoint=str(adapter_file.parent))
+    alert = next(alert for alert in resumed_monitor.alerts if alert.code == "half_restored_adapter")
+    assert alert.step == 2 and alert.severity.value == "critical"  # the first check after the resume
+    assert len(alert.modules) == 14 and set(alert.values.values()) == {0.5}
+    assert "50% of its rows" in alert.message and "#4206" in alert.message and "#3772" in alert.message
+    first = resumed_monitor.history.steps[0]
+    assert first == 2
+
+
 def test_a_failing_output_is_logged_once_and_training_goes_on(tmp_path, lm_dataset, caplog):
     (tmp_path / "lora_monitor.jsonl").mkdir(parents=True)  # the JSONL cannot be written: as a full disk
     monitor = SpectralMonitorCallback(every_n_steps=1)

@@ -10,8 +10,9 @@ import torch
 from _squeeze_helpers import lora_layers, offline_wandb_summary
 from peft import PeftModel
 from tiny_models import peft_llama, tiny_llama, training_args
-from transformers import Trainer, TrainerControl, TrainerState
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 
+from lora_monitor.callbacks.monitor import SpectralMonitorCallback
 from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback
 from lora_monitor.errors import LoraMonitorError
 from lora_monitor.squeeze import analyze_adapter
@@ -148,3 +149,59 @@ def test_rank_by_function_without_held_out_data_fails_before_training(tmp_path, 
     with pytest.raises(LoraMonitorError, match="eval_dataset"):
         train(tmp_path, lm_dataset, callback)
     assert not (tmp_path / "run" / "squeeze_manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: PostSqueezeCallback(tolerance=-0.5), "PostSqueezeCallback: tolerance must be at least 0"),
+        (
+            lambda: PostSqueezeCallback(tolerance=float("nan")),
+            "PostSqueezeCallback: tolerance must be a finite",
+        ),
+        (lambda: PostSqueezeCallback(tolerance="0.01"), "PostSqueezeCallback: tolerance must be a number"),
+        (lambda: PostSqueezeCallback(by_function=True, eval_batches=[]), "eval_batches is empty"),
+        (lambda: PostSqueezeCallback(eval_batches="held-out.txt"), "eval_batches must be a list of batches"),
+        (lambda: PostSqueezeCallback(eval_batches=[{"input_ids": 1}, 2]), "must be a dict of model inputs"),
+        (
+            lambda: SpectralMonitorCallback(jsonl_name="/tmp/elsewhere.jsonl"),
+            "jsonl_name must be a file name",
+        ),
+        (lambda: SpectralMonitorCallback(jsonl_name="../up.jsonl"), "jsonl_name must be a file name"),
+    ],
+)
+def test_bad_options_are_refused_when_the_callback_is_built(build, message):
+    with pytest.raises(LoraMonitorError, match=message):
+        build()
+
+
+class _StepsBegun(TrainerCallback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: PostSqueezeCallback(by_function=True), "needs held-out data"),
+        (
+            lambda: PostSqueezeCallback(target_ranks=[4, 16]),
+            r"PostSqueezeCallback: target_ranks \[4, 16\] holds 16, above the adapter's largest rank 8",
+        ),
+        (lambda: PostSqueezeCallback(adapter_name="other"), "adapter 'other' is not in"),
+        (lambda: SpectralMonitorCallback(adapter_name="other"), "adapter 'other' is not in"),
+    ],
+)
+def test_what_needs_the_trainer_is_checked_before_the_first_step(build, message, tmp_path, lm_dataset):
+    steps = _StepsBegun()
+    model = peft_llama(0, init_lora_weights=True, r=8)
+    args = training_args(tmp_path / "run", max_steps=4)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset, callbacks=[build(), steps])
+    with pytest.raises(LoraMonitorError, match=message):
+        trainer.train()
+    assert steps.steps == [] and trainer.state.global_step == 0
+    assert not (tmp_path / "run" / "squeeze_manifest.json").exists()
+    assert not (tmp_path / "run" / "lora_monitor.jsonl").exists()

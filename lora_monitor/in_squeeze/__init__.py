@@ -5,7 +5,8 @@
 - :mod:`.optimizer`: the optimizer state carried through the factor maps, or reset;
 - :mod:`.hooks`: gradient masks and the state-dict hooks for saving and resuming (:func:`install_rank_hooks`);
 - :mod:`.schedule`: when and to which rank, the learning-rate re-warm-up, the loss probe, the squeeze records;
-- :mod:`.options`: the options and their one validator.
+- :mod:`.options`: the options and their one validator;
+- :mod:`.resume`: what a checkpoint keeps besides the factors, so that a resumed run is the uninterrupted run.
 """
 
 from .hooks import install_rank_hooks

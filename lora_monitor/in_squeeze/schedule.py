@@ -188,6 +188,18 @@ class LearningRateRewarmup:
                 group["lr"] = lr
             self._unscaled = None
 
+    def state(self) -> dict[str, Any]:
+        """The ramp as a checkpoint keeps it (JSON): the squeeze step it started from, the LRs it scaled."""
+        return {"from": self._from, "unscaled": self._unscaled}
+
+    def load_state(self, saved: dict[str, Any], step: int, optimizer: Any | None) -> None:
+        """Resume the ramp :meth:`state` saved at the end of ``step``: the next step's LR is scaled again from
+        the scheduler's value, whatever LR the optimizer's own saved state brought back."""
+        self._from, self._unscaled = saved.get("from"), saved.get("unscaled")
+        if self._unscaled is not None:
+            self.restore(optimizer)
+            self.scale(step, optimizer)
+
 
 def squeeze_and_record(
     model: nn.Module,

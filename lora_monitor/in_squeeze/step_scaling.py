@@ -33,7 +33,8 @@ class SqueezedStepScaling:
     """Scale squeezed modules' optimizer steps by ``r_source/r_now`` (``"rank"``), its square root, or not.
 
     Call :meth:`before_step` just before ``optimizer.step()`` and :meth:`after_step` just after it. The
-    source ranks are read at the first call (before any squeeze).
+    source ranks are read at the first call (before any squeeze); a run resumed after a squeeze must set
+    :attr:`source_ranks` back from its checkpoint (``InSqueezeCallback`` does), or the factors are lost.
     """
 
     def __init__(self, scaling: str = "rank", adapter_name: str | None = None) -> None:
@@ -41,6 +42,15 @@ class SqueezedStepScaling:
         self.adapter_name = adapter_name
         self._source_ranks: dict[str, int] | None = None
         self._before: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+
+    @property
+    def source_ranks(self) -> dict[str, int] | None:
+        """``{module: rank before any squeeze}`` (None until the first call); a resumed run sets it back."""
+        return self._source_ranks
+
+    @source_ranks.setter
+    def source_ranks(self, ranks: dict[str, int] | None) -> None:
+        self._source_ranks = None if ranks is None else {name: int(rank) for name, rank in ranks.items()}
 
     def factors(self, model: nn.Module) -> dict[str, float]:
         """``{module: step factor}`` for the modules squeezed below their source rank."""

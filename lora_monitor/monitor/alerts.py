@@ -11,7 +11,10 @@ The rules and their default thresholds (:class:`AlertThresholds`, all configurab
 ==========================  ==========  =====================================================================
 code                        severity    condition
 ==========================  ==========  =====================================================================
-``non_finite``              critical    NaN or Inf in a factor (the module's metrics are recorded as NaN)
+``non_finite``              critical    NaN or Inf in a factor (the module's metrics are recorded as NaN), or
+                                        in its frozen base weight (its dominance and update scale are NaN)
+``half_restored_adapter``   critical    some rows of lora_B exactly zero while others are not (an adapter
+                                        resumed from a checkpoint holding one process's FSDP2 shard)
 ``dead_adapter``            critical    after 20 steps B is still exactly zero, or the factors have not
                                         changed since the first check (names requires_grad off, learning
                                         rate 0 or missing from the optimizer where it can see which)

@@ -183,7 +183,9 @@ class Monitor:
         if self.intruders_every and step % self.intruders_every == 0 and not sharded:
             by_module = {module.name: module for module in mine}
             weight_of = self.base_weights or (lambda name: by_module[name].base_weight())
-            found = intruder_dimensions(mine, lambda m: weight_of(m.name), cache=self._base_subspaces)
+            # NaN/Inf factors or base weights have no spectrum to compare: alerted as non_finite instead.
+            finite = [m for m, r in zip(mine, local, strict=True) if not (r.non_finite or r.non_finite_base)]
+            found = intruder_dimensions(finite, lambda m: weight_of(m.name), cache=self._base_subspaces)
             counts = {item.name: item.count for item in found}
             for record in local:
                 record.intruder_dimensions = counts.get(record.name)

@@ -16,7 +16,9 @@ The whole adapter's summary is in :mod:`.summary`, the history over checks in :m
 A module whose ``ΔW`` is exactly zero (``B = 0`` at initialization) is flagged ``is_zero``: its ranks and
 condition numbers are undefined (NaN), it is neither healthy nor alarming, and it is left out of means.
 A module with NaN or Inf in a factor (diverged training) is flagged ``non_finite``: every metric is NaN,
-the other modules are measured as usual, and nothing is raised (a monitor never stops training).
+the other modules are measured as usual, and nothing is raised (a monitor never stops training). A module
+whose frozen base weight holds NaN or Inf is flagged ``non_finite_base``: its dominance and update scale are
+NaN, its factors are measured as usual.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class ModuleMetrics:
     ``block`` is ``"attention"``, ``"mlp"`` or ``"other"`` (embeddings, ``lm_head``: see
     :func:`~lora_monitor.adapters.module_block`).
     An all-zero delta (``is_zero``) has NaN ranks and condition numbers: undefined, not healthy. A pair
-    with NaN/Inf factors (``non_finite``) has NaN everywhere.
+    with NaN/Inf factors (``non_finite``) has NaN everywhere. A pair over a base weight with NaN/Inf
+    (``non_finite_base``) has a NaN dominance and update scale (and NaN base norms).
 
     Filled in by :class:`~lora_monitor.monitor.check.Monitor` on a live model: ``unchanged_since``, the
     step of the first check from which the factors have stayed bit-identical (None once they changed), and
@@ -88,8 +91,13 @@ class ModuleMetrics:
     update_scale: float | None = None
     gradient_effective_rank: float | None = None
     non_finite: bool = False
+    non_finite_base: bool = False
     unchanged_since: int | None = None
     frozen_reason: str | None = None
+    # Rows of B exactly zero, as a fraction of its rows: 1 for a zero B (its initialization), 0 once it trains;
+    # anything between is an adapter half restored from a sharded checkpoint (see monitor.rules). NaN when
+    # the factors are not finite.
+    zero_row_fraction_B: float = 0.0
     intruder_dimensions: int | None = None  # at checks that count them (Monitor(intruders_every=...))
 
     @property
@@ -121,6 +129,7 @@ class ModuleMetrics:
             "stable_rank",
             "sigma_max",
             "frobenius",
+            "zero_row_fraction_B",
         )
         for key in undefined_when_none:
             values[key] = NAN if values.get(key) is None else values[key]
@@ -134,7 +143,7 @@ class ModuleMetrics:
 
 @dataclass(frozen=True)
 class BaseNorm:
-    """σmax and Frobenius norm of one frozen base weight."""
+    """σmax and Frobenius norm of one frozen base weight (both NaN when the weight holds NaN or Inf)."""
 
     sigma_max: float
     frobenius: float
@@ -177,6 +186,10 @@ class BaseNormCache:
             weight = weight.reshape(weight.shape[0], -1)
         if not weight.is_floating_point():
             raise ValueError(f"base weight of dtype {weight.dtype} must be dequantized first")
+        if not bool(torch.isfinite(weight).all()):
+            # A broken base (a bad checkpoint or dequantization): undefined norms, alerted as non_finite; the
+            # power iteration would fail on it and take the whole check down with it. One pass, once.
+            return BaseNorm(sigma_max=NAN, frobenius=NAN)
         sigma = spectral_norm(weight, iters=self._power_iterations)
         frobenius = float(torch.linalg.vector_norm(weight.float(), dtype=torch.float64))
         return BaseNorm(sigma_max=sigma, frobenius=frobenius)
@@ -222,6 +235,7 @@ _SUMMARY = (
     "numerical_rank",
     "numerical_rank_A",
     "numerical_rank_B",
+    "zero_row_fraction_B",
 )
 
 
@@ -270,6 +284,7 @@ def _summaries(modules, factors, dtype) -> dict[str, dict[str, float]]:
             stable_rank(delta).unsqueeze(0),
             condition_number_from_singular_values(spectra_stack[1:], within_rank),  # of A and B
             (spectra_stack > 0).sum(-1).double(),  # numerical ranks of ΔW, A and B
+            torch.stack([_zero_row_fraction(B).to(delta.device) for B, _ in factors]).unsqueeze(0),
         ]
     ).T  # (N, len(_SUMMARY)), in _SUMMARY's order
     finite = torch.isfinite(spectra_stack).all(-1).all(0)
@@ -278,6 +293,13 @@ def _summaries(modules, factors, dtype) -> dict[str, dict[str, float]]:
         for module, row, ok in zip(modules, table.cpu().tolist(), finite.cpu().tolist(), strict=True)
         if ok
     }
+
+
+def _zero_row_fraction(B: torch.Tensor) -> torch.Tensor:
+    """The fraction of ``B``'s rows (output features) that are exactly zero, as a float64 scalar tensor on
+    ``B``'s device (no read-back: it travels with the other summaries)."""
+    rows = B.detach().reshape(B.shape[0], -1)
+    return (rows == 0).all(dim=1).sum(dtype=torch.float64) / rows.shape[0]
 
 
 def _base_norm(
@@ -320,6 +342,7 @@ def _non_finite_metrics(module: LoraModule) -> ModuleMetrics:
         sigma_max=NAN,
         frobenius=NAN,
         non_finite=True,
+        zero_row_fraction_B=NAN,
     )
 
 
@@ -331,7 +354,10 @@ def _module_metrics(module: LoraModule, summary: Mapping[str, float], base: Base
     values["rank_utilization"] = values["effective_rank"] / module.rank
     values |= {key: NAN if is_zero else summary[key] for key in ("kappa_A", "kappa_B")}
     dominance = update_scale = None
-    if base is not None:
+    base_broken = base is not None and not (math.isfinite(base.sigma_max) and math.isfinite(base.frobenius))
+    if base_broken:
+        dominance = update_scale = NAN
+    elif base is not None:
         dominance = sigma_max / base.sigma_max if base.sigma_max > 0 else math.inf
         update_scale = frobenius / base.frobenius if base.frobenius > 0 else math.inf
     return ModuleMetrics(
@@ -347,4 +373,6 @@ def _module_metrics(module: LoraModule, summary: Mapping[str, float], base: Base
         base_frobenius=None if base is None else base.frobenius,
         dominance=dominance,
         update_scale=update_scale,
+        non_finite_base=base_broken,
+        zero_row_fraction_B=summary["zero_row_fraction_B"],
     )

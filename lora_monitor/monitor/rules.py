@@ -35,6 +35,10 @@ def _non_finite(metrics, history, limits, step) -> list[_Hit]:
     return [(m.name, math.nan) for m in metrics if m.non_finite]
 
 
+def _non_finite_base(metrics, history, limits, step) -> list[_Hit]:
+    return [(m.name, math.nan) for m in metrics if m.non_finite_base and not m.non_finite]
+
+
 def _dead(metrics, history, limits, step) -> list[_Hit]:
     # A zero B after N steps, or factors bit-identical since the first check N steps ago: nothing trains.
     if step is None or step < limits.dead_adapter_steps:
@@ -47,6 +51,15 @@ def _dead(metrics, history, limits, step) -> list[_Hit]:
         if m.is_zero or unchanged:
             hits.append((m.name, float(step if m.is_zero else step - m.unchanged_since)))
     return hits
+
+
+def _half_restored(metrics, history, limits, step) -> list[_Hit]:
+    # Training never zeroes a whole row of B exactly; only B's initialization does, and then every row.
+    return [
+        (m.name, m.zero_row_fraction_B)
+        for m in metrics
+        if not m.non_finite and not m.is_zero and 0.0 < m.zero_row_fraction_B < 1.0
+    ]
 
 
 def _low_rank(metrics, history, limits, step) -> list[_Hit]:
@@ -209,6 +222,25 @@ def _describe_non_finite(hits, records, limits, step) -> str:
     )
 
 
+def _describe_non_finite_base(hits, records, limits, step) -> str:
+    names = ", ".join(name for name, _ in _examples(hits))
+    return (
+        f"NaN or Inf in the frozen base weight of {_count(hits, records)}: {names}{_and_more(hits)}; their "
+        "dominance and update scale are recorded as NaN, the rest is measured and training goes on."
+    )
+
+
+def _describe_half_restored(hits, records, limits, step) -> str:
+    parts = ", ".join(f"{name} ({100 * value:.0f}% of its rows)" for name, value in _examples(hits))
+    return (
+        f"LoRA adapter looks half restored: at step {step} lora_B of {_count(hits, records)} has rows that are "
+        f"exactly zero while its other rows are not: {parts}{_and_more(hits)}. Training never zeroes a whole "
+        "row of B (only its initialization does, and then every row): this is what an adapter resumed from "
+        "a checkpoint that holds one process's shard looks like (FSDP2 checkpoints saved from the main "
+        "process only: accelerate PR #4206, axolotl issue #3772), with that fraction of the adapter gone."
+    )
+
+
 def _describe_dead(hits, records, limits, step) -> str:
     parts = []
     for name, _ in _examples(hits):
@@ -236,6 +268,23 @@ RULES: tuple[Rule, ...] = (
         _describe_non_finite,
         "Training has diverged in these modules: lower the learning rate, enable gradient clipping "
         "(max_grad_norm) or check the data and precision (fp16 overflow); resume from an earlier checkpoint.",
+    ),
+    Rule(
+        "non_finite",
+        Severity.CRITICAL,
+        _non_finite_base,
+        _describe_non_finite_base,
+        "The base model is broken, not the adapter: reload it from a good checkpoint, and check its dtype and "
+        "quantization (a NaN in a frozen weight reaches every forward pass and then the LoRA factors).",
+    ),
+    Rule(
+        "half_restored_adapter",
+        Severity.CRITICAL,
+        _half_restored,
+        _describe_half_restored,
+        "Stop this run and resume from a checkpoint that holds the whole adapter: with FSDP2, save a full "
+        "(gathered) state dict (an Accelerate with PR #4206), or check the checkpoint's "
+        "adapter_model.safetensors for rows of zeros before resuming.",
     ),
     Rule(
         "dead_adapter",

@@ -22,10 +22,10 @@ def validate_threshold(threshold: Any, name: str = "min_variance_retention") -> 
     return float(check_number(threshold, name, low=0, high=1, low_open=True, hint="0.95 = keep 95%"))
 
 
-def validate_tolerance(tolerance: Any) -> float:
+def validate_tolerance(tolerance: Any, name: str = "tolerance") -> float:
     """``tolerance`` (the relative held-out loss increase a rank may cost, for the rank by function) as a float
-    if it is a number >= 0, else a :class:`LoraMonitorError`."""
-    return float(check_number(tolerance, "tolerance", low=0.0, hint="0.01 = allow 1% more held-out loss"))
+    if it is a number >= 0, else a :class:`LoraMonitorError` naming ``name``."""
+    return float(check_number(tolerance, name, low=0.0, hint="0.01 = allow 1% more held-out loss"))
 
 
 def validate_rank(rank: Any, what: str = "target_rank") -> int:

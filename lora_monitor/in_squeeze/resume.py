@@ -1,0 +1,79 @@
+"""What In-Squeeze keeps in a checkpoint so that a resumed run is the uninterrupted run.
+
+The factors and their ranks travel in the checkpoint's adapter file (the state-dict hooks of :mod:`.hooks`
+save them at the squeezed rank and make room for them on load), the optimizer's moments in its own file.
+The rest lives only in the callback and changes training, so it is written beside them as JSON (a
+``transformers`` callback writes it into ``trainer_state.json``):
+
+- the source ranks, which the step scaling divides by (after a resume the live ranks are the squeezed ones);
+- the plan of squeezes (the schedule's progress is the plan and the global step);
+- the learning-rate re-warm-up ramp (a checkpoint taken inside it must resume inside it);
+- the per-module ranks at the save, checked against the model once the checkpoint is loaded.
+
+None of it needs the Trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import LoraMonitorError
+
+# The key of this state in a callback's entry of ``trainer_state.json`` ("args"/"attributes" are the Trainer's).
+RESUME_KEY = "lora_monitor_in_squeeze"
+_VERSION = 1
+
+
+@dataclass
+class InSqueezeResumeState:
+    """The In-Squeeze state a checkpoint keeps (see the module docstring); JSON both ways."""
+
+    source_ranks: dict[str, int]
+    plan: dict[int, int]
+    rewarmup: dict[str, Any]
+    ranks: dict[str, int] | None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (plan steps as ``[step, rank]`` pairs: JSON object keys are strings)."""
+        return {
+            "version": _VERSION,
+            "source_ranks": dict(self.source_ranks),
+            "plan": [[step, rank] for step, rank in sorted(self.plan.items())],
+            "rewarmup": dict(self.rewarmup),
+            "ranks": None if self.ranks is None else dict(self.ranks),
+        }
+
+    @classmethod
+    def from_json(cls, saved: Mapping[str, Any], where: str) -> InSqueezeResumeState:
+        """The state :meth:`to_json` wrote; a :class:`LoraMonitorError` naming ``where`` if it is not that."""
+        try:
+            if saved.get("version") != _VERSION:
+                raise ValueError(f"version {saved.get('version')!r}, expected {_VERSION}")
+            ranks = saved.get("ranks")
+            return cls(
+                source_ranks={str(name): int(rank) for name, rank in saved["source_ranks"].items()},
+                plan={int(step): int(rank) for step, rank in saved["plan"]},
+                rewarmup=dict(saved["rewarmup"]),
+                ranks=None if ranks is None else {str(name): int(rank) for name, rank in ranks.items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise LoraMonitorError(
+                f"{where}: the saved In-Squeeze state is not readable ({error})"
+            ) from error
+
+
+def check_resumed_ranks(saved: Mapping[str, int] | None, live: Mapping[str, int], where: str) -> None:
+    """Raise a :class:`LoraMonitorError` when the model, once the checkpoint is loaded, does not hold the
+    per-module ranks the checkpoint was saved at (a resume that would silently train something else)."""
+    if saved is None or dict(saved) == dict(live):
+        return
+    differing = sorted(name for name in set(saved) | set(live) if saved.get(name) != live.get(name))
+    first = differing[0]
+    raise LoraMonitorError(
+        f"{where}: the checkpoint was saved with {first} at rank {saved.get(first)}, but the resumed model has "
+        f"it at rank {live.get(first)} ({len(differing)} module(s) differ): build the model at the source "
+        "rank as for the first run and pass InSqueezeCallback in Trainer(callbacks=[...]) with the same "
+        "arguments, so that its hooks load the squeezed checkpoint"
+    )
