@@ -20,6 +20,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# The "minimum versions" subset (.ci/minimum-versions runs `pytest -m minversions` against the oldest
+# transformers, PEFT, Accelerate, TRL and datasets that pyproject.toml admits): the monitor, In-Squeeze and
+# Post-Squeeze in a Trainer and in TRL, and the command on a saved adapter. `python -m pytest tests` runs
+# them with everything else.
+MINIMUM_VERSIONS_FILES = frozenset(
+    {
+        "test_smoke_trainer.py",
+        "test_monitor_callback.py",
+        "test_in_squeeze_callback.py",
+        "test_post_squeeze_callback.py",
+        "test_squeeze_cli.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in MINIMUM_VERSIONS_FILES:
+            item.add_marker(pytest.mark.minversions)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """A word-level tokenizer trained in memory on the test sentences, as a transformers tokenizer."""

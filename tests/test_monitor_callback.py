@@ -234,6 +234,9 @@ def trl_args(tmp_path):
         disable_tqdm=True,
         save_strategy="no",
         learning_rate=5e-3,
+        # TRL before 1.0 defaults to bf16 autocast, which then stays on in Accelerate's process-wide state
+        # and reaches the later tests' Trainers: these runs are fp32, as every other test's.
+        bf16=False,
     )
 
 

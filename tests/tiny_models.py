@@ -88,7 +88,13 @@ def word_tokenizer():
         SENTENCES, trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"], vocab_size=128)
     )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=raw,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        # What a causal LM's tokenizer returns (Llama's): no token_type_ids, which generate() refuses.
+        model_input_names=["input_ids", "attention_mask"],
     )
     tok.chat_template = (
         "{% for message in messages %}{{ message['content'] }} {% endfor %}"
