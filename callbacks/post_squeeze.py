@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainingArguments
 
-from lora_monitor.adapters import find_lora_modules, unwrap_model
+from lora_monitor.adapters import find_lora_modules, records_are_sharded, unwrap_model
 from lora_monitor.errors import LoraMonitorError
 from lora_monitor.monitor.intruders import IntruderDimensions
 from lora_monitor.render.report import write_report
@@ -44,11 +44,13 @@ class PostSqueezeCallback(TrainerCallback):
     weight (:mod:`lora_monitor.monitor.intruders`; about a second per 4096-wide module on a CPU, once).
     The ``squeeze/*`` summary reaches every ``report_to`` integration as a log event at that step.
 
-    With ``by_function=True`` every candidate rank is also tried in place on the trained model over
-    ``eval_batches`` (default: the Trainer's ``eval_dataset``), one pass per rank
-    (:func:`~lora_monitor.squeeze.function.recommend_rank_by_function`); the smallest rank within ``tolerance``
-    of the full adapter's loss is printed beside the energy advice (per type with ``by_module_type``), kept
-    as ``callback.function``, written to the manifest and used by ``compress``. Not under FSDP2.
+    By function (``by_function="auto"``, the default, whenever there is held-out data: ``eval_batches`` or
+    the Trainer's ``eval_dataset``; ``True`` requires it) every candidate rank is also tried in place on the
+    trained model, one pass per rank (:func:`~lora_monitor.squeeze.function.recommend_rank_by_function`); the
+    smallest rank within ``tolerance`` of the full adapter's loss is printed beside the energy advice (per
+    type with ``by_module_type``), kept as ``callback.function``, written to the manifest and used by
+    ``compress``. Without held-out data (or under FSDP2, or ``by_function=False``) the energy rank is
+    printed as what it is, an upper bound; the manifest's ``recommendation_basis`` says which one it is.
 
     Its options are checked when it is built; what needs the Trainer (the adapter, ``target_ranks`` against
     its rank, held-out data for ``by_function``) at ``on_train_begin``, before the first step: either stops
@@ -67,7 +69,7 @@ class PostSqueezeCallback(TrainerCallback):
         print_table: bool = True,
         report: bool = False,
         intruders: bool = True,
-        by_function: bool = False,
+        by_function: bool | str = "auto",
         tolerance: float = DEFAULT_TOLERANCE,
         eval_batches: Iterable[dict[str, Any]] | None = None,
         by_module_type: bool = False,
@@ -89,7 +91,13 @@ class PostSqueezeCallback(TrainerCallback):
         self.report = report
         self.intruders = intruders
         self.intruder_dimensions: list[IntruderDimensions] | None = None
+        if by_function not in (True, False, "auto"):
+            raise LoraMonitorError(
+                f"PostSqueezeCallback: by_function must be True, False or 'auto', got {by_function!r}"
+            )
         self.by_function, self.by_module_type = by_function, by_module_type
+        # What "auto" resolves to at on_train_begin (held-out data there, and a model that is not sharded).
+        self._measure_function = by_function is True
         self.tolerance = validate_tolerance(tolerance, "PostSqueezeCallback: tolerance")
         self.eval_batches = None if eval_batches is None else _checked_batches(eval_batches)
         self.function: FunctionRecommendation | None = None
@@ -119,11 +127,16 @@ class PostSqueezeCallback(TrainerCallback):
                 )
         self._trainer = find_calling_trainer(self) or self._trainer
         no_data = self.eval_batches is None and getattr(self._trainer, "eval_dataset", None) is None
-        if self.by_function and no_data:
+        if self.by_function is True and no_data:
             raise LoraMonitorError(
                 "PostSqueezeCallback(by_function=True) needs held-out data: give the Trainer an "
                 "eval_dataset, or pass eval_batches"
             )
+        if self.by_function == "auto":  # rank by function needs the whole live adapter: not under FSDP2
+            sharded = model is not None and records_are_sharded(
+                find_lora_modules(unwrap_model(model), self.adapter_name)
+            )
+            self._measure_function = not no_data and not sharded
 
     def on_init_end(self, args, state, control, **kwargs):
         self._handler = find_calling_handler(self)
@@ -153,7 +166,7 @@ class PostSqueezeCallback(TrainerCallback):
                 adapter_name=self.adapter_name,
                 compress_to=self.output_subdir if self.compress else None,
                 eval_batches=(lambda: batches or list(self._trainer.get_eval_dataloader()))
-                if self.by_function
+                if self._measure_function
                 else None,
                 tolerance=self.tolerance,
                 by_module_type=self.by_module_type,

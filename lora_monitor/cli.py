@@ -311,7 +311,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    print_analysis(analysis)
+    print_analysis(analysis, checked=function is not None)
     if function is not None:
         print_function_recommendation(function)
     if allocation is not None:

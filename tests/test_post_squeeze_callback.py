@@ -35,9 +35,13 @@ def test_analysis_table_and_manifest(tmp_path, lm_dataset, capsys):
     assert callback.analysis.recommended_rank == direct.recommended_rank is not None
     assert callback.analysis.mean_variance == pytest.approx(direct.mean_variance)
     assert callback.analysis.num_modules == 14  # every module trained away from B = 0
+    # No held-out data: the default (by_function="auto") falls back to energy, said to be an upper bound.
+    assert callback.function is None
     out = capsys.readouterr().out
-    assert "<--" in out and f"Recommended rank: {direct.recommended_rank}" in out
+    assert "<--" in out and f"Energy rank: {direct.recommended_rank} " in out
+    assert "an upper bound, not a checked rank" in out and "8×" in out
     manifest = json.loads((tmp_path / "run" / "squeeze_manifest.json").read_text())
+    assert manifest["recommendation_basis"] == "energy (upper bound)"
     assert manifest["recommended_rank"] == direct.recommended_rank
     assert manifest["source_rank"] == 8
     assert manifest["compressed"] is None
@@ -115,11 +119,12 @@ def test_no_lora_fails_before_training_and_bad_weights_do_not_crash_the_end(tmp_
             PostSqueezeCallback(**bad)
 
 
-def test_rank_by_function_on_the_trainers_eval_dataset(tmp_path, lm_dataset, capsys):
+def test_rank_by_function_on_the_trainers_eval_dataset_by_default(tmp_path, lm_dataset, capsys):
     from lora_monitor.squeeze.function import recommend_rank_by_function
 
     ranks = [1, 2, 4, 8]
-    callback = PostSqueezeCallback(compress=True, target_ranks=ranks, by_function=True, tolerance=0.001)
+    # by_function="auto" (the default): the Trainer has an eval_dataset, so the rank is checked on it.
+    callback = PostSqueezeCallback(compress=True, target_ranks=ranks, tolerance=0.001)
     model = peft_llama(0, init_lora_weights=True, r=8)
     args = training_args(tmp_path / "run", max_steps=4, learning_rate=5e-2)
     trainer = Trainer(
@@ -137,7 +142,9 @@ def test_rank_by_function_on_the_trainers_eval_dataset(tmp_path, lm_dataset, cap
     assert callback.function.energy_recommended_rank == callback.analysis.recommended_rank
     out = capsys.readouterr().out
     assert "Rank by function" in out and "by function" in out
+    assert "upper bound" not in out
     manifest = json.loads((tmp_path / "run" / "squeeze_manifest.json").read_text())
+    assert manifest["recommendation_basis"] == "held-out loss"
     assert manifest["function"]["recommended_rank"] == direct.recommended_rank
     reloaded = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "run" / "squeezed")
     for name, layer in lora_layers(reloaded).items():
@@ -155,6 +162,7 @@ def test_rank_by_function_without_held_out_data_fails_before_training(tmp_path, 
     "build, message",
     [
         (lambda: PostSqueezeCallback(tolerance=-0.5), "PostSqueezeCallback: tolerance must be at least 0"),
+        (lambda: PostSqueezeCallback(by_function="yes"), "by_function must be True, False or 'auto'"),
         (
             lambda: PostSqueezeCallback(tolerance=float("nan")),
             "PostSqueezeCallback: tolerance must be a finite",

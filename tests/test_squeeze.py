@@ -141,7 +141,7 @@ def test_printed_table_marks_the_recommended_row():
     text = console.export_text()
     marked = [line for line in text.splitlines() if "<--" in line]
     assert len(marked) == 1 and f" {analysis.recommended_rank} " in marked[0]
-    assert f"Recommended rank: {analysis.recommended_rank}" in text
+    assert f"Energy rank: {analysis.recommended_rank} " in text
 
 
 # ---- compression round trips through PEFT ---------------------------------------------------------------

@@ -40,7 +40,8 @@ def test_table_recommendation_and_compression(tmp_path, capsys, adapter_folder):
     assert status == 0
     marked = [line for line in out.splitlines() if "<--" in line]
     assert len(marked) == 1 and f" {expected} " in marked[0]
-    assert f"Recommended rank: {expected}" in out
+    assert f"Energy rank: {expected} " in out
+    assert "an upper bound, not a checked rank" in out  # no --data: the energy rank is not the answer
     assert "Wrote" in out
     assert set(reloaded_ranks(tmp_path / "out").values()) == {expected}
 
@@ -87,7 +88,7 @@ lora_rank = 16
     status, out, err = run(capsys, config)
     assert status == 0, err
     expected = analyze_adapter(adapter_folder, min_variance_retention=0.9, target_ranks=[2, 4, 16])
-    assert f"Recommended rank: {expected.recommended_rank}" in out
+    assert f"Energy rank: {expected.recommended_rank} " in out
     assert set(reloaded_ranks(tmp_path / "squeezed").values()) == {expected.recommended_rank}
     assert "warning" not in err
     # compress_to picks the rank; a command-line option overrides the file; a wrong source_rank warns
@@ -312,6 +313,7 @@ def test_rank_by_function_on_a_saved_adapter(tmp_path, capsys, adapter_folder, t
 
     status, out, _ = run(capsys, *arguments, "--tolerance", "0.002", "--out", tmp_path / "out")
     assert status == 0 and "by function" in out
+    assert "Energy rank:" in out and "upper bound" not in out  # a checked rank is printed beside it
     assert set(reloaded_ranks(tmp_path / "out").values()) == {direct.recommended_rank}
 
     status, _, err = run(capsys, adapter_folder, "--data", data)

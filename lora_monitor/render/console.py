@@ -163,8 +163,13 @@ def squeeze_table(analysis: SqueezeAnalysis) -> Table:
     return table
 
 
-def summary_lines(analysis: SqueezeAnalysis) -> list[str]:
-    """The sentences printed under the table: source rank, modules, recommendation, per-group advice."""
+def summary_lines(analysis: SqueezeAnalysis, *, checked: bool = False) -> list[str]:
+    """The sentences printed under the table: source rank, modules, recommendation, per-group advice.
+
+    Unless a rank checked on held-out data is printed beside it (``checked``), the energy rank is labelled
+    an upper bound, with the gap measured on held-out data."""
+    from ..squeeze.analysis import ENERGY_RANK_CAVEAT
+
     percent = f"{100 * analysis.min_variance_retention:g}%"
     lines = [f"Source rank: {analysis.source_rank}    LoRA modules analysed: {analysis.num_modules}"]
     if analysis.zero_modules:
@@ -175,7 +180,13 @@ def summary_lines(analysis: SqueezeAnalysis) -> list[str]:
     if analysis.recommended_rank is None:
         lines.append(f"No recommendation: {analysis.why_no_recommendation()}")
         return lines
-    lines.append(f"Recommended rank: {analysis.recommended_rank} (mean >= {percent} variance retained)")
+    if checked:
+        lines.append(f"Energy rank: {analysis.recommended_rank} (mean >= {percent} variance retained)")
+    else:
+        lines.append(
+            f"Energy rank: {analysis.recommended_rank} (mean >= {percent} variance retained), "
+            f"{ENERGY_RANK_CAVEAT} (--data, or an eval_dataset in the Trainer)"
+        )
     if analysis.recommended_rank_weighted is None:
         lines.append(
             f"Energy-weighted: no rank in {analysis.target_ranks} keeps {percent} of the whole adapter"
@@ -201,14 +212,17 @@ def summary_lines(analysis: SqueezeAnalysis) -> list[str]:
     return lines
 
 
-def print_analysis(analysis: SqueezeAnalysis, console: Console | None = None) -> None:
-    """Print the variance table and the recommendation with rich (to stdout unless a Console is given)."""
+def print_analysis(
+    analysis: SqueezeAnalysis, console: Console | None = None, *, checked: bool = False
+) -> None:
+    """Print the variance table and the recommendation with rich (to stdout unless a Console is given);
+    ``checked``: a rank by held-out loss is printed after it (else the energy rank reads as an upper bound)."""
     from rich.console import Console
 
     console = console or Console()
     console.print(squeeze_table(analysis))
-    for line in summary_lines(analysis):
-        console.print(line, highlight=False, markup=False)
+    for line in summary_lines(analysis, checked=checked):  # soft_wrap: a long line stays one line to copy
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def print_function_recommendation(advice: FunctionRecommendation, console: Console | None = None) -> None:

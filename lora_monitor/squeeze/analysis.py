@@ -36,6 +36,13 @@ CHUNK_SIZE = 32
 # A progress bar appears from this many LoRA pairs on (a 7B model has ~200).
 PROGRESS_MIN_MODULES = 64
 
+# What the energy rank is worth without held-out data (bench/EVIDENCE.md): on every task measured it was far
+# above the smallest rank that lost nothing on held-out data, so it is printed as a bound, never as the answer.
+ENERGY_RANK_CAVEAT = (
+    "an upper bound, not a checked rank: on the tasks measured (bench/EVIDENCE.md) the 95%-energy rank was "
+    "8× the smallest rank that lost nothing on held-out data; give held-out data for a checked rank"
+)
+
 
 # --------------------------------------------------------------------------------------------------------
 # Records

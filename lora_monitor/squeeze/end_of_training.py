@@ -37,9 +37,15 @@ class EndOfTraining:
     def write_manifest(self, output_dir: str | Path) -> Path:
         """Write the ``squeeze`` entry (analysis, function, compression, intruders) into ``output_dir``."""
         entry = manifest_entry(self.analysis, self.compression, self.intruders)
+        entry["recommendation_basis"] = self.recommendation_basis
         if self.function is not None:
             entry["function"] = self.function.to_dict()
         return write_squeeze_manifest(Path(output_dir), entry)
+
+    @property
+    def recommendation_basis(self) -> str:
+        """``"held-out loss"`` when the rank by function was measured, else ``"energy (upper bound)"``."""
+        return "held-out loss" if self.function is not None else "energy (upper bound)"
 
     def scalars(self) -> dict[str, float]:
         """The ``squeeze/*`` summary keys for loggers."""
@@ -81,7 +87,7 @@ def squeeze_trained_adapter(
         )
     )
     if print_tables:
-        print_analysis(result.analysis)
+        print_analysis(result.analysis, checked=eval_batches is not None and live)
     if eval_batches is not None and live:
         result.function = recommend_rank_by_function(
             model,
