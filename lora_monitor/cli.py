@@ -150,6 +150,7 @@ def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any) 
     """The rank-by-function advice for a saved adapter on its base model and held-out texts."""
     from .adapters.base_model import load_onto_base
     from .edit import calibration_batches, load_tokenizer, read_texts
+    from .edit.data import check_scored, is_causal_lm
     from .squeeze.function import recommend_rank_by_function
 
     if not (args.base and args.data):
@@ -160,6 +161,7 @@ def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any) 
         texts, tokenizer, batch_size=args.batch_size, max_length=args.max_length, max_samples=args.samples
     )
     model = load_onto_base(adapter_path, args.base, args.adapter_name, needed_for="--data")
+    check_scored(batches, is_causal_lm(model), f"{args.data}")  # the same check, naming the file
     return recommend_rank_by_function(
         model,
         batches,
@@ -332,7 +334,15 @@ def _run_allocate(args: argparse.Namespace) -> int:
     from .allocation.options import check_allocation_options
 
     # before torch is imported and the model loaded (seconds to minutes): a wrong option is answered at once
-    check_allocation_options(args.min_rank, args.max_rank, args.fraction, args.alpha_factor, args.budget)
+    check_allocation_options(
+        args.min_rank,
+        args.max_rank,
+        args.fraction,
+        args.alpha_factor,
+        args.budget,
+        scaling=args.scaling,
+        fit=args.fit,
+    )
     from .adapters.base_model import load_base_model
     from .allocation.allocate import allocate_ranks, spectral_analysis
     from .render.console import print_allocation, print_json

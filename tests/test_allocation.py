@@ -330,6 +330,36 @@ def test_budget_out_of_reach_and_bad_options_are_clear_errors():
         allocate_ranks(spectra, min_rank=2.5)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"scaling": "cubic"}, "scaling must be one of ('linear', 'log', 'sqrt'), got 'cubic'"),
+        ({"fit": "mean"}, "fit must be one of ('median', 'ks'), got 'mean'"),
+        ({"w_alpha": float("nan")}, "w_alpha must be a finite number, got nan"),
+        ({"w_spikes": -0.5}, "w_spikes must be at least 0, got -0.5"),
+        ({"w_alpha": "0.7"}, "w_alpha must be a number, got '0.7'"),
+    ],
+)
+def test_every_option_of_allocate_ranks_is_checked_up_front(options, message):
+    # Issue 29: the weights were not checked at all (a NaN weight made every score NaN) and the choices
+    # had their own messages; the API and the command now share one check and one message.
+    spectra = spectral_analysis(tiny_llama(), progress=False)
+    with pytest.raises(LoraMonitorError) as refused:
+        allocate_ranks(spectra, **options)
+    assert str(refused.value).startswith(message)
+    # from the model too: refused before its weight spectra are computed
+    with pytest.raises(LoraMonitorError) as from_model:
+        allocate_ranks(torch.nn.Linear(2, 2), **options)
+    assert str(from_model.value) == str(refused.value)
+
+
+def test_spectral_analysis_checks_its_options():
+    with pytest.raises(LoraMonitorError, match=r"fit must be one of \('median', 'ks'\), got 'mean'"):
+        spectral_analysis(tiny_llama(), fit="mean", progress=False)
+    with pytest.raises(LoraMonitorError, match="batch_size must be at least 1, got 0"):
+        spectral_analysis(tiny_llama(), batch_size=0, progress=False)
+
+
 def test_pattern_keys_never_match_a_neighbour_module():
     """A ``.`` in a key is a regex wildcard for PEFT: ``block.proj`` would also match ``blockxproj``."""
     from peft import LoraConfig, get_peft_model

@@ -353,3 +353,40 @@ def test_allocate_spends_the_budget_of_a_rank_per_module(tmp_path, capsys, adapt
     assert status == 2 and "give --base and --data" in err and not (tmp_path / "x").exists()
     status, _, err = run(capsys, adapter_folder, "--allocate", "energy")
     assert status == 2 and "give --out DIR" in err
+
+
+def test_no_adapter_is_written_from_a_loss_over_no_token(tmp_path, capsys, adapter_folder, tokenizer):
+    # Issue 29: held-out texts of one token each (a causal LM has nothing to predict in them) gave a NaN
+    # loss, "Recommended rank: 16" (every comparison with NaN is false) and an adapter written from it.
+    from tiny_models import SENTENCES
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    capsys.readouterr()  # what saving printed
+    one_token = tmp_path / "one_token.txt"
+    one_token.write_text("adapter\nrank\nthe\n")
+    base = ["--base", tmp_path / "base", "--batch-size", "1", "--ranks", "1,2,4,8,16"]
+    status, out, err = run(capsys, adapter_folder, *base, "--data", one_token, "--out", tmp_path / "out")
+    assert status == 2 and out == "" and "Traceback" not in err
+    # (the lines before it are transformers' progress bars loading the base model)
+    assert err.strip().splitlines()[-1] == (
+        f"lora-monitor squeeze: error: {one_token}: no token is scored in 3 batch(es): every label is -100 or "
+        "every text is a single token (a causal LM predicts each token from the ones before); give texts "
+        "with labels to predict"
+    )
+    assert not (tmp_path / "out").exists()
+    # A one-token text among others, one text per batch: left out, counted, and the advice is the others'.
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("\n".join(["adapter", *SENTENCES[:6]]))
+    status, out, err = run(capsys, adapter_folder, *base, "--data", mixed, "--json", "--out", tmp_path / "ok")
+    assert status == 0, err
+    function = json.loads(out)["function"]
+    assert function["unscored_texts"] == 1 and function["full_loss"] is not None
+    clean = tmp_path / "clean.txt"
+    clean.write_text("\n".join(SENTENCES[:6]))
+    status, out, _ = run(capsys, adapter_folder, *base, "--data", clean, "--json")
+    assert status == 0
+    assert json.loads(out)["function"]["full_loss"] == pytest.approx(function["full_loss"], rel=1e-9)
+    assert set(reloaded_ranks(tmp_path / "ok").values()) == {function["recommended_rank"]}
+    status, out, _ = run(capsys, adapter_folder, *base, "--data", mixed)
+    assert status == 0 and "1 text(s) with no scored token left out" in out
