@@ -311,3 +311,63 @@ def test_command_line_eval_on_one_token_texts_writes_nothing(tmp_path, tokenizer
         .startswith("lora-monitor edit: error: held-out data: no token is scored in 1 batch(es)")
     )
     assert not (tmp_path / "edited").exists()
+
+
+# ---- issue 29, class 3: data files in the documented shapes only -------------------------------------------
+
+
+def test_data_files_in_the_documented_shapes_are_read(tmp_path):
+    from lora_monitor.edit import read_texts
+
+    texts = SENTENCES[:3]
+    (tmp_path / "a.txt").write_text("\n".join(texts) + "\n\n")
+    (tmp_path / "a.jsonl").write_text(
+        f'{json.dumps(texts[0])}\n\n{{"text": {json.dumps(texts[1])}, "id": 2}}\n'
+    )
+    (tmp_path / "a.json").write_text(json.dumps([texts[0], {"text": texts[1]}, texts[2]]))
+    (tmp_path / "b.JSON").write_text(json.dumps(texts))
+    assert read_texts(tmp_path / "a.txt") == texts
+    assert read_texts(tmp_path / "a.jsonl") == texts[:2]
+    assert read_texts(tmp_path / "a.json") == texts
+    assert read_texts(tmp_path / "b.JSON") == texts
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "found"),
+    [
+        ("object.json", {"text": SENTENCES[:3]}, "holds an object with keys ['text'], not a list of texts"),
+        ("string.json", "one text", "holds a string, not a list of texts"),
+        ("number.json", 3, "holds a number, not a list of texts"),
+        ("null.json", None, "holds null, not a list of texts"),
+        ("nested.json", [SENTENCES[0], [SENTENCES[1]]], "entry 1 is a list, not a text"),
+        ("no_text.json", [{"prompt": "a"}], "entry 0 is an object with keys ['prompt'], not a text"),
+        ("text_list.json", [{"text": ["a", "b"]}], 'entry 0 is an object whose "text" is a list, not a text'),
+        ("empty.json", [], "holds no texts"),
+    ],
+)
+def test_a_json_file_in_another_shape_is_refused_naming_the_file_and_the_shape(
+    tmp_path, name, content, found
+):
+    # Issue 29: {"text": [...]} was read as its keys (one text, "text") and a JSON string as its characters.
+    from lora_monitor.edit import read_texts
+
+    path = tmp_path / name
+    path.write_text(json.dumps(content))
+    with pytest.raises(LoraMonitorError) as refused:
+        read_texts(path)
+    assert str(refused.value).startswith(f"{path}: {found}")
+    assert 'a .json file (a list of strings or of {"text": ...} objects)' in str(refused.value)
+
+
+def test_a_jsonl_line_in_another_shape_is_refused_naming_the_line(tmp_path):
+    from lora_monitor.edit import read_texts
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('"a text"\n\n{"text": ["a", "b"]}\n')
+    with pytest.raises(
+        LoraMonitorError, match=r'data\.jsonl: line 3 is an object whose "text" is a list, not a text'
+    ):
+        read_texts(path)
+    path.write_text('"a text"\n{"text": \n')
+    with pytest.raises(LoraMonitorError, match=r"data\.jsonl: line 2 is not JSON"):
+        read_texts(path)

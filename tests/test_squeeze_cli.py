@@ -390,3 +390,24 @@ def test_no_adapter_is_written_from_a_loss_over_no_token(tmp_path, capsys, adapt
     assert set(reloaded_ranks(tmp_path / "ok").values()) == {function["recommended_rank"]}
     status, out, _ = run(capsys, adapter_folder, *base, "--data", mixed)
     assert status == 0 and "1 text(s) with no scored token left out" in out
+
+
+def test_a_data_file_in_another_shape_is_one_error_naming_it(tmp_path, capsys, adapter_folder, tokenizer):
+    # Issue 29: {"text": [...]} was read as its keys, the command exited 0 and reported full_loss=None.
+    from tiny_models import SENTENCES
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "heldout.json"
+    data.write_text(json.dumps({"text": SENTENCES[:6]}))
+    capsys.readouterr()
+    status, out, err = run(
+        capsys, adapter_folder, "--base", tmp_path / "base", "--data", data, "--out", tmp_path / "o"
+    )
+    assert status == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"lora-monitor squeeze: error: {data}: holds an object with keys ['text'], not a list of texts; expected "
+        'a .txt file (one text per non-empty line), a .jsonl file (one JSON string or {"text": ...} object per '
+        'line) or a .json file (a list of strings or of {"text": ...} objects)'
+    ]
+    assert not (tmp_path / "o").exists()

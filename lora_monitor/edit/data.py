@@ -13,25 +13,76 @@ import torch
 from ..errors import LoraMonitorError, check_path
 from .options import check_batching
 
+# What a data file may hold, said in every message about one that holds something else.
+TEXT_SHAPES = (
+    'a .txt file (one text per non-empty line), a .jsonl file (one JSON string or {"text": ...} object per '
+    'line) or a .json file (a list of strings or of {"text": ...} objects)'
+)
+
+
+def _json_shape(value: Any) -> str:
+    """What a JSON value is, in words (``an object with keys ['text']``, ``a string``...)."""
+    if isinstance(value, dict):
+        keys = list(value)
+        shown = f"{keys[:5]}{' ...' if len(keys) > 5 else ''}"
+        return f"an object with keys {shown}" if keys else "an empty object"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    return "null"
+
+
+def _text_of(item: Any, file: Any, where: str) -> str:
+    """The text of one entry: a string, or an object's ``"text"`` string; else an error naming the entry."""
+    if isinstance(item, dict) and isinstance(item.get("text"), str):
+        return item["text"]
+    if isinstance(item, str):
+        return item
+    found = _json_shape(item)
+    if isinstance(item, dict) and "text" in item:
+        found = f'an object whose "text" is {_json_shape(item["text"])}'
+    raise LoraMonitorError(f"{file}: {where} is {found}, not a text; expected {TEXT_SHAPES}")
+
 
 def read_texts(path: str | os.PathLike) -> list[str]:
-    """Texts from a .txt (one per non-empty line), .jsonl or .json file (strings or objects with "text")."""
+    """Texts from a .txt (one per non-empty line), .jsonl (one JSON string or object with "text" per line)
+    or .json file (a list of strings or objects with "text").
+
+    Anything else is a :class:`LoraMonitorError` naming the file and the shape found: a .json holding an
+    object or a string (whose keys or characters would otherwise be read as texts), an entry that is not a
+    text, a file with no text."""
     file = check_path(path, "data file", folder=False)
     try:
         raw = file.read_text()
-        if file.suffix == ".jsonl":
-            items = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        elif file.suffix == ".json":
-            items = json.loads(raw)
+        suffix = file.suffix.lower()  # data.JSON is JSON too, not lines of JSON text
+        if suffix == ".jsonl":
+            texts = []
+            for number, line in enumerate(raw.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise LoraMonitorError(f"{file}: line {number} is not JSON ({error})") from error
+                texts.append(_text_of(item, file, f"line {number}"))
+        elif suffix == ".json":
+            document = json.loads(raw)
+            if not isinstance(document, list):
+                raise LoraMonitorError(
+                    f"{file}: holds {_json_shape(document)}, not a list of texts; expected {TEXT_SHAPES}"
+                )
+            texts = [_text_of(item, file, f"entry {index}") for index, item in enumerate(document)]
         else:
-            items = [line for line in raw.splitlines() if line.strip()]
+            texts = [line for line in raw.splitlines() if line.strip()]
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LoraMonitorError(f"{file}: cannot be read as texts ({error})") from error
-    texts = [item["text"] if isinstance(item, dict) and "text" in item else item for item in items]
-    if not texts or not all(isinstance(text, str) for text in texts):
-        raise LoraMonitorError(
-            f"{file}: holds no texts (expected lines, or JSON strings / objects with 'text')"
-        )
+    if not texts:
+        raise LoraMonitorError(f"{file}: holds no texts; expected {TEXT_SHAPES}")
     return texts
 
 
