@@ -225,6 +225,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         print_json,
     )
     from .squeeze import analyze_adapter, compress_adapter, print_analysis
+    from .squeeze.options import check_ranks_within
 
     analysis = analyze_adapter(
         settings["adapter_path"],
@@ -233,6 +234,8 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         adapter_name=args.adapter_name,
         device=device,
     )
+    if options.target_rank is not None:  # before the passes of the rank by function and --allocate's budget
+        check_ranks_within([options.target_rank], analysis.source_rank, "target_rank", analysis.source)
     source_rank = settings.get("source_rank") or 0
     if source_rank and source_rank != analysis.source_rank:
         print(

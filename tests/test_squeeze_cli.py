@@ -411,3 +411,55 @@ def test_a_data_file_in_another_shape_is_one_error_naming_it(tmp_path, capsys, a
         'line) or a .json file (a list of strings or of {"text": ...} objects)'
     ]
     assert not (tmp_path / "o").exists()
+
+
+# ---- issue 29, class 7: a rank above the adapter's own, the README's own TOML ------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--ranks", "4,64"],
+        ["--ranks", "4,64", "--out", "OUT"],
+        ["--rank", "64", "--out", "OUT"],
+        ["--rank", "64", "--allocate", "energy", "--out", "OUT"],
+    ],
+)
+def test_a_rank_above_the_adapters_own_exits_2_and_writes_nothing(tmp_path, capsys, adapter_folder, extra):
+    # Issue 29: --ranks 4,64 on an r=16 adapter printed "Recommended rank: 64"; --rank 64 --out wrote an
+    # unchanged copy ("0 of 14 modules compressed") and exited 0.
+    extra = [str(tmp_path / "out") if a == "OUT" else a for a in extra]
+    status, out, err = run(capsys, adapter_folder, *extra)
+    what = "target rank" if "--ranks" in extra else "target_rank"
+    assert status == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"lora-monitor squeeze: error: {adapter_folder}: {what} 64 is above the adapter's rank 16: a squeeze "
+        "keeps or lowers a rank, give ranks up to 16"
+    ]
+    assert not (tmp_path / "out").exists()
+    # the adapter's own rank is a candidate (the table's full-rank row), and --rank 16 an unchanged copy
+    status, out, _ = run(
+        capsys, adapter_folder, "--ranks", "4,16", "--rank", "16", "--out", tmp_path / "same"
+    )
+    assert status == 0 and set(reloaded_ranks(tmp_path / "same").values()) == {16}
+
+
+def test_the_readmes_own_squeeze_toml_works(tmp_path, capsys, adapter_folder):
+    # Issue 29: its `target_ranks = []` ("[] = powers of two up to the adapter's rank") was refused.
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("`squeeze.toml`:\n\n```toml\n", 1)[1].split("```", 1)[0]
+    assert "target_ranks = []" in example
+    config = tmp_path / "squeeze.toml"
+    config.write_text(
+        example.replace('"out/final"', json.dumps(str(adapter_folder))).replace(
+            '"out/squeezed"', json.dumps(str(tmp_path / "squeezed"))
+        )
+    )
+    status, out, err = run(capsys, config, "--json")
+    assert status == 0, err
+    payload = json.loads(out)
+    expected = analyze_adapter(adapter_folder, min_variance_retention=0.95)
+    assert payload["analysis"]["target_ranks"] == [1, 2, 4, 8, 16] == expected.target_ranks
+    assert set(reloaded_ranks(tmp_path / "squeezed").values()) == {expected.recommended_rank}

@@ -28,6 +28,7 @@ from ..spectrum import truncate_factors
 from .analysis import analyze_adapter
 from .options import (
     DEFAULT_THRESHOLD,
+    check_ranks_within,
     default_target_ranks,
     validate_rank,
     validate_threshold,
@@ -243,6 +244,7 @@ def recommend_rank_by_function(
         candidates = sorted({validate_rank(rank, "every candidate rank") for rank in ranks})
         if not candidates:
             raise LoraMonitorError("ranks is empty: give at least one rank, or None for the default")
+        check_ranks_within(candidates, source_rank, "candidate rank")
     energy = analyze_adapter(
         model,
         min_variance_retention=energy_threshold,
