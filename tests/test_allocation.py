@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from tiny_models import SENTENCES, tiny_llama
 from torch import nn
 
 from lora_monitor.adapters import pattern_key
@@ -478,3 +478,23 @@ def test_cli_allocate_checks_its_options_before_loading_the_model(tmp_path, caps
     (tmp_path / "config.json").write_text("{}")
     assert main(["allocate", str(tmp_path), *options]) == 2
     assert capsys.readouterr().err == f"lora-monitor allocate: error: {message}\n"
+
+
+def test_probe_rank_gives_no_advice_from_a_loss_over_no_token(tokenizer):
+    # Issue 29: a batch that scores no label (one-token texts: a causal LM has nothing to predict) has a NaN
+    # loss; its NaN gradient, summed in, made every singular value and so every rank NaN-driven.
+    from lora_monitor.edit import calibration_batches
+
+    one_token = calibration_batches(["adapter", "rank"], tokenizer, batch_size=1)
+    clean = calibration_batches(SENTENCES[:4], tokenizer, batch_size=2)
+    mixed = probe_rank(tiny_llama(), [one_token[0], *clean], steps=2, threshold=0.9)
+    alone = probe_rank(tiny_llama(), clean, steps=2, threshold=0.9)
+    assert mixed.steps == 2 and mixed.module_ranks == alone.module_ranks
+    assert all(torch.isfinite(curve).all() for curve in mixed.energy_curves.values())
+    with pytest.raises(LoraMonitorError, match="none with a label to predict"):
+        probe_rank(tiny_llama(), one_token, steps=2)
+    broken = tiny_llama()
+    with torch.no_grad():
+        broken.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(LoraMonitorError, match="dataloader: the loss of batch 0 is nan"):
+        probe_rank(broken, clean, steps=2)

@@ -161,3 +161,23 @@ def test_an_empty_target_ranks_of_a_table_is_the_default():
     assert SqueezeOptions.from_mapping({"target_ranks": []}, "squeeze.toml: [squeeze]").target_ranks is None
     with pytest.raises(LoraMonitorError, match="target_ranks is empty"):  # the API keeps None for that
         SqueezeOptions(target_ranks=[])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"tolerance": -0.5}, "tolerance must be at least 0, got -0.5"),
+        ({"tolerance": "0.01"}, "tolerance must be a number, got '0.01'"),
+        ({"compress_to": ""}, "compress_to must be a sub-folder name, got ''"),
+    ],
+)
+def test_squeeze_trained_adapter_checks_its_options_before_anything_is_computed(tmp_path, arguments, message):
+    # Issue 29: the tolerance was checked only when evaluation batches came, after the analysis was printed.
+    from lora_monitor.squeeze import squeeze_trained_adapter
+
+    with pytest.raises(LoraMonitorError) as refused:
+        squeeze_trained_adapter(
+            peft_llama(0), tmp_path / "run", SqueezeOptions(), print_tables=False, **arguments
+        )
+    assert str(refused.value).startswith(message)
+    assert not (tmp_path / "run").exists()
