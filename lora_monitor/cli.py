@@ -184,6 +184,7 @@ def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any) 
     """The rank-by-function advice for a saved adapter on its base model and held-out texts."""
     from .adapters.base_model import load_onto_base
     from .edit import calibration_batches, load_tokenizer, read_texts
+    from .edit.data import check_scored, is_causal_lm
     from .squeeze.function import recommend_rank_by_function
 
     if not (args.base and args.data):
@@ -194,6 +195,7 @@ def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any) 
         texts, tokenizer, batch_size=args.batch_size, max_length=args.max_length, max_samples=args.samples
     )
     model = load_onto_base(adapter_path, args.base, args.adapter_name, needed_for="--data")
+    check_scored(batches, is_causal_lm(model), f"{args.data}")  # the same check, naming the file
     return recommend_rank_by_function(
         model,
         batches,
@@ -258,6 +260,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         print_json,
     )
     from .squeeze import analyze_adapter, compress_adapter, print_analysis
+    from .squeeze.options import check_ranks_within
 
     analysis = analyze_adapter(
         settings["adapter_path"],
@@ -267,6 +270,8 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         device=device,
         progress=progress_bars(_verbosity(args)),
     )
+    if options.target_rank is not None:  # before the passes of the rank by function and --allocate's budget
+        check_ranks_within([options.target_rank], analysis.source_rank, "target_rank", analysis.source)
     source_rank = settings.get("source_rank") or 0
     if source_rank and source_rank != analysis.source_rank and not args.quiet:
         print(
@@ -376,7 +381,15 @@ def _run_allocate(args: argparse.Namespace) -> int:
     from .allocation.options import check_allocation_options
 
     # before torch is imported and the model loaded (seconds to minutes): a wrong option is answered at once
-    check_allocation_options(args.min_rank, args.max_rank, args.fraction, args.alpha_factor, args.budget)
+    check_allocation_options(
+        args.min_rank,
+        args.max_rank,
+        args.fraction,
+        args.alpha_factor,
+        args.budget,
+        scaling=args.scaling,
+        fit=args.fit,
+    )
     from .adapters.base_model import load_base_model
     from .allocation.allocate import allocate_ranks, spectral_analysis
     from .render.console import print_allocation, print_json

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+Choice = TypeVar("Choice")
 
 
 class LoraMonitorError(ValueError):
@@ -48,6 +51,22 @@ def check_number(
         lowest = f"above {low:g}" if low_open else f"at least {low:g}"
         highest = "" if math.isinf(high) else f" and at most {high:g}"
         raise LoraMonitorError(f"{name} must be {lowest}{highest}, got {value!r}{hint}")
+    return value
+
+
+def check_choice(
+    value: Any, choices: Sequence[Choice], option: str, where: str = "", hint: str = ""
+) -> Choice:
+    """``value`` if it is one of ``choices``, else a :class:`LoraMonitorError` naming ``option`` (after
+    ``where``, the caller that was given it, when there is one) and the choices, ``hint`` appended.
+
+    The one validator of choice options (a mode, a schedule, a fit rule): the API and the command refuse the
+    same value with the same message.
+    """
+    if value not in choices:
+        prefix = f"{where}: " if where else ""
+        hint = f" ({hint})" if hint else ""
+        raise LoraMonitorError(f"{prefix}{option} must be one of {tuple(choices)}, got {value!r}{hint}")
     return value
 
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from tiny_models import SENTENCES, tiny_llama
 from torch import nn
 
 from lora_monitor.adapters import pattern_key
@@ -330,6 +330,36 @@ def test_budget_out_of_reach_and_bad_options_are_clear_errors():
         allocate_ranks(spectra, min_rank=2.5)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"scaling": "cubic"}, "scaling must be one of ('linear', 'log', 'sqrt'), got 'cubic'"),
+        ({"fit": "mean"}, "fit must be one of ('median', 'ks'), got 'mean'"),
+        ({"w_alpha": float("nan")}, "w_alpha must be a finite number, got nan"),
+        ({"w_spikes": -0.5}, "w_spikes must be at least 0, got -0.5"),
+        ({"w_alpha": "0.7"}, "w_alpha must be a number, got '0.7'"),
+    ],
+)
+def test_every_option_of_allocate_ranks_is_checked_up_front(options, message):
+    # Issue 29: the weights were not checked at all (a NaN weight made every score NaN) and the choices
+    # had their own messages; the API and the command now share one check and one message.
+    spectra = spectral_analysis(tiny_llama(), progress=False)
+    with pytest.raises(LoraMonitorError) as refused:
+        allocate_ranks(spectra, **options)
+    assert str(refused.value).startswith(message)
+    # from the model too: refused before its weight spectra are computed
+    with pytest.raises(LoraMonitorError) as from_model:
+        allocate_ranks(torch.nn.Linear(2, 2), **options)
+    assert str(from_model.value) == str(refused.value)
+
+
+def test_spectral_analysis_checks_its_options():
+    with pytest.raises(LoraMonitorError, match=r"fit must be one of \('median', 'ks'\), got 'mean'"):
+        spectral_analysis(tiny_llama(), fit="mean", progress=False)
+    with pytest.raises(LoraMonitorError, match="batch_size must be at least 1, got 0"):
+        spectral_analysis(tiny_llama(), batch_size=0, progress=False)
+
+
 def test_pattern_keys_never_match_a_neighbour_module():
     """A ``.`` in a key is a regex wildcard for PEFT: ``block.proj`` would also match ``blockxproj``."""
     from peft import LoraConfig, get_peft_model
@@ -448,3 +478,23 @@ def test_cli_allocate_checks_its_options_before_loading_the_model(tmp_path, caps
     (tmp_path / "config.json").write_text("{}")
     assert main(["allocate", str(tmp_path), *options]) == 2
     assert capsys.readouterr().err == f"lora-monitor allocate: error: {message}\n"
+
+
+def test_probe_rank_gives_no_advice_from_a_loss_over_no_token(tokenizer):
+    # Issue 29: a batch that scores no label (one-token texts: a causal LM has nothing to predict) has a NaN
+    # loss; its NaN gradient, summed in, made every singular value and so every rank NaN-driven.
+    from lora_monitor.edit import calibration_batches
+
+    one_token = calibration_batches(["adapter", "rank"], tokenizer, batch_size=1)
+    clean = calibration_batches(SENTENCES[:4], tokenizer, batch_size=2)
+    mixed = probe_rank(tiny_llama(), [one_token[0], *clean], steps=2, threshold=0.9)
+    alone = probe_rank(tiny_llama(), clean, steps=2, threshold=0.9)
+    assert mixed.steps == 2 and mixed.module_ranks == alone.module_ranks
+    assert all(torch.isfinite(curve).all() for curve in mixed.energy_curves.values())
+    with pytest.raises(LoraMonitorError, match="none with a label to predict"):
+        probe_rank(tiny_llama(), one_token, steps=2)
+    broken = tiny_llama()
+    with torch.no_grad():
+        broken.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(LoraMonitorError, match="dataloader: the loss of batch 0 is nan"):
+        probe_rank(broken, clean, steps=2)

@@ -217,6 +217,25 @@ def test_bad_options_and_inputs(tmp_path, tokenizer):
         spectral_edit(tmp_path / "adapter", SENTENCES[:2], tokenizer=tokenizer)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"update": "fast"}, "update must be one of ('multiplicative', 'additive'), got 'fast'"),
+        ({"preserve_energy": "l3"}, "preserve_energy must be one of ('l1', 'l2', None), got 'l3'"),
+        ({"mode": "best"}, "mode must be one of ('abs_select', 'random_index', 'gd'), got 'best'"),
+        ({"layers": [0, 1.5]}, "every layer of layers must be a whole number, got 1.5"),
+        ({"target_modules": ["o_proj", 3]}, "every target_modules entry must be a module name, got 3"),
+    ],
+)
+def test_choices_are_checked_by_the_one_choice_checker(options, message):
+    # errors.check_choice's words, as for every other choice option of the API and the command
+    from lora_monitor.edit import edit_config
+
+    with pytest.raises(LoraMonitorError) as refused:
+        edit_config(**options)
+    assert str(refused.value) == message
+
+
 def test_command_line_edit_with_eval(tmp_path, tokenizer, capsys):
     from lora_monitor.cli import main
 
@@ -238,3 +257,117 @@ def test_command_line_edit_with_eval(tmp_path, tokenizer, capsys):
     assert status == 2
     assert "missing.txt: no such data file" in capsys.readouterr().err
     assert not (tmp_path / "again").exists()
+
+
+# ---- issue 29, class 2: no edit and no loss from data that scores no token ---------------------------------
+
+
+def test_calibration_or_heldout_data_that_scores_no_token_is_refused(tmp_path, tokenizer):
+    # One-token texts in a causal LM have nothing to predict: the loss is a mean over no label (NaN), and
+    # before issue 29 its NaN gradient became the edited σ (mode "gd") and the losses --eval reported.
+    one_token = ["adapter", "rank", "the", "frozen"]
+    with pytest.raises(LoraMonitorError, match="calibration data: no token is scored in 2 batch"):
+        spectral_edit(lora_model(), one_token, tokenizer=tokenizer, mode="gd", output_path=tmp_path / "a")
+    with pytest.raises(LoraMonitorError, match="held-out data: no token is scored"):
+        spectral_edit(
+            lora_model(),
+            SENTENCES[:4],
+            tokenizer=tokenizer,
+            heldout_data=one_token,
+            output_path=tmp_path / "b",
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_one_token_calibration_texts_are_left_out_of_the_sensitivities(tokenizer):
+    model = lora_model(torch.float64)
+    modules = [m for m in find_lora_modules(model) if m.module_type in TARGETS]
+    decomposed = module_svds(model, modules)
+    clean = calibration_batches(SENTENCES[:4], tokenizer, batch_size=2)
+    mixed = [*calibration_batches(["adapter"], tokenizer, batch_size=1), *clean]
+    expected = sigma_sensitivities(model, decomposed, clean)
+    got = sigma_sensitivities(model, decomposed, mixed)
+    assert all(torch.isfinite(g).all() for g in got)
+    assert all(torch.allclose(g, e, rtol=1e-10, atol=1e-14) for g, e in zip(got, expected, strict=True))
+
+
+def test_command_line_eval_on_one_token_texts_writes_nothing(tmp_path, tokenizer, capsys):
+    from lora_monitor.cli import main
+
+    lora_model().save_pretrained(tmp_path / "adapter")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data, heldout = tmp_path / "calibration.txt", tmp_path / "heldout.txt"
+    data.write_text("\n".join(SENTENCES[:4]))
+    heldout.write_text("adapter\nrank\n")
+    capsys.readouterr()
+    arguments = ["edit", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--data", str(data)]
+    status = main([*arguments, "--out", str(tmp_path / "edited"), "--eval", "--heldout", str(heldout)])
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == "" and "Traceback" not in captured.err
+    assert (
+        captured.err.strip()
+        .splitlines()[-1]
+        .startswith("lora-monitor edit: error: held-out data: no token is scored in 1 batch(es)")
+    )
+    assert not (tmp_path / "edited").exists()
+
+
+# ---- issue 29, class 3: data files in the documented shapes only -------------------------------------------
+
+
+def test_data_files_in_the_documented_shapes_are_read(tmp_path):
+    from lora_monitor.edit import read_texts
+
+    texts = SENTENCES[:3]
+    (tmp_path / "a.txt").write_text("\n".join(texts) + "\n\n")
+    (tmp_path / "a.jsonl").write_text(
+        f'{json.dumps(texts[0])}\n\n{{"text": {json.dumps(texts[1])}, "id": 2}}\n'
+    )
+    (tmp_path / "a.json").write_text(json.dumps([texts[0], {"text": texts[1]}, texts[2]]))
+    (tmp_path / "b.JSON").write_text(json.dumps(texts))
+    assert read_texts(tmp_path / "a.txt") == texts
+    assert read_texts(tmp_path / "a.jsonl") == texts[:2]
+    assert read_texts(tmp_path / "a.json") == texts
+    assert read_texts(tmp_path / "b.JSON") == texts
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "found"),
+    [
+        ("object.json", {"text": SENTENCES[:3]}, "holds an object with keys ['text'], not a list of texts"),
+        ("string.json", "one text", "holds a string, not a list of texts"),
+        ("number.json", 3, "holds a number, not a list of texts"),
+        ("null.json", None, "holds null, not a list of texts"),
+        ("nested.json", [SENTENCES[0], [SENTENCES[1]]], "entry 1 is a list, not a text"),
+        ("no_text.json", [{"prompt": "a"}], "entry 0 is an object with keys ['prompt'], not a text"),
+        ("text_list.json", [{"text": ["a", "b"]}], 'entry 0 is an object whose "text" is a list, not a text'),
+        ("empty.json", [], "holds no texts"),
+    ],
+)
+def test_a_json_file_in_another_shape_is_refused_naming_the_file_and_the_shape(
+    tmp_path, name, content, found
+):
+    # Issue 29: {"text": [...]} was read as its keys (one text, "text") and a JSON string as its characters.
+    from lora_monitor.edit import read_texts
+
+    path = tmp_path / name
+    path.write_text(json.dumps(content))
+    with pytest.raises(LoraMonitorError) as refused:
+        read_texts(path)
+    assert str(refused.value).startswith(f"{path}: {found}")
+    assert 'a .json file (a list of strings or of {"text": ...} objects)' in str(refused.value)
+
+
+def test_a_jsonl_line_in_another_shape_is_refused_naming_the_line(tmp_path):
+    from lora_monitor.edit import read_texts
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('"a text"\n\n{"text": ["a", "b"]}\n')
+    with pytest.raises(
+        LoraMonitorError, match=r'data\.jsonl: line 3 is an object whose "text" is a list, not a text'
+    ):
+        read_texts(path)
+    path.write_text('"a text"\n{"text": \n')
+    with pytest.raises(LoraMonitorError, match=r"data\.jsonl: line 2 is not JSON"):
+        read_texts(path)

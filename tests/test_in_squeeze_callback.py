@@ -291,6 +291,31 @@ def test_a_target_at_or_above_the_adapters_rank_stops_the_run_before_the_first_s
     assert steps == [] and trainer.state.global_step == 0
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"schedule": "cosine"}, "schedule must be one of ('geometric', 'linear'), got 'cosine'"),
+        ({"schedule": []}, "schedule must be one of"),
+        ({"schedule": [(10, 4, 2)]}, "every schedule entry must be a (step, rank) pair"),
+        ({"schedule": [(10, 2.5)]}, "every schedule rank must be a whole number, got 2.5"),
+        ({"schedule": [(1.5, 4)]}, "every schedule step must be a step number"),
+        ({"start_step": 0.8, "end_step": 0.2}, "end_step 0.2 comes before start_step 0.8"),
+        ({"start_step": 40, "end_step": 20}, "end_step 20 comes before start_step 40"),
+        ({"end_step": True}, "end_step must be a step number"),
+    ],
+)
+def test_a_schedule_that_can_never_work_is_refused_when_the_callback_is_built(options, message):
+    # Before training starts, not at on_train_begin: the callback's own arguments are checked in __init__.
+    with pytest.raises(LoraMonitorError) as refused:
+        InSqueezeCallback(target_rank=4, **options)
+    assert str(refused.value).startswith("InSqueezeCallback: ") and message in str(refused.value)
+    # plan_schedule, the function behind it, refuses the same schedules with the same message
+    if "schedule" in options:
+        with pytest.raises(LoraMonitorError) as planned:
+            plan_schedule(16, 4, options["schedule"], 1, 2, max_steps=10)
+        assert str(planned.value) == str(refused.value)
+
+
 def test_works_in_trl_sft_trainer(tmp_path, tokenizer):
     from trl import SFTConfig, SFTTrainer
 

@@ -133,3 +133,34 @@ def test_monitor_counts_intruders_at_its_own_low_frequency():
     assert {m.name: m.intruder_dimensions for m in second.metrics} == expected
     assert second.scalars["lora/intruder_dimensions"] == sum(expected.values()) >= 1
     assert second.scalars["lora/modules_with_intruders"] == sum(count > 0 for count in expected.values())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"top_k": 2.5}, "top_k must be a whole number, got 2.5"),
+        ({"top_k": 0}, "top_k must be at least 1, got 0"),
+        ({"top_k": "10"}, "top_k must be a whole number, got '10'"),
+        ({"epsilon": 1.5}, "epsilon must be above 0 and at most 1, got 1.5"),
+        ({"epsilon": float("nan")}, "epsilon must be a finite number, got nan"),
+        ({"oversample": -1}, "oversample must be at least 0, got -1"),
+        ({"power_iters": 1.5}, "power_iters must be a whole number, got 1.5"),
+    ],
+)
+def test_bad_options_are_one_clear_error_naming_the_option(options, message):
+    # Issue 29: top_k=2.5 raised torch's TypeError, top_k=0 and epsilon=1.5 a plain ValueError.
+    from lora_monitor.errors import LoraMonitorError
+
+    modules = find_lora_modules(peft_llama(0, r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with pytest.raises(LoraMonitorError) as refused:
+        intruder_dimensions(modules, lambda m: m.base_weight(), **options)
+    assert str(refused.value).startswith(message)
+
+
+def test_a_bad_reference_rank_is_one_clear_error():
+    from lora_monitor.errors import LoraMonitorError
+
+    for reference_rank, message in ((0, "at least 1, got 0"), (2.5, "a whole number, got 2.5")):
+        with pytest.raises(LoraMonitorError, match=f"reference_rank must be {message}"):
+            BaseSubspaceCache(reference_rank)
+    assert BaseSubspaceCache(None).reference_rank is None

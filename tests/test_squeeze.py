@@ -303,10 +303,14 @@ def test_recommended_rank_is_the_default_target(tmp_path):
     assert config_of(tmp_path / "out")["r"] == analysis.recommended_rank
 
 
-def test_target_at_or_above_source_rank_reproduces_the_model(tmp_path):
+def test_target_at_source_rank_reproduces_the_model_and_above_is_refused(tmp_path):
     model = decaying_llama(modules_to_save=["lm_head"])
     source = saved(model, tmp_path / "in")
-    compress_adapter(source, tmp_path / "out", target_rank=16)
+    # Above the adapter's rank 8 is out of range (issue 29: it wrote an unchanged copy and said nothing).
+    with pytest.raises(LoraMonitorError, match="target_rank 16 is above the adapter's rank 8"):
+        compress_adapter(source, tmp_path / "out", target_rank=16)
+    assert not (tmp_path / "out").exists()
+    compress_adapter(source, tmp_path / "out", target_rank=8)
     assert (
         load_file(str(source / "adapter_model.safetensors")).keys()
         == load_file(str(tmp_path / "out" / "adapter_model.safetensors")).keys()

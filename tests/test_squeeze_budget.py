@@ -125,3 +125,52 @@ def test_sensitivity_allocation_is_the_best_combination_of_type_ranks(tokenizer)
     no_types = recommend_rank_by_function(model, data, ranks=[1, 2], progress=False)
     with pytest.raises(LoraMonitorError, match="by_module_type=True"):
         allocate_by_sensitivity(model, no_types, budget)
+
+
+# ---- issue 29: the budget is checked as every number is; no ranks from a NaN loss --------------------------
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        (float("nan"), "budget must be a whole number, got nan"),
+        ("4096", "budget must be a whole number, got '4096'"),
+        (4096.5, "budget must be a whole number, got 4096.5"),
+        (0, "budget must be at least 1, got 0"),
+        (True, "budget must be a whole number, got True"),
+    ],
+)
+def test_a_budget_that_is_not_a_whole_number_is_one_clear_error(budget, message):
+    # A NaN budget was spent as "every module at full rank"; "4096" raised a TypeError.
+    model = uneven_model()
+    for allocate in (allocate_by_energy, lambda m, b: allocate_by_sensitivity(m, None, b)):
+        with pytest.raises(LoraMonitorError) as refused:
+            allocate(model, budget)
+        assert str(refused.value).startswith(message)
+    with pytest.raises(LoraMonitorError, match="rank must be a whole number, got '4'"):
+        uniform_budget(model, "4")
+
+
+def test_no_ranks_are_chosen_from_evaluations_of_a_nan_loss(tokenizer):
+    import dataclasses
+    import math
+
+    model = uneven_model()
+    data = calibration_batches(SENTENCES[:8], tokenizer, batch_size=4, max_length=16)
+    function = recommend_rank_by_function(model, data, ranks=[1, 2, 8], by_module_type=True, progress=False)
+    budget = uniform_budget(model, 2)
+    broken = dataclasses.replace(function, full_loss=math.nan)
+    with pytest.raises(LoraMonitorError, match="measured from a nan loss"):
+        allocate_by_sensitivity(model, broken, budget)
+    # a rank whose truncated loss is NaN broke the model: it is never chosen while another rank fits
+    kind = sorted(function.type_evaluations)[0]
+    evaluations = {
+        t: {r: dataclasses.replace(e) for r, e in by_rank.items()}
+        for t, by_rank in function.type_evaluations.items()
+    }
+    for rank in (1, 2):
+        evaluations[kind][rank].loss_increase = math.nan
+    allocation = allocate_by_sensitivity(
+        model, dataclasses.replace(function, type_evaluations=evaluations), budget * 4
+    )
+    assert allocation.type_ranks[kind] == 8 and math.isfinite(allocation.predicted_loss_increase)

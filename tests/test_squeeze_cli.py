@@ -355,3 +355,113 @@ def test_allocate_spends_the_budget_of_a_rank_per_module(tmp_path, capsys, adapt
     assert status == 2 and "give --base and --data" in err and not (tmp_path / "x").exists()
     status, _, err = run(capsys, adapter_folder, "--allocate", "energy")
     assert status == 2 and "give --out DIR" in err
+
+
+def test_no_adapter_is_written_from_a_loss_over_no_token(tmp_path, capsys, adapter_folder, tokenizer):
+    # Issue 29: held-out texts of one token each (a causal LM has nothing to predict in them) gave a NaN
+    # loss, "Recommended rank: 16" (every comparison with NaN is false) and an adapter written from it.
+    from tiny_models import SENTENCES
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    capsys.readouterr()  # what saving printed
+    one_token = tmp_path / "one_token.txt"
+    one_token.write_text("adapter\nrank\nthe\n")
+    base = ["--base", tmp_path / "base", "--batch-size", "1", "--ranks", "1,2,4,8,16"]
+    status, out, err = run(capsys, adapter_folder, *base, "--data", one_token, "--out", tmp_path / "out")
+    assert status == 2 and out == "" and "Traceback" not in err
+    # (the lines before it are transformers' progress bars loading the base model)
+    assert err.strip().splitlines()[-1] == (
+        f"lora-monitor squeeze: error: {one_token}: no token is scored in 3 batch(es): every label is -100 or "
+        "every text is a single token (a causal LM predicts each token from the ones before); give texts "
+        "with labels to predict"
+    )
+    assert not (tmp_path / "out").exists()
+    # A one-token text among others, one text per batch: left out, counted, and the advice is the others'.
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("\n".join(["adapter", *SENTENCES[:6]]))
+    status, out, err = run(capsys, adapter_folder, *base, "--data", mixed, "--json", "--out", tmp_path / "ok")
+    assert status == 0, err
+    function = json.loads(out)["function"]
+    assert function["unscored_texts"] == 1 and function["full_loss"] is not None
+    clean = tmp_path / "clean.txt"
+    clean.write_text("\n".join(SENTENCES[:6]))
+    status, out, _ = run(capsys, adapter_folder, *base, "--data", clean, "--json")
+    assert status == 0
+    assert json.loads(out)["function"]["full_loss"] == pytest.approx(function["full_loss"], rel=1e-9)
+    assert set(reloaded_ranks(tmp_path / "ok").values()) == {function["recommended_rank"]}
+    status, out, _ = run(capsys, adapter_folder, *base, "--data", mixed)
+    assert status == 0 and "1 text(s) with no scored token left out" in out
+
+
+def test_a_data_file_in_another_shape_is_one_error_naming_it(tmp_path, capsys, adapter_folder, tokenizer):
+    # Issue 29: {"text": [...]} was read as its keys, the command exited 0 and reported full_loss=None.
+    from tiny_models import SENTENCES
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "heldout.json"
+    data.write_text(json.dumps({"text": SENTENCES[:6]}))
+    capsys.readouterr()
+    status, out, err = run(
+        capsys, adapter_folder, "--base", tmp_path / "base", "--data", data, "--out", tmp_path / "o"
+    )
+    assert status == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"lora-monitor squeeze: error: {data}: holds an object with keys ['text'], not a list of texts; expected "
+        'a .txt file (one text per non-empty line), a .jsonl file (one JSON string or {"text": ...} object per '
+        'line) or a .json file (a list of strings or of {"text": ...} objects)'
+    ]
+    assert not (tmp_path / "o").exists()
+
+
+# ---- issue 29, class 7: a rank above the adapter's own, the README's own TOML ------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--ranks", "4,64"],
+        ["--ranks", "4,64", "--out", "OUT"],
+        ["--rank", "64", "--out", "OUT"],
+        ["--rank", "64", "--allocate", "energy", "--out", "OUT"],
+    ],
+)
+def test_a_rank_above_the_adapters_own_exits_2_and_writes_nothing(tmp_path, capsys, adapter_folder, extra):
+    # Issue 29: --ranks 4,64 on an r=16 adapter printed "Recommended rank: 64"; --rank 64 --out wrote an
+    # unchanged copy ("0 of 14 modules compressed") and exited 0.
+    extra = [str(tmp_path / "out") if a == "OUT" else a for a in extra]
+    status, out, err = run(capsys, adapter_folder, *extra)
+    what = "target rank" if "--ranks" in extra else "target_rank"
+    assert status == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"lora-monitor squeeze: error: {adapter_folder}: {what} 64 is above the adapter's rank 16: a squeeze "
+        "keeps or lowers a rank, give ranks up to 16"
+    ]
+    assert not (tmp_path / "out").exists()
+    # the adapter's own rank is a candidate (the table's full-rank row), and --rank 16 an unchanged copy
+    status, out, _ = run(
+        capsys, adapter_folder, "--ranks", "4,16", "--rank", "16", "--out", tmp_path / "same"
+    )
+    assert status == 0 and set(reloaded_ranks(tmp_path / "same").values()) == {16}
+
+
+def test_the_readmes_own_squeeze_toml_works(tmp_path, capsys, adapter_folder):
+    # Issue 29: its `target_ranks = []` ("[] = powers of two up to the adapter's rank") was refused.
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("`squeeze.toml`:\n\n```toml\n", 1)[1].split("```", 1)[0]
+    assert "target_ranks = []" in example
+    config = tmp_path / "squeeze.toml"
+    config.write_text(
+        example.replace('"out/final"', json.dumps(str(adapter_folder))).replace(
+            '"out/squeezed"', json.dumps(str(tmp_path / "squeezed"))
+        )
+    )
+    status, out, err = run(capsys, config, "--json")
+    assert status == 0, err
+    payload = json.loads(out)
+    expected = analyze_adapter(adapter_folder, min_variance_retention=0.95)
+    assert payload["analysis"]["target_ranks"] == [1, 2, 4, 8, 16] == expected.target_ranks
+    assert set(reloaded_ranks(tmp_path / "squeezed").values()) == {expected.recommended_rank}

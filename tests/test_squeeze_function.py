@@ -156,3 +156,61 @@ def test_bad_options_name_the_option(tokenizer, arguments, message):
 def test_no_batches_is_an_error():
     with pytest.raises(LoraMonitorError, match="eval_batches is empty"):
         recommend_rank_by_function(float64_model(), [], progress=False)
+
+
+# ---- issue 29, class 2: no advice from a loss over no token -----------------------------------------------
+
+
+def test_evaluation_data_that_scores_no_token_is_refused_and_the_factors_are_untouched(tokenizer):
+    model, data = float64_model(), batches(tokenizer)
+    before = [p.detach().clone() for p in live_parameters(model)]
+    unlabelled = [{**batch, "labels": torch.full_like(batch["labels"], -100)} for batch in data]
+    with pytest.raises(LoraMonitorError, match="eval_batches: no token is scored in 2 batch"):
+        recommend_rank_by_function(model, unlabelled, ranks=RANKS, progress=False)
+    # one-token texts in a causal LM: their only label has no position before it to be predicted from
+    one_token = calibration_batches(["adapter", "rank", "the"], tokenizer, batch_size=1)
+    assert all(batch["input_ids"].shape == (1, 1) for batch in one_token)
+    with pytest.raises(LoraMonitorError, match="every text is a single token"):
+        recommend_rank_by_function(model, one_token, ranks=RANKS, progress=False)
+    assert all(torch.equal(p, old) for p, old in zip(live_parameters(model), before, strict=True))
+
+
+def test_one_token_texts_are_left_out_and_counted(tokenizer):
+    # --batch-size 1 with a one-token text among the others: that batch's loss is NaN (a mean over no label),
+    # and before issue 29 it made every loss NaN and the source rank "win".
+    model = float64_model()
+    texts = ["adapter", *SENTENCES[:3], "rank", SENTENCES[3]]
+    data = calibration_batches(texts, tokenizer, batch_size=1, max_length=16)
+    advice = recommend_rank_by_function(model, data, ranks=RANKS, tolerance=1e9, progress=False)
+    # the same numbers as on the multi-token texts alone, computed independently
+    kept = [batch for batch in data if batch["input_ids"].shape[1] > 1]
+    assert len(kept) == 4
+    own_loss, _ = reference_numbers(model, model, kept)
+    assert advice.full_loss == pytest.approx(own_loss, rel=1e-12)
+    loss, kl = reference_numbers(model, dense_truncation(model, 1), kept)
+    assert advice.evaluations[1].loss == pytest.approx(loss, rel=1e-9)
+    assert advice.evaluations[1].kl == pytest.approx(kl, rel=1e-6)
+    assert advice.recommended_rank == 1  # tolerance 1e9: the smallest rank, not the NaN-driven largest
+    assert advice.unscored_texts == 2
+    assert advice.scored_tokens == sum(len(tokenizer(text)["input_ids"]) - 1 for text in SENTENCES[:4])
+    assert advice.to_dict()["unscored_texts"] == 2
+
+
+def test_a_nan_loss_of_the_uncompressed_model_is_refused(tokenizer):
+    model, data = float64_model(), batches(tokenizer)
+    with torch.no_grad():  # a base weight (the factors are checked on their own): the loss itself is NaN
+        model.get_base_model().lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(LoraMonitorError, match="eval_batches: the loss of batch 0 is nan"):
+        recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"energy_threshold": 1.5}, "energy_threshold must be above 0 and at most 1, got 1.5"),
+        ({"energy_threshold": float("nan")}, "energy_threshold must be a finite number"),
+    ],
+)
+def test_the_energy_threshold_is_checked_by_its_own_name(tokenizer, arguments, message):
+    with pytest.raises(LoraMonitorError, match=message):
+        recommend_rank_by_function(float64_model(), batches(tokenizer), progress=False, **arguments)

@@ -48,7 +48,10 @@ def test_the_same_message_from_every_entry(tmp_path, capsys, adapter_folder, opt
         with pytest.raises(LoraMonitorError) as from_callback:
             PostSqueezeCallback(**options)
         assert f"PostSqueezeCallback: {message}" in str(from_callback.value)
-    # the TOML table names the file
+    # the TOML table names the file (where `target_ranks = []` is the README's way to say "the default":
+    # TOML has no None; test_an_empty_target_ranks_of_a_table_is_the_default)
+    if options == {"target_ranks": []}:
+        return
     toml_key = {"target_rank": "compress_to"}
     lines = [f'adapter_path = "{adapter_folder}"']
     for key, value in options.items():
@@ -119,3 +122,62 @@ def test_the_packages_import_their_names_on_first_use_and_every_public_name_reso
     assert completed.stdout.strip().splitlines()[-1] == "True [] lora_monitor.squeeze.analysis True", (
         completed
     )
+
+
+def test_a_rank_above_the_adapters_own_is_refused_by_every_entry(tmp_path, adapter_folder, tokenizer):
+    # Issue 29: a candidate above the adapter's rank r=8 kept 100% and was recommended; a target_rank above
+    # it wrote an unchanged copy; a module_ranks entry above it was silently capped.
+    import re
+
+    from tiny_models import SENTENCES
+
+    from lora_monitor.edit import calibration_batches
+    from lora_monitor.squeeze import recommend_rank_by_function
+
+    message = (
+        f"{adapter_folder}: target rank 16 is above the adapter's rank 8: a squeeze keeps or lowers a rank"
+    )
+    with pytest.raises(LoraMonitorError, match="^" + re.escape(message)):
+        analyze_adapter(adapter_folder, target_ranks=[2, 16])
+    with pytest.raises(LoraMonitorError, match="^" + re.escape(message)):
+        compress_adapter(adapter_folder, tmp_path / "out", target_ranks=[2, 16])
+    with pytest.raises(
+        LoraMonitorError, match=f"^{adapter_folder}: target_rank 16 is above the adapter's rank 8"
+    ):
+        compress_adapter(adapter_folder, tmp_path / "out", target_rank=16)
+    name = analyze_adapter(adapter_folder).modules[0].name
+    with pytest.raises(LoraMonitorError, match=r"module_ranks\[.*\] = 9 is above the module's rank 8"):
+        compress_adapter(adapter_folder, tmp_path / "out", module_ranks={name: 9})
+    assert not (tmp_path / "out").exists()
+    model = PeftModel.from_pretrained(tiny_llama(0), adapter_folder)
+    batches = calibration_batches(SENTENCES[:4], tokenizer, batch_size=4)
+    with pytest.raises(LoraMonitorError, match=r"^candidate rank 16 is above the adapter's rank 8"):
+        recommend_rank_by_function(model, batches, ranks=[2, 16], progress=False)
+    assert analyze_adapter(adapter_folder, target_ranks=[2, 8]).target_ranks == [2, 8]  # its own rank is fine
+
+
+def test_an_empty_target_ranks_of_a_table_is_the_default():
+    # TOML has no None: `target_ranks = []` in a [squeeze] table means the default ranks, as README says.
+    assert SqueezeOptions.from_mapping({"target_ranks": []}, "squeeze.toml: [squeeze]").target_ranks is None
+    with pytest.raises(LoraMonitorError, match="target_ranks is empty"):  # the API keeps None for that
+        SqueezeOptions(target_ranks=[])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"tolerance": -0.5}, "tolerance must be at least 0, got -0.5"),
+        ({"tolerance": "0.01"}, "tolerance must be a number, got '0.01'"),
+        ({"compress_to": ""}, "compress_to must be a sub-folder name, got ''"),
+    ],
+)
+def test_squeeze_trained_adapter_checks_its_options_before_anything_is_computed(tmp_path, arguments, message):
+    # Issue 29: the tolerance was checked only when evaluation batches came, after the analysis was printed.
+    from lora_monitor.squeeze import squeeze_trained_adapter
+
+    with pytest.raises(LoraMonitorError) as refused:
+        squeeze_trained_adapter(
+            peft_llama(0), tmp_path / "run", SqueezeOptions(), print_tables=False, **arguments
+        )
+    assert str(refused.value).startswith(message)
+    assert not (tmp_path / "run").exists()

@@ -19,10 +19,10 @@ from torch import nn
 
 from .._io import json_number
 from ..adapters import pattern_key
-from ..errors import LoraMonitorError
+from ..errors import LoraMonitorError, check_number
 from ..spectrum import weight_singular_values
 from .htsr import FitRule, LayerSpectrum, spectra_from_eigenvalues
-from .options import check_allocation_options
+from .options import check_allocation_options, check_fit
 
 Tensor = torch.Tensor
 Scaling = Literal["linear", "log", "sqrt"]
@@ -136,8 +136,8 @@ def spectral_analysis(
     dequantized first. The singular values come from one batched dense SVD per weight shape on ``device``
     (the GPU when there is one), in ``dtype`` (float64 by default), with a progress bar when ``progress``.
     """
-    if fit not in ("median", "ks"):
-        raise LoraMonitorError(f"unknown power-law fit rule {fit!r}: use 'median' or 'ks'")
+    check_fit(fit)
+    check_number(batch_size, "batch_size", low=1, whole=True)
     records = analysable_weights(model, target_modules, include_embeddings)
     if not records:
         raise LoraMonitorError(
@@ -251,8 +251,6 @@ def _normalize(values: Tensor) -> Tensor:
 def _profile(scores: Tensor, scaling: Scaling) -> Tensor:
     """Where each score sits between the lowest and the highest, in [0, 1], after the chosen scaling."""
     transforms = {"linear": lambda x: x, "log": torch.log1p, "sqrt": torch.sqrt}
-    if scaling not in transforms:
-        raise LoraMonitorError(f"unknown rank scaling {scaling!r}: use 'linear', 'log' or 'sqrt'")
     scaled = transforms[scaling](scores.clamp_min(0))
     return (scaled - scaled.min()) / (scaled.max() - scaled.min() + 1e-8)
 
@@ -330,7 +328,17 @@ def allocate_ranks(
     ``model_or_spectra`` is a model (analysed with :func:`spectral_analysis`, ``fit`` and ``target_modules``
     applying) or the list that function returned.
     """
-    check_allocation_options(min_rank, max_rank, layer_fraction, alpha_factor, parameter_budget)
+    check_allocation_options(
+        min_rank,
+        max_rank,
+        layer_fraction,
+        alpha_factor,
+        parameter_budget,
+        scaling=scaling,
+        fit=fit,
+        w_alpha=w_alpha,
+        w_spikes=w_spikes,
+    )
     if isinstance(model_or_spectra, nn.Module):
         spectra = spectral_analysis(
             model_or_spectra, target_modules=target_modules, fit=fit, progress=progress

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from ..adapters import describe_module
-from ..errors import LoraMonitorError
+from .options import check_fit
 
 Tensor = torch.Tensor
 
@@ -93,8 +93,7 @@ def fit_power_law(eigenvalues: Tensor, fit: FitRule = "median") -> PowerLawFit:
     is closest to the data in KS distance, as WeightWatcher's default fit does (including its bias-corrected
     small-sample variant below 20 eigenvalues).
     """
-    if fit not in ("median", "ks"):
-        raise LoraMonitorError(f"unknown power-law fit rule {fit!r}: use 'median' or 'ks'")
+    check_fit(fit)
     values = torch.sort(eigenvalues.detach().to(device="cpu", dtype=torch.float64).flatten()).values
     values = values[values > EVALS_THRESHOLD]
     count = values.shape[0]

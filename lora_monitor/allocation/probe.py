@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..adapters import describe_module
+from ..edit.data import finite_loss, is_causal_lm, scored_tokens
 from ..errors import LoraMonitorError, check_number
 from ..spectrum import energy_curve, rank_for_energy, reaches, weight_singular_values
 from .allocate import analysable_weights
@@ -64,7 +65,8 @@ def probe_rank(
     Runs ``steps`` batches from ``dataloader`` (dicts of tensors for ``model(**batch)``, with labels so that
     the model returns a loss), sums the gradient of the loss with respect to each target weight (the same
     weights :func:`spectral_analysis` would pick), and reads the rank that keeps ``threshold`` of the
-    summed gradient's energy. Nothing is updated: gradients are taken with ``torch.autograd.grad`` (no
+    summed gradient's energy. A batch that scores no label (one-token texts of a causal LM) is skipped, a
+    NaN/Inf loss is a :class:`LoraMonitorError`: no advice from a NaN gradient. Nothing is updated: gradients are taken with ``torch.autograd.grad`` (no
     ``.grad`` is written), and every ``requires_grad`` flag is restored afterwards.
     """
     check_number(threshold, "threshold", low=0, low_open=True, high=1)
@@ -78,6 +80,7 @@ def probe_rank(
             raise LoraMonitorError(
                 f"module {record.name}: cannot take gradients of a quantized ({weight.dtype}) weight"
             )
+    causal = is_causal_lm(model)
     saved_flags = [p.requires_grad for p in model.parameters()]
     sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     model_device = next(model.parameters()).device
@@ -87,14 +90,17 @@ def probe_rank(
             p.requires_grad_(False)
         for w in weights:
             w.requires_grad_(True)
-        for batch in dataloader:
+        for index, batch in enumerate(dataloader):
             if done >= steps:
                 break
             inputs = {k: v.to(model_device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            if isinstance(inputs.get("labels"), Tensor) and not scored_tokens(inputs, causal):
+                continue  # a mean over no label is NaN, and so would be every gradient summed after it
             output = model(**inputs)
             loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
             if loss is None:
                 raise LoraMonitorError("the model returned no loss: give batches with labels")
+            finite_loss(loss.detach(), "dataloader", index)
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
             for total, grad in zip(sums, grads, strict=True):
                 if grad is not None:
@@ -104,7 +110,9 @@ def probe_rank(
         for p, flag in zip(model.parameters(), saved_flags, strict=True):
             p.requires_grad_(flag)
     if done == 0:
-        raise LoraMonitorError("the dataloader gave no batches to probe with")
+        raise LoraMonitorError(
+            "the dataloader gave no batches to probe with (none, or none with a label to predict)"
+        )
 
     matrices = [
         g.T if _is_conv1d(record.module) else g.reshape(record.rows, record.columns)

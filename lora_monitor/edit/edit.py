@@ -23,7 +23,7 @@ from .._io import EDIT_META_NAME, dumps
 from ..adapters import LoraModule, factor_parameters, is_masked
 from ..errors import LoraMonitorError
 from ..spectrum import factored_svd
-from .data import calibration_batches, evaluate_loss, to_device
+from .data import calibration_batches, check_scored, evaluate_loss, finite_loss, is_causal_lm, to_device
 from .options import EditConfig, check_batching, edit_config
 
 
@@ -97,14 +97,24 @@ def _sigma_factors(item: ModuleSVD, sigma: torch.Tensor, dtype: torch.dtype) -> 
 
 
 def sigma_sensitivities(
-    model: torch.nn.Module, decomposed: list[ModuleSVD], batches: list[dict[str, torch.Tensor]]
+    model: torch.nn.Module,
+    decomposed: list[ModuleSVD],
+    batches: list[dict[str, torch.Tensor]],
+    what: str = "calibration data",
 ) -> list[torch.Tensor]:
     """``∂L/∂σ_k`` for every edited module, summed over ``batches`` (mean loss per batch) and averaged.
 
     Only ``σ`` gets a gradient: every model parameter is frozen for the duration and restored after.
+    Batches that score no token (one-token texts of a causal LM) are left out; data that scores none, or a
+    NaN/Inf loss, is a :class:`LoraMonitorError` naming ``what`` (its gradient would be NaN, and so would
+    every edited σ).
     """
     from torch.func import functional_call
 
+    counts = check_scored(batches, is_causal_lm(model), what)
+    measured = [
+        (index, batch) for index, (batch, count) in enumerate(zip(batches, counts, strict=True)) if count
+    ]
     device = next(model.parameters()).device
     sigmas = [item.sigma.detach().clone().to(device).requires_grad_(True) for item in decomposed]
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -113,13 +123,14 @@ def sigma_sensitivities(
         param.requires_grad_(False)
     model.eval()
     try:
-        for batch in batches:
+        for index, batch in measured:
             substitutes: dict[str, torch.Tensor] = {}
             for item, sigma in zip(decomposed, sigmas, strict=True):
                 dtype = item.module.load_B().dtype
                 substitutes.update(_sigma_factors(item, sigma, dtype))
             loss = functional_call(model, substitutes, args=(), kwargs=to_device(batch, device)).loss
-            (loss / len(batches)).backward()
+            finite_loss(loss.detach(), what, index)
+            (loss / len(measured)).backward()
     finally:
         for param in trainable:
             param.requires_grad_(True)
@@ -237,8 +248,8 @@ def spectral_edit(
     )
     losses: dict[str, float] = {}
     if heldout is not None:
-        losses["calibration_before"] = evaluate_loss(model, batches)
-        losses["heldout_before"] = evaluate_loss(model, heldout)
+        losses["calibration_before"] = evaluate_loss(model, batches, "calibration data")
+        losses["heldout_before"] = evaluate_loss(model, heldout, "held-out data")
 
     decomposed = module_svds(model, modules)
     sensitivities = sigma_sensitivities(model, decomposed, batches)
@@ -262,8 +273,9 @@ def spectral_edit(
                 )
             )
     if heldout is not None:
-        losses["calibration_after"] = evaluate_loss(model, batches)
-        losses["heldout_after"] = evaluate_loss(model, heldout)
+        # After the edit a NaN loss means the edit broke the model: refused, nothing is written.
+        losses["calibration_after"] = evaluate_loss(model, batches, "calibration data (edited)")
+        losses["heldout_after"] = evaluate_loss(model, heldout, "held-out data (edited)")
     result = SpectralEditResult(model, config, edits, losses=losses)
     if output_path is not None:
         result.output_path = _write(result, output_path, adapter_name, source_folder, overwrite)

@@ -11,9 +11,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import LoraMonitorError, check_number
+from ..errors import LoraMonitorError, check_choice, check_number
 
 MODES = ("abs_select", "random_index", "gd")
+UPDATES = ("multiplicative", "additive")
+# Which norm of σ an edit keeps (None: neither); the command's "none" is None.
+PRESERVE_ENERGY = ("l1", "l2", None)
 
 
 @dataclass
@@ -35,14 +38,16 @@ class EditConfig:
 
     def validate(self) -> None:
         """Raise :class:`LoraMonitorError` naming the first option that is out of range."""
-        if self.mode not in MODES:
-            raise LoraMonitorError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.update not in ("multiplicative", "additive"):
-            raise LoraMonitorError(f"update must be 'multiplicative' or 'additive', got {self.update!r}")
-        if self.preserve_energy not in ("l1", "l2", None):
-            raise LoraMonitorError(
-                f"preserve_energy must be 'l1', 'l2' or None, got {self.preserve_energy!r}"
-            )
+        check_choice(self.mode, MODES, "mode")
+        check_choice(self.update, UPDATES, "update")
+        check_choice(self.preserve_energy, PRESERVE_ENERGY, "preserve_energy")
+        for module_type in self.target_modules:
+            if not isinstance(module_type, str):
+                raise LoraMonitorError(
+                    f"every target_modules entry must be a module name, got {module_type!r}"
+                )
+        for layer in self.layers or ():
+            check_number(layer, "every layer of layers", low=0, whole=True)
         for name in ("core_frac", "noise_frac"):
             check_number(getattr(self, name), name, low=0, high=1)
         if self.core_frac + self.noise_frac > 1:

@@ -11,9 +11,9 @@
 
 from .hooks import install_rank_hooks
 from .optimizer import unwrap_optimizer
-from .options import CALLBACK_MODES, METHODS, MODES, OPTIMIZER_STATES, InSqueezeOptions
+from .options import CALLBACK_MODES, METHODS, MODES, OPTIMIZER_STATES, SCHEDULES, InSqueezeOptions
 from .resize import ResizeEvent, compact_masks, current_ranks, resize_lora_module, squeeze_model
-from .schedule import SCHEDULES, plan_schedule, resolve_step
+from .schedule import plan_schedule, resolve_step
 
 __all__ = [
     "CALLBACK_MODES",

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import LoraMonitorError, check_number
+# check_choice lives in errors.py with check_number; hooks.py and step_scaling.py import it from here.
+from ..errors import LoraMonitorError, check_choice, check_number
 
 METHODS = ("qr", "rsvd")
 OPTIMIZER_STATES = ("project", "reset")
@@ -14,14 +15,56 @@ MODES = ("resize", "mask")
 STEP_SCALINGS = ("rank", "sqrt", "none")
 # What the callback accepts: "auto" is mask in a distributed run, resize otherwise.
 CALLBACK_MODES = ("auto", *MODES)
+# The named schedules; a list of (step, rank) pairs is the other kind.
+SCHEDULES = ("geometric", "linear")
 
 
-def check_choice(value: object, choices: Sequence[str], option: str, where: str = "") -> str:
-    """``value`` if it is one of ``choices``, else a :class:`LoraMonitorError` naming the option."""
-    if value not in choices:
+def check_step(value: object, what: str, where: str = "") -> int | float:
+    """``value`` if it names a step: a step number (a whole number >= 1) or a fraction of ``max_steps`` in
+    (0, 1); else a :class:`LoraMonitorError` naming ``what``. Which step a fraction is needs ``max_steps``
+    (:func:`~lora_monitor.in_squeeze.schedule.resolve_step`); its form does not."""
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    fraction = is_number and isinstance(value, float) and 0 < value < 1
+    if not (fraction or (is_number and value >= 1 and float(value).is_integer())):
         prefix = f"{where}: " if where else ""
-        raise LoraMonitorError(f"{prefix}{option} must be one of {tuple(choices)}, got {value!r}")
-    return str(value)
+        raise LoraMonitorError(
+            f"{prefix}{what} must be a step number (int ≥ 1) or a fraction in (0, 1), got {value!r}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def check_schedule(schedule: object, where: str = "") -> str | tuple[tuple[int | float, int], ...]:
+    """The schedule as given (a name) or as a tuple of ``(step, rank)`` pairs, each step a step number or a
+    fraction and each rank a whole number >= 1; else a :class:`LoraMonitorError` naming the first value
+    that is not."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(schedule, str):
+        return check_choice(schedule, SCHEDULES, "schedule", where, hint="or a list of (step, rank) pairs")
+    if isinstance(schedule, bytes) or not isinstance(schedule, Sequence) or not schedule:
+        raise LoraMonitorError(
+            f"{prefix}schedule must be one of {SCHEDULES} or a non-empty list of (step, rank) pairs, "
+            f"got {schedule!r}"
+        )
+    pairs = []
+    for entry in schedule:
+        if isinstance(entry, str | bytes) or not isinstance(entry, Sequence) or len(entry) != 2:
+            raise LoraMonitorError(f"{prefix}every schedule entry must be a (step, rank) pair, got {entry!r}")
+        step, rank = entry
+        check_step(step, "every schedule step", where)
+        rank = check_number(rank, f"{prefix}every schedule rank", low=1, whole=True)
+        pairs.append((step, int(rank)))
+    return tuple(pairs)
+
+
+def check_span(start_step: object, end_step: object, where: str = "") -> None:
+    """A :class:`LoraMonitorError` unless ``start_step`` and ``end_step`` each name a step and the end does
+    not come before the start (where both are step numbers, or both fractions: a fraction and a step number
+    compare only once ``max_steps`` is known, at the start of training)."""
+    check_step(start_step, "start_step", where)
+    check_step(end_step, "end_step", where)
+    if isinstance(start_step, float) == isinstance(end_step, float) and end_step < start_step:  # type: ignore[operator]
+        prefix = f"{where}: " if where else ""
+        raise LoraMonitorError(f"{prefix}end_step {end_step} comes before start_step {start_step}")
 
 
 def check_squeeze_options(
@@ -63,6 +106,8 @@ class InSqueezeOptions:
         where = "InSqueezeCallback"
         rank = check_number(self.target_rank, f"{where}: target_rank", low=1, whole=True)
         object.__setattr__(self, "target_rank", int(rank))
+        check_schedule(self.schedule, where)
+        check_span(self.start_step, self.end_step, where)
         check_squeeze_options(
             method=self.method,
             optimizer_state=self.optimizer_state,

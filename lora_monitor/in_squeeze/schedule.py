@@ -21,28 +21,22 @@ from torch import nn
 
 from ..errors import LoraMonitorError
 from .optimizer import unwrap_optimizer
-from .options import InSqueezeOptions
+from .options import InSqueezeOptions, check_schedule, check_step
 from .resize import current_ranks, squeeze_model
 
-SCHEDULES = ("geometric", "linear")
 LOG_PREFIX = "in_squeeze/"
 
 
 def resolve_step(value: int | float, max_steps: int, what: str) -> int:
     """A step given as an int (a step number) or a float in (0, 1) (a fraction of ``max_steps``)."""
-    if isinstance(value, bool):
-        raise LoraMonitorError(f"InSqueezeCallback: {what} must be a step or a fraction, got {value!r}")
+    check_step(value, what, "InSqueezeCallback")
     if isinstance(value, float) and 0 < value < 1:
         if max_steps <= 0:
             raise LoraMonitorError(
                 f"InSqueezeCallback: {what}={value} is a fraction but max_steps is unknown"
             )
         return max(1, round(value * max_steps))
-    if isinstance(value, int | float) and value >= 1 and float(value).is_integer():
-        return int(value)
-    raise LoraMonitorError(
-        f"InSqueezeCallback: {what} must be a step number (int ≥ 1) or a fraction in (0, 1), got {value!r}"
-    )
+    return int(value)
 
 
 def plan_schedule(
@@ -59,18 +53,10 @@ def plan_schedule(
     ``linear`` lowers it one rank at a time, evenly over the same span; an explicit list of
     ``(step, rank)`` is taken as given (steps as numbers or fractions of ``max_steps``).
     """
+    schedule = check_schedule(schedule, "InSqueezeCallback")
     if not isinstance(schedule, str):
-        plan: dict[int, int] = {}
-        for entry in schedule:
-            step, rank = entry
-            plan[resolve_step(step, max_steps, "schedule step")] = int(rank)
-        if any(rank < 1 for rank in plan.values()):
-            raise LoraMonitorError(f"InSqueezeCallback: schedule ranks must be at least 1, got {schedule}")
+        plan = {resolve_step(step, max_steps, "schedule step"): rank for step, rank in schedule}
         return dict(sorted(plan.items()))
-    if schedule not in SCHEDULES:
-        raise LoraMonitorError(
-            f"InSqueezeCallback: schedule must be one of {SCHEDULES} or a list, got {schedule!r}"
-        )
     if end_step < start_step:
         raise LoraMonitorError(f"InSqueezeCallback: end_step {end_step} comes before start_step {start_step}")
     if target_rank >= source_rank:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import LoraModule
+from ..errors import check_number
 from ..spectrum import LinearOperator, left_singular_vectors, randomized_svd
 
 DEFAULT_TOP_K = 10
@@ -64,8 +65,8 @@ class BaseSubspaceCache:
     """
 
     def __init__(self, reference_rank: int | None = DEFAULT_REFERENCE_RANK) -> None:
-        if reference_rank is not None and reference_rank < 1:
-            raise ValueError(f"reference_rank must be at least 1, got {reference_rank}")
+        if reference_rank is not None:
+            reference_rank = int(check_number(reference_rank, "reference_rank", low=1, whole=True))
         self.reference_rank = reference_rank
         self._vectors: dict[str, torch.Tensor] = {}
 
@@ -124,10 +125,10 @@ def intruder_dimensions(
     between calls (pass the same one at every check of a training run). ``oversample`` and ``power_iters``
     set the randomized SVD's accuracy (``oversample`` large enough to cover the matrix makes it exact).
     """
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    if not 0 < epsilon <= 1:
-        raise ValueError(f"epsilon must be in (0, 1], got {epsilon}")
+    top_k = int(check_number(top_k, "top_k", low=1, whole=True))
+    epsilon = check_number(epsilon, "epsilon", low=0, low_open=True, high=1, hint="a cosine similarity")
+    oversample = int(check_number(oversample, "oversample", low=0, whole=True))
+    power_iters = int(check_number(power_iters, "power_iters", low=0, whole=True))
     cache = cache if cache is not None else BaseSubspaceCache()
     generator = torch.Generator().manual_seed(0)
     results = []

@@ -251,6 +251,14 @@ def print_function_recommendation(advice: FunctionRecommendation, console: Conso
             style="bold green" if chosen else None,
         )
     console.print(table)
+    if advice.scored_tokens:
+        # one-token texts of a causal LM have nothing to predict: they are not in the loss, and say so
+        left_out = (
+            f"; {advice.unscored_texts} text(s) with no scored token left out"
+            if advice.unscored_texts
+            else ""
+        )
+        console.print(f"Losses over {advice.scored_tokens} scored tokens{left_out}", soft_wrap=True)
     tolerance, energy = f"{100 * advice.tolerance:g}%", f"{100 * advice.energy_threshold:g}%"
     sides = Table(title="Recommended rank", title_justify="left")
     for column in ("", f"by energy (≥ {energy} kept)", f"by function (≤ {tolerance} more loss)"):

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import check_choice, check_number
 from .summaries import condition_number_from_singular_values, energy_curve
 
 Tensor = torch.Tensor
@@ -485,10 +486,8 @@ def truncate_factors(
     factors' Gram matrices (``trace(BᵀB · AAᵀ)``), capped at 1. The new factors have ``B``'s and ``A``'s
     dtype and device. ``k`` above the rank keeps the rank.
     """
-    if k < 1:
-        raise ValueError(f"target rank must be at least 1, got {k}")
-    if method not in ("qr", "rsvd"):
-        raise ValueError(f"method must be 'qr' or 'rsvd', got {method!r}")
+    check_number(k, "target rank", low=1, whole=True)
+    check_choice(method, ("qr", "rsvd"), "method")
     _check_pairs([B], [A])
     compute = _compute_dtype(dtype)
     if method == "rsvd":

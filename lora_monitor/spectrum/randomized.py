@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..errors import check_device
+from ..errors import check_device, check_number
 from .factored import SVDResult, Tensor, _compute_dtype
 
 # --------------------------------------------------------------------------------------------------------
@@ -85,8 +85,9 @@ def randomized_svd(
     else:
         operator = matrix_or_operator
     m, n = operator.shape
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+    check_number(k, "k", low=1, whole=True)
+    check_number(oversample, "oversample", low=0, whole=True)
+    check_number(power_iters, "power_iters", low=0, whole=True)
     probes = min(k + oversample, m, n)
     if generator is None:
         generator = torch.Generator(device="cpu").manual_seed(0)

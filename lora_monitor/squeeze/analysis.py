@@ -28,7 +28,7 @@ from .._io import json_safe
 from ..adapters import LoraModule, OpenedAdapter, module_block, open_adapter
 from ..errors import LoraMonitorError, check_device
 from ..spectrum import energy_curve, lora_spectra, rank_for_energy, reaches
-from .options import DEFAULT_THRESHOLD, SqueezeOptions, default_target_ranks
+from .options import DEFAULT_THRESHOLD, SqueezeOptions, check_ranks_within, default_target_ranks
 
 # Modules decomposed per call of the engine: large enough to batch the r×r work, small enough that only
 # this many factor pairs are in memory at once.
@@ -331,8 +331,9 @@ def analyse(
 ) -> SqueezeAnalysis:
     """:func:`analyze_adapter` on an adapter already opened, with options already checked."""
     threshold, target_ranks = options.min_variance_retention, options.target_ranks
-    spectra = _module_spectra(adapter, device, progress)
     source_rank = max(module.rank for module in adapter.modules)
+    check_ranks_within(target_ranks or (), source_rank, "target rank", adapter.description)
+    spectra = _module_spectra(adapter, device, progress)
     ranks = list(target_ranks) if target_ranks else default_target_ranks(source_rank)
     records: list[ModuleSqueeze] = []
     for module, S in zip(adapter.modules, spectra, strict=True):

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..adapters import LoraModule, open_adapter
-from ..errors import LoraMonitorError
+from ..errors import LoraMonitorError, check_number
 from .analysis import analyze_adapter
 from .function import FunctionRecommendation
+from .options import validate_rank
 
 
 @dataclass
@@ -63,8 +64,15 @@ def parameters_per_rank(module: LoraModule) -> int:
 
 def uniform_budget(path_or_model: Any, rank: int, adapter_name: str | None = None) -> int:
     """The LoRA parameters of the adapter with every module at ``min(rank, its rank)``."""
+    rank = validate_rank(rank, "rank")
     modules = open_adapter(path_or_model, adapter_name).modules
     return sum(min(rank, m.rank) * parameters_per_rank(m) for m in modules)
+
+
+def _whole_budget(budget: Any) -> int:
+    """``budget`` as an int when it is a whole number >= 1 (not NaN, not a string), else a
+    :class:`LoraMonitorError`: checked before the adapter is opened."""
+    return int(check_number(budget, "budget", low=1, whole=True, hint="LoRA parameters"))
 
 
 def _check_budget(budget: int, modules: list[LoraModule]) -> None:
@@ -79,6 +87,7 @@ def allocate_by_energy(
     path_or_model: Any, budget: int, *, adapter_name: str | None = None
 ) -> BudgetAllocation:
     """Per-module ranks within ``budget`` parameters that keep the most of the adapter's ``Σ‖ΔW‖²_F``."""
+    budget = _whole_budget(budget)
     adapter = open_adapter(path_or_model, adapter_name)
     modules = adapter.modules
     _check_budget(budget, modules)
@@ -115,6 +124,7 @@ def allocate_by_sensitivity(
     """One rank per module type within ``budget`` parameters, minimising the summed held-out loss increase
     measured with each type truncated alone (``function`` from ``recommend_rank_by_function(...,
     by_module_type=True)`` on the same adapter)."""
+    budget = _whole_budget(budget)
     if not function.type_evaluations:
         raise LoraMonitorError(
             "allocate_by_sensitivity needs the loss of each module type truncated alone: run "
@@ -128,6 +138,11 @@ def allocate_by_sensitivity(
     missing = sorted(set(by_type) - set(function.type_evaluations))
     if missing:
         raise LoraMonitorError(f"the function evaluations have no module type(s) {missing} of this adapter")
+    if not math.isfinite(function.full_loss):
+        raise LoraMonitorError(
+            f"the function evaluations were measured from a {function.full_loss} loss of the uncompressed "
+            "model: no ranks are chosen from it (recommend_rank_by_function refuses such data)"
+        )
     # Pareto front over (parameters, summed loss increase) while adding one type at a time: exact, and
     # small (a few candidate ranks per type).
     front: list[tuple[int, float, dict[str, int]]] = [(0, 0.0, {})]
@@ -135,7 +150,9 @@ def allocate_by_sensitivity(
         options = []
         for rank, evaluation in sorted(function.type_evaluations[kind].items()):
             price = sum(min(rank, m.rank) * parameters_per_rank(m) for m in members)
-            options.append((price, evaluation.loss_increase, rank))
+            # A rank whose truncated loss is NaN broke the model: it costs infinitely much.
+            increase = evaluation.loss_increase if not math.isnan(evaluation.loss_increase) else math.inf
+            options.append((price, increase, rank))
         merged = [
             (spent + price, loss + increase, {**choice, kind: rank})
             for spent, loss, choice in front
@@ -152,6 +169,10 @@ def allocate_by_sensitivity(
             f"parameter budget {budget} is below the cost of the smallest candidate rank on every module type"
         )
     spent, loss, type_ranks = min(front, key=lambda item: (item[1], item[0]))
+    if not math.isfinite(loss):
+        raise LoraMonitorError(
+            f"every combination of ranks within the parameter budget {budget} gives a NaN or Inf loss"
+        )
     ranks = {m.name: min(type_ranks[m.module_type], m.rank) for m in modules}
     return BudgetAllocation(
         "sensitivity",

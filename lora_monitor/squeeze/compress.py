@@ -42,7 +42,7 @@ from ..adapters import (
 from ..errors import LoraMonitorError, check_device
 from ..spectrum import truncate_many
 from .analysis import CHUNK_SIZE, SqueezeAnalysis, _check_finite, _decomposed, _progress, analyse
-from .options import DEFAULT_THRESHOLD, SqueezeOptions, validate_rank
+from .options import DEFAULT_THRESHOLD, SqueezeOptions, check_ranks_within, validate_rank
 
 
 @dataclass
@@ -80,6 +80,8 @@ def _plan(
     if module_ranks is not None:
         return _given_ranks(adapter, options, module_ranks), None
     if options.target_rank is not None:
+        source_rank = max(m.rank for m in adapter.modules)
+        check_ranks_within([options.target_rank], source_rank, "target_rank", adapter.description)
         return {m.name: min(options.target_rank, m.rank) for m in adapter.modules}, None
     analysis = analyse(adapter, options, device, progress)
     if options.per_module:
@@ -96,8 +98,8 @@ def _plan(
 def _given_ranks(
     adapter: OpenedAdapter, options: SqueezeOptions, module_ranks: Mapping[str, int]
 ) -> dict[str, int]:
-    """``module_ranks`` checked against the adapter: every name one of its modules, every rank an integer
-    >= 1 (capped at the module's rank); modules not named keep their rank."""
+    """``module_ranks`` checked against the adapter: every name one of its modules, every rank a whole number
+    from 1 to the module's rank; modules not named keep their rank."""
     if options.target_rank is not None or options.per_module:
         raise LoraMonitorError("give module_ranks, target_rank or per_module, not more than one")
     ranks = {m.name: m.rank for m in adapter.modules}
@@ -106,7 +108,14 @@ def _given_ranks(
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         raise LoraMonitorError(f"{adapter.description}: module_ranks names no LoRA module {shown}")
     for name, rank in module_ranks.items():
-        ranks[name] = min(validate_rank(rank, f"module_ranks[{name!r}]"), ranks[name])
+        what = f"module_ranks[{name!r}]"
+        rank = validate_rank(rank, what)
+        if rank > ranks[name]:
+            raise LoraMonitorError(
+                f"{adapter.description}: {what} = {rank} is above the module's rank {ranks[name]}: a squeeze "
+                "keeps or lowers a rank"
+            )
+        ranks[name] = rank
     return ranks
 
 
@@ -156,6 +165,9 @@ def compress_adapter(
       when no candidate reaches the threshold the error says which rank came closest and what it keeps.
     - ``module_ranks={name: k}``: the ranks you give, e.g. a :class:`~lora_monitor.squeeze.BudgetAllocation`'s
       (modules not named keep their rank).
+
+    A rank above the adapter's own (``target_rank``, ``target_ranks``; a module's own for ``module_ranks``)
+    is refused: a squeeze keeps or lowers a rank.
 
     Modules already at or below their new rank are copied unchanged. Every module keeps its scale exactly;
     DoRA magnitudes, ``modules_to_save``, other stored keys and the stored dtype are kept. The folder is

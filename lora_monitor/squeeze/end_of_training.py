@@ -20,7 +20,7 @@ from .analysis import SqueezeAnalysis, analyze_adapter
 from .compress import CompressionResult, compress_adapter
 from .function import DEFAULT_TOLERANCE, FunctionRecommendation, recommend_rank_by_function
 from .manifest import manifest_entry, summary_scalars, write_squeeze_manifest
-from .options import SqueezeOptions
+from .options import SqueezeOptions, validate_tolerance
 
 
 @dataclass
@@ -76,6 +76,9 @@ def squeeze_trained_adapter(
     else the energy recommendation (or one rank per module with ``options.per_module``). Intruder
     dimensions and the rank by function need a live model. Raises :class:`LoraMonitorError` on bad input.
     """
+    tolerance = validate_tolerance(tolerance)  # up front, measured or not: the same values refused everywhere
+    if compress_to is not None and not (isinstance(compress_to, str) and compress_to):
+        raise LoraMonitorError(f"compress_to must be a sub-folder name, got {compress_to!r}")
     output_dir = Path(output_dir)
     live = isinstance(model, torch.nn.Module)
     result = EndOfTraining(

@@ -22,10 +22,18 @@ import torch
 from .._io import json_safe
 from ..adapters import factor_parameters, find_lora_modules, unwrap_model
 from ..adapters.factors import as_A_matrix, as_B_matrix, live_factors
+from ..edit.data import check_scored, finite_loss, is_causal_lm, scored_rows
 from ..errors import LoraMonitorError
 from ..spectrum import truncate_factors
 from .analysis import analyze_adapter
-from .options import DEFAULT_THRESHOLD, default_target_ranks, validate_rank, validate_tolerance
+from .options import (
+    DEFAULT_THRESHOLD,
+    check_ranks_within,
+    default_target_ranks,
+    validate_rank,
+    validate_threshold,
+    validate_tolerance,
+)
 
 # Relative increase of the mean held-out loss a recommended rank may cost (0.01 = 1%). Chosen from
 # bench/evidence.py (see bench/EVIDENCE.md): on MiniLM / Rotten Tomatoes a 1% loss increase at the recommended
@@ -38,9 +46,9 @@ class RankEvaluation:
     """The model with every LoRA pair truncated to ``rank``, on the evaluation batches."""
 
     rank: int
-    loss: float  # mean held-out loss (batches weighted by their number of rows)
+    loss: float  # mean held-out loss (batches weighted by their rows with a scored token); NaN: it broke
     loss_increase: float  # loss minus the uncompressed model's loss
-    relative_increase: float  # loss_increase over the uncompressed model's loss
+    relative_increase: float  # loss_increase over the uncompressed model's loss (NaN: never within)
     kl: float  # mean KL(uncompressed ‖ truncated) of the output distributions, per scored position
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,7 +60,9 @@ class FunctionRecommendation:
     """Held-out loss and output divergence at each candidate rank, and the rank they recommend.
 
     ``recommended_rank`` is the smallest rank whose relative loss increase stays within ``tolerance`` (the
-    largest candidate when none does). ``energy_recommended_rank`` is the energy table's advice at
+    largest candidate when none does). ``scored_tokens`` is how many labels the losses were averaged over;
+    ``unscored_texts`` the rows left out because they score none (a one-token text in a causal LM).
+    ``energy_recommended_rank`` is the energy table's advice at
     ``energy_threshold`` for the same adapter, shown alongside (None when no candidate reaches it).
 
     With ``by_module_type``, the same per module type: ``type_evaluations[type][rank]`` truncates only the
@@ -71,11 +81,15 @@ class FunctionRecommendation:
     type_evaluations: dict[str, dict[int, RankEvaluation]] = field(default_factory=dict)
     type_recommended_ranks: dict[str, int] = field(default_factory=dict)
     energy_type_ranks: dict[str, int | None] = field(default_factory=dict)
+    scored_tokens: int = 0
+    unscored_texts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(
             {
                 "full_loss": self.full_loss,
+                "scored_tokens": self.scored_tokens,
+                "unscored_texts": self.unscored_texts,
                 "tolerance": self.tolerance,
                 "ranks": self.ranks,
                 "evaluations": {rank: e.to_dict() for rank, e in self.evaluations.items()},
@@ -207,11 +221,18 @@ def recommend_rank_by_function(
     ``by_module_type`` also tries each rank on one module type at a time (the others at full rank): one
     more pass per candidate rank and module type.
     ``progress`` forces the progress bar on or off (by default it shows when stderr is a terminal).
+    Only scored tokens count: a row with none (every label -100; a one-token text in a causal LM, which has
+    nothing to predict) is left out and counted in ``unscored_texts``. Evaluation data that scores no
+    token, or a NaN/Inf loss of the uncompressed model, is a :class:`LoraMonitorError`: no advice is
+    computed from a NaN.
     """
     tolerance = validate_tolerance(tolerance)
+    energy_threshold = validate_threshold(energy_threshold, "energy_threshold")
     batches = list(eval_batches)
     if not batches:
         raise LoraMonitorError("eval_batches is empty: give at least one batch with labels")
+    causal = is_causal_lm(model)
+    scored = check_scored(batches, causal, "eval_batches")
     model = unwrap_model(model)
     records = find_lora_modules(model, adapter_name)
     if not records:
@@ -223,6 +244,7 @@ def recommend_rank_by_function(
         candidates = sorted({validate_rank(rank, "every candidate rank") for rank in ranks})
         if not candidates:
             raise LoraMonitorError("ranks is empty: give at least one rank, or None for the default")
+        check_ranks_within(candidates, source_rank, "candidate rank")
     energy = analyze_adapter(
         model,
         min_variance_retention=energy_threshold,
@@ -239,13 +261,18 @@ def recommend_rank_by_function(
     model.eval()
     totals = {setting: [0.0, 0.0, 0] for setting in settings}  # weighted loss, KL sum, scored positions
     full_loss, rows = 0.0, 0
+    # A batch that scores no token has a NaN loss (a mean over nothing): it is left out, not averaged in.
+    measured = [
+        (index, batch) for index, (batch, count) in enumerate(zip(batches, scored, strict=True)) if count
+    ]
     try:
-        with torch.no_grad(), _progress(len(batches) * (len(settings) + 1), progress) as bar:
-            for batch in batches:
+        with torch.no_grad(), _progress(len(measured) * (len(settings) + 1), progress) as bar:
+            for index, batch in measured:
                 # Reference first, with the original factors in place; then each setting against it.
                 _restore(pairs)
-                size = int(next(iter(v for v in batch.values() if isinstance(v, torch.Tensor))).shape[0])
+                size = scored_rows(batch, causal)
                 loss, reference = _forward(model, batch, device)
+                loss = finite_loss(loss, "eval_batches", index)
                 full_loss += loss * size
                 rows += size
                 bar.update(1)
@@ -276,6 +303,7 @@ def recommend_rank_by_function(
         )
 
     def smallest_within(by_rank: dict[int, RankEvaluation]) -> int:
+        # A NaN increase (the truncated model's loss broke) is never within the tolerance.
         within = [rank for rank in candidates if by_rank[rank].relative_increase <= tolerance]
         return within[0] if within else candidates[-1]
 
@@ -293,4 +321,6 @@ def recommend_rank_by_function(
         energy_type_ranks={
             kind: group.recommended_rank for kind, group in energy.by_module_type.items() if kind in types
         },
+        scored_tokens=sum(scored),
+        unscored_texts=sum(len(batch["labels"]) - scored_rows(batch, causal) for batch in batches),
     )

@@ -51,6 +51,20 @@ def validate_ranks(
     return tuple(checked)
 
 
+def check_ranks_within(ranks: Iterable[int], source_rank: int, what: str, where: str = "") -> None:
+    """A :class:`LoraMonitorError` when a rank of ``ranks`` is above ``source_rank``, the adapter's own (its
+    largest module rank): a squeeze keeps or lowers a rank, so such a rank would only be an unchanged copy
+    (and, as a candidate, look like a recommendation). ``where`` (the adapter) starts the message."""
+    above = sorted(rank for rank in ranks if rank > source_rank)
+    if above:
+        prefix = f"{where}: " if where else ""
+        shown = above[0] if len(above) == 1 else above
+        raise LoraMonitorError(
+            f"{prefix}{what} {shown} is above the adapter's rank {source_rank}: a squeeze keeps or lowers "
+            f"a rank, give ranks up to {source_rank}"
+        )
+
+
 def default_target_ranks(source_rank: int) -> list[int]:
     """Powers of two up to ``source_rank``, and ``source_rank`` itself (1, 2, 4, ..., 64, 96 for r=96)."""
     ranks = [2**i for i in range(source_rank.bit_length()) if 2**i <= source_rank]
@@ -92,14 +106,18 @@ class SqueezeOptions:
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], where: str) -> SqueezeOptions:
-        """Options from a TOML/JSON table: ``min_variance_retention``, ``target_ranks``, ``compress_to`` (0 or
-        absent: the recommended rank) and ``per_module``; other keys are the caller's."""
+        """Options from a TOML/JSON table: ``min_variance_retention``, ``target_ranks`` (``[]`` or absent: the
+        default ranks, as TOML has no None), ``compress_to`` (0 or absent: the recommended rank) and
+        ``per_module``; other keys are the caller's."""
         compress_to = table.get("compress_to", 0)
         if compress_to == 0 and not isinstance(compress_to, bool):
             compress_to = None
+        target_ranks = table.get("target_ranks")
+        if isinstance(target_ranks, list) and not target_ranks:
+            target_ranks = None
         return cls(
             min_variance_retention=table.get("min_variance_retention", DEFAULT_THRESHOLD),
-            target_ranks=table.get("target_ranks"),
+            target_ranks=target_ranks,
             target_rank=None if compress_to is None else validate_rank(compress_to, f"{where}: compress_to"),
             per_module=table.get("per_module", False),
             where=where,
