@@ -281,22 +281,24 @@ def callback_classes():
     return AdaLoraAllocation
 
 
-def train(model, dataset, tokenizer, seed: int, lr: float, callbacks=()):
+def train(model, dataset, tokenizer, seed: int, lr: float, callbacks=(), **overrides):
+    """The grid's Trainer run (``overrides``: other TrainingArguments, e.g. ``logging_steps``)."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    arguments = TrainingArguments(
-        output_dir=tempfile.mkdtemp(),
-        max_steps=STEPS,
-        per_device_train_batch_size=BATCH,
-        learning_rate=lr,
-        warmup_steps=STEPS // 10,
-        logging_steps=STEPS,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=seed,
-    )
+    settings = {
+        "output_dir": tempfile.mkdtemp(),
+        "max_steps": STEPS,
+        "per_device_train_batch_size": BATCH,
+        "learning_rate": lr,
+        "warmup_steps": STEPS // 10,
+        "logging_steps": STEPS,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": seed,
+    }
+    arguments = TrainingArguments(**(settings | overrides))
     trainer = Trainer(
         model=model,
         args=arguments,

@@ -86,8 +86,6 @@ def recorder_class():
 
 
 def run(alpha: int, lr: float, scaling: str, data, tokenizer, dev, test) -> dict:
-    from transformers import PrinterCallback, Trainer, TrainingArguments
-
     from lora_monitor.callbacks import InSqueezeCallback
 
     seed = 0
@@ -96,29 +94,8 @@ def run(alpha: int, lr: float, scaling: str, data, tokenizer, dev, test) -> dict
     callbacks = [recorder]
     if scaling != "direct":
         callbacks.append(InSqueezeCallback(target_rank=evidence.TARGET_RANK, lr_scaling=scaling))
-    arguments = TrainingArguments(
-        output_dir=str(Path("/tmp") / f"diag-{alpha}-{lr}-{scaling}"),
-        max_steps=evidence.STEPS,
-        per_device_train_batch_size=evidence.BATCH,
-        learning_rate=lr,
-        warmup_steps=evidence.STEPS // 10,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=seed,
-    )
-    trainer = Trainer(
-        model=model,
-        args=arguments,
-        train_dataset=data["train"],
-        data_collator=evidence.collator(tokenizer),
-        callbacks=callbacks,
-    )
-    trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
-    trainer.train()
+    evidence.train(model, data["train"], tokenizer, seed, lr, callbacks, logging_steps=1)
     squeezes = [{"step": step} for step in sorted(getattr(callbacks[-1], "plan", {}))]
     return {
         "alpha": alpha,
