@@ -166,10 +166,11 @@ class InSqueezeCallback(TrainerCallback, ExportableState):
         """This callback's state in the checkpoint's ``trainer_state.json`` (None in one written without it),
         and whether it was saved with the same arguments as this callback's."""
         entry = (state.stateful_callbacks or {}).get(type(self).__name__)
-        if isinstance(entry, list):  # several callbacks of this class: the Trainer keeps them in order
+        if isinstance(entry, list):  # several callbacks of this class, in order; each save appends them
             peers = [c for c in getattr(self._handler, "callbacks", []) if type(c) is type(self)]
             index = next((i for i, c in enumerate(peers) if c is self), 0)
-            entry = entry[index] if index < len(entry) else None
+            latest = entry[len(entry) - len(peers) :] if len(entry) >= len(peers) else []
+            entry = latest[index] if index < len(latest) else None
         if not isinstance(entry, dict) or RESUME_KEY not in entry:
             return None, False
         saved = InSqueezeResumeState.from_json(entry[RESUME_KEY], "InSqueezeCallback: trainer_state.json")

@@ -170,12 +170,13 @@ class PostSqueezeCallback(TrainerCallback):
                 else None,
                 tolerance=self.tolerance,
                 by_module_type=self.by_module_type,
+                function_required=self.by_function is True,
                 intruders=self.intruders,
                 print_tables=self.print_table,
             )
             self.analysis, self.function = result.analysis, result.function
             self.compression, self.intruder_dimensions = result.compression, result.intruders
-            for warning in result.warnings:  # the analysis is kept; only the compressed copy is missing
+            for warning in result.warnings:  # what failed without stopping it; the analysis is kept
                 self.error = warning
                 logger.warning("PostSqueezeCallback: %s", warning)
             result.write_manifest(output_dir)

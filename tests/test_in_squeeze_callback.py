@@ -369,3 +369,10 @@ def test_trl_reference_adapter_is_never_squeezed(tmp_path, tokenizer):
         assert torch.equal(record.B, reference[record.name][0]) and torch.equal(
             record.A, reference[record.name][1]
         )
+
+
+@pytest.mark.parametrize("start, end", [(5.0, 0.7), (0.3, 40), (2, 8.0)])
+def test_a_step_number_and_a_fraction_are_told_by_value_not_type(start, end):
+    # 5.0 is step 5 and 0.7 is 70% of max_steps: they compare only once max_steps is known, so both are kept.
+    callback = InSqueezeCallback(target_rank=4, start_step=start, end_step=end)
+    assert (callback.options.start_step, callback.options.end_step) == (start, end)

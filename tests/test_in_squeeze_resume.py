@@ -145,3 +145,30 @@ def test_a_model_that_comes_back_at_other_ranks_is_refused():
     ):
         check_resumed_ranks({"a.q": 4, "a.v": 4}, {"a.q": 8, "a.v": 4}, "InSqueezeCallback")
     check_resumed_ranks({"a.q": 4}, {"a.q": 4}, "InSqueezeCallback")
+
+
+def test_two_in_squeeze_callbacks_each_read_their_own_latest_state():
+    """transformers appends every save of a class with several ExportableState callbacks to one list (after
+    the entries written when the Trainer was built): each callback reads the latest save, at its own place."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerState
+
+    from lora_monitor.in_squeeze.resume import RESUME_KEY
+
+    first, second = InSqueezeCallback(target_rank=4), InSqueezeCallback(target_rank=2, adapter_name="other")
+    for callback in (first, second):
+        callback._handler = SimpleNamespace(callbacks=[first, second])
+
+    def entry(callback, source_rank):
+        saved = callback.state()
+        saved[RESUME_KEY]["source_ranks"] = {"module": source_rank}
+        return saved
+
+    at_init = [entry(first, 1), entry(second, 2)]  # what TrainerState holds from the Trainer's __init__
+    state = TrainerState(
+        stateful_callbacks={"InSqueezeCallback": [*at_init, entry(first, 16), entry(second, 32)]}
+    )
+    (saved_first, same_first), (saved_second, same_second) = first._saved_state(state), second._saved_state(state)
+    assert saved_first.source_ranks == {"module": 16} and same_first
+    assert saved_second.source_ranks == {"module": 32} and same_second

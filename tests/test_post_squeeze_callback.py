@@ -151,6 +151,25 @@ def test_rank_by_function_on_the_trainers_eval_dataset_by_default(tmp_path, lm_d
         assert layer.r["default"] == direct.recommended_rank, name
 
 
+def test_auto_keeps_the_table_compression_and_manifest_when_held_out_data_cannot_be_measured(
+    tmp_path, lm_dataset
+):
+    # An eval_dataset that scores no token: by_function="auto" must not lose what energy alone gives.
+    unscored = lm_dataset.map(lambda row: {"labels": [-100] * len(row["labels"])})
+    callback = PostSqueezeCallback(compress=True, target_ranks=[1, 2, 4, 8], min_variance_retention=0.5)
+    model = peft_llama(0, init_lora_weights=True, r=8)
+    args = training_args(tmp_path / "run", max_steps=4, learning_rate=5e-2)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=lm_dataset, eval_dataset=unscored, callbacks=[callback]
+    )
+    trainer.train()
+    assert callback.function is None and "rank by function not measured" in callback.error
+    assert callback.analysis is not None and callback.compression is not None
+    manifest = json.loads((tmp_path / "run" / "squeeze_manifest.json").read_text())
+    assert manifest["recommendation_basis"] == "energy (upper bound)"
+    assert (tmp_path / "run" / "squeezed" / "adapter_config.json").is_file()
+
+
 def test_rank_by_function_without_held_out_data_fails_before_training(tmp_path, lm_dataset):
     callback = PostSqueezeCallback(by_function=True)
     with pytest.raises(LoraMonitorError, match="eval_dataset"):

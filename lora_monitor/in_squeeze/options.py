@@ -56,13 +56,18 @@ def check_schedule(schedule: object, where: str = "") -> str | tuple[tuple[int |
     return tuple(pairs)
 
 
+def _is_fraction(step: int | float) -> bool:
+    return isinstance(step, float) and 0 < step < 1
+
+
 def check_span(start_step: object, end_step: object, where: str = "") -> None:
     """A :class:`LoraMonitorError` unless ``start_step`` and ``end_step`` each name a step and the end does
     not come before the start (where both are step numbers, or both fractions: a fraction and a step number
     compare only once ``max_steps`` is known, at the start of training)."""
     check_step(start_step, "start_step", where)
     check_step(end_step, "end_step", where)
-    if isinstance(start_step, float) == isinstance(end_step, float) and end_step < start_step:  # type: ignore[operator]
+    # Which form a step is takes its value, not its type: 5.0 is step 5, 0.7 is 70% of max_steps.
+    if _is_fraction(start_step) == _is_fraction(end_step) and end_step < start_step:  # type: ignore[operator]
         prefix = f"{where}: " if where else ""
         raise LoraMonitorError(f"{prefix}end_step {end_step} comes before start_step {start_step}")
 

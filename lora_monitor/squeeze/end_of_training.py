@@ -67,6 +67,7 @@ def squeeze_trained_adapter(
     by_module_type: bool = False,
     intruders: bool = True,
     print_tables: bool = True,
+    function_required: bool = True,
 ) -> EndOfTraining:
     """Analyse a trained adapter (a live model, or the gathered snapshot of an FSDP2 one); then
     :meth:`EndOfTraining.write_manifest` writes the ``squeeze`` manifest entry.
@@ -74,7 +75,9 @@ def squeeze_trained_adapter(
     ``eval_batches`` (called once) gives held-out batches for the rank by function; ``compress_to`` names
     the sub-folder of ``output_dir`` for the compressed copy, at the function's rank when it was measured,
     else the energy recommendation (or one rank per module with ``options.per_module``). Intruder
-    dimensions and the rank by function need a live model. Raises :class:`LoraMonitorError` on bad input.
+    dimensions and the rank by function need a live model. Raises :class:`LoraMonitorError` on bad input;
+    with ``function_required=False`` (``PostSqueezeCallback(by_function="auto")``) held-out batches that cannot
+    be measured leave a warning and the energy rank instead, so the table, compression and manifest are kept.
     """
     tolerance = validate_tolerance(tolerance)  # up front, measured or not: the same values refused everywhere
     if compress_to is not None and not (isinstance(compress_to, str) and compress_to):
@@ -89,19 +92,24 @@ def squeeze_trained_adapter(
             adapter_name=adapter_name,
         )
     )
-    if print_tables:
-        print_analysis(result.analysis, checked=eval_batches is not None and live)
     if eval_batches is not None and live:
-        result.function = recommend_rank_by_function(
-            model,
-            eval_batches(),
-            ranks=options.target_ranks,
-            tolerance=tolerance,
-            adapter_name=adapter_name,
-            energy_threshold=options.min_variance_retention,
-            by_module_type=by_module_type,
-        )
-        if print_tables:
+        try:
+            result.function = recommend_rank_by_function(
+                model,
+                eval_batches(),
+                ranks=options.target_ranks,
+                tolerance=tolerance,
+                adapter_name=adapter_name,
+                energy_threshold=options.min_variance_retention,
+                by_module_type=by_module_type,
+            )
+        except Exception as error:  # held-out data that cannot be measured (no scored token, NaN, a collator
+            if function_required:  # that gives no batches of tensors): fatal only when it was asked for
+                raise
+            result.warnings.append(f"rank by function not measured ({error}); the energy rank stands")
+    if print_tables:
+        print_analysis(result.analysis, checked=result.function is not None)
+        if result.function is not None:
             print_function_recommendation(result.function)
     if compress_to is not None:
         by_function = result.function is not None and not options.per_module
