@@ -169,6 +169,9 @@ def test_two_in_squeeze_callbacks_each_read_their_own_latest_state():
     state = TrainerState(
         stateful_callbacks={"InSqueezeCallback": [*at_init, entry(first, 16), entry(second, 32)]}
     )
-    (saved_first, same_first), (saved_second, same_second) = first._saved_state(state), second._saved_state(state)
+    (saved_first, same_first), (saved_second, same_second) = (
+        first._saved_state(state),
+        second._saved_state(state),
+    )
     assert saved_first.source_ranks == {"module": 16} and same_first
     assert saved_second.source_ranks == {"module": 32} and same_second
