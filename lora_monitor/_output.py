@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -87,6 +88,7 @@ def verbosity_of_command(verbosity: str) -> Iterator[None]:
     environment = {
         name: os.environ.get(name) for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")
     }
+    imported_before = {name for name in ("transformers",) if name in sys.modules}
     with warnings.catch_warnings():
         if verbosity != "verbose":
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -111,6 +113,23 @@ def verbosity_of_command(verbosity: str) -> Iterator[None]:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+            _unset_what_a_first_import_read(imported_before, environment)
+
+
+def _unset_what_a_first_import_read(imported_before: set[str], environment: dict[str, str | None]) -> None:
+    """transformers reads TRANSFORMERS_VERBOSITY once, when first imported: first imported inside the command,
+    it would stay at the command's level for the rest of the process (a notebook, a test). Give it back its own
+    default where the process had not set the variable itself. (huggingface_hub's progress-bar variable
+    cannot be undone that way: a process whose first import of transformers is inside a quiet in-process
+    ``main()`` keeps its progress bars off.)"""
+    if (
+        "transformers" not in imported_before
+        and "transformers" in sys.modules
+        and environment["TRANSFORMERS_VERBOSITY"] is None
+    ):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity(transformers_logging.WARNING)  # transformers' own default
 
 
 def progress_bars(verbosity: str) -> bool | None:

@@ -54,3 +54,38 @@ def test_the_output_level_holds_for_the_command_only(capsys, adapter_with_wrong_
     for flag in ("-q", "-v"):
         assert main(["squeeze", str(adapter_with_wrong_source_rank), flag]) == 0
         assert (logger.level, list(logger.handlers), list(warnings.filters)) == before
+
+
+def test_a_library_first_imported_by_the_command_gets_its_own_defaults_back(tmp_path):
+    # In a fresh interpreter, as in a notebook: `allocate` first imports transformers, which reads the command's
+    # quiet level from the environment once; afterwards the process has transformers' default level again.
+    import subprocess
+    import sys
+
+    from tiny_models import tiny_llama
+
+    tiny_llama(0).save_pretrained(tmp_path / "model")
+    script = (
+        "import sys, os\n"
+        "from lora_monitor.cli import main\n"
+        "assert 'transformers' not in sys.modules\n"
+        "assert main(['allocate', sys.argv[1], '-q']) == 0\n"
+        "from transformers.utils import logging\n"
+        "print(logging.get_verbosity() == logging.WARNING,\n"
+        "      'TRANSFORMERS_VERBOSITY' in os.environ, 'HF_HUB_DISABLE_PROGRESS_BARS' in os.environ)\n"
+    )
+    environment = {
+        key: value
+        for key, value in __import__("os").environ.items()
+        if key not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")
+    }
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "model")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.split()[-3:] == ["True", "False", "False"]

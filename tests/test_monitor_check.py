@@ -149,6 +149,21 @@ def test_a_base_weight_holding_nan_is_alerted_and_the_rest_is_measured():
     assert json.loads(json.dumps(record.to_dict(json_safe=True)))  # the JSONL line stays strict JSON
 
 
+def test_factors_that_turn_nan_after_the_base_weight_are_alerted_too():
+    # Both rules say "non_finite": the second (the factors) must not be dropped as already raised.
+    model = peft_llama(0)
+    broken = "model.layers.0.mlp.up_proj"
+    monitor = Monitor()
+    with torch.no_grad():
+        lora_layers(model)[broken].base_layer.weight[0, 0] = float("nan")
+    first = [a for a in monitor.check(model, 0).new_alerts if a.code == "non_finite"]
+    with torch.no_grad():
+        lora_layers(model)[broken].lora_A["default"].weight[0, 0] = float("nan")
+    second = [a for a in monitor.check(model, 1).new_alerts if a.code == "non_finite"]
+    assert len(first) == 1 and "base weight" in first[0].message
+    assert len(second) == 1 and "LoRA factors" in second[0].message and second[0].modules == (broken,)
+
+
 @pytest.mark.parametrize("mode", ["resize", "mask"])
 def test_a_module_squeezed_between_checks_is_read_as_it_is_now(mode):
     """The monitor keeps its records between checks; a squeeze (new parameters, or a mask) in between must

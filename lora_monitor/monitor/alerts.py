@@ -117,7 +117,9 @@ class AlertMonitor:
     def __init__(self, thresholds: AlertThresholds | Mapping[str, Any] | None = None) -> None:
         self.thresholds = AlertThresholds.from_value(thresholds)
         self.alerts: list[Alert] = []
-        self._raised: set[tuple[str, Severity, str]] = set()
+        # Keyed by the rule, not its code: two rules share "non_finite" (the factors, the base weight), and a
+        # module flagged for its base must still be flagged when its factors follow.
+        self._raised: set[tuple[Rule, str]] = set()
 
     def update(
         self, metrics: Sequence[ModuleMetrics], history: MetricsHistory | None = None, step: int | None = None
@@ -129,12 +131,12 @@ class AlertMonitor:
             hits = [
                 hit
                 for hit in rule.find(metrics, history, self.thresholds, step)
-                if (rule.code, rule.severity, hit[0]) not in self._raised
+                if (rule, hit[0]) not in self._raised
             ]
             if not hits:
                 continue
             records = records or {record.name: record for record in metrics}
-            self._raised.update((rule.code, rule.severity, name) for name, _ in hits)
+            self._raised.update((rule, name) for name, _ in hits)
             new_alerts.append(_alert(rule, hits, records, self.thresholds, step))
         self.alerts.extend(new_alerts)
         return new_alerts
