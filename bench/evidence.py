@@ -325,6 +325,10 @@ def conditions() -> list[str]:
         "alpha=16 in-squeeze (defaults)",
     ]
     names += [f"alpha={alpha} direct r=8" for alpha in ALPHA_SWEEP if alpha not in (8, 16)]
+    # Issue 28: the whole comparison again at a fixed lora_alpha=16; two rates do not tune a baseline there,
+    # so run these with --lrs 3e-4,1e-3,2e-3 (bench/evidence-alpha16-results.jsonl).
+    names += [f"alpha=16 direct r={k}" for k in KNEE_RANKS if k not in (8, SOURCE_RANK)]
+    names += ["alpha=16 cont-squeeze 64→8 at 80%", "alpha=16 in-squeeze lr_scaling=sqrt"]
     return names
 
 
@@ -384,7 +388,9 @@ def run_condition(name: str, seed: int, lr: float, data: dict, tokenizer, dev, t
         record["alerts"] = sorted({f"{a.code}/{a.severity.value}" for a in monitor.alerts})
     record["dev"] = evaluate(model, dev)
     record["test"] = evaluate(model, test)
-    if name == f"direct r={SOURCE_RANK}":
+    if (
+        core == f"direct r={SOURCE_RANK}"
+    ):  # at any lora_alpha: Post-Squeeze and the rank advice of that source
         record.update(squeeze_source_extras(model, dev, test))
     if core == BUDGET_CONDITION:
         record.update(budget_extras(model, dev, test))
