@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,10 +48,18 @@ def smollm2_folder() -> Path:
         del config.quantization_config  # the weights below are plain floats now
     model = LlamaForCausalLM(config)
     model.load_state_dict(dequantized.state_dict())
-    staging = folder.with_name(folder.name + ".tmp")
+    # A staging folder of this process's own, moved into place in one step: two processes converting at once
+    # (two test runs, two examples) never see or clobber each other's half-written copy.
+    CACHE.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=CACHE))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    staging.replace(folder)
+    try:
+        staging.replace(folder)
+    except OSError:  # another process finished first: its copy is the same conversion
+        if not (folder / "config.json").is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
