@@ -16,7 +16,7 @@ from lora_monitor.adapters import find_lora_modules
 from lora_monitor.errors import LoraMonitorError
 from lora_monitor.in_squeeze import InSqueezeOptions, compact_masks, current_ranks, install_rank_hooks
 from lora_monitor.in_squeeze import schedule as squeeze_schedule
-from lora_monitor.in_squeeze.resume import RESUME_KEY, InSqueezeResumeState, check_resumed_ranks
+from lora_monitor.in_squeeze.resume import RESUME_KEY, InSqueezeResumeState, check_resumed_ranks, saved_entry
 from lora_monitor.in_squeeze.step_scaling import SqueezedStepScaling
 
 from ._trainer_glue import emit_log, find_calling_handler
@@ -165,12 +165,9 @@ class InSqueezeCallback(TrainerCallback, ExportableState):
     def _saved_state(self, state: Any) -> tuple[InSqueezeResumeState | None, bool]:
         """This callback's state in the checkpoint's ``trainer_state.json`` (None in one written without it),
         and whether it was saved with the same arguments as this callback's."""
-        entry = (state.stateful_callbacks or {}).get(type(self).__name__)
-        if isinstance(entry, list):  # several callbacks of this class, in order; each save appends them
-            peers = [c for c in getattr(self._handler, "callbacks", []) if type(c) is type(self)]
-            index = next((i for i, c in enumerate(peers) if c is self), 0)
-            latest = entry[len(entry) - len(peers) :] if len(entry) >= len(peers) else []
-            entry = latest[index] if index < len(latest) else None
+        peers = [c for c in getattr(self._handler, "callbacks", []) if type(c) is type(self)]
+        index = next((i for i, c in enumerate(peers) if c is self), 0)
+        entry = saved_entry(state.stateful_callbacks, type(self).__name__, index, max(len(peers), 1))
         if not isinstance(entry, dict) or RESUME_KEY not in entry:
             return None, False
         saved = InSqueezeResumeState.from_json(entry[RESUME_KEY], "InSqueezeCallback: trainer_state.json")

@@ -9,7 +9,7 @@ compressed copy. The analysis itself is :func:`lora_monitor.squeeze.analyze_adap
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from lora_monitor.squeeze import CompressionResult, SqueezeAnalysis, SqueezeOpti
 from lora_monitor.squeeze.end_of_training import squeeze_trained_adapter
 from lora_monitor.squeeze.function import DEFAULT_TOLERANCE, FunctionRecommendation
 from lora_monitor.squeeze.manifest import TABLE_COLUMNS, summary_scalars, table_rows
-from lora_monitor.squeeze.options import validate_tolerance
+from lora_monitor.squeeze.options import checked_eval_batches, validate_tolerance
 
 from ._trainer_glue import active_wandb, emit_log, find_calling_handler, find_calling_trainer, is_last_step
 
@@ -99,7 +99,7 @@ class PostSqueezeCallback(TrainerCallback):
         # What "auto" resolves to at on_train_begin (held-out data there, and a model that is not sharded).
         self._measure_function = by_function is True
         self.tolerance = validate_tolerance(tolerance, "PostSqueezeCallback: tolerance")
-        self.eval_batches = None if eval_batches is None else _checked_batches(eval_batches)
+        self.eval_batches = None if eval_batches is None else checked_eval_batches(eval_batches)
         self.function: FunctionRecommendation | None = None
         self._trainer = None
         self._handler, self._done_at = None, None
@@ -198,25 +198,3 @@ class PostSqueezeCallback(TrainerCallback):
             table = wandb.Table(columns=list(TABLE_COLUMNS), data=table_rows(self.analysis))
             wandb.run.log({"squeeze/variance_table": table})
             wandb.run.summary.update(summary_scalars(self.analysis, self.intruder_dimensions))
-
-
-def _checked_batches(eval_batches: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``eval_batches`` as a list, if it is a non-empty iterable of dicts (model inputs with labels)."""
-    if isinstance(eval_batches, str | bytes | Mapping) or not isinstance(eval_batches, Iterable):
-        raise LoraMonitorError(
-            f"PostSqueezeCallback: eval_batches must be a list of batches (dicts of model inputs with labels), "
-            f"got {type(eval_batches).__name__}"
-        )
-    batches = list(eval_batches)
-    if not batches:
-        raise LoraMonitorError(
-            "PostSqueezeCallback: eval_batches is empty: give at least one batch, or leave it out to use "
-            "the Trainer's eval_dataset"
-        )
-    wrong = next((batch for batch in batches if not isinstance(batch, Mapping)), None)
-    if wrong is not None:
-        raise LoraMonitorError(
-            "PostSqueezeCallback: every batch of eval_batches must be a dict of model inputs with labels, "
-            f"got a {type(wrong).__name__}"
-        )
-    return batches

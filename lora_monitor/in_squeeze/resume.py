@@ -77,3 +77,15 @@ def check_resumed_ranks(saved: Mapping[str, int] | None, live: Mapping[str, int]
         "rank as for the first run and pass InSqueezeCallback in Trainer(callbacks=[...]) with the same "
         "arguments, so that its hooks load the squeezed checkpoint"
     )
+
+
+def saved_entry(stateful_callbacks: Mapping[str, Any] | None, class_name: str, index: int, peers: int) -> Any:
+    """The checkpoint's entry for callback ``index`` of the ``peers`` callbacks named ``class_name``
+    (``TrainerState.stateful_callbacks``), or None. With several of one class, transformers appends each
+    save's entries to one list after those written when the Trainer was built: the latest ``peers`` are
+    this save's, in order."""
+    entry = (stateful_callbacks or {}).get(class_name)
+    if isinstance(entry, list):
+        latest = entry[len(entry) - peers :] if len(entry) >= peers else []
+        entry = latest[index] if index < len(latest) else None
+    return entry

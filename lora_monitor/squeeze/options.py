@@ -176,3 +176,25 @@ def read_squeeze_toml(path: str | Path) -> dict[str, Any]:
     if source_rank != 0 or isinstance(source_rank, bool):
         validate_rank(source_rank, f"{path}: [squeeze] source_rank")
     return settings
+
+
+def checked_eval_batches(eval_batches: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``eval_batches`` as a list, if it is a non-empty iterable of dicts (model inputs with labels)."""
+    if isinstance(eval_batches, str | bytes | Mapping) or not isinstance(eval_batches, Iterable):
+        raise LoraMonitorError(
+            f"PostSqueezeCallback: eval_batches must be a list of batches (dicts of model inputs with labels), "
+            f"got {type(eval_batches).__name__}"
+        )
+    batches = list(eval_batches)
+    if not batches:
+        raise LoraMonitorError(
+            "PostSqueezeCallback: eval_batches is empty: give at least one batch, or leave it out to use "
+            "the Trainer's eval_dataset"
+        )
+    wrong = next((batch for batch in batches if not isinstance(batch, Mapping)), None)
+    if wrong is not None:
+        raise LoraMonitorError(
+            "PostSqueezeCallback: every batch of eval_batches must be a dict of model inputs with labels, "
+            f"got a {type(wrong).__name__}"
+        )
+    return batches
