@@ -240,17 +240,18 @@ def evaluate(model, batches) -> dict:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def lora_model(rank: int, alpha: float, seed: int):
+def lora_model(rank: int, alpha: float, seed: int, rslora: bool = False):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     base, _ = base_model()
-    return get_peft_model(
-        base, LoraConfig(task_type=task_type(), r=rank, lora_alpha=alpha, target_modules=TARGETS)
+    config = LoraConfig(
+        task_type=task_type(), r=rank, lora_alpha=alpha, target_modules=TARGETS, use_rslora=rslora
     )
+    return get_peft_model(base, config)
 
 
-def adalora_model(seed: int):
+def adalora_model(seed: int, alpha: float | None = None):
     from peft import AdaLoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -259,7 +260,7 @@ def adalora_model(seed: int):
         task_type=task_type(),
         init_r=SOURCE_RANK,
         target_r=TARGET_RANK,
-        lora_alpha=SOURCE_RANK,  # AdaLoRA divides by init_r: scale 1, like lora_alpha = r
+        lora_alpha=alpha or SOURCE_RANK,  # AdaLoRA divides by init_r: scale 1, like lora_alpha = r
         target_modules=TARGETS,
         total_step=STEPS,
         tinit=int(0.1 * STEPS),
@@ -328,7 +329,13 @@ def conditions() -> list[str]:
     # Issue 28: the whole comparison again at a fixed lora_alpha=16; two rates do not tune a baseline there,
     # so run these with --lrs 3e-4,1e-3,2e-3 (bench/evidence-alpha16-results.jsonl).
     names += [f"alpha=16 direct r={k}" for k in KNEE_RANKS if k not in (8, SOURCE_RANK)]
-    names += ["alpha=16 cont-squeeze 64→8 at 80%", "alpha=16 in-squeeze lr_scaling=sqrt"]
+    names += [
+        "alpha=16 cont-squeeze 64→8 at 80%",
+        "alpha=16 in-squeeze lr_scaling=sqrt",
+        "alpha=16 adalora 64→8",
+    ]
+    # rsLoRA (use_rslora=True, lora_alpha=16: scale 16/sqrt(r)), same three rates
+    names += ["rslora direct r=8", "rslora direct r=64", "rslora in-squeeze (defaults)"]
     return names
 
 
@@ -350,6 +357,11 @@ def run_condition(name: str, seed: int, lr: float, data: dict, tokenizer, dev, t
     if name.startswith("alpha="):
         prefix, core = name.split(" ", 1)
         fixed_alpha = int(prefix.removeprefix("alpha="))
+    # "rslora ...": PEFT's use_rslora with lora_alpha=16, scale 16/sqrt(r)
+    rslora = name.startswith("rslora ")
+    if rslora:
+        core = name.removeprefix("rslora ")
+        fixed_alpha = 16
     if name == "no adapter (zero-shot)":  # the pretrained model as it is: what the adapters add to
         model, _ = base_model()
         record = {"condition": name, "seed": seed, "lr": lr, "train_seconds": 0.0, "task": TASK}
@@ -358,13 +370,13 @@ def run_condition(name: str, seed: int, lr: float, data: dict, tokenizer, dev, t
     callbacks: list = [monitor]
     if core.startswith("direct r="):
         rank = int(core.split("=")[1])
-        model = lora_model(rank, fixed_alpha or rank, seed)
+        model = lora_model(rank, fixed_alpha or rank, seed, rslora)
     elif core == "adalora 64→8":
-        model = adalora_model(seed)
+        model = adalora_model(seed, fixed_alpha)
         callbacks = [AdaLoraAllocation()]  # AdaLoRA's SVD layers are not LoRA pairs: no monitor
         monitor = None
     else:
-        model = lora_model(SOURCE_RANK, fixed_alpha or SOURCE_RANK, seed)
+        model = lora_model(SOURCE_RANK, fixed_alpha or SOURCE_RANK, seed, rslora)
         if core == BUDGET_CONDITION:
             pass  # trained as r=64; squeezed three ways after training (budget_extras)
         elif core == "cont-squeeze 64→8 at 80%":
