@@ -56,9 +56,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import evidence_generation as generation
 from offline_assets import minilm_classifier, smollm2
 
-TASK = "minilm"  # or "smollm2" (--task): the causal-LM version of the same question, below
+# or "smollm2" (--task): the causal-LM version of the same question, below; or "generation": SmolLM2 learning
+# text, held-out NLL (bench/evidence_generation.py)
+TASK = "minilm"
 TARGETS = ["query", "key", "value", "dense"]
 SPLIT = {"train": (0, 2000), "dev": (2000, 2500), "test": (2500, 4500)}
 STEPS, BATCH = 120, 16
@@ -136,19 +139,19 @@ LM_CONDITIONS = [
 
 def base_model():
     """``(model, tokenizer)`` of the task: MiniLM with a fresh 2-class head, or SmolLM2."""
-    return smollm2() if TASK == "smollm2" else minilm_classifier()
+    return minilm_classifier() if TASK == "minilm" else smollm2()
 
 
 def task_type():
     from peft import TaskType
 
-    return TaskType.CAUSAL_LM if TASK == "smollm2" else TaskType.SEQ_CLS
+    return TaskType.SEQ_CLS if TASK == "minilm" else TaskType.CAUSAL_LM
 
 
 def collator(tokenizer):
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
-    if TASK == "smollm2":  # pads labels with -100: padding never counts in the loss
+    if TASK != "minilm":  # pads labels with -100: padding never counts in the loss
         return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     return DataCollatorWithPadding(tokenizer)
 
@@ -175,6 +178,8 @@ def rotten_tomatoes() -> list[tuple[str, int]]:
 def splits(tokenizer) -> dict:
     from datasets import Dataset
 
+    if TASK == "generation":
+        return generation.splits(tokenizer, STEPS, BATCH)
     labelled = rotten_tomatoes()
     order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(1234)).tolist()
     out = {}
@@ -217,6 +222,8 @@ def eval_batches(dataset, tokenizer, size: int = 64) -> list[tuple[list[int], di
 @torch.no_grad()
 def evaluate(model, batches) -> dict:
     """Accuracy, mean loss and the per-example correctness (a 0/1 string in dataset order)."""
+    if TASK == "generation":
+        return generation.evaluate(model, batches)
     model.eval()
     total = sum(len(rows) for rows, _ in batches)
     correct = ["0"] * total
@@ -519,11 +526,16 @@ def load(paths: list[Path]) -> list[dict]:
 
 
 def chosen(records: list[dict], name: str, seed: int, lr: float | None = None) -> dict | None:
-    """The run of ``name`` at ``seed`` with the best dev accuracy (or at ``lr``)."""
+    """The run of ``name`` at ``seed`` with the best dev accuracy (the lowest dev NLL for the generation
+    task), or the one at ``lr``."""
     runs = [
         r for r in records if r["condition"] == name and r["seed"] == seed and (lr is None or r["lr"] == lr)
     ]
-    return max(runs, key=lambda r: (r["dev"]["accuracy"], -r["dev"]["loss"])) if runs else None
+    if not runs:
+        return None
+    if runs[0].get("task") == "generation":
+        return min(runs, key=lambda r: r["dev"]["loss"])
+    return max(runs, key=lambda r: (r["dev"]["accuracy"], -r["dev"]["loss"]))
 
 
 def per_seed(records: list[dict], seeds: list[int]) -> dict[str, dict[int, dict]]:
@@ -803,8 +815,11 @@ ANSWER_IDS: list[int] = []  # the answer tokens of the causal-LM task, once its 
 
 def use_task(name: str) -> None:
     """Switch the module's settings to ``name``'s (the MiniLM settings are the module's defaults)."""
-    global TASK, TARGETS, SPLIT, STEPS, BATCH, CONDITION_LRS
+    global TASK, TARGETS, SPLIT, STEPS, BATCH, CONDITION_LRS, KNEE_RANKS
     TASK = name
+    if name == "generation":  # every condition at every rate of --lrs
+        TARGETS, STEPS, BATCH = (generation.SETTINGS[key] for key in ("TARGETS", "STEPS", "BATCH"))
+        CONDITION_LRS, KNEE_RANKS = {"no adapter (zero-shot)": (0.0,)}, generation.RANKS
     if name == "smollm2":
         TARGETS, SPLIT = LM_SETTINGS["TARGETS"], LM_SETTINGS["SPLIT"]
         STEPS, BATCH = LM_SETTINGS["STEPS"], LM_SETTINGS["BATCH"]
@@ -861,9 +876,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument(
         "--task",
-        choices=["minilm", "smollm2"],
+        choices=["minilm", "smollm2", "generation"],
         default="minilm",
-        help="minilm: MiniLM classifier (the main grid); smollm2: the causal-LM check (fewer conditions)",
+        help="minilm: MiniLM classifier (the main grid); smollm2: the causal-LM check (fewer conditions); "
+        "generation: SmolLM2 learning convention speeches, held-out NLL (bench/evidence_generation.py)",
     )
     args = parser.parse_args()
     use_task(args.task)
@@ -875,10 +891,12 @@ def main() -> None:
         if TASK == "smollm2":
             ANSWER_IDS.extend(answer_ids(tokenizer))
         data = splits(tokenizer)
-        size = 16 if TASK == "smollm2" else 64
+        size = 64 if TASK == "minilm" else 16
         dev = eval_batches(data["dev"], tokenizer, size)
         test = eval_batches(data["test"], tokenizer, size)
-        default = LM_CONDITIONS if TASK == "smollm2" else ["probe", *conditions()]
+        default = {"smollm2": LM_CONDITIONS, "generation": ["probe", *generation.CONDITIONS]}.get(
+            TASK, ["probe", *conditions()]
+        )
         names = args.conditions.split(",") if args.conditions else default
         done = {(r["condition"], r["seed"], r["lr"]) for r in load(paths)}
         grid = [float(x) for x in args.lrs.split(",")]
@@ -899,10 +917,14 @@ def main() -> None:
                         sink.write(json.dumps(record) + "\n")
                     print(
                         f"{name} seed {seed} lr {lr:g}: dev {record['dev']['accuracy']:.4f} "
-                        f"test {record['test']['accuracy']:.4f} ({record['train_seconds']:.0f} s train)",
+                        f"test {record['test']['accuracy']:.4f} loss {record['test']['loss']:.4f} "
+                        f"({record['train_seconds']:.0f} s train)",
                         flush=True,
                     )
-    print_tables(load(paths))
+    if TASK == "generation":
+        generation.print_tables(load(paths), chosen, STEPS, BATCH)
+    else:
+        print_tables(load(paths))
 
 
 if __name__ == "__main__":

