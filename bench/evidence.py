@@ -427,12 +427,46 @@ def squeeze_source_extras(model, dev, test) -> dict:
     advice = recommend_rank_by_function(model, [batch for _, batch in dev], ranks=KNEE_RANKS, progress=False)
     function_seconds = time.perf_counter() - started
     extras = {"function": advice.to_dict(), "function_seconds": function_seconds}
+    extras["data_free"] = data_free_estimates(model)
     with tempfile.TemporaryDirectory() as scratch:
         compress_adapter(model, Path(scratch) / "r8", target_rank=TARGET_RANK, progress=False)
         base, _ = base_model()
         squeezed = PeftModel.from_pretrained(base, Path(scratch) / "r8")
         extras["post"] = {"dev": evaluate(squeezed, dev), "test": evaluate(squeezed, test)}
     return extras
+
+
+def data_free_estimates(model) -> dict[str, dict]:
+    """Per module of the trained adapter, two data-free rank estimates beside the 95%-energy rank (issue 28):
+
+    * ``stable_rank``: ‖ΔW‖F² / σ₁², how many directions carry the update's mass;
+    * ``gavish_donoho``: the singular values above the optimal hard threshold for a low-rank signal in noise
+      of unknown level (Gavish & Donoho 2014, ω(β)·median σ): the update's r = 64 directions seen as an
+      r × min(d_out, d_in) matrix, β = r / min(d), so that what the random A and SGD noise leave behind
+      (the bulk around the median) is cut and the trained directions stand above it.
+    """
+    from lora_monitor import analyze_adapter
+
+    analysis = analyze_adapter(model, progress=False)
+    sizes = {
+        name: min(module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and hasattr(module, "in_features")
+    }
+    estimates = {}
+    for module in analysis.modules:
+        values = torch.tensor(module.singular_values, dtype=torch.float64)
+        if values.numel() == 0 or float(values[0]) == 0.0:
+            continue
+        size = next((v for k, v in sizes.items() if k.endswith(module.name)), None)
+        beta = module.rank / size if size else 1.0
+        omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+        estimates[module.name] = {
+            "stable_rank": float((values**2).sum() / values[0] ** 2),
+            "gavish_donoho": int((values > omega * values.median()).sum()),
+            "energy95": module.minimal_rank,
+        }
+    return estimates
 
 
 BUDGET_CONDITION = "budget squeeze 64→4/8"
