@@ -40,6 +40,32 @@ def _verbosity(args: argparse.Namespace) -> str:
     return "quiet" if args.quiet else "verbose" if args.verbose else "normal"
 
 
+def _batching_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    samples: int,
+    samples_help: str,
+    batch_size: int,
+) -> None:
+    """--samples, --batch-size and --max-length: how a command that runs the model on texts (squeeze's rank by
+    function, edit) reads them; each command checks the three with ``edit.options.check_batching``."""
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=samples,
+        help=f"{samples_help}, 0 for every text (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=batch_size, help="texts per forward pass (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=256,
+        help="tokens kept of each text, the rest cut off (default: %(default)s)",
+    )
+
+
 def _integers(text: str, option: str) -> list[int]:
     """A comma-separated list of whole numbers (``--ranks``, ``--layers``)."""
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .arguments import _command, _integers
+from .arguments import _batching_arguments, _command, _integers
 
 # The edit's numeric options (--core-frac etc.); left out, they take EditConfig's defaults.
 _EDIT_NUMBERS = ("core_frac", "noise_frac", "amp_factor", "sup_factor", "mid_factor", "eta")
@@ -74,18 +74,7 @@ def register_edit(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="random seed of --mode random_index (default: %(default)s)"
     )
-    parser.add_argument(
-        "--samples", type=int, default=32, help="calibration samples, 0 for every text (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=2, help="texts per forward pass (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--max-length",
-        type=int,
-        default=256,
-        help="tokens kept of each text, the rest cut off (default: %(default)s)",
-    )
+    _batching_arguments(parser, samples=32, samples_help="calibration samples", batch_size=2)
     parser.add_argument(
         "--eval", action="store_true", help="report calibration and held-out loss before/after"
     )

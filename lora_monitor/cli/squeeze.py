@@ -10,7 +10,7 @@ from typing import Any
 from .._io import adapter_folder
 from .._output import progress_bars
 from ..errors import LoraMonitorError
-from .arguments import _command, _integers, _verbosity
+from .arguments import _batching_arguments, _command, _integers, _verbosity
 
 
 def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
@@ -61,18 +61,7 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
     function.add_argument(
         "--by-module-type", action="store_true", help="also per module type (one pass per type and rank)"
     )
-    function.add_argument(
-        "--samples", type=int, default=64, help="texts used, 0 for every text (default: %(default)s)"
-    )
-    function.add_argument(
-        "--batch-size", type=int, default=8, help="texts per forward pass (default: %(default)s)"
-    )
-    function.add_argument(
-        "--max-length",
-        type=int,
-        default=256,
-        help="tokens kept of each text, the rest cut off (default: %(default)s)",
-    )
+    _batching_arguments(function, samples=64, samples_help="texts used", batch_size=8)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
