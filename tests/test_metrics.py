@@ -412,3 +412,19 @@ def test_analyze_table_and_bad_input(saved, capsys, tmp_path):
     assert main(["analyze", str(tmp_path / "fresh")]) == 0
     out = capsys.readouterr().out
     assert "zero ΔW" in out and "No alerts." in out
+
+
+def test_analyze_names_the_first_three_broken_modules_and_counts_the_rest(capsys, tmp_path):
+    from lora_monitor.cli import main
+
+    live = peft_llama(seed=0, target_modules=["q_proj", "v_proj", "down_proj"])  # 6 modules, 2 layers
+    broken = [name for name, _ in live.named_modules() if name.endswith(("q_proj", "v_proj", "down_proj"))]
+    with torch.no_grad():
+        for name in broken[:5]:
+            live.get_submodule(name).lora_B["default"].weight[0, 0] = math.nan
+    live.save_pretrained(tmp_path / "adapter")
+    assert main(["analyze", str(tmp_path / "adapter")]) == 2
+    err = capsys.readouterr().err
+    first = ", ".join(sorted(name.removeprefix("base_model.model.") for name in broken[:5])[:3])  # file order
+    assert f": module {first} and 2 more has NaN/Inf values in its LoRA factors; " in err
+    assert err.count("\n") == 1 and "Traceback" not in err
