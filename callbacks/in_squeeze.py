@@ -8,8 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler, ExportableState
+from transformers.trainer_callback import ExportableState
 
 from lora_monitor._distributed import is_distributed
 from lora_monitor.adapters import find_lora_modules
@@ -19,7 +18,7 @@ from lora_monitor.in_squeeze import schedule as squeeze_schedule
 from lora_monitor.in_squeeze.resume import RESUME_KEY, InSqueezeResumeState, check_resumed_ranks, saved_entry
 from lora_monitor.in_squeeze.step_scaling import SqueezedStepScaling
 
-from ._trainer_glue import emit_log, find_calling_handler
+from ._base import TrainerBoundCallback
 
 
 def _run_is_distributed(args: Any) -> bool:
@@ -27,13 +26,16 @@ def _run_is_distributed(args: Any) -> bool:
     return is_distributed() or args.world_size > 1 or bool(args.deepspeed) or bool(args.fsdp)
 
 
-class InSqueezeCallback(TrainerCallback, ExportableState):
+class InSqueezeCallback(TrainerBoundCallback, ExportableState):
     """Shrink a LoRA adapter's rank during training: train at a high rank, squeeze to ``target_rank``.
 
     Pass it to any ``Trainer`` (TRL's ``SFTTrainer``/``GRPOTrainer`` included)::
 
         trainer = Trainer(model=peft_model, args=args, train_dataset=data,
                           callbacks=[InSqueezeCallback(target_rank=4, start_step=0.3, end_step=0.7)])
+
+    or add it to a Trainer already built: ``InSqueezeCallback(target_rank=4).attach(trainer)`` (not for a
+    resumed run: see Resuming below).
 
     Args:
         target_rank: the rank every module ends at (or the floor, with ``min_variance_retention``).
@@ -68,7 +70,7 @@ class InSqueezeCallback(TrainerCallback, ExportableState):
     and a single-process run compacts masked modules into really smaller ones at the end.
 
     Resuming: build the model exactly as for the first run (at the source rank), pass a new
-    ``InSqueezeCallback`` with the same arguments in ``callbacks=[...]`` (not ``trainer.add_callback``: its
+    ``InSqueezeCallback`` with the same arguments in ``callbacks=[...]`` (not ``add_callback``/``attach``: its
     hooks go in at ``on_init_end``, before the Trainer loads the checkpoint), and call
     ``trainer.train(resume_from_checkpoint=...)``. The resumed run is the uninterrupted run: every
     checkpoint's ``trainer_state.json`` keeps what the callback holds that changes training (the source
@@ -112,7 +114,6 @@ class InSqueezeCallback(TrainerCallback, ExportableState):
         self.events: list[dict[str, Any]] = []
         self.plan: dict[int, int] = {}
         self.resolved_mode: str | None = None
-        self._handler: CallbackHandler | None = None
         self._source_rank: int | None = None
         self._model: Any = None
         self._probe = squeeze_schedule.LossProbe()
@@ -124,6 +125,7 @@ class InSqueezeCallback(TrainerCallback, ExportableState):
         return self.options.target_rank
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        super().on_init_end(args, state, control, **kwargs)
         self.resolved_mode = self.options.resolve_mode(_run_is_distributed(args))
         records = find_lora_modules(model, self.adapter_name)
         self.adapter_name = records[0].adapter_name
@@ -134,10 +136,9 @@ class InSqueezeCallback(TrainerCallback, ExportableState):
         install_rank_hooks(model, adapter_name=self.adapter_name, mode=self.resolved_mode)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.resolved_mode is None:
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.resolved_mode is None:  # added after the Trainer was built (attach): no on_init_end came
             self.on_init_end(args, state, control, model=model)
-        # Searched at every train begin so that a callback reused by a second Trainer logs through it.
-        self._handler = find_calling_handler(self) or self._handler
         self._model = model
         saved, same_arguments = self._saved_state(state) if state.global_step > 0 else (None, False)
         if saved is not None:  # a resume: what the checkpoint kept, not what the loaded model shows
@@ -194,11 +195,6 @@ class InSqueezeCallback(TrainerCallback, ExportableState):
             f"give a rank below {self._source_rank}"
         )
 
-    def attach(self, trainer: Any) -> InSqueezeCallback:
-        """Route the squeeze logs through ``trainer``'s callbacks explicitly (normally found by itself)."""
-        self._handler = trainer.callback_handler
-        return self
-
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step
         if step in self.plan:
@@ -210,10 +206,7 @@ class InSqueezeCallback(TrainerCallback, ExportableState):
                 self.events.append(record)
                 self._rewarmup.start(step)
                 # emit_log keeps control.should_log, so the Trainer's own loss log at this step is not lost.
-                control = (
-                    emit_log(self._handler, args, state, control, squeeze_schedule.log_scalars(record))
-                    or control
-                )
+                control = self.emit_log(args, state, control, squeeze_schedule.log_scalars(record))
         self._rewarmup.scale(step, optimizer)
         return control
 

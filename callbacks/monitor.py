@@ -4,9 +4,10 @@ Works in TRL's ``SFTTrainer`` and ``GRPOTrainer`` (they are Trainers): ``Spectra
 
 At the start, every ``every_n_steps`` optimizer steps and at the end it runs ``Monitor.check`` and routes
 the record: its scalars (``lora/mean_effective_rank``, ``lora/attention/...``) as a log event of their own,
-so every ``report_to`` integration and ``state.log_history`` get them (:func:`._trainer_glue.emit_log`);
+so every ``report_to`` integration and ``state.log_history`` get them (:meth:`._base.TrainerBoundCallback.emit_log`);
 the record as one line of ``output_dir/lora_monitor.jsonl`` (:meth:`MonitorRecord.to_dict`); new alerts to
-the ``lora_monitor`` logger; with W&B active, a table of the latest per-module metrics and alert counts.
+the ``lora_monitor`` logger; with W&B active, a table of the latest per-module metrics and alert counts
+(:mod:`lora_monitor.monitor.table`). When to check is :mod:`lora_monitor.monitor.cadence`'s rule.
 A failing check never stops training: it is logged (once as a warning) and the run goes on.
 """
 
@@ -17,24 +18,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
-from lora_monitor._io import append_json_line, json_safe
+from lora_monitor._io import append_json_line
 from lora_monitor.adapters import find_lora_modules, unwrap_model
 from lora_monitor.errors import LoraMonitorError, check_number
 from lora_monitor.monitor import AlertThresholds, Monitor
+from lora_monitor.monitor.cadence import check_due, gradient_due
+from lora_monitor.monitor.table import MODULE_TABLE_COLUMNS, alert_summary, module_table_rows
 
-from ._trainer_glue import active_wandb, emit_log, find_calling_handler, is_last_step
+from ._base import TrainerBoundCallback
 
 logger = logging.getLogger("lora_monitor")
-_TABLE_COLUMNS = (
-    *("name", "module_type", "block", "layer_index", "nominal_rank", "effective_rank", "rank_utilization"),
-    *("effective_rank_A", "effective_rank_B", "stable_rank", "kappa_A", "kappa_B", "sigma_max", "frobenius"),
-    *("dominance", "update_scale", "gradient_effective_rank"),
-)
 
 
-class SpectralMonitorCallback(TrainerCallback):
+class SpectralMonitorCallback(TrainerBoundCallback):
     """Watch the spectral health of a training LoRA adapter and report it where the Trainer reports.
 
     Args:
@@ -86,7 +82,7 @@ class SpectralMonitorCallback(TrainerCallback):
         self.every_n_steps, self.jsonl_name, self.log_alerts = every_n_steps, jsonl_name, log_alerts
         self.gradient_every_n_steps = gradient_every_n_steps
         self.monitor = Monitor(thresholds, adapter_name, track_gradients, intruders_every=intruders_every)
-        self._handler, self._failed_once, self._warned_no_handler = None, False, False
+        self._failed_once = False
 
     latest = property(lambda self: self.monitor.latest.metrics if self.monitor.latest else [])
     latest_summary = property(lambda self: self.monitor.latest.summary if self.monitor.latest else None)
@@ -97,18 +93,8 @@ class SpectralMonitorCallback(TrainerCallback):
     history = property(lambda self: self.monitor.history)
     alerts = property(lambda self: self.monitor.alerts)
 
-    def attach(self, trainer: Any) -> SpectralMonitorCallback:
-        """Bind to ``trainer`` (adding this callback to it if needed); returns ``self``. The recommended way."""
-        if not any(callback is self for callback in trainer.callback_handler.callbacks):
-            trainer.add_callback(self)
-        self._handler = trainer.callback_handler
-        return self
-
-    def on_init_end(self, args, state, control, **kwargs):
-        self._handler = find_calling_handler(self) or self._handler
-
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._handler = find_calling_handler(self) or self._handler
+        super().on_train_begin(args, state, control, **kwargs)
         if model is not None:  # the user's setup, not a check: a run with nothing to watch stops here
             find_lora_modules(unwrap_model(model), self.monitor.adapter_name)
         if self.history.steps and state.global_step <= self.history.steps[-1]:
@@ -118,20 +104,16 @@ class SpectralMonitorCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         # Gradients exist only here (zeroed before on_step_end); the step about to end is global_step + 1.
         step = state.global_step + 1
-        last = 0 < state.max_steps <= step  # on_step_end checks the last step whatever its number
-        if model is not None and (step % self.every_n_steps == 0 or last) and self._gradient_due(step, last):
+        last = self._is_last_step(state, step=step)  # on_step_end checks the last step whatever its number
+        if (
+            model is not None
+            and check_due(step, self.every_n_steps, last)
+            and gradient_due(step, self.every_n_steps, self.gradient_every_n_steps, last)
+        ):
             self._guarded(self.monitor.record_gradients, model, step)
 
-    def _gradient_due(self, step: int, last: bool) -> bool:
-        """Whether the check at ``step`` measures the gradient rank: the last step, or the first check at or
-        after a multiple of ``gradient_every_n_steps`` (the check before it, ``every_n_steps`` earlier, lies
-        before that multiple). Step numbers alone decide: every process of a distributed run decides alike
-        (under FSDP2 the measurement is a collective), and a resumed run measures where it would have."""
-        span = self.gradient_every_n_steps
-        return last or step // span != (step - self.every_n_steps) // span
-
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every_n_steps == 0 or is_last_step(state, control):
+        if check_due(state.global_step, self.every_n_steps, self._is_last_step(state, control)):
             return self._check(args, state, control, model, kwargs.get("optimizer"))
         return None
 
@@ -157,13 +139,7 @@ class SpectralMonitorCallback(TrainerCallback):
             for alert in record.new_alerts if self.log_alerts else ():
                 logger.log(logging.getLevelName(alert.severity.name), "step %d: %s", record.step, alert)
             self._guarded(self._report_to_wandb, args, state)
-        if self._handler is None and not self._warned_no_handler:
-            logger.warning(
-                "SpectralMonitorCallback: not called by a Trainer's CallbackHandler, so its scalars go to "
-                "state.log_history only; call callback.attach(trainer) to report them as well."
-            )
-            self._warned_no_handler = True
-        return emit_log(self._handler, args, state, control, record.scalars)
+        return self.emit_log(args, state, control, record.scalars)
 
     def _guarded(self, action, *arguments, **options):
         """``action(...)``, or None after logging its failure: a monitor never stops training."""
@@ -178,15 +154,16 @@ class SpectralMonitorCallback(TrainerCallback):
             return None
 
     def _report_to_wandb(self, args, state) -> None:
-        wandb = active_wandb(args)
+        wandb = self._active_wandb(args)
         if wandb is not None:
-            run = wandb.run
-            rows = [json_safe([getattr(m, column) for column in _TABLE_COLUMNS]) for m in self.latest]
-            table = wandb.Table(columns=list(_TABLE_COLUMNS), data=rows)
-            run.log({"lora/module_metrics": table, "train/global_step": state.global_step})
-            run.summary["lora/alerts/total"] = len(self.alerts)
-            for key, count in self.monitor.alert_counts.items():
-                run.summary[f"lora/alerts/{key}"] = count
+            self._log_table_to_wandb(
+                wandb,
+                "lora/module_metrics",
+                MODULE_TABLE_COLUMNS,
+                module_table_rows(self.latest),
+                alert_summary(len(self.alerts), self.monitor.alert_counts),
+                extra={"train/global_step": state.global_step},
+            )
 
 
 __all__ = ["SpectralMonitorCallback"]

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainingArguments
+from transformers import TrainerControl, TrainingArguments
 
 from lora_monitor.adapters import find_lora_modules, records_are_sharded, unwrap_model
 from lora_monitor.errors import LoraMonitorError
@@ -25,12 +25,12 @@ from lora_monitor.squeeze.function import DEFAULT_TOLERANCE, FunctionRecommendat
 from lora_monitor.squeeze.manifest import TABLE_COLUMNS, summary_scalars, table_rows
 from lora_monitor.squeeze.options import checked_eval_batches, validate_tolerance
 
-from ._trainer_glue import active_wandb, emit_log, find_calling_handler, find_calling_trainer, is_last_step
+from ._base import TrainerBoundCallback
 
 logger = logging.getLogger(__name__)
 
 
-class PostSqueezeCallback(TrainerCallback):
+class PostSqueezeCallback(TrainerBoundCallback):
     """Analyse the final LoRA adapter when training ends (main process only); optionally compress it.
 
     At the last step (or ``on_train_end`` when a run stops otherwise) it prints the variance table, writes the analysis to ``squeeze_manifest.json`` in
@@ -44,8 +44,9 @@ class PostSqueezeCallback(TrainerCallback):
     weight (:mod:`lora_monitor.monitor.intruders`; about a second per 4096-wide module on a CPU, once).
     The ``squeeze/*`` summary reaches every ``report_to`` integration as a log event at that step.
 
-    By function (``by_function="auto"``, the default, whenever there is held-out data: ``eval_batches`` or
-    the Trainer's ``eval_dataset``; ``True`` requires it) every candidate rank is also tried in place on the
+    By function (``by_function="auto"``, the default, whenever there is held-out data: ``eval_batches``, or
+    the Trainer's eval dataloader (the one it last evaluated on, else one built from its ``eval_dataset``);
+    ``True`` requires it) every candidate rank is also tried in place on the
     trained model, one pass per rank (:func:`~lora_monitor.squeeze.function.recommend_rank_by_function`); the
     smallest rank within ``tolerance`` of the full adapter's loss is printed beside the energy advice (per
     type with ``by_module_type``), kept as ``callback.function``, written to the manifest and used by
@@ -101,21 +102,14 @@ class PostSqueezeCallback(TrainerCallback):
         self.tolerance = validate_tolerance(tolerance, "PostSqueezeCallback: tolerance")
         self.eval_batches = None if eval_batches is None else checked_eval_batches(eval_batches)
         self.function: FunctionRecommendation | None = None
-        self._trainer = None
-        self._handler, self._done_at = None, None
+        self._done_at = None
         self.report_path: Path | None = None
         self.analysis: SqueezeAnalysis | None = None
         self.compression: CompressionResult | None = None
         self.error: str | None = None
 
-    def attach(self, trainer: Any) -> PostSqueezeCallback:
-        """Bind to ``trainer`` (adding this callback to it if needed); returns ``self``."""
-        if not any(callback is self for callback in trainer.callback_handler.callbacks):
-            trainer.add_callback(self)
-        self._trainer, self._handler = trainer, trainer.callback_handler
-        return self
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
         if model is not None:  # fail before training, not after it, when there is nothing to squeeze
             largest = max(module.rank for module in find_lora_modules(unwrap_model(model), self.adapter_name))
             above = [rank for rank in self.options.target_ranks or () if rank > largest]
@@ -125,8 +119,11 @@ class PostSqueezeCallback(TrainerCallback):
                     f"{', '.join(map(str, above))}, above the adapter's largest rank {largest}: a compressed "
                     f"adapter has at most the directions it was trained with; give ranks up to {largest}"
                 )
-        self._trainer = find_calling_trainer(self) or self._trainer
-        no_data = self.eval_batches is None and getattr(self._trainer, "eval_dataset", None) is None
+        no_data = (
+            self.eval_batches is None
+            and eval_dataloader is None
+            and getattr(self._trainer, "eval_dataset", None) is None
+        )
         if self.by_function is True and no_data:
             raise LoraMonitorError(
                 "PostSqueezeCallback(by_function=True) needs held-out data: give the Trainer an "
@@ -138,18 +135,17 @@ class PostSqueezeCallback(TrainerCallback):
             )
             self._measure_function = not no_data and not sharded
 
-    def on_init_end(self, args, state, control, **kwargs):
-        self._handler = find_calling_handler(self)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
         # At the last step, so that the summary reaches every report_to integration before they close.
-        return self._finish(args, state, control, model) if is_last_step(state, control) else None
+        if self._is_last_step(state, control):
+            return self._finish(args, state, control, model, eval_dataloader)
+        return None
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    def on_train_end(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
         if self._done_at != state.global_step:  # a run that ended before max_steps some other way
-            self._finish(args, state, control, model)
+            self._finish(args, state, control, model, eval_dataloader)
 
-    def _finish(self, args, state, control, model) -> TrainerControl | None:
+    def _finish(self, args, state, control, model, eval_dataloader=None) -> TrainerControl | None:
         self._done_at = state.global_step
         if model is None:
             return None
@@ -165,7 +161,7 @@ class PostSqueezeCallback(TrainerCallback):
                 self.options,
                 adapter_name=self.adapter_name,
                 compress_to=self.output_subdir if self.compress else None,
-                eval_batches=(lambda: batches or list(self._trainer.get_eval_dataloader()))
+                eval_batches=(lambda: batches or list(self._held_out_loader(eval_dataloader)))
                 if self._measure_function
                 else None,
                 tolerance=self.tolerance,
@@ -183,7 +179,7 @@ class PostSqueezeCallback(TrainerCallback):
             self._log_to_wandb(args)
             if self.report:
                 self.report_path = write_report(output_dir)
-            return emit_log(self._handler, args, state, control, result.scalars())
+            return self.emit_log(args, state, control, result.scalars())
         except LoraMonitorError as error:  # NaN weights, an unwritable output_dir...: logged, never raised
             self.error = str(error)
             logger.warning("PostSqueezeCallback: %s", error)
@@ -193,8 +189,12 @@ class PostSqueezeCallback(TrainerCallback):
         return None
 
     def _log_to_wandb(self, args: TrainingArguments) -> None:
-        wandb = active_wandb(args)
+        wandb = self._active_wandb(args)
         if wandb is not None and self.analysis is not None:
-            table = wandb.Table(columns=list(TABLE_COLUMNS), data=table_rows(self.analysis))
-            wandb.run.log({"squeeze/variance_table": table})
-            wandb.run.summary.update(summary_scalars(self.analysis, self.intruder_dimensions))
+            self._log_table_to_wandb(
+                wandb,
+                "squeeze/variance_table",
+                TABLE_COLUMNS,
+                table_rows(self.analysis),
+                summary_scalars(self.analysis, self.intruder_dimensions),
+            )
