@@ -98,6 +98,7 @@ class InSqueezeCallback(TrainerCallback, ExportableState):
         self.options = InSqueezeOptions(
             target_rank, schedule, start_step, end_step, method, optimizer_state, mode,
             min_variance_retention, rewarmup_steps, rsvd_oversample, rsvd_power_iters, lr_scaling,
+            where="InSqueezeCallback",
         )  # fmt: skip
         # The arguments as JSON, for the checkpoint (a Trainer that restores callbacks rebuilds one from them).
         self._arguments = dict(

@@ -252,6 +252,20 @@ def test_choices_are_checked_by_the_one_choice_checker(options, message):
     assert str(refused.value) == message
 
 
+def test_an_edit_config_is_checked_when_it_is_made_and_stays_as_made():
+    # One options convention: a dataclass checked in __post_init__, frozen so it cannot go out of range later.
+    from dataclasses import FrozenInstanceError
+
+    from lora_monitor.edit import EditConfig
+
+    with pytest.raises(LoraMonitorError, match="core_frac must be at least 0 and at most 1, got 2"):
+        EditConfig(core_frac=2)
+    config = EditConfig(target_modules="o_proj", layers=[1])
+    assert (config.target_modules, config.layers) == (("o_proj",), (1,))
+    with pytest.raises(FrozenInstanceError):
+        config.core_frac = 2
+
+
 def test_command_line_edit_with_eval(tmp_path, tokenizer, capsys):
     from lora_monitor.cli import main
 

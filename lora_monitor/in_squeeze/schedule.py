@@ -27,14 +27,14 @@ from .resize import current_ranks, squeeze_model
 LOG_PREFIX = "in_squeeze/"
 
 
-def resolve_step(value: int | float, max_steps: int, what: str) -> int:
-    """A step given as an int (a step number) or a float in (0, 1) (a fraction of ``max_steps``)."""
-    check_step(value, what, "InSqueezeCallback")
+def resolve_step(value: int | float, max_steps: int, what: str, where: str = "") -> int:
+    """A step given as an int (a step number) or a float in (0, 1) (a fraction of ``max_steps``); errors
+    name ``what`` after ``where`` (what was given it), when given."""
+    check_step(value, what, where)
     if isinstance(value, float) and 0 < value < 1:
         if max_steps <= 0:
-            raise LoraMonitorError(
-                f"InSqueezeCallback: {what}={value} is a fraction but max_steps is unknown"
-            )
+            prefix = f"{where}: " if where else ""
+            raise LoraMonitorError(f"{prefix}{what}={value} is a fraction but max_steps is unknown")
         return max(1, round(value * max_steps))
     return int(value)
 
@@ -46,19 +46,22 @@ def plan_schedule(
     start_step: int,
     end_step: int,
     max_steps: int = 0,
+    where: str = "",
 ) -> dict[int, int]:
-    """``{global step: rank cap}`` of a squeeze schedule (steps after which the cap applies).
+    """``{global step: rank cap}`` of a squeeze schedule (steps after which the cap applies); errors name the
+    option after ``where`` (what was given it), when given.
 
     ``geometric`` halves the rank at evenly spaced steps from ``start_step`` to ``end_step`` (16 → 8 → 4);
     ``linear`` lowers it one rank at a time, evenly over the same span; an explicit list of
     ``(step, rank)`` is taken as given (steps as numbers or fractions of ``max_steps``).
     """
-    schedule = check_schedule(schedule, "InSqueezeCallback")
+    schedule = check_schedule(schedule, where)
     if not isinstance(schedule, str):
-        plan = {resolve_step(step, max_steps, "schedule step"): rank for step, rank in schedule}
+        plan = {resolve_step(step, max_steps, "schedule step", where): rank for step, rank in schedule}
         return dict(sorted(plan.items()))
     if end_step < start_step:
-        raise LoraMonitorError(f"InSqueezeCallback: end_step {end_step} comes before start_step {start_step}")
+        prefix = f"{where}: " if where else ""
+        raise LoraMonitorError(f"{prefix}end_step {end_step} comes before start_step {start_step}")
     if target_rank >= source_rank:
         return {}
     if schedule == "geometric":
@@ -84,10 +87,13 @@ def plan_schedule(
 
 
 def plan_for(options: InSqueezeOptions, source_rank: int, max_steps: int) -> dict[int, int]:
-    """The plan of a run of ``max_steps`` steps whose adapter starts at ``source_rank``."""
-    start = resolve_step(options.start_step, max_steps, "start_step")
-    end = resolve_step(options.end_step, max_steps, "end_step")
-    return plan_schedule(source_rank, options.target_rank, options.schedule, start, end, max_steps)
+    """The plan of a run of ``max_steps`` steps whose adapter starts at ``source_rank`` (errors name the
+    options' ``where``)."""
+    start = resolve_step(options.start_step, max_steps, "start_step", options.where)
+    end = resolve_step(options.end_step, max_steps, "end_step", options.where)
+    return plan_schedule(
+        source_rank, options.target_rank, options.schedule, start, end, max_steps, where=options.where
+    )
 
 
 class LossProbe:
