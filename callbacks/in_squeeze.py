@@ -14,7 +14,14 @@ from transformers.trainer_callback import CallbackHandler, ExportableState
 from lora_monitor._distributed import is_distributed
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.in_squeeze import InSqueezeOptions, compact_masks, current_ranks, install_rank_hooks
+from lora_monitor.in_squeeze import (
+    InSqueezeOptions,
+    LearningRateRewarmup,
+    LossProbe,
+    compact_masks,
+    current_ranks,
+    install_rank_hooks,
+)
 from lora_monitor.in_squeeze import schedule as squeeze_schedule
 from lora_monitor.in_squeeze.resume import RESUME_KEY, InSqueezeResumeState, check_resumed_ranks, saved_entry
 from lora_monitor.in_squeeze.step_scaling import SqueezedStepScaling
@@ -116,8 +123,8 @@ class InSqueezeCallback(TrainerCallback, ExportableState):
         self._handler: CallbackHandler | None = None
         self._source_rank: int | None = None
         self._model: Any = None
-        self._probe = squeeze_schedule.LossProbe()
-        self._rewarmup = squeeze_schedule.LearningRateRewarmup(self.options.rewarmup_steps)
+        self._probe = LossProbe()
+        self._rewarmup = LearningRateRewarmup(self.options.rewarmup_steps)
 
     @property
     def target_rank(self) -> int:
