@@ -25,6 +25,12 @@ class LoraMonitorError(ValueError):
     """
 
 
+def named(message: str, where: str = "") -> str:
+    """``message`` after ``where`` and a colon when ``where`` is given: what was given the option (the
+    callback the user built, the file it came from), as every option message names it."""
+    return f"{where}: {message}" if where else message
+
+
 def check_number(
     value: Any,
     name: str,
@@ -44,7 +50,7 @@ def check_number(
     excluded with ``low_open``), whole numbers only with ``whole``, ``inf`` only with ``infinite_ok``.
     ``hint`` is appended to the message (``"0.95 = keep 95%"``).
     """
-    name = f"{where}: {name}" if where else name
+    name = named(name, where)
     hint = f" ({hint})" if hint else ""
     # bool is an int subclass, but True is no number here.
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -73,9 +79,8 @@ def check_choice(
     same value with the same message.
     """
     if value not in choices:
-        prefix = f"{where}: " if where else ""
         hint = f" ({hint})" if hint else ""
-        raise LoraMonitorError(f"{prefix}{option} must be one of {tuple(choices)}, got {value!r}{hint}")
+        raise LoraMonitorError(named(f"{option} must be one of {tuple(choices)}, got {value!r}{hint}", where))
     return value
 
 

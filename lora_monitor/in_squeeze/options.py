@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..errors import LoraMonitorError, check_choice, check_number
+from ..errors import LoraMonitorError, check_choice, check_number, named
 
 METHODS = ("qr", "rsvd")
 OPTIMIZER_STATES = ("project", "reset")
@@ -26,9 +26,8 @@ def check_step(value: object, what: str, where: str = "") -> int | float:
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     fraction = is_number and isinstance(value, float) and 0 < value < 1
     if not (fraction or (is_number and value >= 1 and float(value).is_integer())):
-        prefix = f"{where}: " if where else ""
         raise LoraMonitorError(
-            f"{prefix}{what} must be a step number (int ≥ 1) or a fraction in (0, 1), got {value!r}"
+            named(f"{what} must be a step number (int ≥ 1) or a fraction in (0, 1), got {value!r}", where)
         )
     return value  # type: ignore[return-value]
 
@@ -37,18 +36,22 @@ def check_schedule(schedule: object, where: str = "") -> str | tuple[tuple[int |
     """The schedule as given (a name) or as a tuple of ``(step, rank)`` pairs, each step a step number or a
     fraction and each rank a whole number >= 1; else a :class:`LoraMonitorError` naming the first value
     that is not."""
-    prefix = f"{where}: " if where else ""
     if isinstance(schedule, str):
         return check_choice(schedule, SCHEDULES, "schedule", where, hint="or a list of (step, rank) pairs")
     if isinstance(schedule, bytes) or not isinstance(schedule, Sequence) or not schedule:
         raise LoraMonitorError(
-            f"{prefix}schedule must be one of {SCHEDULES} or a non-empty list of (step, rank) pairs, "
-            f"got {schedule!r}"
+            named(
+                f"schedule must be one of {SCHEDULES} or a non-empty list of (step, rank) pairs, "
+                f"got {schedule!r}",
+                where,
+            )
         )
     pairs = []
     for entry in schedule:
         if isinstance(entry, str | bytes) or not isinstance(entry, Sequence) or len(entry) != 2:
-            raise LoraMonitorError(f"{prefix}every schedule entry must be a (step, rank) pair, got {entry!r}")
+            raise LoraMonitorError(
+                named(f"every schedule entry must be a (step, rank) pair, got {entry!r}", where)
+            )
         step, rank = entry
         check_step(step, "every schedule step", where)
         rank = check_number(rank, "every schedule rank", low=1, whole=True, where=where)
@@ -68,8 +71,7 @@ def check_span(start_step: object, end_step: object, where: str = "") -> None:
     check_step(end_step, "end_step", where)
     # Which form a step is takes its value, not its type: 5.0 is step 5, 0.7 is 70% of max_steps.
     if _is_fraction(start_step) == _is_fraction(end_step) and end_step < start_step:  # type: ignore[operator]
-        prefix = f"{where}: " if where else ""
-        raise LoraMonitorError(f"{prefix}end_step {end_step} comes before start_step {start_step}")
+        raise LoraMonitorError(named(f"end_step {end_step} comes before start_step {start_step}", where))
 
 
 def check_squeeze_options(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..errors import LoraMonitorError
+from ..errors import LoraMonitorError, named
 from .options import InSqueezeOptions, check_schedule, check_step
 from .resize import current_ranks, squeeze_model
 
@@ -36,8 +36,7 @@ def resolve_step(value: int | float, max_steps: int, what: str, where: str = "")
     check_step(value, what, where)
     if isinstance(value, float) and 0 < value < 1:
         if max_steps <= 0:
-            prefix = f"{where}: " if where else ""
-            raise LoraMonitorError(f"{prefix}{what}={value} is a fraction but max_steps is unknown")
+            raise LoraMonitorError(named(f"{what}={value} is a fraction but max_steps is unknown", where))
         return max(1, round(value * max_steps))
     return int(value)
 
@@ -63,8 +62,7 @@ def plan_schedule(
         plan = {resolve_step(step, max_steps, "schedule step", where): rank for step, rank in schedule}
         return dict(sorted(plan.items()))
     if end_step < start_step:
-        prefix = f"{where}: " if where else ""
-        raise LoraMonitorError(f"{prefix}end_step {end_step} comes before start_step {start_step}")
+        raise LoraMonitorError(named(f"end_step {end_step} comes before start_step {start_step}", where))
     if target_rank >= source_rank:
         return {}
     if schedule == "geometric":
