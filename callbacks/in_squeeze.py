@@ -13,7 +13,14 @@ from transformers.trainer_callback import ExportableState
 from lora_monitor._distributed import is_distributed
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.in_squeeze import InSqueezeOptions, compact_masks, current_ranks, install_rank_hooks
+from lora_monitor.in_squeeze import (
+    InSqueezeOptions,
+    LearningRateRewarmup,
+    LossProbe,
+    compact_masks,
+    current_ranks,
+    install_rank_hooks,
+)
 from lora_monitor.in_squeeze import schedule as squeeze_schedule
 from lora_monitor.in_squeeze.resume import RESUME_KEY, InSqueezeResumeState, check_resumed_ranks, saved_entry
 from lora_monitor.in_squeeze.step_scaling import SqueezedStepScaling
@@ -100,6 +107,7 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
         self.options = InSqueezeOptions(
             target_rank, schedule, start_step, end_step, method, optimizer_state, mode,
             min_variance_retention, rewarmup_steps, rsvd_oversample, rsvd_power_iters, lr_scaling,
+            where="InSqueezeCallback",
         )  # fmt: skip
         # The arguments as JSON, for the checkpoint (a Trainer that restores callbacks rebuilds one from them).
         self._arguments = dict(
@@ -116,8 +124,8 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
         self.resolved_mode: str | None = None
         self._source_rank: int | None = None
         self._model: Any = None
-        self._probe = squeeze_schedule.LossProbe()
-        self._rewarmup = squeeze_schedule.LearningRateRewarmup(self.options.rewarmup_steps)
+        self._probe = LossProbe()
+        self._rewarmup = LearningRateRewarmup(self.options.rewarmup_steps)
 
     @property
     def target_rank(self) -> int:

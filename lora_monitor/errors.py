@@ -1,4 +1,10 @@
-"""The errors lora-monitor raises on bad input: one class, one clear message naming the file or module."""
+"""The errors lora-monitor raises on bad input: one class, one clear message naming the file or module.
+
+Options follow one convention, PEFT's: a dataclass checked in ``__post_init__`` with :func:`check_number` and
+:func:`check_choice`, whose messages name the option after ``where`` when the caller gives one (the callback
+the user built, or the file the options came from: ``"InSqueezeCallback: mode must be one of ..."``); the
+library never writes a caller's name itself.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,12 @@ class LoraMonitorError(ValueError):
     """
 
 
+def named(message: str, where: str = "") -> str:
+    """``message`` after ``where`` and a colon when ``where`` is given: what was given the option (the
+    callback the user built, the file it came from), as every option message names it."""
+    return f"{where}: {message}" if where else message
+
+
 def check_number(
     value: Any,
     name: str,
@@ -29,13 +41,16 @@ def check_number(
     whole: bool = False,
     infinite_ok: bool = False,
     hint: str = "",
+    where: str = "",
 ) -> float:
-    """``value`` if it is a number in range, else a :class:`LoraMonitorError` naming ``name`` and ``value``.
+    """``value`` if it is a number in range, else a :class:`LoraMonitorError` naming ``name`` (after
+    ``where``, the callback or file that was given it, when there is one) and ``value``.
 
     The one validator of numeric options (thresholds, fractions, ranks): ``low``/``high`` bounds (``low``
     excluded with ``low_open``), whole numbers only with ``whole``, ``inf`` only with ``infinite_ok``.
     ``hint`` is appended to the message (``"0.95 = keep 95%"``).
     """
+    name = named(name, where)
     hint = f" ({hint})" if hint else ""
     # bool is an int subclass, but True is no number here.
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -58,15 +73,14 @@ def check_choice(
     value: Any, choices: Sequence[Choice], option: str, where: str = "", hint: str = ""
 ) -> Choice:
     """``value`` if it is one of ``choices``, else a :class:`LoraMonitorError` naming ``option`` (after
-    ``where``, the caller that was given it, when there is one) and the choices, ``hint`` appended.
+    ``where``, the callback or file that was given it, when there is one) and the choices, ``hint`` appended.
 
     The one validator of choice options (a mode, a schedule, a fit rule): the API and the command refuse the
     same value with the same message.
     """
     if value not in choices:
-        prefix = f"{where}: " if where else ""
         hint = f" ({hint})" if hint else ""
-        raise LoraMonitorError(f"{prefix}{option} must be one of {tuple(choices)}, got {value!r}{hint}")
+        raise LoraMonitorError(named(f"{option} must be one of {tuple(choices)}, got {value!r}{hint}", where))
     return value
 
 

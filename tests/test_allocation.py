@@ -330,6 +330,16 @@ def test_budget_out_of_reach_and_bad_options_are_clear_errors():
         allocate_ranks(spectra, min_rank=2.5)
 
 
+def test_allocation_options_are_a_dataclass_checked_when_made():
+    from lora_monitor.allocation import AllocationOptions
+
+    with pytest.raises(LoraMonitorError, match=r"max_rank must be at least 8, got 4 \(min_rank=8\)"):
+        AllocationOptions(min_rank=8, max_rank=4)
+    with pytest.raises(LoraMonitorError, match=r"scaling must be one of \('linear', 'log', 'sqrt'\)"):
+        AllocationOptions(scaling="cubic")
+    assert AllocationOptions(min_rank=2).max_rank == 64
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

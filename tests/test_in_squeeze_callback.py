@@ -309,11 +309,15 @@ def test_a_schedule_that_can_never_work_is_refused_when_the_callback_is_built(op
     with pytest.raises(LoraMonitorError) as refused:
         InSqueezeCallback(target_rank=4, **options)
     assert str(refused.value).startswith("InSqueezeCallback: ") and message in str(refused.value)
-    # plan_schedule, the function behind it, refuses the same schedules with the same message
+    # plan_schedule, the function behind it, refuses the same schedules with the same message, named after
+    # the name its caller passes as where
     if "schedule" in options:
         with pytest.raises(LoraMonitorError) as planned:
-            plan_schedule(16, 4, options["schedule"], 1, 2, max_steps=10)
+            plan_schedule(16, 4, options["schedule"], 1, 2, max_steps=10, where="InSqueezeCallback")
         assert str(planned.value) == str(refused.value)
+        with pytest.raises(LoraMonitorError) as unnamed:
+            plan_schedule(16, 4, options["schedule"], 1, 2, max_steps=10)
+        assert str(unnamed.value) == str(refused.value).removeprefix("InSqueezeCallback: ")
 
 
 def test_works_in_trl_sft_trainer(tmp_path, tokenizer):

@@ -191,6 +191,23 @@ def test_rsvd_resize_approximates_the_best_rank_k_delta():
     assert set(current_ranks(model).values()) == {4}
 
 
+@pytest.mark.parametrize("mode", ["resize", "mask"])
+def test_fp32_factors_are_resized_as_exactly_as_fp32_holds(mode):
+    # B's directions span 1e-4: those weaker than √eps = 3.4e-4 of the strongest are below what a float32
+    # Gram matrix resolves, so a float32 decomposition loses kept directions (a 1e-4 error). Decomposed in
+    # float64 (the engine's rule for fp32 factors) the best rank-k delta comes back to the fp32 rounding.
+    model = peft_llama(r=16, target_modules=["q_proj", "down_proj"])
+    for record in find_lora_modules(model):
+        with torch.no_grad():
+            record.module.lora_B["default"].weight.mul_(torch.logspace(0, -4, 16))
+    before = _dense_deltas(model)
+    squeeze_model(model, 12, mode=mode)
+    after = _dense_deltas(model)
+    for name, delta in before.items():
+        reference = _best_rank_k(delta, 12)
+        assert torch.linalg.norm(after[name] - reference) <= 1e-6 * torch.linalg.norm(reference), name
+
+
 def test_mask_mode_keeps_shapes_holds_zeros_and_saves_the_reduced_rank(tmp_path):
     model = peft_llama(r=16).double()  # no install_rank_hooks: a mask squeeze binds its own save hook
     optimizer = torch.optim.AdamW(_trainable(model), lr=1e-2, weight_decay=0.1)

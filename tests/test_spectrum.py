@@ -10,6 +10,7 @@ import torch
 from lora_monitor.spectrum import (
     LinearOperator,
     condition_number,
+    decomposition_dtype,
     effective_rank,
     energy_curve,
     factored_svd,
@@ -262,6 +263,30 @@ def test_randomized_svd_on_matrix_and_operator():
     B, A = torch.randn(80, 5, generator=generator), torch.randn(5, 60, generator=generator)
     operator_result = randomized_svd(LinearOperator.from_factors(B, A, 3.0), k=5, oversample=4)
     assert_spectrum_close(operator_result.S, dense_svd(B, A, 3.0)[1], rtol=1e-4)
+
+
+def test_the_engine_modules_share_one_ground_and_do_not_import_each_other():
+    import ast
+    import inspect
+
+    from lora_monitor.spectrum import randomized
+
+    tree = ast.parse(inspect.getsource(randomized))
+    assert "factored" not in {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+
+def test_the_compute_precision_rule_is_as_exact_as_the_stored_factors():
+    # float32 and float64 factors are decomposed in float64, 16-bit ones in float32; one float32 factor
+    # in a mixed pair is enough for float64.
+    assert decomposition_dtype(torch.float32) == decomposition_dtype(torch.float64) == torch.float64
+    assert decomposition_dtype(torch.bfloat16) == decomposition_dtype(torch.float16) == torch.float32
+    assert decomposition_dtype(torch.bfloat16, torch.float32) == torch.float64
+    B, A = torch.randn(8, 2), torch.randn(2, 6)
+    assert LinearOperator.from_factors(B, A).dtype == torch.float64
+    assert LinearOperator.from_factors(B.bfloat16(), A.bfloat16()).dtype == torch.float32
+    assert LinearOperator.from_factors(B, A, dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype must be"):
+        LinearOperator.from_factors(B, A, dtype=torch.float16)
 
 
 def test_scalar_summaries_against_their_definitions():

@@ -65,3 +65,19 @@ def test_unknown_scaling_is_one_clear_error():
 
     with pytest.raises(LoraMonitorError, match="InSqueezeCallback: lr_scaling"):
         InSqueezeCallback(lr_scaling="twice")
+
+
+def test_the_name_a_message_starts_with_is_the_callers_not_the_librarys():
+    from lora_monitor.in_squeeze import InSqueezeOptions
+
+    with pytest.raises(LoraMonitorError) as refused:
+        SqueezedStepScaling("linear", where="my_loop")
+    assert str(refused.value).startswith("my_loop: lr_scaling must be one of ('rank', 'sqrt', 'none')")
+    with pytest.raises(LoraMonitorError) as refused:
+        SqueezedStepScaling("linear")
+    assert str(refused.value).startswith("lr_scaling must be one of")
+    with pytest.raises(LoraMonitorError) as refused:
+        InSqueezeOptions(mode="fast")
+    assert str(refused.value).startswith("InSqueezeOptions: mode must be one of")
+    with pytest.raises(LoraMonitorError, match=r"^my_loop: mode='resize' cannot change"):
+        InSqueezeOptions(mode="resize", where="my_loop").resolve_mode(distributed=True)

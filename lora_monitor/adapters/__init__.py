@@ -5,7 +5,8 @@
   config and stored tensors), :func:`lora_modules`, :func:`unwrap_model`;
 - :mod:`.saved`: :func:`load_adapter` (a folder, read lazily), :func:`read_adapter_config` and its checks;
 - :mod:`.factors`: per-kind access to ``B`` and ``A``, the kept rank of a masked pair, state-dict key names;
-- :mod:`.scaling`: the scale rule (α/r, α/√r), the alpha at a new rank, pattern keys, module blocks;
+- :mod:`.naming`: what a module is called: its type, layer and block, its ``rank_pattern`` key;
+- :mod:`.scaling`: the scale rule (α/r, α/√r), the alpha at a new rank;
 - :mod:`.folder`: the config at new ranks and the adapter-folder writer.
 """
 
@@ -42,17 +43,10 @@ from .modules import (
     records_are_sharded,
     unwrap_model,
 )
+from .naming import describe_module, module_block, pattern_key
 from .record import LoraModule
 from .saved import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, SavedAdapter, load_adapter, read_adapter_config
-from .scaling import (
-    alpha_at_rank,
-    alpha_for_scale,
-    describe_module,
-    lora_scale,
-    module_block,
-    pattern_key,
-    scale_for,
-)
+from .scaling import alpha_at_rank, alpha_for_scale, lora_scale, scale_for
 
 __all__ = [
     "BIN_NAME",

@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 
 from .._io import dumps, json_number, staged_folder
 from ..errors import LoraMonitorError
+from .naming import pattern_key
 from .record import LoraModule
 from .saved import CONFIG_NAME, SAFETENSORS_NAME
-from .scaling import alpha_for_scale, pattern_key
+from .scaling import alpha_for_scale
 
 
 def lora_config_for_ranks(

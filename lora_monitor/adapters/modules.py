@@ -32,9 +32,10 @@ from .factors import (
     saved_keys,
     strip_prefix,
 )
+from .naming import describe_module
 from .record import LoraModule
 from .saved import SavedAdapter, load_adapter
-from .scaling import alpha_for_scale, describe_module
+from .scaling import alpha_for_scale
 
 # TRL's GRPOTrainer adds a frozen copy of a pretrained adapter under this name as its reference policy.
 REFERENCE_ADAPTER_NAMES = ("ref",)

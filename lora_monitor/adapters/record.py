@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .factors import full_tensor, is_sharded
-from .scaling import module_block
+from .naming import module_block
 
 
 @dataclass
@@ -67,7 +67,7 @@ class LoraModule:
 
     @functools.cached_property
     def block(self) -> str:
-        """``"attention"``, ``"mlp"`` or ``"other"`` (see :func:`~lora_monitor.adapters.scaling.module_block`).
+        """``"attention"``, ``"mlp"`` or ``"other"`` (see :func:`~lora_monitor.adapters.naming.module_block`).
 
         Worked out once per record: a monitor reads it for every module at every check."""
         return module_block(self.name)

@@ -20,8 +20,9 @@ from safetensors import SafetensorError, safe_open
 from .._io import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, adapter_folder, no_adapter_config_message
 from ..errors import LoraMonitorError
 from .factors import MAGNITUDE_SUFFIX, SAVED_A_SUFFIXES, strip_prefix
+from .naming import describe_module
 from .record import LoraModule
-from .scaling import describe_module, scale_for
+from .scaling import scale_for
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Rank before training: heavy-tailed spectra of the base weights, per-layer rank allocation, a gradient probe.
 
-- :mod:`.options`: :func:`check_allocation_options`, the check of the allocation's numbers (imports nothing heavy);
+- :mod:`.options`: :class:`AllocationOptions` and :func:`check_allocation_options`, the check of the allocation's numbers (imports nothing heavy);
 - :mod:`.htsr`: power-law and Marchenko-Pastur fits of one weight's eigenvalues, :class:`LayerSpectrum`;
 - :mod:`.allocate`: the weights LoRA could adapt, their spectra, :func:`allocate_ranks`;
 - :mod:`.probe`: :func:`probe_rank`, the rank the loss gradient of a few batches asks for.
@@ -21,7 +21,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "fit_power_law",
         "spectra_from_eigenvalues",
     ),
-    ".options": ("check_allocation_options",),
+    ".options": ("AllocationOptions", "check_allocation_options"),
     ".probe": ("RankProbe", "probe_rank"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -36,10 +36,11 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         fit_power_law,
         spectra_from_eigenvalues,
     )
-    from .options import check_allocation_options
+    from .options import AllocationOptions, check_allocation_options
     from .probe import RankProbe, probe_rank
 
 __all__ = [
+    "AllocationOptions",
     "BulkFit",
     "LayerAllocation",
     "LayerSpectrum",

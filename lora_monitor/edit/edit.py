@@ -22,7 +22,7 @@ import torch
 from .._io import EDIT_META_NAME, dumps
 from ..adapters import LoraModule, factor_parameters, is_masked
 from ..errors import LoraMonitorError
-from ..spectrum import factored_svd
+from ..spectrum import decomposition_dtype, factored_svd
 from .data import calibration_batches, check_scored, evaluate_loss, finite_loss, is_causal_lm, to_device
 from .options import EditConfig, check_batching, edit_config
 
@@ -80,7 +80,10 @@ class ModuleSVD:
 def module_svds(model: torch.nn.Module, modules: list[LoraModule]) -> list[ModuleSVD]:
     """The exact SVD of each module's delta (factored, no ``m×n`` matrix), ready for editing σ."""
     names = {id(param): name for name, param in model.named_parameters()}
-    results = factored_svd([m.B for m in modules], [m.A for m in modules], [m.scale for m in modules])
+    Bs, As = [m.B for m in modules], [m.A for m in modules]
+    # The edited factors are written from U and V: decomposed as exactly as the stored factors can hold.
+    dtype = decomposition_dtype(*(factor.dtype for factor in Bs + As))
+    results = factored_svd(Bs, As, [m.scale for m in modules], dtype=dtype)
     decomposed = []
     for module, (U, S, V) in zip(modules, results, strict=True):
         B_param, A_param = factor_parameters(module.module, module.adapter_name)

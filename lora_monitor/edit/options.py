@@ -7,6 +7,7 @@ and a model (seconds, minutes for a real model): a wrong ``--core-frac`` is answ
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +20,11 @@ UPDATES = ("multiplicative", "additive")
 PRESERVE_ENERGY = ("l1", "l2", None)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EditConfig:
-    """The options of one edit, written into ``spectral_edit_meta.json``."""
+    """The options of one edit, written into ``spectral_edit_meta.json``; checked when made (a
+    :class:`LoraMonitorError` names the first option out of range). ``target_modules`` and ``layers`` may be
+    given as any iterable (a single module name too) and are kept as tuples."""
 
     mode: str = "abs_select"
     target_modules: tuple[str, ...] = ("down_proj", "o_proj")
@@ -36,8 +39,11 @@ class EditConfig:
     preserve_energy: str | None = "l1"
     seed: int = 0
 
-    def validate(self) -> None:
-        """Raise :class:`LoraMonitorError` naming the first option that is out of range."""
+    def __post_init__(self) -> None:
+        # None is every module type, as an empty tuple is.
+        object.__setattr__(self, "target_modules", _as_tuple(self.target_modules or (), "target_modules"))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", _as_tuple(self.layers, "layers"))
         check_choice(self.mode, MODES, "mode")
         check_choice(self.update, UPDATES, "update")
         check_choice(self.preserve_energy, PRESERVE_ENERGY, "preserve_energy")
@@ -59,22 +65,30 @@ class EditConfig:
         check_number(self.eta, "eta")
         check_number(self.seed, "seed", whole=True)
 
+    def validate(self) -> None:
+        """Deprecated, does nothing: an :class:`EditConfig` is checked when it is made."""
+        warnings.warn(
+            "EditConfig.validate() is deprecated: an EditConfig is checked when it is made",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+
 
 def edit_config(**options: Any) -> EditConfig:
     """The :class:`EditConfig` of ``options`` (its fields by name), validated; an unknown name is refused."""
     unknown = set(options) - set(EditConfig.__dataclass_fields__)
     if unknown:
         raise LoraMonitorError(f"unknown spectral_edit options {sorted(unknown)}")
-    for name in ("target_modules", "layers"):
-        if options.get(name) is not None:
-            options[name] = _as_tuple(options[name])
-    config = EditConfig(**options)
-    config.validate()
-    return config
+    return EditConfig(**options)
 
 
-def _as_tuple(values: Iterable[Any] | str) -> tuple[Any, ...]:
-    return (values,) if isinstance(values, str) else tuple(values)
+def _as_tuple(values: Iterable[Any] | str, option: str) -> tuple[Any, ...]:
+    if isinstance(values, str):
+        return (values,)
+    try:
+        return tuple(values)
+    except TypeError:
+        raise LoraMonitorError(f"{option} must be a list, got {values!r}") from None
 
 
 def check_batching(batch_size: int, max_length: int, max_samples: int | None) -> None:

@@ -4,15 +4,19 @@
   :func:`compact_masks`, :func:`current_ranks`);
 - :mod:`.optimizer`: the optimizer state carried through the factor maps, or reset;
 - :mod:`.hooks`: gradient masks and the state-dict hooks for saving and resuming (:func:`install_rank_hooks`);
-- :mod:`.schedule`: when and to which rank, the learning-rate re-warm-up, the loss probe, the squeeze records;
+- :mod:`.schedule`: when and to which rank, and the record of each squeeze;
+- :mod:`.loss_probe`: the loss on the latest training batch just before and after a squeeze;
+- :mod:`.rewarmup`: the learning rate ramped back up over a few steps after a squeeze;
 - :mod:`.options`: the options and their one validator;
 - :mod:`.resume`: what a checkpoint keeps besides the factors, so that a resumed run is the uninterrupted run.
 """
 
 from .hooks import install_rank_hooks
+from .loss_probe import LossProbe
 from .optimizer import unwrap_optimizer
 from .options import CALLBACK_MODES, METHODS, MODES, OPTIMIZER_STATES, SCHEDULES, InSqueezeOptions
 from .resize import ResizeEvent, compact_masks, current_ranks, resize_lora_module, squeeze_model
+from .rewarmup import LearningRateRewarmup
 from .schedule import plan_schedule, resolve_step
 
 __all__ = [
@@ -22,6 +26,8 @@ __all__ = [
     "OPTIMIZER_STATES",
     "SCHEDULES",
     "InSqueezeOptions",
+    "LearningRateRewarmup",
+    "LossProbe",
     "ResizeEvent",
     "compact_masks",
     "current_ranks",

@@ -35,7 +35,8 @@ from ..adapters import (
     nominal_rank,
     set_kept_rank,
 )
-from .options import MODES, check_choice
+from ..errors import check_choice
+from .options import MODES
 from .replace import (
     adapter_config,
     compact_config,

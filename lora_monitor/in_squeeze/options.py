@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-# check_choice lives in errors.py with check_number; hooks.py and step_scaling.py import it from here.
-from ..errors import LoraMonitorError, check_choice, check_number
+from ..errors import LoraMonitorError, check_choice, check_number, named
 
 METHODS = ("qr", "rsvd")
 OPTIMIZER_STATES = ("project", "reset")
@@ -21,14 +20,14 @@ SCHEDULES = ("geometric", "linear")
 
 def check_step(value: object, what: str, where: str = "") -> int | float:
     """``value`` if it names a step: a step number (a whole number >= 1) or a fraction of ``max_steps`` in
-    (0, 1); else a :class:`LoraMonitorError` naming ``what``. Which step a fraction is needs ``max_steps``
+    (0, 1); else a :class:`LoraMonitorError` naming ``what`` (after ``where``, as :func:`check_choice` does).
+    Which step a fraction is needs ``max_steps``
     (:func:`~lora_monitor.in_squeeze.schedule.resolve_step`); its form does not."""
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     fraction = is_number and isinstance(value, float) and 0 < value < 1
     if not (fraction or (is_number and value >= 1 and float(value).is_integer())):
-        prefix = f"{where}: " if where else ""
         raise LoraMonitorError(
-            f"{prefix}{what} must be a step number (int ≥ 1) or a fraction in (0, 1), got {value!r}"
+            named(f"{what} must be a step number (int ≥ 1) or a fraction in (0, 1), got {value!r}", where)
         )
     return value  # type: ignore[return-value]
 
@@ -37,21 +36,25 @@ def check_schedule(schedule: object, where: str = "") -> str | tuple[tuple[int |
     """The schedule as given (a name) or as a tuple of ``(step, rank)`` pairs, each step a step number or a
     fraction and each rank a whole number >= 1; else a :class:`LoraMonitorError` naming the first value
     that is not."""
-    prefix = f"{where}: " if where else ""
     if isinstance(schedule, str):
         return check_choice(schedule, SCHEDULES, "schedule", where, hint="or a list of (step, rank) pairs")
     if isinstance(schedule, bytes) or not isinstance(schedule, Sequence) or not schedule:
         raise LoraMonitorError(
-            f"{prefix}schedule must be one of {SCHEDULES} or a non-empty list of (step, rank) pairs, "
-            f"got {schedule!r}"
+            named(
+                f"schedule must be one of {SCHEDULES} or a non-empty list of (step, rank) pairs, "
+                f"got {schedule!r}",
+                where,
+            )
         )
     pairs = []
     for entry in schedule:
         if isinstance(entry, str | bytes) or not isinstance(entry, Sequence) or len(entry) != 2:
-            raise LoraMonitorError(f"{prefix}every schedule entry must be a (step, rank) pair, got {entry!r}")
+            raise LoraMonitorError(
+                named(f"every schedule entry must be a (step, rank) pair, got {entry!r}", where)
+            )
         step, rank = entry
         check_step(step, "every schedule step", where)
-        rank = check_number(rank, f"{prefix}every schedule rank", low=1, whole=True)
+        rank = check_number(rank, "every schedule rank", low=1, whole=True, where=where)
         pairs.append((step, int(rank)))
     return tuple(pairs)
 
@@ -68,8 +71,7 @@ def check_span(start_step: object, end_step: object, where: str = "") -> None:
     check_step(end_step, "end_step", where)
     # Which form a step is takes its value, not its type: 5.0 is step 5, 0.7 is 70% of max_steps.
     if _is_fraction(start_step) == _is_fraction(end_step) and end_step < start_step:  # type: ignore[operator]
-        prefix = f"{where}: " if where else ""
-        raise LoraMonitorError(f"{prefix}end_step {end_step} comes before start_step {start_step}")
+        raise LoraMonitorError(named(f"end_step {end_step} comes before start_step {start_step}", where))
 
 
 def check_squeeze_options(
@@ -81,18 +83,32 @@ def check_squeeze_options(
     modes: Sequence[str] = MODES,
     where: str = "",
 ) -> None:
-    """Raise one :class:`LoraMonitorError` for the first squeeze option that is not valid."""
+    """Raise one :class:`LoraMonitorError` for the first squeeze option that is not valid (named after
+    ``where``, when given)."""
     check_choice(method, METHODS, "method", where)
     check_choice(optimizer_state, OPTIMIZER_STATES, "optimizer_state", where)
     check_choice(mode, modes, "mode", where)
     if min_variance_retention is not None:
-        name = f"{where}: min_variance_retention" if where else "min_variance_retention"
-        check_number(min_variance_retention, name, low=0, low_open=True, high=1, hint="0.9 = keep 90%")
+        check_number(
+            min_variance_retention,
+            "min_variance_retention",
+            low=0,
+            low_open=True,
+            high=1,
+            hint="0.9 = keep 90%",
+            where=where,
+        )
 
 
 @dataclass(frozen=True)
 class InSqueezeOptions:
-    """Everything that says how to squeeze during training (see ``InSqueezeCallback`` for each field)."""
+    """Everything that says how to squeeze during training (see ``InSqueezeCallback`` for each field),
+    checked when made.
+
+    ``where`` is what an error message names first: what was given these options (``"InSqueezeCallback"``
+    when the callback builds them), here and in :meth:`resolve_mode` and
+    :func:`~lora_monitor.in_squeeze.schedule.plan_for`.
+    """
 
     target_rank: int = 8
     schedule: str | Sequence[tuple[int | float, int]] = "geometric"
@@ -106,10 +122,11 @@ class InSqueezeOptions:
     rsvd_oversample: int = 10
     rsvd_power_iters: int = 2
     lr_scaling: str = "rank"
+    where: str = field(default="InSqueezeOptions", compare=False)
 
     def __post_init__(self) -> None:
-        where = "InSqueezeCallback"
-        rank = check_number(self.target_rank, f"{where}: target_rank", low=1, whole=True)
+        where = self.where
+        rank = check_number(self.target_rank, "target_rank", low=1, whole=True, where=where)
         object.__setattr__(self, "target_rank", int(rank))
         check_schedule(self.schedule, where)
         check_span(self.start_step, self.end_step, where)
@@ -121,10 +138,10 @@ class InSqueezeOptions:
             modes=CALLBACK_MODES,
             where=where,
         )
-        steps = check_number(self.rewarmup_steps, f"{where}: rewarmup_steps", low=0, whole=True)
+        steps = check_number(self.rewarmup_steps, "rewarmup_steps", low=0, whole=True, where=where)
         object.__setattr__(self, "rewarmup_steps", int(steps))
-        check_number(self.rsvd_oversample, f"{where}: rsvd_oversample", low=0, whole=True)
-        check_number(self.rsvd_power_iters, f"{where}: rsvd_power_iters", low=0, whole=True)
+        check_number(self.rsvd_oversample, "rsvd_oversample", low=0, whole=True, where=where)
+        check_number(self.rsvd_power_iters, "rsvd_power_iters", low=0, whole=True, where=where)
         check_choice(self.lr_scaling, STEP_SCALINGS, "lr_scaling", where)
 
     def resolve_mode(self, distributed: bool) -> str:
@@ -133,7 +150,7 @@ class InSqueezeOptions:
             return "mask" if distributed else "resize"
         if self.mode == "resize" and distributed:
             raise LoraMonitorError(
-                "InSqueezeCallback: mode='resize' cannot change the parameter set of a distributed "
+                f"{self.where}: mode='resize' cannot change the parameter set of a distributed "
                 "(DDP/FSDP/DeepSpeed) run; use mode='mask' or 'auto'"
             )
         return self.mode

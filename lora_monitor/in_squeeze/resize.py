@@ -48,7 +48,7 @@ from ..adapters import (
     write_whole,
 )
 from ..errors import LoraMonitorError
-from ..spectrum import lora_spectra, rank_for_energy, truncate_factors
+from ..spectrum import decomposition_dtype, lora_spectra, rank_for_energy, truncate_factors
 from .hooks import bind_rank_hooks, ensure_gradient_mask, has_rank_hooks
 from .optimizer import left_map, project_masked_state, right_map, swap_in_optimizer
 from .options import check_squeeze_options
@@ -102,16 +102,13 @@ def _rank_k_factors(
     power_iters: int,
     generator: torch.Generator | None,
 ) -> _RankKFactors:
-    """Best (``qr``: exact) or approximate (``rsvd``) rank-``k`` factors of ``B@A`` with their maps.
-
-    float64 when a factor is float64, float32 otherwise (bf16/fp16 factors are decomposed in float32).
-    """
-    dtype = torch.float64 if torch.float64 in (B.dtype, A.dtype) else torch.float32
+    """Best (``qr``: exact) or approximate (``rsvd``) rank-``k`` factors of ``B@A`` with their maps, computed
+    in the engine's :func:`~lora_monitor.spectrum.decomposition_dtype` of the factors."""
     truncated = truncate_factors(
         B,
         A,
         k,
-        dtype=dtype,
+        dtype=decomposition_dtype(B.dtype, A.dtype),
         method=method,
         oversample=oversample,
         power_iters=power_iters,

@@ -1,10 +1,11 @@
 """When to squeeze and to which rank, and what goes with a squeeze during training.
 
 - :func:`plan_schedule`: ``{step: rank cap}`` for a geometric, linear or explicit schedule;
-- :class:`LossProbe`: the loss on the latest training batch just before and just after a squeeze;
-- :class:`LearningRateRewarmup`: the learning rate ramped back up over a few steps after a squeeze;
-- :func:`squeeze_and_record`: one scheduled squeeze, timed and probed, as the record a run keeps, and
+- :func:`squeeze_and_record`: one scheduled squeeze, timed and probed (by a
+  :class:`~lora_monitor.in_squeeze.loss_probe.LossProbe`), as the record a run keeps, and
   :func:`log_scalars`, the ``in_squeeze/*`` scalars logged for it.
+
+The learning-rate re-warm-up after a squeeze is :mod:`.rewarmup`'s.
 
 None of it needs the Trainer: any training loop can call these between optimizer steps.
 """
@@ -13,28 +14,29 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
-from ..errors import LoraMonitorError
-from .optimizer import unwrap_optimizer
+from ..errors import LoraMonitorError, named
 from .options import InSqueezeOptions, check_schedule, check_step
 from .resize import current_ranks, squeeze_model
+
+if TYPE_CHECKING:
+    from .loss_probe import LossProbe
 
 LOG_PREFIX = "in_squeeze/"
 
 
-def resolve_step(value: int | float, max_steps: int, what: str) -> int:
-    """A step given as an int (a step number) or a float in (0, 1) (a fraction of ``max_steps``)."""
-    check_step(value, what, "InSqueezeCallback")
+def resolve_step(value: int | float, max_steps: int, what: str, where: str = "") -> int:
+    """A step given as an int (a step number) or a float in (0, 1) (a fraction of ``max_steps``); errors
+    name ``what`` after ``where`` (what was given it), when given."""
+    check_step(value, what, where)
     if isinstance(value, float) and 0 < value < 1:
         if max_steps <= 0:
-            raise LoraMonitorError(
-                f"InSqueezeCallback: {what}={value} is a fraction but max_steps is unknown"
-            )
+            raise LoraMonitorError(named(f"{what}={value} is a fraction but max_steps is unknown", where))
         return max(1, round(value * max_steps))
     return int(value)
 
@@ -46,19 +48,21 @@ def plan_schedule(
     start_step: int,
     end_step: int,
     max_steps: int = 0,
+    where: str = "",
 ) -> dict[int, int]:
-    """``{global step: rank cap}`` of a squeeze schedule (steps after which the cap applies).
+    """``{global step: rank cap}`` of a squeeze schedule (steps after which the cap applies); errors name the
+    option after ``where`` (what was given it), when given.
 
     ``geometric`` halves the rank at evenly spaced steps from ``start_step`` to ``end_step`` (16 → 8 → 4);
     ``linear`` lowers it one rank at a time, evenly over the same span; an explicit list of
     ``(step, rank)`` is taken as given (steps as numbers or fractions of ``max_steps``).
     """
-    schedule = check_schedule(schedule, "InSqueezeCallback")
+    schedule = check_schedule(schedule, where)
     if not isinstance(schedule, str):
-        plan = {resolve_step(step, max_steps, "schedule step"): rank for step, rank in schedule}
+        plan = {resolve_step(step, max_steps, "schedule step", where): rank for step, rank in schedule}
         return dict(sorted(plan.items()))
     if end_step < start_step:
-        raise LoraMonitorError(f"InSqueezeCallback: end_step {end_step} comes before start_step {start_step}")
+        raise LoraMonitorError(named(f"end_step {end_step} comes before start_step {start_step}", where))
     if target_rank >= source_rank:
         return {}
     if schedule == "geometric":
@@ -84,107 +88,13 @@ def plan_schedule(
 
 
 def plan_for(options: InSqueezeOptions, source_rank: int, max_steps: int) -> dict[int, int]:
-    """The plan of a run of ``max_steps`` steps whose adapter starts at ``source_rank``."""
-    start = resolve_step(options.start_step, max_steps, "start_step")
-    end = resolve_step(options.end_step, max_steps, "end_step")
-    return plan_schedule(source_rank, options.target_rank, options.schedule, start, end, max_steps)
-
-
-class LossProbe:
-    """The model's loss on the latest training batch, measured without a gradient (NaN when unknown).
-
-    A forward pre-hook keeps a reference to the keyword inputs of the latest training forward pass that
-    had ``labels``; a trainer that computes the loss outside the model (GRPO) leaves it empty.
-    """
-
-    def __init__(self) -> None:
-        self._inputs: dict[str, Any] | None = None
-        self._probing = False
-        self._hook: Any = None
-
-    def attach(self, model: nn.Module) -> None:
-        """Start watching ``model``'s training batches (once)."""
-        if self._hook is None:
-            self._hook = model.register_forward_pre_hook(self._remember, with_kwargs=True)
-
-    def detach(self) -> None:
-        """Stop watching and let go of the last batch."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self._inputs = None
-
-    def _remember(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if not self._probing and module.training and kwargs.get("labels") is not None:
-            self._inputs = kwargs
-
-    def loss(self, model: nn.Module) -> float:
-        """The loss on the remembered batch, in eval mode (no dropout), or NaN."""
-        if self._inputs is None:
-            return math.nan
-        was_training = model.training
-        self._probing = True
-        try:
-            model.eval()
-            with torch.no_grad():
-                output = model(**self._inputs)
-            loss = output["loss"] if isinstance(output, dict) else getattr(output, "loss", None)
-            return float(loss) if loss is not None else math.nan
-        finally:
-            self._probing = False
-            model.train(was_training)
-
-
-class LearningRateRewarmup:
-    """After a squeeze, scale the learning rate by 1/(n+1), 2/(n+1), ... over the next ``steps`` steps.
-
-    :meth:`scale` is called after a step ends and scales the next optimizer step's LR; :meth:`restore`,
-    called after that optimizer step, puts the scheduler's value back, so that schedulers which build on
-    the current LR never see the scaled one.
-    """
-
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
-        self._from: int | None = None
-        self._unscaled: list[float] | None = None
-
-    def start(self, step: int) -> None:
-        """A squeeze happened at ``step``."""
-        if self.steps:
-            self._from = step
-
-    def scale(self, step: int, optimizer: Any | None) -> None:
-        """Scale the learning rate of the optimizer step after ``step``, if it is still ramping up."""
-        if self._from is None or optimizer is None:
-            return
-        done = step - self._from
-        if done >= self.steps:
-            self._from = None
-            return
-        factor = (done + 1) / (self.steps + 1)
-        groups = unwrap_optimizer(optimizer).param_groups
-        self._unscaled = [group["lr"] for group in groups]
-        for group in groups:
-            group["lr"] = group["lr"] * factor
-
-    def restore(self, optimizer: Any | None) -> None:
-        """Put back the learning rates :meth:`scale` changed."""
-        if self._unscaled is not None and optimizer is not None:
-            for group, lr in zip(unwrap_optimizer(optimizer).param_groups, self._unscaled, strict=True):
-                group["lr"] = lr
-            self._unscaled = None
-
-    def state(self) -> dict[str, Any]:
-        """The ramp as a checkpoint keeps it (JSON): the squeeze step it started from, the LRs it scaled."""
-        return {"from": self._from, "unscaled": self._unscaled}
-
-    def load_state(self, saved: dict[str, Any], step: int, optimizer: Any | None) -> None:
-        """Resume the ramp :meth:`state` saved at the end of ``step``: the next step's LR is scaled again from
-        the scheduler's value, whatever LR the optimizer's own saved state brought back."""
-        self._from, self._unscaled = saved.get("from"), saved.get("unscaled")
-        if self._unscaled is not None:
-            self.restore(optimizer)
-            self.scale(step, optimizer)
+    """The plan of a run of ``max_steps`` steps whose adapter starts at ``source_rank`` (errors name the
+    options' ``where``)."""
+    start = resolve_step(options.start_step, max_steps, "start_step", options.where)
+    end = resolve_step(options.end_step, max_steps, "end_step", options.where)
+    return plan_schedule(
+        source_rank, options.target_rank, options.schedule, start, end, max_steps, where=options.where
+    )
 
 
 def squeeze_and_record(
@@ -251,3 +161,21 @@ def log_scalars(record: dict[str, Any]) -> dict[str, float]:
     }
     # No loss to probe (a trainer that computes it outside the model, as GRPO does): leave it out.
     return {key: value for key, value in scalars.items() if not math.isnan(value)}
+
+
+# Names that lived here until 0.x, moved to modules named for them: still readable from here for a release.
+_MOVED = {"LossProbe": "loss_probe", "LearningRateRewarmup": "rewarmup"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+
+        module = f"lora_monitor.in_squeeze.{_MOVED[name]}"
+        warnings.warn(
+            f"lora_monitor.in_squeeze.schedule.{name} moved to {module}.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

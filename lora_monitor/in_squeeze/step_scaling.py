@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..adapters import factor_parameters, find_lora_modules, kept_rank
-from .options import STEP_SCALINGS, check_choice
+from ..errors import check_choice
+from .options import STEP_SCALINGS
 
 _FACTOR: dict[str, Callable[[float], float]] = {"rank": lambda ratio: ratio, "sqrt": math.sqrt}
 
@@ -37,8 +38,9 @@ class SqueezedStepScaling:
     :attr:`source_ranks` back from its checkpoint (``InSqueezeCallback`` does), or the factors are lost.
     """
 
-    def __init__(self, scaling: str = "rank", adapter_name: str | None = None) -> None:
-        self.scaling = check_choice(scaling, STEP_SCALINGS, "lr_scaling", "InSqueezeCallback")
+    def __init__(self, scaling: str = "rank", adapter_name: str | None = None, *, where: str = "") -> None:
+        """``where``: what an error message names first, what was given ``scaling`` (the caller's name)."""
+        self.scaling = check_choice(scaling, STEP_SCALINGS, "lr_scaling", where)
         self.adapter_name = adapter_name
         self._source_ranks: dict[str, int] | None = None
         self._before: list[tuple[torch.Tensor, torch.Tensor, float]] = []

@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .. import _io as serialization
+from .. import _io
 from .history import MetricsHistory
 from .metrics import ModuleMetrics
 from .rules import RULES, Rule
@@ -68,7 +68,7 @@ class Alert:
         record = asdict(self)
         record["severity"] = self.severity.value
         record["values"] = dict(self.values)
-        return serialization.json_safe(record)
+        return _io.json_safe(record)
 
     def __str__(self) -> str:
         return f"[{self.severity.value}] {self.code}: {self.message} Suggested action: {self.action}"

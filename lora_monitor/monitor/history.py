@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _io as serialization
+from .. import _io
 from .metrics import ModuleMetrics
 
 
@@ -44,8 +44,8 @@ class ModuleDynamics:
     gradient_effective_rank: float | None
 
     def to_dict(self, *, json_safe: bool = True) -> dict[str, Any]:
-        record = serialization.plain_fields(self)
-        return serialization.json_safe(record) if json_safe else record
+        record = _io.plain_fields(self)
+        return _io.json_safe(record) if json_safe else record
 
 
 class _Run:

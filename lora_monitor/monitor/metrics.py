@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .. import _io as serialization
+from .. import _io
 from ..adapters import LoraModule, module_block
 from ..spectrum import (
     condition_number_from_singular_values,
@@ -111,9 +111,9 @@ class ModuleMetrics:
         In JSON a ``kappa`` of None on a non-zero, finite module means ``inf`` (a rank-deficient factor, see
         ``numerical_rank_A``/``numerical_rank_B``).
         """
-        record = serialization.plain_fields(self)
+        record = _io.plain_fields(self)
         if json_safe:
-            record = serialization.json_safe(record)
+            record = _io.json_safe(record)
         return record
 
     @classmethod

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import _io as serialization
+from .. import _io
 from .metrics import ModuleMetrics
 
 # Metrics summarized for the whole adapter, with the direction in which a value is worse.
@@ -51,12 +51,12 @@ class GroupSummary:
     num_non_finite: int = 0
 
     def to_dict(self, *, json_safe: bool = True) -> dict[str, Any]:
-        metrics = {key: serialization.plain_fields(value) for key, value in self.metrics.items()}
+        metrics = {key: _io.plain_fields(value) for key, value in self.metrics.items()}
         return {
             "num_modules": self.num_modules,
             "num_zero": self.num_zero,
             "num_non_finite": self.num_non_finite,
-            "metrics": serialization.json_safe(metrics) if json_safe else metrics,
+            "metrics": _io.json_safe(metrics) if json_safe else metrics,
         }
 
 

@@ -1,5 +1,6 @@
 """The spectrum engine (a package: ``factored`` for LoRA pairs, ``randomized`` for implicit and dense
-matrices, ``summaries`` for scalars of a spectrum): singular values and vectors of LoRA deltas, and the scalar summaries of a spectrum.
+matrices, ``summaries`` for scalars of a spectrum, ``common`` for the result type and the compute-precision
+rule they share): singular values and vectors of LoRA deltas, and the scalar summaries of a spectrum.
 
 This is the one place in lora-monitor that decomposes matrices. Monitoring, Post-Squeeze, In-Squeeze and
 spectral editing all call it.
@@ -22,9 +23,9 @@ The singular values of ``A`` and ``B`` come out of the same pass (``Λ_A``, ``Λ
 monitor's condition numbers use.
 """
 
+from .common import SVDResult, decomposition_dtype
 from .factored import (
     LoraSpectra,
-    SVDResult,
     TruncatedFactors,
     condition_number,
     factored_svd,
@@ -58,6 +59,7 @@ __all__ = [
     "TruncatedFactors",
     "condition_number",
     "condition_number_from_singular_values",
+    "decomposition_dtype",
     "effective_rank",
     "energy_curve",
     "factored_svd",

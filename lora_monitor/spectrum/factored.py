@@ -5,24 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
 from ..errors import check_choice, check_number
+from .common import SVDResult, Tensor, check_compute_dtype
+from .randomized import LinearOperator, randomized_svd
 from .summaries import condition_number_from_singular_values, energy_curve
 
-Tensor = torch.Tensor
 FactorInput = Tensor | Sequence[Tensor]
 ScaleInput = float | Sequence[float] | Tensor
-
-
-class SVDResult(NamedTuple):
-    """``U diag(S) Vᵀ``: ``U`` is ``(..., m, k)``, ``S`` is ``(..., k)`` descending, ``V`` is ``(..., n, k)``."""
-
-    U: Tensor
-    S: Tensor
-    V: Tensor
 
 
 @dataclass
@@ -91,12 +83,6 @@ def _check_pairs(Bs: list[Tensor], As: list[Tensor]) -> None:
             raise ValueError(
                 f"pair {index}: B {tuple(B.shape)} and A {tuple(A.shape)} are not an (m×r, r×n) LoRA pair"
             )
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    return dtype
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -281,7 +267,7 @@ def lora_spectra(
     Bs, As = _as_list(B), _as_list(A)
     _check_pairs(Bs, As)
     scales = _as_scales(scale, len(Bs))
-    dtype = _compute_dtype(dtype)
+    dtype = check_compute_dtype(dtype)
     if not Bs:
         empty = torch.zeros(0, 0, dtype=torch.float64)
         return LoraSpectra(empty, empty, empty)
@@ -329,7 +315,7 @@ def lora_step_spectra(
     grads_B, Bs, As, grads_A = list(grad_B), list(B), list(A), list(grad_A)
     _check_steps(grads_B, Bs, As, grads_A)
     scales = _as_scales(scale, len(Bs))
-    dtype = _compute_dtype(dtype)
+    dtype = check_compute_dtype(dtype)
     device = Bs[0].device if Bs else torch.device("cpu")
     groups = _rank_groups(As)
     max_rank = max(groups, default=0)
@@ -426,7 +412,7 @@ def factored_svd(
     Bs, As = _as_list(B), _as_list(A)
     _check_pairs(Bs, As)
     scales = _as_scales(scale, len(Bs))
-    dtype = _compute_dtype(dtype)
+    dtype = check_compute_dtype(dtype)
     groups, cores = _grouped_cores(Bs, As, dtype)
     results: list[SVDResult | None] = [None] * len(Bs)
     for rank, indices in groups.items():
@@ -489,7 +475,7 @@ def truncate_factors(
     check_number(k, "target rank", low=1, whole=True)
     check_choice(method, ("qr", "rsvd"), "method")
     _check_pairs([B], [A])
-    compute = _compute_dtype(dtype)
+    compute = check_compute_dtype(dtype)
     if method == "rsvd":
         return _truncate_factors_randomized(B, A, k, compute, oversample, power_iters, generator)
     return truncate_many([B], [A], [k], dtype=compute)[0]
@@ -518,7 +504,7 @@ def truncate_many(
     if any(k < 1 for k in ks):
         raise ValueError(f"target ranks must be at least 1, got {min(ks)}")
     _check_pairs(Bs, As)
-    compute = _compute_dtype(dtype)
+    compute = check_compute_dtype(dtype)
     eps = torch.finfo(compute).eps
     results: list[TruncatedFactors | None] = [None] * len(Bs)
     for indices in _rank_groups(As).values():
@@ -560,13 +546,11 @@ def _truncate_factors_randomized(
     power_iters: int,
     generator: torch.Generator | None,
 ) -> TruncatedFactors:
-    from .randomized import LinearOperator, randomized_svd  # randomized.py builds on this file's types
-
     # RSVD of the operator B@A (never formed): U S Vᵀ. Then B_new = U S^½ = B (A V S^-½) and
     # A_new = S^½ Vᵀ = (S^-½ Uᵀ B) A, so the maps that made (and carry optimizer state to) the new factors
     # are A V S^-½ and S^-½ Uᵀ B.
     result = randomized_svd(
-        LinearOperator.from_factors(B, A),
+        LinearOperator.from_factors(B, A, dtype=dtype),
         k,
         oversample=oversample,
         power_iters=power_iters,

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import check_device, check_number
-from .factored import SVDResult, Tensor, _compute_dtype
+from .common import SVDResult, Tensor, check_compute_dtype, decomposition_dtype
 
 # --------------------------------------------------------------------------------------------------------
 # Randomized SVD, for deltas that are not in factored form
@@ -46,14 +46,18 @@ class LinearOperator:
         )
 
     @classmethod
-    def from_factors(cls, B: Tensor, A: Tensor, scale: float = 1.0) -> LinearOperator:
-        """``scale·B@A`` as an operator, never formed."""
-        dtype = torch.float64 if torch.float64 in (A.dtype, B.dtype) else torch.float32
-        B32, A32 = B.detach().to(dtype), A.detach().to(dtype)
+    def from_factors(
+        cls, B: Tensor, A: Tensor, scale: float = 1.0, *, dtype: torch.dtype | None = None
+    ) -> LinearOperator:
+        """``scale·B@A`` as an operator, never formed, whose products run in ``dtype`` (float32 or float64;
+        default: :func:`~lora_monitor.spectrum.decomposition_dtype` of the factors). Probes of another dtype
+        are converted to it."""
+        dtype = decomposition_dtype(B.dtype, A.dtype) if dtype is None else check_compute_dtype(dtype)
+        B_work, A_work = B.detach().to(dtype), A.detach().to(dtype)
         return cls(
             (B.shape[0], A.shape[1]),
-            lambda X: scale * (B32 @ (A32 @ X)),
-            lambda Y: scale * (A32.mT @ (B32.mT @ Y)),
+            lambda X: scale * (B_work @ (A_work @ X.to(dtype))),
+            lambda Y: scale * (A_work.mT @ (B_work.mT @ Y.to(dtype))),
             dtype=dtype,
             device=B.device,
         )
@@ -74,7 +78,7 @@ def randomized_svd(
     shrinks like ``(σ_{k+oversample+1}/σ_k)^(2·power_iters+1)``. Deterministic for a given ``generator``
     (seed 0 when none is given). Works in ``dtype`` (float32 or float64) on the input's device.
     """
-    dtype = _compute_dtype(dtype)
+    dtype = check_compute_dtype(dtype)
     if isinstance(matrix_or_operator, Tensor):
         if matrix_or_operator.dim() != 2:
             raise ValueError(f"randomized_svd expects a matrix, got shape {tuple(matrix_or_operator.shape)}")
@@ -142,7 +146,7 @@ def weight_singular_values(
 
     Returns one float64 CPU tensor per weight, in input order, descending, of length ``min(m, n)``.
     """
-    dtype = _compute_dtype(dtype)
+    dtype = check_compute_dtype(dtype)
     matrices = [W.detach().reshape(W.shape[0], -1) if W.dim() != 2 else W.detach() for W in weights]
     for index, W in enumerate(matrices):
         if W.dim() != 2 or not W.is_floating_point():

@@ -40,7 +40,7 @@ from ..adapters import (
     write_adapter_folder,
 )
 from ..errors import LoraMonitorError, check_device
-from ..spectrum import truncate_many
+from ..spectrum import decomposition_dtype, truncate_many
 from .analysis import CHUNK_SIZE, SqueezeAnalysis, _check_finite, _decomposed, _progress, analyse
 from .options import DEFAULT_THRESHOLD, SqueezeOptions, check_ranks_within, validate_rank
 
@@ -117,18 +117,6 @@ def _given_ranks(
             )
         ranks[name] = rank
     return ranks
-
-
-def _compute_dtype(stored: torch.dtype) -> torch.dtype:
-    """The precision a truncation is computed in: as exact as the stored factors can hold.
-
-    float32 and float64 adapters are decomposed in float64: the float32 Gram route's error grows like
-    eps·σmax/σk in a kept direction k, and a written fp32 adapter should be as exact as the dense route.
-    16-bit adapters are decomposed in float32: that error (1.2e-7·σmax/σk) stays below the rounding of
-    the written bf16/fp16 factors (4e-3 and 5e-4 relative) unless σk < 3e-5·σmax, and float32 halves
-    the time of the products that dominate a compression.
-    """
-    return torch.float64 if stored in (torch.float32, torch.float64) else torch.float32
 
 
 def gather_adapter(model: torch.nn.Module, adapter_name: str | None = None) -> Any:
@@ -246,7 +234,7 @@ def _write_truncated(
     compute dtype, and put the new factors, in their stored shapes, dtypes and on the CPU, into ``tensors``."""
     by_dtype: dict[torch.dtype, list[int]] = {}
     for index, (_, A_stored, *_) in enumerate(modules):
-        by_dtype.setdefault(_compute_dtype(A_stored.dtype), []).append(index)
+        by_dtype.setdefault(decomposition_dtype(A_stored.dtype), []).append(index)
     for compute, indices in by_dtype.items():
         chosen = [modules[i] for i in indices]
         on = [device if device is not None else A.device for *_, A, _ in chosen]
