@@ -180,7 +180,7 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any) -> Any:
+def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any, analysis: Any) -> Any:
     """The rank-by-function advice for a saved adapter on its base model and held-out texts."""
     from .adapters.base_model import load_onto_base
     from .edit import calibration_batches, load_tokenizer, read_texts
@@ -204,6 +204,7 @@ def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any) 
         energy_threshold=options.min_variance_retention,
         by_module_type=args.by_module_type,
         progress=progress_bars(_verbosity(args)),
+        analysis=analysis,
     )
 
 
@@ -261,6 +262,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
     )
     from .squeeze import analyze_adapter, compress_adapter, print_analysis
     from .squeeze.options import check_ranks_within
+    from .squeeze.rank_choice import compression_rank
 
     analysis = analyze_adapter(
         settings["adapter_path"],
@@ -279,19 +281,15 @@ def _run_squeeze(args: argparse.Namespace) -> int:
             f"{analysis.source_rank} (the weights are used)",
             file=sys.stderr,
         )
-    function = _function_advice(args, settings["adapter_path"], options) if args.base or args.data else None
+    function = (
+        _function_advice(args, settings["adapter_path"], options, analysis)
+        if args.base or args.data
+        else None
+    )
     result = allocation = None
     if output:
-        rank = options.target_rank
-        if rank is None and not options.per_module and function is not None:
-            rank = function.recommended_rank
-        if rank is None and not options.per_module:
-            if analysis.recommended_rank is None:
-                raise LoraMonitorError(
-                    f"{settings['adapter_path']}: {analysis.why_no_recommendation()}; nothing was written "
-                    "(give --rank to compress anyway, or lower --threshold)"
-                )
-            rank = analysis.recommended_rank
+        hint = "give --rank to compress anyway, or lower --threshold"
+        rank = compression_rank(options, analysis, function, hint=hint)
         if args.allocate:
             allocation = _allocate(args, settings["adapter_path"], rank, function)
         result = compress_adapter(
@@ -301,6 +299,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
             min_variance_retention=options.min_variance_retention,
             per_module=options.per_module,
             module_ranks=allocation.module_ranks if allocation else None,
+            analysis=analysis,
             adapter_name=args.adapter_name,
             overwrite=args.overwrite,
             device=device,

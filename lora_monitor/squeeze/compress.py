@@ -43,6 +43,7 @@ from ..errors import LoraMonitorError, check_device
 from ..spectrum import truncate_many
 from .analysis import CHUNK_SIZE, SqueezeAnalysis, _check_finite, _decomposed, _progress, analyse
 from .options import DEFAULT_THRESHOLD, SqueezeOptions, check_ranks_within, validate_rank
+from .rank_choice import compression_ranks
 
 
 @dataclass
@@ -73,26 +74,39 @@ def _plan(
     adapter: OpenedAdapter,
     options: SqueezeOptions,
     module_ranks: Mapping[str, int] | None,
+    analysis: SqueezeAnalysis | None,
     device: str | torch.device | None,
     progress: bool | None,
 ) -> tuple[dict[str, int], SqueezeAnalysis | None]:
-    """The new rank of every module, and the analysis it came from (None for a fixed ``target_rank``)."""
+    """The new rank of every module, and the analysis it came from (None for a fixed ``target_rank`` when
+    none was given): ``analysis`` when the caller has one, else analysed here, once."""
+    if analysis is not None:
+        _check_analysis_of(adapter, options, analysis)
     if module_ranks is not None:
-        return _given_ranks(adapter, options, module_ranks), None
+        return _given_ranks(adapter, options, module_ranks), analysis
     if options.target_rank is not None:
         source_rank = max(m.rank for m in adapter.modules)
         check_ranks_within([options.target_rank], source_rank, "target_rank", adapter.description)
-        return {m.name: min(options.target_rank, m.rank) for m in adapter.modules}, None
-    analysis = analyse(adapter, options, device, progress)
-    if options.per_module:
-        # A zero delta keeps one (zero) direction: PEFT needs r >= 1.
-        return {m.name: max(1, m.minimal_rank) for m in analysis.modules}, analysis
-    if analysis.recommended_rank is None:
+    elif analysis is None:
+        analysis = analyse(adapter, options, device, progress)
+    return compression_ranks(adapter.modules, options, analysis), analysis
+
+
+def _check_analysis_of(adapter: OpenedAdapter, options: SqueezeOptions, analysis: SqueezeAnalysis) -> None:
+    """A :class:`LoraMonitorError` unless ``analysis`` is of this adapter's modules, at these options."""
+    if {m.name: m.rank for m in analysis.modules} != {m.name: m.rank for m in adapter.modules}:
         raise LoraMonitorError(
-            f"{adapter.description}: {analysis.why_no_recommendation()}; nothing was written "
-            "(give target_rank to compress anyway)"
+            f"{adapter.description}: the analysis given is of another adapter ({analysis.source}): its "
+            "modules or ranks differ"
         )
-    return {m.name: min(analysis.recommended_rank, m.rank) for m in adapter.modules}, analysis
+    if options.min_variance_retention != analysis.min_variance_retention or (
+        options.target_ranks is not None and list(options.target_ranks) != analysis.target_ranks
+    ):
+        raise LoraMonitorError(
+            f"{adapter.description}: the analysis given was made at min_variance_retention "
+            f"{analysis.min_variance_retention:g} and target_ranks {analysis.target_ranks}, not at "
+            f"{options.min_variance_retention:g} and {list(options.target_ranks or analysis.target_ranks)}"
+        )
 
 
 def _given_ranks(
@@ -150,6 +164,7 @@ def compress_adapter(
     per_module: bool = False,
     target_ranks: Sequence[int] | None = None,
     module_ranks: Mapping[str, int] | None = None,
+    analysis: SqueezeAnalysis | None = None,
     adapter_name: str | None = None,
     overwrite: bool = False,
     device: str | torch.device | None = None,
@@ -166,6 +181,11 @@ def compress_adapter(
     - ``module_ranks={name: k}``: the ranks you give, e.g. a :class:`~lora_monitor.squeeze.BudgetAllocation`'s
       (modules not named keep their rank).
 
+    The rank is chosen by :func:`~lora_monitor.squeeze.rank_choice.compression_rank`, the same rule as the
+    command's and the end of training's. ``analysis``: an :func:`analyze_adapter` result of this adapter that
+    you already have (printed, say), used instead of analysing again; its threshold and candidate ranks are
+    the defaults then, and other ones given here are refused.
+
     A rank above the adapter's own (``target_rank``, ``target_ranks``; a module's own for ``module_ranks``)
     is refused: a squeeze keeps or lowers a rank.
 
@@ -175,10 +195,10 @@ def compress_adapter(
     may not be the input or inside it, and an existing non-empty ``output_path`` is replaced only with
     ``overwrite=True``. Raises :class:`LoraMonitorError` on bad input (nothing is written then).
     """
+    if min_variance_retention is None:
+        min_variance_retention = DEFAULT_THRESHOLD if analysis is None else analysis.min_variance_retention
     options = SqueezeOptions(
-        min_variance_retention=DEFAULT_THRESHOLD
-        if min_variance_retention is None
-        else min_variance_retention,
+        min_variance_retention=min_variance_retention,
         target_ranks=target_ranks,
         target_rank=target_rank,
         per_module=per_module,
@@ -187,7 +207,7 @@ def compress_adapter(
     adapter = open_adapter(path_or_model, adapter_name, with_state=True)
     output = Path(output_path)
     check_output(output, adapter.folder, overwrite)
-    ranks, analysis = _plan(adapter, options, module_ranks, device, progress)
+    ranks, analysis = _plan(adapter, options, module_ranks, analysis, device, progress)
     assert adapter.tensor is not None and adapter.config is not None
 
     tensors: dict[str, torch.Tensor] = {}

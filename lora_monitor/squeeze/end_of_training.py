@@ -21,6 +21,7 @@ from .compress import CompressionResult, compress_adapter
 from .function import DEFAULT_TOLERANCE, FunctionRecommendation, recommend_rank_by_function
 from .manifest import manifest_entry, summary_scalars, write_squeeze_manifest
 from .options import SqueezeOptions, validate_tolerance
+from .rank_choice import compression_rank
 
 
 @dataclass
@@ -102,6 +103,7 @@ def squeeze_trained_adapter(
                 adapter_name=adapter_name,
                 energy_threshold=options.min_variance_retention,
                 by_module_type=by_module_type,
+                analysis=result.analysis,  # the table above: analysed once
             )
         except Exception as error:  # held-out data that cannot be measured (no scored token, NaN, a collator
             if function_required:  # that gives no batches of tensors): fatal only when it was asked for
@@ -112,15 +114,16 @@ def squeeze_trained_adapter(
         if result.function is not None:
             print_function_recommendation(result.function)
     if compress_to is not None:
-        by_function = result.function is not None and not options.per_module
         try:  # no recommendation is an error naming the closest rank; the analysis is still written
+            rank = compression_rank(options, result.analysis, result.function)
             result.compression = compress_adapter(
                 model,
                 output_dir / compress_to,
                 min_variance_retention=options.min_variance_retention,
                 per_module=options.per_module,
-                target_rank=result.function.recommended_rank if by_function else None,
+                target_rank=rank,
                 target_ranks=options.target_ranks,
+                analysis=result.analysis,
                 adapter_name=adapter_name,
                 overwrite=True,  # a re-run into the same output_dir replaces its own compressed copy
             )

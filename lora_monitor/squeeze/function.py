@@ -25,7 +25,7 @@ from ..adapters.factors import as_A_matrix, as_B_matrix, live_factors
 from ..edit.data import check_scored, finite_loss, is_causal_lm, scored_rows
 from ..errors import LoraMonitorError
 from ..spectrum import truncate_factors
-from .analysis import analyze_adapter
+from .analysis import SqueezeAnalysis, analyze_adapter
 from .options import (
     DEFAULT_THRESHOLD,
     check_ranks_within,
@@ -207,9 +207,10 @@ def recommend_rank_by_function(
     ranks: Sequence[int] | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     adapter_name: str | None = None,
-    energy_threshold: float = DEFAULT_THRESHOLD,
+    energy_threshold: float | None = None,
     by_module_type: bool = False,
     progress: bool | None = None,
+    analysis: SqueezeAnalysis | None = None,
 ) -> FunctionRecommendation:
     """Try every candidate rank on the live PEFT ``model`` and recommend the smallest that keeps its loss.
 
@@ -221,12 +222,16 @@ def recommend_rank_by_function(
     ``by_module_type`` also tries each rank on one module type at a time (the others at full rank): one
     more pass per candidate rank and module type.
     ``progress`` forces the progress bar on or off (by default it shows when stderr is a terminal).
+    ``analysis``: the energy table of this adapter when you already have one (:func:`analyze_adapter`), shown
+    beside the losses instead of analysing again; its candidate ranks and threshold are the defaults then.
     Only scored tokens count: a row with none (every label -100; a one-token text in a causal LM, which has
     nothing to predict) is left out and counted in ``unscored_texts``. Evaluation data that scores no
     token, or a NaN/Inf loss of the uncompressed model, is a :class:`LoraMonitorError`: no advice is
     computed from a NaN.
     """
     tolerance = validate_tolerance(tolerance)
+    if energy_threshold is None:
+        energy_threshold = DEFAULT_THRESHOLD if analysis is None else analysis.min_variance_retention
     energy_threshold = validate_threshold(energy_threshold, "energy_threshold")
     batches = list(eval_batches)
     if not batches:
@@ -239,19 +244,29 @@ def recommend_rank_by_function(
         raise LoraMonitorError("the model has no LoRA modules to truncate")
     source_rank = max(record.rank for record in records)
     if ranks is None:
-        candidates = default_target_ranks(source_rank)
+        candidates = default_target_ranks(source_rank) if analysis is None else list(analysis.target_ranks)
     else:
         candidates = sorted({validate_rank(rank, "every candidate rank") for rank in ranks})
         if not candidates:
             raise LoraMonitorError("ranks is empty: give at least one rank, or None for the default")
-        check_ranks_within(candidates, source_rank, "candidate rank")
-    energy = analyze_adapter(
-        model,
-        min_variance_retention=energy_threshold,
-        target_ranks=candidates,
-        adapter_name=adapter_name,
-        progress=False,
-    )
+    check_ranks_within(candidates, source_rank, "candidate rank")
+    if analysis is None:
+        analysis = analyze_adapter(
+            model,
+            min_variance_retention=energy_threshold,
+            target_ranks=candidates,
+            adapter_name=adapter_name,
+            progress=False,
+        )
+    elif {m.name: m.rank for m in analysis.modules} != {r.name: r.rank for r in records} or (
+        analysis.target_ranks != candidates or analysis.min_variance_retention != energy_threshold
+    ):
+        raise LoraMonitorError(
+            f"the analysis given ({analysis.source}, ranks {analysis.target_ranks} at "
+            f"{analysis.min_variance_retention:g}) is not of this model's LoRA modules at ranks {candidates} "
+            f"and threshold {energy_threshold:g}"
+        )
+    energy = analysis
     pairs = _pairs(model, adapter_name, candidates)
     types = sorted({pair.module_type for pair in pairs}) if by_module_type else []
     # (module type or None for all, rank): which pairs are truncated in that evaluation
