@@ -18,6 +18,7 @@ from transformers import TrainerCallback, TrainerControl, TrainingArguments
 from lora_monitor.adapters import find_lora_modules, records_are_sharded, unwrap_model
 from lora_monitor.errors import LoraMonitorError
 from lora_monitor.monitor.intruders import IntruderDimensions
+from lora_monitor.render.console import print_rank_advice
 from lora_monitor.render.report import write_report
 from lora_monitor.squeeze import CompressionResult, SqueezeAnalysis, SqueezeOptions, gather_adapter
 from lora_monitor.squeeze.end_of_training import squeeze_trained_adapter
@@ -172,8 +173,9 @@ class PostSqueezeCallback(TrainerCallback):
                 by_module_type=self.by_module_type,
                 function_required=self.by_function is True,
                 intruders=self.intruders,
-                print_tables=self.print_table,
             )
+            if self.print_table:  # the feature returns data; the binding prints it
+                print_rank_advice(result.analysis, result.function)
             self.analysis, self.function = result.analysis, result.function
             self.compression, self.intruder_dimensions = result.compression, result.intruders
             for warning in result.warnings:  # what failed without stopping it; the analysis is kept

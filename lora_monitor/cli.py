@@ -254,13 +254,8 @@ def _run_squeeze(args: argparse.Namespace) -> int:
     if args.adapter.endswith(".toml"):  # the adapter it names, checked as the command line's was
         adapter_folder(settings["adapter_path"], args.adapter_name)
 
-    from .render.console import (
-        print_budget_allocation,
-        print_compression,
-        print_function_recommendation,
-        print_json,
-    )
-    from .squeeze import analyze_adapter, compress_adapter, print_analysis
+    from .render.console import print_budget_allocation, print_compression, print_json, print_rank_advice
+    from .squeeze import analyze_adapter, compress_adapter
     from .squeeze.options import check_ranks_within
     from .squeeze.rank_choice import compression_rank
 
@@ -315,9 +310,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    print_analysis(analysis, checked=function is not None)
-    if function is not None:
-        print_function_recommendation(function)
+    print_rank_advice(analysis, function)
     if allocation is not None:
         print_budget_allocation(allocation, rank)
     if result is not None:

@@ -88,7 +88,7 @@ def test_the_three_routes_compress_at_the_rank_a_dense_svd_gives(tmp_path, capsy
     capsys.readouterr()
     options = SqueezeOptions(min_variance_retention=THRESHOLD, per_module=per_module)
     trained = squeeze_trained_adapter(
-        model, tmp_path / "run", options, compress_to="squeezed", print_tables=False, intruders=False
+        model, tmp_path / "run", options, compress_to="squeezed", intruders=False
     )
 
     assert not trained.warnings
@@ -118,7 +118,6 @@ def test_the_end_of_training_analyses_once(tmp_path, monkeypatch, model, per_mod
         SqueezeOptions(per_module=per_module),
         compress_to="squeezed",
         eval_batches=eval_batches if held_out else None,
-        print_tables=False,
         intruders=False,
     )
     assert result.compression is not None and not result.warnings

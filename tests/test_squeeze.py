@@ -25,7 +25,8 @@ from tiny_models import peft_llama, tiny_llama
 
 from lora_monitor.adapters import write_adapter_folder
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.squeeze import analyze_adapter, compress_adapter, default_target_ranks, print_analysis
+from lora_monitor.render.console import print_analysis
+from lora_monitor.squeeze import analyze_adapter, compress_adapter, default_target_ranks
 
 SEED = 0
 

@@ -176,8 +176,6 @@ def test_squeeze_trained_adapter_checks_its_options_before_anything_is_computed(
     from lora_monitor.squeeze import squeeze_trained_adapter
 
     with pytest.raises(LoraMonitorError) as refused:
-        squeeze_trained_adapter(
-            peft_llama(0), tmp_path / "run", SqueezeOptions(), print_tables=False, **arguments
-        )
+        squeeze_trained_adapter(peft_llama(0), tmp_path / "run", SqueezeOptions(), **arguments)
     assert str(refused.value).startswith(message)
     assert not (tmp_path / "run").exists()

@@ -269,6 +269,16 @@ def print_function_recommendation(advice: FunctionRecommendation, console: Conso
     console.print(sides)
 
 
+def print_rank_advice(
+    analysis: SqueezeAnalysis, function: FunctionRecommendation | None = None, console: Console | None = None
+) -> None:
+    """The variance table and, when the rank by function was measured, its table after it: what the command
+    and ``PostSqueezeCallback`` print about the rank to deploy."""
+    print_analysis(analysis, console, checked=function is not None)
+    if function is not None:
+        print_function_recommendation(function, console)
+
+
 def print_compression(result: Any) -> None:
     """One line for a :class:`~lora_monitor.squeeze.CompressionResult`: the folder, how many modules were
     compressed, and to which rank(s)."""

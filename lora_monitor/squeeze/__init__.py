@@ -11,7 +11,8 @@
 - :mod:`.end_of_training`: all of the above on a trained adapter in one call (:func:`squeeze_trained_adapter`,
   what ``PostSqueezeCallback`` runs).
 
-The table itself is drawn by :mod:`lora_monitor.render.console` (re-exported here as :func:`print_analysis`).
+Everything here returns data and prints nothing: the command and ``PostSqueezeCallback`` draw the tables with
+:mod:`lora_monitor.render.console` (``print_analysis``, ``print_function_recommendation``, ``print_rank_advice``).
 """
 
 from typing import TYPE_CHECKING
@@ -21,7 +22,6 @@ from .._lazy import lazy_exports
 # Where each public name lives: a module (and the engine, torch, behind it) is imported the first time one
 # of its names is read, so that the command validates its options (.options imports nothing) at once.
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "..render.console": ("print_analysis", "squeeze_table", "summary_lines"),
     ".analysis": ("GroupRecommendation", "ModuleSqueeze", "SqueezeAnalysis", "analyze_adapter"),
     ".budget": (
         "BudgetAllocation",
@@ -50,10 +50,14 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "validate_tolerance",
     ),
 }
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+# The tables moved to render/ (a feature returns data, its caller prints): the old names work for a release.
+_RENAMED = {
+    name: f"lora_monitor.render.console:{name}"
+    for name in ("print_analysis", "squeeze_table", "summary_lines")
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _RENAMED)
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
-    from ..render.console import print_analysis, squeeze_table, summary_lines
     from .analysis import GroupRecommendation, ModuleSqueeze, SqueezeAnalysis, analyze_adapter
     from .budget import (
         BudgetAllocation,
@@ -102,12 +106,9 @@ __all__ = [
     "gather_adapter",
     "manifest_entry",
     "parameters_per_rank",
-    "print_analysis",
     "read_squeeze_toml",
     "recommend_rank_by_function",
-    "squeeze_table",
     "squeeze_trained_adapter",
-    "summary_lines",
     "uniform_budget",
     "validate_rank",
     "validate_ranks",
