@@ -2,7 +2,7 @@
 
 Importing such a package costs nothing, so that the command's ``--help`` and its checks of the arguments
 answer before torch, PEFT and transformers are imported (a second or more): ``lora_monitor`` itself, and
-``lora_monitor.squeeze``, ``.allocation`` and ``.edit``, whose options the command validates first.
+``lora_monitor.post_squeeze``, ``.allocation`` and ``.edit``, whose options the command validates first.
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any, 
     from .adapters.base_model import load_onto_base
     from .edit import calibration_batches, load_tokenizer, read_texts
     from .edit.data import check_scored, is_causal_lm
-    from .squeeze.function import recommend_rank_by_function
+    from .post_squeeze.held_out import recommend_rank_by_function
 
     if not (args.base and args.data):
         raise LoraMonitorError("--base and --data go together: the base model and the held-out texts")
@@ -199,9 +199,9 @@ def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any, 
     return recommend_rank_by_function(
         model,
         batches,
-        ranks=options.target_ranks,
+        ranks=options.candidate_ranks,
         tolerance=args.tolerance,
-        energy_threshold=options.min_variance_retention,
+        min_variance_retention=options.min_variance_retention,
         by_module_type=args.by_module_type,
         progress=progress_bars(_verbosity(args)),
         analysis=analysis,
@@ -213,7 +213,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
 
     # Only the options module first (it imports nothing heavy): every option is checked before the engine,
     # torch and the console are imported, so that a wrong option is answered at once.
-    from .squeeze.options import SqueezeOptions, read_squeeze_toml
+    from .post_squeeze.options import SqueezeOptions, read_squeeze_toml
 
     settings: dict[str, Any] = {"adapter_path": args.adapter}
     where = "lora-monitor squeeze"
@@ -224,7 +224,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
     options = SqueezeOptions.from_mapping(settings, where)
     overrides = {
         "min_variance_retention": args.threshold,
-        "target_ranks": _integers(args.ranks, "--ranks") if args.ranks is not None else None,
+        "candidate_ranks": _integers(args.ranks, "--ranks") if args.ranks is not None else None,
         "target_rank": args.rank,
     }
     if args.per_module:
@@ -247,22 +247,22 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         args.by_module_type = True
     if args.base or args.data:  # the rank by function's options
         from .edit.options import check_batching
-        from .squeeze.options import validate_tolerance
+        from .post_squeeze.options import validate_tolerance
 
         validate_tolerance(args.tolerance)
         check_batching(args.batch_size, args.max_length, args.samples)
     if args.adapter.endswith(".toml"):  # the adapter it names, checked as the command line's was
         adapter_folder(settings["adapter_path"], args.adapter_name)
 
+    from .post_squeeze import analyze_adapter, compress_adapter
+    from .post_squeeze.options import check_ranks_within
+    from .post_squeeze.rank_choice import compression_rank
     from .render.console import print_budget_allocation, print_compression, print_json, print_rank_advice
-    from .squeeze import analyze_adapter, compress_adapter
-    from .squeeze.options import check_ranks_within
-    from .squeeze.rank_choice import compression_rank
 
     analysis = analyze_adapter(
         settings["adapter_path"],
         min_variance_retention=options.min_variance_retention,
-        target_ranks=options.target_ranks,
+        candidate_ranks=options.candidate_ranks,
         adapter_name=args.adapter_name,
         device=device,
         progress=progress_bars(_verbosity(args)),
@@ -320,12 +320,12 @@ def _run_squeeze(args: argparse.Namespace) -> int:
 
 def _allocate(args: argparse.Namespace, adapter_path: str, rank: int, function: Any) -> Any:
     """Per-module ranks within the parameters of ``rank`` everywhere (``--allocate``)."""
-    from .squeeze import allocate_by_energy, allocate_by_sensitivity, uniform_budget
+    from .post_squeeze import budget_ranks_by_energy, budget_ranks_by_sensitivity, uniform_budget
 
     budget = uniform_budget(adapter_path, rank, args.adapter_name)
     if args.allocate == "energy":
-        return allocate_by_energy(adapter_path, budget, adapter_name=args.adapter_name)
-    return allocate_by_sensitivity(adapter_path, function, budget, adapter_name=args.adapter_name)
+        return budget_ranks_by_energy(adapter_path, budget, adapter_name=args.adapter_name)
+    return budget_ranks_by_sensitivity(adapter_path, function, budget, adapter_name=args.adapter_name)
 
 
 # ---- allocate (per-layer ranks from base-weight spectra) -------------------------------------------------

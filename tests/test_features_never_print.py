@@ -9,7 +9,7 @@ import pytest
 from tiny_models import peft_llama
 
 import lora_monitor
-from lora_monitor.squeeze import SqueezeOptions, squeeze_trained_adapter
+from lora_monitor.post_squeeze import SqueezeOptions, squeeze_trained_adapter
 
 PACKAGE = Path(lora_monitor.__file__).parent
 # What may import render/: the public API (write_report), the tables' room, the command, the bindings.

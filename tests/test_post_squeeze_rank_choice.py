@@ -9,9 +9,9 @@ from _squeeze_helpers import decay_spectrum, dense_deltas, lora_layers
 from peft import PeftModel
 from tiny_models import peft_llama, tiny_llama
 
-import lora_monitor.squeeze.analysis as analysis_module
+import lora_monitor.post_squeeze.analysis as analysis_module
 from lora_monitor.cli import main
-from lora_monitor.squeeze import SqueezeOptions, compress_adapter, squeeze_trained_adapter
+from lora_monitor.post_squeeze import SqueezeOptions, compress_adapter, squeeze_trained_adapter
 
 THRESHOLD = 0.9
 
@@ -128,7 +128,7 @@ def test_the_end_of_training_analyses_once(tmp_path, monkeypatch, model, per_mod
 
 def test_compress_adapter_takes_an_analysis_and_refuses_one_of_other_options(tmp_path, monkeypatch, folder):
     from lora_monitor.errors import LoraMonitorError
-    from lora_monitor.squeeze import analyze_adapter
+    from lora_monitor.post_squeeze import analyze_adapter
 
     analysis = analyze_adapter(folder, min_variance_retention=THRESHOLD)
     calls = count_analyses(monkeypatch)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .._deprecation import renamed_keywords
 from .._io import json_safe
 from ..adapters import (
     BIN_NAME,
@@ -100,12 +101,12 @@ def _check_analysis_of(adapter: OpenedAdapter, options: SqueezeOptions, analysis
             "modules or ranks differ"
         )
     if options.min_variance_retention != analysis.min_variance_retention or (
-        options.target_ranks is not None and list(options.target_ranks) != analysis.target_ranks
+        options.candidate_ranks is not None and list(options.candidate_ranks) != analysis.candidate_ranks
     ):
         raise LoraMonitorError(
             f"{adapter.description}: the analysis given was made at min_variance_retention "
-            f"{analysis.min_variance_retention:g} and target_ranks {analysis.target_ranks}, not at "
-            f"{options.min_variance_retention:g} and {list(options.target_ranks or analysis.target_ranks)}"
+            f"{analysis.min_variance_retention:g} and candidate_ranks {analysis.candidate_ranks}, not at "
+            f"{options.min_variance_retention:g} and {list(options.candidate_ranks or analysis.candidate_ranks)}"
         )
 
 
@@ -155,6 +156,7 @@ def gather_adapter(model: torch.nn.Module, adapter_name: str | None = None) -> A
     return model
 
 
+@renamed_keywords(target_ranks="candidate_ranks")
 def compress_adapter(
     path_or_model: Any,
     output_path: str | os.PathLike,
@@ -162,7 +164,7 @@ def compress_adapter(
     target_rank: int | None = None,
     min_variance_retention: float | None = None,
     per_module: bool = False,
-    target_ranks: Sequence[int] | None = None,
+    candidate_ranks: Sequence[int] | None = None,
     module_ranks: Mapping[str, int] | None = None,
     analysis: SqueezeAnalysis | None = None,
     adapter_name: str | None = None,
@@ -176,17 +178,17 @@ def compress_adapter(
     - ``per_module=True``: each module gets the smallest rank keeping ``min_variance_retention`` of its
       ``‖ΔW‖²_F`` (written as ``rank_pattern``/``alpha_pattern``).
     - neither: one rank for all, the analysis's ``recommended_rank`` at ``min_variance_retention``
-      (default 0.95) among ``target_ranks`` (default: powers of two up to the adapter's rank, and that rank);
+      (default 0.95) among ``candidate_ranks`` (default: powers of two up to the adapter's rank, and that rank);
       when no candidate reaches the threshold the error says which rank came closest and what it keeps.
-    - ``module_ranks={name: k}``: the ranks you give, e.g. a :class:`~lora_monitor.squeeze.BudgetAllocation`'s
+    - ``module_ranks={name: k}``: the ranks you give, e.g. a :class:`~lora_monitor.post_squeeze.BudgetRanks`'s
       (modules not named keep their rank).
 
-    The rank is chosen by :func:`~lora_monitor.squeeze.rank_choice.compression_rank`, the same rule as the
+    The rank is chosen by :func:`~lora_monitor.post_squeeze.rank_choice.compression_rank`, the same rule as the
     command's and the end of training's. ``analysis``: an :func:`analyze_adapter` result of this adapter that
     you already have (printed, say), used instead of analysing again; its threshold and candidate ranks are
     the defaults then, and other ones given here are refused.
 
-    A rank above the adapter's own (``target_rank``, ``target_ranks``; a module's own for ``module_ranks``)
+    A rank above the adapter's own (``target_rank``, ``candidate_ranks``; a module's own for ``module_ranks``)
     is refused: a squeeze keeps or lowers a rank.
 
     Modules already at or below their new rank are copied unchanged. Every module keeps its scale exactly;
@@ -199,7 +201,7 @@ def compress_adapter(
         min_variance_retention = DEFAULT_THRESHOLD if analysis is None else analysis.min_variance_retention
     options = SqueezeOptions(
         min_variance_retention=min_variance_retention,
-        target_ranks=target_ranks,
+        candidate_ranks=candidate_ranks,
         target_rank=target_rank,
         per_module=per_module,
     )

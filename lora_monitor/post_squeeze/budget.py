@@ -2,10 +2,10 @@
 
 Two ways to spend a budget of ``Σ r_i·(m_i + n_i)`` LoRA parameters:
 
-- by **energy** (:func:`allocate_by_energy`): the ranks that keep the most of the whole adapter's
+- by **energy** (:func:`budget_ranks_by_energy`): the ranks that keep the most of the whole adapter's
   ``Σ‖s·B@A‖²_F``. Each extra direction of module ``i`` adds ``σ²`` at a cost of ``m_i + n_i`` parameters;
   spectra descend, so taking the best gain per parameter first is optimal up to the last direction.
-- by **sensitivity** (:func:`allocate_by_sensitivity`): one rank per module type, the combination whose
+- by **sensitivity** (:func:`budget_ranks_by_sensitivity`): one rank per module type, the combination whose
   measured held-out loss increases (:func:`recommend_rank_by_function` with ``by_module_type=True``: each
   type truncated alone) sum to the least within the budget; found exactly over the candidate ranks.
 
@@ -24,12 +24,12 @@ from typing import Any
 from ..adapters import LoraModule, open_adapter
 from ..errors import LoraMonitorError, check_number
 from .analysis import analyze_adapter
-from .function import FunctionRecommendation
+from .held_out import FunctionRecommendation
 from .options import validate_rank
 
 
 @dataclass
-class BudgetAllocation:
+class BudgetRanks:
     """Per-module ranks whose LoRA parameters fit ``budget``, and what they keep.
 
     ``parameters`` is what the ranks cost (``≤ budget``); ``retained`` the fraction of the whole adapter's
@@ -83,9 +83,9 @@ def _check_budget(budget: int, modules: list[LoraModule]) -> None:
         )
 
 
-def allocate_by_energy(
+def budget_ranks_by_energy(
     path_or_model: Any, budget: int, *, adapter_name: str | None = None
-) -> BudgetAllocation:
+) -> BudgetRanks:
     """Per-module ranks within ``budget`` parameters that keep the most of the adapter's ``Σ‖ΔW‖²_F``."""
     budget = _whole_budget(budget)
     adapter = open_adapter(path_or_model, adapter_name)
@@ -111,23 +111,23 @@ def allocate_by_energy(
         spent += cost[name]
         if ranks[name] < len(spectra[name]) and spectra[name][ranks[name]] > 0:
             heapq.heappush(frontier, (-(spectra[name][ranks[name]] ** 2) / cost[name], name))
-    return BudgetAllocation("energy", budget, spent, ranks, _retained(spectra, ranks))
+    return BudgetRanks("energy", budget, spent, ranks, _retained(spectra, ranks))
 
 
-def allocate_by_sensitivity(
+def budget_ranks_by_sensitivity(
     path_or_model: Any,
     function: FunctionRecommendation,
     budget: int,
     *,
     adapter_name: str | None = None,
-) -> BudgetAllocation:
+) -> BudgetRanks:
     """One rank per module type within ``budget`` parameters, minimising the summed held-out loss increase
     measured with each type truncated alone (``function`` from ``recommend_rank_by_function(...,
     by_module_type=True)`` on the same adapter)."""
     budget = _whole_budget(budget)
     if not function.type_evaluations:
         raise LoraMonitorError(
-            "allocate_by_sensitivity needs the loss of each module type truncated alone: run "
+            "budget_ranks_by_sensitivity needs the loss of each module type truncated alone: run "
             "recommend_rank_by_function(..., by_module_type=True)"
         )
     modules = open_adapter(path_or_model, adapter_name).modules
@@ -174,7 +174,7 @@ def allocate_by_sensitivity(
             f"every combination of ranks within the parameter budget {budget} gives a NaN or Inf loss"
         )
     ranks = {m.name: min(type_ranks[m.module_type], m.rank) for m in modules}
-    return BudgetAllocation(
+    return BudgetRanks(
         "sensitivity",
         budget,
         spent,

@@ -16,7 +16,7 @@ from .options import SqueezeOptions
 
 if TYPE_CHECKING:
     from .analysis import SqueezeAnalysis
-    from .function import FunctionRecommendation
+    from .held_out import FunctionRecommendation
 
 
 class _RankedModule(Protocol):

@@ -18,7 +18,7 @@ from ..errors import LoraMonitorError
 from ..monitor.intruders import IntruderDimensions, intruder_dimensions
 from .analysis import SqueezeAnalysis, analyze_adapter
 from .compress import CompressionResult, compress_adapter
-from .function import DEFAULT_TOLERANCE, FunctionRecommendation, recommend_rank_by_function
+from .held_out import DEFAULT_TOLERANCE, FunctionRecommendation, recommend_rank_by_function
 from .manifest import manifest_entry, summary_scalars, write_squeeze_manifest
 from .options import SqueezeOptions, validate_tolerance
 from .rank_choice import compression_rank
@@ -98,7 +98,7 @@ def squeeze_trained_adapter(
         analyze_adapter(
             model,
             min_variance_retention=options.min_variance_retention,
-            target_ranks=options.target_ranks,
+            candidate_ranks=options.candidate_ranks,
             adapter_name=adapter_name,
         )
     )
@@ -107,10 +107,10 @@ def squeeze_trained_adapter(
             result.function = recommend_rank_by_function(
                 model,
                 eval_batches(),
-                ranks=options.target_ranks,
+                ranks=options.candidate_ranks,
                 tolerance=tolerance,
                 adapter_name=adapter_name,
-                energy_threshold=options.min_variance_retention,
+                min_variance_retention=options.min_variance_retention,
                 by_module_type=by_module_type,
                 analysis=result.analysis,  # the table above: analysed once
             )
@@ -127,7 +127,7 @@ def squeeze_trained_adapter(
                 min_variance_retention=options.min_variance_retention,
                 per_module=options.per_module,
                 target_rank=rank,
-                target_ranks=options.target_ranks,
+                candidate_ranks=options.candidate_ranks,
                 analysis=result.analysis,
                 adapter_name=adapter_name,
                 overwrite=True,  # a re-run into the same output_dir replaces its own compressed copy
