@@ -286,7 +286,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         hint = "give --rank to compress anyway, or lower --threshold"
         rank = compression_rank(options, analysis, function, hint=hint)
         if args.allocate:
-            allocation = _allocate(args, settings["adapter_path"], rank, function)
+            allocation = _allocate(args, settings["adapter_path"], rank, function, analysis)
         result = compress_adapter(
             settings["adapter_path"],
             output,
@@ -318,14 +318,16 @@ def _run_squeeze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _allocate(args: argparse.Namespace, adapter_path: str, rank: int, function: Any) -> Any:
+def _allocate(args: argparse.Namespace, adapter_path: str, rank: int, function: Any, analysis: Any) -> Any:
     """Per-module ranks within the parameters of ``rank`` everywhere (``--allocate``)."""
     from .post_squeeze import budget_ranks_by_energy, budget_ranks_by_sensitivity, uniform_budget
 
     budget = uniform_budget(adapter_path, rank, args.adapter_name)
     if args.allocate == "energy":
-        return budget_ranks_by_energy(adapter_path, budget, adapter_name=args.adapter_name)
-    return budget_ranks_by_sensitivity(adapter_path, function, budget, adapter_name=args.adapter_name)
+        return budget_ranks_by_energy(adapter_path, budget, adapter_name=args.adapter_name, analysis=analysis)
+    return budget_ranks_by_sensitivity(
+        adapter_path, function, budget, adapter_name=args.adapter_name, analysis=analysis
+    )
 
 
 # ---- allocate (per-layer ranks from base-weight spectra) -------------------------------------------------

@@ -98,9 +98,12 @@ def test_the_three_routes_compress_at_the_rank_a_dense_svd_gives(tmp_path, capsy
     assert reloaded_ranks(tmp_path / "run" / "squeezed") == expected
 
 
-def test_the_command_per_module_analyses_once(tmp_path, capsys, monkeypatch, folder):
+@pytest.mark.parametrize(
+    "route", [["--per-module"], ["--allocate", "energy"]], ids=["per-module", "allocate"]
+)
+def test_the_command_analyses_once(tmp_path, capsys, monkeypatch, folder, route):
     calls = count_analyses(monkeypatch)
-    assert main(["squeeze", str(folder), "--per-module", "--out", str(tmp_path / "out")]) == 0
+    assert main(["squeeze", str(folder), *route, "--out", str(tmp_path / "out")]) == 0
     assert "Wrote" in capsys.readouterr().out
     assert calls[0] == 1
 

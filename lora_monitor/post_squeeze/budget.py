@@ -23,7 +23,7 @@ from typing import Any
 
 from ..adapters import LoraModule, open_adapter
 from ..errors import LoraMonitorError, check_number
-from .analysis import analyze_adapter
+from .analysis import SqueezeAnalysis, analyze_adapter
 from .held_out import FunctionRecommendation
 from .options import validate_rank
 
@@ -84,14 +84,19 @@ def _check_budget(budget: int, modules: list[LoraModule]) -> None:
 
 
 def budget_ranks_by_energy(
-    path_or_model: Any, budget: int, *, adapter_name: str | None = None
+    path_or_model: Any,
+    budget: int,
+    *,
+    adapter_name: str | None = None,
+    analysis: SqueezeAnalysis | None = None,
 ) -> BudgetRanks:
-    """Per-module ranks within ``budget`` parameters that keep the most of the adapter's ``Σ‖ΔW‖²_F``."""
+    """Per-module ranks within ``budget`` parameters that keep the most of the adapter's ``Σ‖ΔW‖²_F``
+    (``analysis``: this adapter's :func:`analyze_adapter` result when you have one; its spectra are used)."""
     budget = _whole_budget(budget)
     adapter = open_adapter(path_or_model, adapter_name)
     modules = adapter.modules
     _check_budget(budget, modules)
-    spectra = _spectra(path_or_model, adapter_name)
+    spectra = _spectra(path_or_model, adapter_name, analysis, modules)
     cost = {m.name: parameters_per_rank(m) for m in modules}
     ranks = {m.name: 1 for m in modules}
     spent = sum(cost.values())
@@ -120,6 +125,7 @@ def budget_ranks_by_sensitivity(
     budget: int,
     *,
     adapter_name: str | None = None,
+    analysis: SqueezeAnalysis | None = None,
 ) -> BudgetRanks:
     """One rank per module type within ``budget`` parameters, minimising the summed held-out loss increase
     measured with each type truncated alone (``function`` from ``recommend_rank_by_function(...,
@@ -179,14 +185,25 @@ def budget_ranks_by_sensitivity(
         budget,
         spent,
         ranks,
-        _retained(_spectra(path_or_model, adapter_name), ranks),
+        _retained(_spectra(path_or_model, adapter_name, analysis, modules), ranks),
         type_ranks,
         loss,
     )
 
 
-def _spectra(path_or_model: Any, adapter_name: str | None) -> dict[str, list[float]]:
-    analysis = analyze_adapter(path_or_model, adapter_name=adapter_name, progress=False)
+def _spectra(
+    path_or_model: Any,
+    adapter_name: str | None,
+    analysis: SqueezeAnalysis | None,
+    modules: list[LoraModule],
+) -> dict[str, list[float]]:
+    """Each module's singular values: from ``analysis`` when given (no second decomposition), else analysed."""
+    if analysis is None:
+        analysis = analyze_adapter(path_or_model, adapter_name=adapter_name, progress=False)
+    elif {m.name: m.rank for m in analysis.modules} != {m.name: m.rank for m in modules}:
+        raise LoraMonitorError(
+            f"the analysis given is of another adapter ({analysis.source}): its modules differ"
+        )
     return {module.name: module.singular_values for module in analysis.modules}
 
 
