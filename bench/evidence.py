@@ -19,8 +19,8 @@ decay), each at every learning rate of a small grid (3e-4, 2e-3), the one used p
   cont-squeeze 64→8 at 80%   (d): one squeeze to 8 after 80% of the steps, trained on at rank 8
   budget squeeze 64→4/8      the r=64 run again (same seed, bit-identical), squeezed to the parameter budget of
                              uniform rank 4 and 8 three ways: uniform, per-module ranks by energy
-                             (allocate_by_energy) and one rank per module type by the dev loss each type
-                             loses alone (allocate_by_sensitivity); each written, reloaded and evaluated
+                             (budget_ranks_by_energy) and one rank per module type by the dev loss each type
+                             loses alone (budget_ranks_by_sensitivity); each written, reloaded and evaluated
   in-squeeze (defaults)      (e): InSqueezeCallback(target_rank=8) with the library's default arguments
                              (lr_scaling="rank": each squeezed module's step × r_source/r_now)
   in-squeeze lr_scaling=...  diagnosis: "none" (the default before this evidence) and "sqrt"
@@ -421,7 +421,7 @@ def squeeze_source_extras(model, dev, test) -> dict:
     from peft import PeftModel
 
     from lora_monitor import compress_adapter
-    from lora_monitor.squeeze.function import recommend_rank_by_function
+    from lora_monitor.post_squeeze.held_out import recommend_rank_by_function
 
     started = time.perf_counter()
     advice = recommend_rank_by_function(model, [batch for _, batch in dev], ranks=KNEE_RANKS, progress=False)
@@ -479,9 +479,9 @@ def budget_extras(model, dev, test) -> dict:
     from peft import PeftModel
 
     from lora_monitor import compress_adapter
-    from lora_monitor.squeeze import (
-        allocate_by_energy,
-        allocate_by_sensitivity,
+    from lora_monitor.post_squeeze import (
+        budget_ranks_by_energy,
+        budget_ranks_by_sensitivity,
         recommend_rank_by_function,
         uniform_budget,
     )
@@ -495,8 +495,8 @@ def budget_extras(model, dev, test) -> dict:
             budget = uniform_budget(model, rank)
             plans = {
                 "uniform": None,
-                "energy": allocate_by_energy(model, budget),
-                "sensitivity": allocate_by_sensitivity(model, function, budget),
+                "energy": budget_ranks_by_energy(model, budget),
+                "sensitivity": budget_ranks_by_sensitivity(model, function, budget),
             }
             results = {}
             for method, plan in plans.items():

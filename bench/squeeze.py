@@ -114,7 +114,7 @@ def run_step(step: str, folder: Path, out: Path, rank: int) -> dict:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     from safetensors.torch import load_file, save_file
 
-    from lora_monitor.squeeze import analyze_adapter, compress_adapter
+    from lora_monitor.post_squeeze import analyze_adapter, compress_adapter
 
     # load LAPACK and friends before the clock starts: a one-off cost of any process, not of a step
     torch.linalg.svd(torch.randn(8, 8))

@@ -1,5 +1,5 @@
 """PostSqueezeCallback: when training ends, the variance table of the final adapter and, optionally, its
-compressed copy. The analysis itself is :func:`lora_monitor.squeeze.analyze_adapter`; this is the glue.
+compressed copy. The analysis itself is :func:`lora_monitor.post_squeeze.analyze_adapter`; this is the glue.
 
     trainer = Trainer(model=peft_model, args=args, train_dataset=data,
                       callbacks=[PostSqueezeCallback(min_variance_retention=0.95, compress=True)])
@@ -15,15 +15,17 @@ from typing import Any
 
 from transformers import TrainerControl, TrainingArguments
 
+from lora_monitor._deprecation import renamed_keywords
 from lora_monitor.adapters import find_lora_modules, records_are_sharded, unwrap_model
 from lora_monitor.errors import LoraMonitorError
 from lora_monitor.monitor.intruders import IntruderDimensions
+from lora_monitor.post_squeeze import CompressionResult, SqueezeAnalysis, SqueezeOptions, gather_adapter
+from lora_monitor.post_squeeze.end_of_training import squeeze_trained_adapter
+from lora_monitor.post_squeeze.held_out import DEFAULT_TOLERANCE, FunctionRecommendation
+from lora_monitor.post_squeeze.manifest import TABLE_COLUMNS, summary_scalars, table_rows
+from lora_monitor.post_squeeze.options import checked_eval_batches, validate_tolerance
+from lora_monitor.render.console import print_rank_advice
 from lora_monitor.render.report import write_report
-from lora_monitor.squeeze import CompressionResult, SqueezeAnalysis, SqueezeOptions, gather_adapter
-from lora_monitor.squeeze.end_of_training import squeeze_trained_adapter
-from lora_monitor.squeeze.function import DEFAULT_TOLERANCE, FunctionRecommendation
-from lora_monitor.squeeze.manifest import TABLE_COLUMNS, summary_scalars, table_rows
-from lora_monitor.squeeze.options import checked_eval_batches, validate_tolerance
 
 from ._base import TrainerBoundCallback
 
@@ -47,22 +49,23 @@ class PostSqueezeCallback(TrainerBoundCallback):
     By function (``by_function="auto"``, the default, whenever there is held-out data: ``eval_batches``, or
     the Trainer's eval dataloader (the one it last evaluated on, else one built from its ``eval_dataset``);
     ``True`` requires it) every candidate rank is also tried in place on the
-    trained model, one pass per rank (:func:`~lora_monitor.squeeze.function.recommend_rank_by_function`); the
+    trained model, one pass per rank (:func:`~lora_monitor.post_squeeze.held_out.recommend_rank_by_function`); the
     smallest rank within ``tolerance`` of the full adapter's loss is printed beside the energy advice (per
     type with ``by_module_type``), kept as ``callback.function``, written to the manifest and used by
     ``compress``. Without held-out data (or under FSDP2, or ``by_function=False``) the energy rank is
     printed as what it is, an upper bound; the manifest's ``recommendation_basis`` says which one it is.
 
-    Its options are checked when it is built; what needs the Trainer (the adapter, ``target_ranks`` against
+    Its options are checked when it is built; what needs the Trainer (the adapter, ``candidate_ranks`` against
     its rank, held-out data for ``by_function``) at ``on_train_begin``, before the first step: either stops
     with a :class:`~lora_monitor.errors.LoraMonitorError`, never after a whole run.
     """
 
+    @renamed_keywords(target_ranks="candidate_ranks")  # the old name, for a release
     def __init__(
         self,
         min_variance_retention: float = 0.95,
         compress: bool = False,
-        target_ranks: Sequence[int] | None = None,
+        candidate_ranks: Sequence[int] | None = None,
         output_subdir: str = "squeezed",
         *,
         per_module: bool = False,
@@ -77,7 +80,7 @@ class PostSqueezeCallback(TrainerBoundCallback):
     ) -> None:
         self.options = SqueezeOptions(
             min_variance_retention=min_variance_retention,
-            target_ranks=target_ranks,
+            candidate_ranks=candidate_ranks,
             per_module=per_module,
             where="PostSqueezeCallback",
         )
@@ -112,10 +115,10 @@ class PostSqueezeCallback(TrainerBoundCallback):
         super().on_train_begin(args, state, control, **kwargs)
         if model is not None:  # fail before training, not after it, when there is nothing to squeeze
             largest = max(module.rank for module in find_lora_modules(unwrap_model(model), self.adapter_name))
-            above = [rank for rank in self.options.target_ranks or () if rank > largest]
+            above = [rank for rank in self.options.candidate_ranks or () if rank > largest]
             if above:
                 raise LoraMonitorError(
-                    f"PostSqueezeCallback: target_ranks {list(self.options.target_ranks)} holds "
+                    f"PostSqueezeCallback: candidate_ranks {list(self.options.candidate_ranks)} holds "
                     f"{', '.join(map(str, above))}, above the adapter's largest rank {largest}: a compressed "
                     f"adapter has at most the directions it was trained with; give ranks up to {largest}"
                 )
@@ -168,8 +171,9 @@ class PostSqueezeCallback(TrainerBoundCallback):
                 by_module_type=self.by_module_type,
                 function_required=self.by_function is True,
                 intruders=self.intruders,
-                print_tables=self.print_table,
             )
+            if self.print_table:  # the feature returns data; the binding prints it
+                print_rank_advice(result.analysis, result.function)
             self.analysis, self.function = result.analysis, result.function
             self.compression, self.intruder_dimensions = result.compression, result.intruders
             for warning in result.warnings:  # what failed without stopping it; the analysis is kept

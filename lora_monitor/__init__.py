@@ -77,7 +77,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "truncate_many",
         "weight_singular_values",
     ),
-    ".squeeze": ("SqueezeAnalysis", "analyze_adapter", "compress_adapter", "recommend_rank_by_function"),
+    ".post_squeeze": ("SqueezeAnalysis", "analyze_adapter", "compress_adapter", "recommend_rank_by_function"),
     ".monitor.check": ("Monitor",),
 }
 __version__ = "0.1.0"
@@ -111,6 +111,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         summarize,
     )
     from .monitor.check import Monitor
+    from .post_squeeze import SqueezeAnalysis, analyze_adapter, compress_adapter, recommend_rank_by_function
     from .render import write_report
     from .spectrum import (
         LinearOperator,
@@ -130,7 +131,6 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         truncate_many,
         weight_singular_values,
     )
-    from .squeeze import SqueezeAnalysis, analyze_adapter, compress_adapter, recommend_rank_by_function
 
 __all__ = [
     "Alert",

@@ -23,7 +23,7 @@ from lora_monitor.adapters import load_adapter
 from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback
 from lora_monitor.cli import main
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.squeeze import analyze_adapter, compress_adapter
+from lora_monitor.post_squeeze import analyze_adapter, compress_adapter
 
 
 @pytest.fixture()
@@ -231,7 +231,7 @@ def test_stale_staging_is_removed_by_the_next_write(tmp_path, capsys, adapter_fo
 
 
 def test_no_rank_reaches_the_threshold_is_said_as_such(tmp_path, capsys, adapter_folder):
-    analysis = analyze_adapter(adapter_folder, target_ranks=[1, 2], min_variance_retention=0.99)
+    analysis = analyze_adapter(adapter_folder, candidate_ranks=[1, 2], min_variance_retention=0.99)
     kept = analysis.mean_variance[2]
     assert analysis.recommended_rank is None and kept < 0.99 and analysis.num_modules == 14
     expected = f"no rank in [1, 2] keeps 99% on average; rank 2 keeps {100 * kept:.1f}%"
@@ -247,7 +247,7 @@ def test_no_rank_reaches_the_threshold_is_said_as_such(tmp_path, capsys, adapter
     assert_one_line_error(status, out, err, expected, "nothing was written")
 
     with pytest.raises(LoraMonitorError) as caught:
-        compress_adapter(adapter_folder, tmp_path / "o", target_ranks=[1, 2], min_variance_retention=0.99)
+        compress_adapter(adapter_folder, tmp_path / "o", candidate_ranks=[1, 2], min_variance_retention=0.99)
     assert expected in str(caught.value) and "zero" not in str(caught.value)
     assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
 
@@ -263,7 +263,7 @@ def test_all_zero_adapter_is_still_called_zero(tmp_path, capsys):
 
 
 def test_callback_says_which_rank_came_closest(tmp_path, lm_dataset, caplog, capsys):
-    callback = PostSqueezeCallback(min_variance_retention=0.999, compress=True, target_ranks=[1])
+    callback = PostSqueezeCallback(min_variance_retention=0.999, compress=True, candidate_ranks=[1])
     with caplog.at_level(logging.WARNING):
         train(tmp_path, lm_dataset, callback)
     analysis = callback.analysis

@@ -48,7 +48,7 @@ def test_engine_on_the_device_matches_a_dense_float64_reference(device):
 def test_trainer_on_the_device_with_the_monitor_and_post_squeeze(device, tmp_path, lm_dataset):
     model = peft_llama(0, init_lora_weights=True, r=8)
     monitor = SpectralMonitorCallback(every_n_steps=2)
-    squeeze = PostSqueezeCallback(compress=True, target_ranks=[2, 4, 8], min_variance_retention=0.8)
+    squeeze = PostSqueezeCallback(compress=True, candidate_ranks=[2, 4, 8], min_variance_retention=0.8)
     args = training_args(tmp_path / "run", max_steps=4, use_cpu=device == "cpu")
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset, callbacks=[monitor, squeeze])
     trainer.train()

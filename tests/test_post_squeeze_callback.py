@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 from lora_monitor.callbacks.monitor import SpectralMonitorCallback
 from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.squeeze import analyze_adapter
+from lora_monitor.post_squeeze import analyze_adapter
 
 
 def train(tmp_path, lm_dataset, callback, steps=4, **overrides):
@@ -51,7 +51,7 @@ def test_analysis_table_and_manifest(tmp_path, lm_dataset, capsys):
 def test_existing_manifest_gets_a_squeeze_entry_and_compressed_adapter(tmp_path, lm_dataset):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "manifest.json").write_text(json.dumps({"runs": ["a"]}))
-    callback = PostSqueezeCallback(min_variance_retention=0.8, compress=True, target_ranks=[1, 2, 4, 8])
+    callback = PostSqueezeCallback(min_variance_retention=0.8, compress=True, candidate_ranks=[1, 2, 4, 8])
     model, _ = train(tmp_path, lm_dataset, callback)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["runs"] == ["a"]
@@ -86,9 +86,9 @@ def test_wandb_offline_summary(tmp_path, lm_dataset, monkeypatch):
     assert summary["squeeze/min_variance_retention"] == 0.9
     # the logged table, as W&B stored it in the run's files
     table = json.loads((runs[0] / "files" / summary["squeeze/variance_table/path"]).read_text())
-    assert [row[0] for row in table["data"]] == callback.analysis.target_ranks
+    assert [row[0] for row in table["data"]] == callback.analysis.candidate_ranks
     assert [row[1] for row in table["data"]] == pytest.approx(
-        [callback.analysis.mean_variance[k] for k in callback.analysis.target_ranks]
+        [callback.analysis.mean_variance[k] for k in callback.analysis.candidate_ranks]
     )
 
 
@@ -114,17 +114,17 @@ def test_no_lora_fails_before_training_and_bad_weights_do_not_crash_the_end(tmp_
     callback.on_train_end(args, state, control, model=model)  # logs, does not raise
     assert callback.analysis is None
     assert "model.layers.0.mlp.up_proj" in callback.error
-    for bad in ({"min_variance_retention": 0}, {"target_ranks": [0]}, {"output_subdir": "../elsewhere"}):
+    for bad in ({"min_variance_retention": 0}, {"candidate_ranks": [0]}, {"output_subdir": "../elsewhere"}):
         with pytest.raises(LoraMonitorError):
             PostSqueezeCallback(**bad)
 
 
 def test_rank_by_function_on_the_trainers_eval_dataset_by_default(tmp_path, lm_dataset, capsys):
-    from lora_monitor.squeeze.function import recommend_rank_by_function
+    from lora_monitor.post_squeeze.held_out import recommend_rank_by_function
 
     ranks = [1, 2, 4, 8]
     # by_function="auto" (the default): the Trainer has an eval_dataset, so the rank is checked on it.
-    callback = PostSqueezeCallback(compress=True, target_ranks=ranks, tolerance=0.001)
+    callback = PostSqueezeCallback(compress=True, candidate_ranks=ranks, tolerance=0.001)
     model = peft_llama(0, init_lora_weights=True, r=8)
     args = training_args(tmp_path / "run", max_steps=4, learning_rate=5e-2)
     trainer = Trainer(
@@ -156,7 +156,7 @@ def test_auto_keeps_the_table_compression_and_manifest_when_held_out_data_cannot
 ):
     # An eval_dataset that scores no token: by_function="auto" must not lose what energy alone gives.
     unscored = lm_dataset.map(lambda row: {"labels": [-100] * len(row["labels"])})
-    callback = PostSqueezeCallback(compress=True, target_ranks=[1, 2, 4, 8], min_variance_retention=0.5)
+    callback = PostSqueezeCallback(compress=True, candidate_ranks=[1, 2, 4, 8], min_variance_retention=0.5)
     model = peft_llama(0, init_lora_weights=True, r=8)
     args = training_args(tmp_path / "run", max_steps=4, learning_rate=5e-2)
     trainer = Trainer(
@@ -215,8 +215,8 @@ class _StepsBegun(TrainerCallback):
     [
         (lambda: PostSqueezeCallback(by_function=True), "needs held-out data"),
         (
-            lambda: PostSqueezeCallback(target_ranks=[4, 16]),
-            r"PostSqueezeCallback: target_ranks \[4, 16\] holds 16, above the adapter's largest rank 8",
+            lambda: PostSqueezeCallback(candidate_ranks=[4, 16]),
+            r"PostSqueezeCallback: candidate_ranks \[4, 16\] holds 16, above the adapter's largest rank 8",
         ),
         (lambda: PostSqueezeCallback(adapter_name="other"), "adapter 'other' is not in"),
         (lambda: SpectralMonitorCallback(adapter_name="other"), "adapter 'other' is not in"),

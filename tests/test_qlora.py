@@ -74,7 +74,7 @@ def test_monitor_in_squeeze_and_post_squeeze_on_a_qlora_model(base_folder, tmp_p
     monitor = SpectralMonitorCallback(every_n_steps=2)
     in_squeeze = InSqueezeCallback(target_rank=2, start_step=2, end_step=4)
     # Rank 2 keeps all of a rank-2 adapter: the compressed adapter must give exactly the trained outputs.
-    post_squeeze = PostSqueezeCallback(target_ranks=[1, 2], min_variance_retention=1.0, compress=True)
+    post_squeeze = PostSqueezeCallback(candidate_ranks=[1, 2], min_variance_retention=1.0, compress=True)
     trainer = Trainer(
         model=model,
         args=training_args(tmp_path / "run", max_steps=6, learning_rate=1e-3),

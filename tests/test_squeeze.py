@@ -25,7 +25,8 @@ from tiny_models import peft_llama, tiny_llama
 
 from lora_monitor.adapters import write_adapter_folder
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.squeeze import analyze_adapter, compress_adapter, default_target_ranks, print_analysis
+from lora_monitor.post_squeeze import analyze_adapter, compress_adapter, default_candidate_ranks
+from lora_monitor.render.console import print_analysis
 
 SEED = 0
 
@@ -63,7 +64,7 @@ def test_analysis_matches_dense_svd():
     analysis = analyze_adapter(model, min_variance_retention=0.9)
     deltas = dense_deltas(model)
     assert analysis.source_rank == 8
-    assert analysis.target_ranks == [1, 2, 4, 8]
+    assert analysis.candidate_ranks == [1, 2, 4, 8]
     assert analysis.num_modules == len(deltas) == 14
     assert analysis.zero_modules == []
     for record in analysis.modules:
@@ -72,7 +73,7 @@ def test_analysis_matches_dense_svd():
             torch.tensor(record.singular_values, dtype=torch.float64), dense_S, rtol=1e-5, atol=1e-9
         )
         assert record.energy == pytest.approx(float(deltas[record.name].norm() ** 2), rel=1e-5)
-    for k in analysis.target_ranks:
+    for k in analysis.candidate_ranks:
         per_module = [energy_retained(delta, k) for delta in deltas.values()]
         energies = [float(delta.norm() ** 2) for delta in deltas.values()]
         assert analysis.mean_variance[k] == pytest.approx(sum(per_module) / len(per_module), rel=1e-5)
@@ -80,7 +81,7 @@ def test_analysis_matches_dense_svd():
         assert analysis.max_variance[k] == pytest.approx(max(per_module), rel=1e-5)
         weighted = sum(e * v for e, v in zip(energies, per_module, strict=True)) / sum(energies)
         assert analysis.weighted_variance[k] == pytest.approx(weighted, rel=1e-5)
-    expected = next(k for k in analysis.target_ranks if analysis.mean_variance[k] >= 0.9)
+    expected = next(k for k in analysis.candidate_ranks if analysis.mean_variance[k] >= 0.9)
     assert analysis.recommended_rank == expected
     assert 1 < expected < 8  # the decaying spectrum makes this a real choice
     # per-module minimal rank: the smallest k whose dense energy reaches the threshold
@@ -89,7 +90,7 @@ def test_analysis_matches_dense_svd():
         assert record.minimal_rank == next(k for k, v in enumerate(dense, 1) if v >= 0.9)
     # groups: q_proj over its two layers, attention vs mlp
     q_names = [name for name in deltas if name.endswith("q_proj")]
-    q_mean = {k: sum(energy_retained(deltas[n], k) for n in q_names) / 2 for k in analysis.target_ranks}
+    q_mean = {k: sum(energy_retained(deltas[n], k) for n in q_names) / 2 for k in analysis.candidate_ranks}
     group = analysis.by_module_type["q_proj"]
     assert group.num_modules == 2
     assert group.mean_variance[2] == pytest.approx(q_mean[2], rel=1e-5)
@@ -103,9 +104,9 @@ def test_analysis_from_folder_equals_live_and_custom_ranks(tmp_path):
     model = decaying_llama(r=12, lora_alpha=24)
     folder = saved(model, tmp_path / "adapter")
     live = analyze_adapter(model)
-    disk = analyze_adapter(folder, target_ranks=[3, 12, 5])
-    assert default_target_ranks(12) == [1, 2, 4, 8, 12] == live.target_ranks
-    assert disk.target_ranks == [3, 5, 12]
+    disk = analyze_adapter(folder, candidate_ranks=[3, 12, 5])
+    assert default_candidate_ranks(12) == [1, 2, 4, 8, 12] == live.candidate_ranks
+    assert disk.candidate_ranks == [3, 5, 12]
     assert disk.mean_variance[12] == pytest.approx(1.0)
     assert live.singular_values.keys() == disk.singular_values.keys()
     for name, values in live.singular_values.items():
@@ -405,8 +406,8 @@ def test_corrupt_safetensors(tmp_path, adapter_folder):
 def test_bad_target_rank(tmp_path, adapter_folder, rank):
     with pytest.raises(LoraMonitorError, match="target_rank"):
         compress_adapter(adapter_folder, tmp_path / "out", target_rank=rank)
-    with pytest.raises(LoraMonitorError, match="target_ranks"):
-        analyze_adapter(adapter_folder, target_ranks=[4, rank])
+    with pytest.raises(LoraMonitorError, match="candidate_ranks"):
+        analyze_adapter(adapter_folder, candidate_ranks=[4, rank])
     assert_nothing_written(tmp_path, tmp_path / "out")
 
 

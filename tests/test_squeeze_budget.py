@@ -12,9 +12,9 @@ from tiny_models import SENTENCES, peft_llama, tiny_llama
 from lora_monitor import LoraMonitorError
 from lora_monitor.adapters import factor_parameters, find_lora_modules
 from lora_monitor.edit.edit import calibration_batches
-from lora_monitor.squeeze import (
-    allocate_by_energy,
-    allocate_by_sensitivity,
+from lora_monitor.post_squeeze import (
+    budget_ranks_by_energy,
+    budget_ranks_by_sensitivity,
     compress_adapter,
     parameters_per_rank,
     recommend_rank_by_function,
@@ -46,7 +46,7 @@ def test_energy_allocation_fits_the_budget_and_keeps_the_most_energy():
     records = find_lora_modules(model)
     budget = uniform_budget(model, 2)
     assert budget == sum(2 * (r.A.numel() + r.B.numel()) // r.rank for r in records)
-    allocation = allocate_by_energy(model, budget)
+    allocation = budget_ranks_by_energy(model, budget)
     cost = {r.name: (r.A.numel() + r.B.numel()) // r.rank for r in records}
     assert allocation.parameters == sum(allocation.module_ranks[n] * cost[n] for n in cost) <= budget
     spectra = dense_spectra(model)
@@ -76,7 +76,7 @@ def test_energy_allocation_fits_the_budget_and_keeps_the_most_energy():
 def test_module_ranks_write_each_modules_best_truncation(tmp_path):
     model = uneven_model().float()
     model.save_pretrained(tmp_path / "adapter")
-    allocation = allocate_by_energy(tmp_path / "adapter", uniform_budget(tmp_path / "adapter", 3))
+    allocation = budget_ranks_by_energy(tmp_path / "adapter", uniform_budget(tmp_path / "adapter", 3))
     result = compress_adapter(tmp_path / "adapter", tmp_path / "out", module_ranks=allocation.module_ranks)
     assert result.ranks == allocation.module_ranks
     loaded = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "out")
@@ -95,7 +95,7 @@ def test_module_ranks_write_each_modules_best_truncation(tmp_path):
         compress_adapter(tmp_path / "adapter", tmp_path / "bad", module_ranks={}, target_rank=2)
     assert not (tmp_path / "bad").exists()
     with pytest.raises(LoraMonitorError, match="below"):
-        allocate_by_energy(tmp_path / "adapter", 10)
+        budget_ranks_by_energy(tmp_path / "adapter", 10)
 
 
 def test_sensitivity_allocation_is_the_best_combination_of_type_ranks(tokenizer):
@@ -106,7 +106,7 @@ def test_sensitivity_allocation_is_the_best_combination_of_type_ranks(tokenizer)
     )
     records = find_lora_modules(model)
     budget = uniform_budget(model, 2)
-    allocation = allocate_by_sensitivity(model, function, budget)
+    allocation = budget_ranks_by_sensitivity(model, function, budget)
     types = sorted(function.type_evaluations)
     assert sorted(allocation.type_ranks) == types
 
@@ -124,7 +124,7 @@ def test_sensitivity_allocation_is_the_best_combination_of_type_ranks(tokenizer)
     assert allocation.module_ranks == {r.name: allocation.type_ranks[r.module_type] for r in records}
     no_types = recommend_rank_by_function(model, data, ranks=[1, 2], progress=False)
     with pytest.raises(LoraMonitorError, match="by_module_type=True"):
-        allocate_by_sensitivity(model, no_types, budget)
+        budget_ranks_by_sensitivity(model, no_types, budget)
 
 
 # ---- issue 29: the budget is checked as every number is; no ranks from a NaN loss --------------------------
@@ -143,7 +143,7 @@ def test_sensitivity_allocation_is_the_best_combination_of_type_ranks(tokenizer)
 def test_a_budget_that_is_not_a_whole_number_is_one_clear_error(budget, message):
     # A NaN budget was spent as "every module at full rank"; "4096" raised a TypeError.
     model = uneven_model()
-    for allocate in (allocate_by_energy, lambda m, b: allocate_by_sensitivity(m, None, b)):
+    for allocate in (budget_ranks_by_energy, lambda m, b: budget_ranks_by_sensitivity(m, None, b)):
         with pytest.raises(LoraMonitorError) as refused:
             allocate(model, budget)
         assert str(refused.value).startswith(message)
@@ -161,7 +161,7 @@ def test_no_ranks_are_chosen_from_evaluations_of_a_nan_loss(tokenizer):
     budget = uniform_budget(model, 2)
     broken = dataclasses.replace(function, full_loss=math.nan)
     with pytest.raises(LoraMonitorError, match="measured from a nan loss"):
-        allocate_by_sensitivity(model, broken, budget)
+        budget_ranks_by_sensitivity(model, broken, budget)
     # a rank whose truncated loss is NaN broke the model: it is never chosen while another rank fits
     kind = sorted(function.type_evaluations)[0]
     evaluations = {
@@ -170,7 +170,7 @@ def test_no_ranks_are_chosen_from_evaluations_of_a_nan_loss(tokenizer):
     }
     for rank in (1, 2):
         evaluations[kind][rank].loss_increase = math.nan
-    allocation = allocate_by_sensitivity(
+    allocation = budget_ranks_by_sensitivity(
         model, dataclasses.replace(function, type_evaluations=evaluations), budget * 4
     )
     assert allocation.type_ranks[kind] == 8 and math.isfinite(allocation.predicted_loss_increase)

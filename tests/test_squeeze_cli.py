@@ -13,7 +13,7 @@ from peft import PeftModel
 from tiny_models import peft_llama, tiny_llama
 
 from lora_monitor.cli import main
-from lora_monitor.squeeze import analyze_adapter
+from lora_monitor.post_squeeze import analyze_adapter
 
 
 @pytest.fixture()
@@ -50,7 +50,7 @@ def test_json_with_chosen_ranks(capsys, adapter_folder):
     status, out, _ = run(capsys, adapter_folder, "--ranks", "3,5", "--json")
     assert status == 0
     payload = json.loads(out)
-    analysis = analyze_adapter(adapter_folder, target_ranks=[3, 5])
+    analysis = analyze_adapter(adapter_folder, candidate_ranks=[3, 5])
     assert payload["analysis"]["target_ranks"] == [3, 5]
     assert payload["analysis"]["mean_variance"]["3"] == pytest.approx(analysis.mean_variance[3])
     assert payload["compressed"] is None
@@ -76,7 +76,7 @@ def test_toml_config(tmp_path, capsys, adapter_folder):
 [squeeze]
 adapter_path = "{adapter_folder}"
 min_variance_retention = 0.9
-target_ranks = [2, 4, 16]
+candidate_ranks = [2, 4, 16]
 output_path = "{tmp_path / "squeezed"}"
 compress_to = 0
 device = "cpu"
@@ -87,7 +87,7 @@ lora_rank = 16
     )
     status, out, err = run(capsys, config)
     assert status == 0, err
-    expected = analyze_adapter(adapter_folder, min_variance_retention=0.9, target_ranks=[2, 4, 16])
+    expected = analyze_adapter(adapter_folder, min_variance_retention=0.9, candidate_ranks=[2, 4, 16])
     assert f"Energy rank: {expected.recommended_rank} " in out
     assert set(reloaded_ranks(tmp_path / "squeezed").values()) == {expected.recommended_rank}
     assert "warning" not in err
@@ -105,7 +105,7 @@ lora_rank = 16
         ("[other]\nx = 1\n", "no [squeeze] table"),
         ("[squeeze]\nmin_variance_retention = 0.9\n", "needs adapter_path"),
         ('[squeeze]\nadapter_path = "x"\nthreshold = 0.9\n', "unknown key"),
-        ('[squeeze]\nadapter_path = "x"\ntarget_ranks = "4,8"\n', "target_ranks"),
+        ('[squeeze]\nadapter_path = "x"\ncandidate_ranks = "4,8"\n', "candidate_ranks"),
         ("[squeeze\n", "not valid TOML"),
     ],
 )
@@ -204,7 +204,10 @@ EDIT_ARGUMENTS = ["edit", "{adapter}", "--base", "{model}", "--data", "{file}", 
             ["squeeze", "{adapter}", "--threshold", "2"],
             "min_variance_retention must be above 0 and at most 1, got 2.0 (0.95 = keep 95%)",
         ),
-        (["squeeze", "{adapter}", "--ranks", "0,4"], "every rank of target_ranks must be at least 1, got 0"),
+        (
+            ["squeeze", "{adapter}", "--ranks", "0,4"],
+            "every rank of candidate_ranks must be at least 1, got 0",
+        ),
         (["allocate", "{model}", "--fraction", "0"], "layer_fraction must be above 0 and at most 1, got 0.0"),
         (
             ["squeeze", "{adapter}", "--base", "{model}", "--data", "{file}", "--tolerance", "-0.1"],
@@ -291,7 +294,7 @@ def test_rank_by_function_on_a_saved_adapter(tmp_path, capsys, adapter_folder, t
 
     from lora_monitor.adapters.base_model import load_onto_base
     from lora_monitor.edit import calibration_batches
-    from lora_monitor.squeeze.function import recommend_rank_by_function
+    from lora_monitor.post_squeeze.held_out import recommend_rank_by_function
 
     tiny_llama(0).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
@@ -323,13 +326,13 @@ def test_rank_by_function_on_a_saved_adapter(tmp_path, capsys, adapter_folder, t
 def test_allocate_spends_the_budget_of_a_rank_per_module(tmp_path, capsys, adapter_folder, tokenizer):
     from tiny_models import SENTENCES
 
-    from lora_monitor.squeeze import allocate_by_energy, uniform_budget
+    from lora_monitor.post_squeeze import budget_ranks_by_energy, uniform_budget
 
     status, out, _ = run(
         capsys, adapter_folder, "--rank", "4", "--allocate", "energy", "--out", tmp_path / "e"
     )
     assert status == 0 and "Allocated by energy" in out
-    expected = allocate_by_energy(adapter_folder, uniform_budget(adapter_folder, 4))
+    expected = budget_ranks_by_energy(adapter_folder, uniform_budget(adapter_folder, 4))
     ranks = reloaded_ranks(tmp_path / "e")
     assert {name.removeprefix("base_model.model."): rank for name, rank in ranks.items()} == (
         expected.module_ranks
@@ -447,12 +450,12 @@ def test_a_rank_above_the_adapters_own_exits_2_and_writes_nothing(tmp_path, caps
 
 
 def test_the_readmes_own_squeeze_toml_works(tmp_path, capsys, adapter_folder):
-    # Issue 29: its `target_ranks = []` ("[] = powers of two up to the adapter's rank") was refused.
+    # Issue 29: its `candidate_ranks = []` ("[] = powers of two up to the adapter's rank") was refused.
     from pathlib import Path
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     example = readme.split("`squeeze.toml`:\n\n```toml\n", 1)[1].split("```", 1)[0]
-    assert "target_ranks = []" in example
+    assert "candidate_ranks = []" in example
     config = tmp_path / "squeeze.toml"
     config.write_text(
         example.replace('"out/final"', json.dumps(str(adapter_folder))).replace(
@@ -463,5 +466,5 @@ def test_the_readmes_own_squeeze_toml_works(tmp_path, capsys, adapter_folder):
     assert status == 0, err
     payload = json.loads(out)
     expected = analyze_adapter(adapter_folder, min_variance_retention=0.95)
-    assert payload["analysis"]["target_ranks"] == [1, 2, 4, 8, 16] == expected.target_ranks
+    assert payload["analysis"]["target_ranks"] == [1, 2, 4, 8, 16] == expected.candidate_ranks
     assert set(reloaded_ranks(tmp_path / "squeezed").values()) == {expected.recommended_rank}

@@ -11,7 +11,7 @@ from tiny_models import SENTENCES, peft_llama
 from lora_monitor import LoraMonitorError, analyze_adapter
 from lora_monitor.adapters import factor_parameters, find_lora_modules
 from lora_monitor.edit.edit import calibration_batches
-from lora_monitor.squeeze.function import recommend_rank_by_function
+from lora_monitor.post_squeeze.held_out import recommend_rank_by_function
 
 RANKS = [1, 2, 4, 8]
 
@@ -99,7 +99,7 @@ def test_per_module_type_truncates_one_type_against_a_dense_reference(tokenizer)
         assert evaluation.kl == pytest.approx(kl, rel=1e-6)
         within = [r for r in RANKS if advice.type_evaluations[kind][r].relative_increase <= advice.tolerance]
         assert advice.type_recommended_ranks[kind] == (within[0] if within else RANKS[-1])
-    energy = analyze_adapter(model, target_ranks=RANKS)
+    energy = analyze_adapter(model, candidate_ranks=RANKS)
     assert advice.energy_type_ranks == {k: g.recommended_rank for k, g in energy.by_module_type.items()}
     # the global evaluations are those of the call without by_module_type
     plain = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
@@ -138,8 +138,8 @@ def test_recommendation_is_the_smallest_rank_within_tolerance(tokenizer):
         recommend_rank_by_function(model, data, ranks=RANKS, tolerance=1e9, progress=False).recommended_rank
         == 1
     )
-    energy = analyze_adapter(model, target_ranks=RANKS, min_variance_retention=0.9)
-    advice = recommend_rank_by_function(model, data, ranks=RANKS, energy_threshold=0.9, progress=False)
+    energy = analyze_adapter(model, candidate_ranks=RANKS, min_variance_retention=0.9)
+    advice = recommend_rank_by_function(model, data, ranks=RANKS, min_variance_retention=0.9, progress=False)
     assert advice.energy_recommended_rank == energy.recommended_rank
     assert advice.to_dict()["recommended_rank"] == advice.recommended_rank
 
@@ -207,10 +207,10 @@ def test_a_nan_loss_of_the_uncompressed_model_is_refused(tokenizer):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"energy_threshold": 1.5}, "energy_threshold must be above 0 and at most 1, got 1.5"),
-        ({"energy_threshold": float("nan")}, "energy_threshold must be a finite number"),
+        ({"min_variance_retention": 1.5}, "min_variance_retention must be above 0 and at most 1, got 1.5"),
+        ({"min_variance_retention": float("nan")}, "min_variance_retention must be a finite number"),
     ],
 )
-def test_the_energy_threshold_is_checked_by_its_own_name(tokenizer, arguments, message):
+def test_the_min_variance_retention_is_checked_by_its_own_name(tokenizer, arguments, message):
     with pytest.raises(LoraMonitorError, match=message):
         recommend_rank_by_function(float64_model(), batches(tokenizer), progress=False, **arguments)

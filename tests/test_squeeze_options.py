@@ -10,7 +10,7 @@ from tiny_models import peft_llama, tiny_llama
 from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback
 from lora_monitor.cli import main
 from lora_monitor.errors import LoraMonitorError
-from lora_monitor.squeeze import SqueezeOptions, analyze_adapter, compress_adapter
+from lora_monitor.post_squeeze import SqueezeOptions, analyze_adapter, compress_adapter
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,9 @@ def adapter_folder(tmp_path_factory):
         ({"min_variance_retention": 0}, "min_variance_retention must be above 0 and at most 1, got 0"),
         ({"min_variance_retention": "0.9"}, "min_variance_retention must be a number, got '0.9'"),
         ({"min_variance_retention": float("nan")}, "min_variance_retention must be a finite number"),
-        ({"target_ranks": [4, 0]}, "every rank of target_ranks must be at least 1, got 0"),
-        ({"target_ranks": []}, "target_ranks is empty"),
-        ({"target_ranks": "4,8"}, "target_ranks must be a list of ranks"),
+        ({"candidate_ranks": [4, 0]}, "every rank of candidate_ranks must be at least 1, got 0"),
+        ({"candidate_ranks": []}, "candidate_ranks is empty"),
+        ({"candidate_ranks": "4,8"}, "candidate_ranks must be a list of ranks"),
         ({"target_rank": 2.5}, "target_rank must be a whole number, got 2.5"),
         ({"target_rank": 2, "per_module": True}, "not both"),
         ({"per_module": "yes"}, "per_module must be true or false"),
@@ -43,14 +43,14 @@ def test_the_same_message_from_every_entry(tmp_path, capsys, adapter_folder, opt
         compress_adapter(adapter_folder, tmp_path / "out", **options)
     assert message in str(from_api.value)
     # the callback (built before training: its own arguments may raise)
-    callback_keys = {"min_variance_retention", "target_ranks", "per_module"}
+    callback_keys = {"min_variance_retention", "candidate_ranks", "per_module"}
     if set(options) <= callback_keys:
         with pytest.raises(LoraMonitorError) as from_callback:
             PostSqueezeCallback(**options)
         assert f"PostSqueezeCallback: {message}" in str(from_callback.value)
-    # the TOML table names the file (where `target_ranks = []` is the README's way to say "the default":
-    # TOML has no None; test_an_empty_target_ranks_of_a_table_is_the_default)
-    if options == {"target_ranks": []}:
+    # the TOML table names the file (where `candidate_ranks = []` is the README's way to say "the default":
+    # TOML has no None; test_an_empty_candidate_ranks_of_a_table_is_the_default)
+    if options == {"candidate_ranks": []}:
         return
     toml_key = {"target_rank": "compress_to"}
     lines = [f'adapter_path = "{adapter_folder}"']
@@ -95,7 +95,7 @@ def test_num_layers_is_a_deprecated_alias_of_num_modules(adapter_folder):
 
 def test_full_retention_is_reached_within_the_engine_tolerance(adapter_folder):
     # At the full rank every module keeps 100% up to rounding: spectrum.reaches decides, as everywhere.
-    analysis = analyze_adapter(adapter_folder, min_variance_retention=1.0, target_ranks=[8])
+    analysis = analyze_adapter(adapter_folder, min_variance_retention=1.0, candidate_ranks=[8])
     assert analysis.recommended_rank == 8 == analysis.recommended_rank_weighted
 
 
@@ -108,18 +108,18 @@ def test_the_packages_import_their_names_on_first_use_and_every_public_name_reso
 
     script = (
         "import sys\n"
-        "import lora_monitor, lora_monitor.squeeze, lora_monitor.allocation, lora_monitor.edit\n"
-        "from lora_monitor.squeeze.options import SqueezeOptions\n"
+        "import lora_monitor, lora_monitor.post_squeeze, lora_monitor.allocation, lora_monitor.edit\n"
+        "from lora_monitor.post_squeeze.options import SqueezeOptions\n"
         "from lora_monitor.allocation.options import check_allocation_options\n"
         "from lora_monitor.edit.options import EditConfig, check_batching, edit_config\n"
         "light = 'torch' not in sys.modules\n"
-        "packages = (lora_monitor, lora_monitor.squeeze, lora_monitor.allocation, lora_monitor.edit)\n"
+        "packages = (lora_monitor, lora_monitor.post_squeeze, lora_monitor.allocation, lora_monitor.edit)\n"
         "missing = [f'{package.__name__}.{name}' for package in packages\n"
         "           for name in package.__all__ if not hasattr(package, name)]\n"
-        "print(light, missing, lora_monitor.squeeze.analyze_adapter.__module__, 'torch' in sys.modules)\n"
+        "print(light, missing, lora_monitor.post_squeeze.analyze_adapter.__module__, 'torch' in sys.modules)\n"
     )
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert completed.stdout.strip().splitlines()[-1] == "True [] lora_monitor.squeeze.analysis True", (
+    assert completed.stdout.strip().splitlines()[-1] == "True [] lora_monitor.post_squeeze.analysis True", (
         completed
     )
 
@@ -132,15 +132,15 @@ def test_a_rank_above_the_adapters_own_is_refused_by_every_entry(tmp_path, adapt
     from tiny_models import SENTENCES
 
     from lora_monitor.edit import calibration_batches
-    from lora_monitor.squeeze import recommend_rank_by_function
+    from lora_monitor.post_squeeze import recommend_rank_by_function
 
     message = (
         f"{adapter_folder}: target rank 16 is above the adapter's rank 8: a squeeze keeps or lowers a rank"
     )
     with pytest.raises(LoraMonitorError, match="^" + re.escape(message)):
-        analyze_adapter(adapter_folder, target_ranks=[2, 16])
+        analyze_adapter(adapter_folder, candidate_ranks=[2, 16])
     with pytest.raises(LoraMonitorError, match="^" + re.escape(message)):
-        compress_adapter(adapter_folder, tmp_path / "out", target_ranks=[2, 16])
+        compress_adapter(adapter_folder, tmp_path / "out", candidate_ranks=[2, 16])
     with pytest.raises(
         LoraMonitorError, match=f"^{adapter_folder}: target_rank 16 is above the adapter's rank 8"
     ):
@@ -153,14 +153,20 @@ def test_a_rank_above_the_adapters_own_is_refused_by_every_entry(tmp_path, adapt
     batches = calibration_batches(SENTENCES[:4], tokenizer, batch_size=4)
     with pytest.raises(LoraMonitorError, match=r"^candidate rank 16 is above the adapter's rank 8"):
         recommend_rank_by_function(model, batches, ranks=[2, 16], progress=False)
-    assert analyze_adapter(adapter_folder, target_ranks=[2, 8]).target_ranks == [2, 8]  # its own rank is fine
+    assert analyze_adapter(adapter_folder, candidate_ranks=[2, 8]).candidate_ranks == [
+        2,
+        8,
+    ]  # its own rank is fine
 
 
-def test_an_empty_target_ranks_of_a_table_is_the_default():
-    # TOML has no None: `target_ranks = []` in a [squeeze] table means the default ranks, as README says.
-    assert SqueezeOptions.from_mapping({"target_ranks": []}, "squeeze.toml: [squeeze]").target_ranks is None
-    with pytest.raises(LoraMonitorError, match="target_ranks is empty"):  # the API keeps None for that
-        SqueezeOptions(target_ranks=[])
+def test_an_empty_candidate_ranks_of_a_table_is_the_default():
+    # TOML has no None: `candidate_ranks = []` in a [squeeze] table means the default ranks, as README says.
+    assert (
+        SqueezeOptions.from_mapping({"candidate_ranks": []}, "squeeze.toml: [squeeze]").candidate_ranks
+        is None
+    )
+    with pytest.raises(LoraMonitorError, match="candidate_ranks is empty"):  # the API keeps None for that
+        SqueezeOptions(candidate_ranks=[])
 
 
 @pytest.mark.parametrize(
@@ -173,11 +179,9 @@ def test_an_empty_target_ranks_of_a_table_is_the_default():
 )
 def test_squeeze_trained_adapter_checks_its_options_before_anything_is_computed(tmp_path, arguments, message):
     # Issue 29: the tolerance was checked only when evaluation batches came, after the analysis was printed.
-    from lora_monitor.squeeze import squeeze_trained_adapter
+    from lora_monitor.post_squeeze import squeeze_trained_adapter
 
     with pytest.raises(LoraMonitorError) as refused:
-        squeeze_trained_adapter(
-            peft_llama(0), tmp_path / "run", SqueezeOptions(), print_tables=False, **arguments
-        )
+        squeeze_trained_adapter(peft_llama(0), tmp_path / "run", SqueezeOptions(), **arguments)
     assert str(refused.value).startswith(message)
     assert not (tmp_path / "run").exists()

@@ -65,12 +65,12 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any) -> Any:
+def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any, analysis: Any) -> Any:
     """The rank-by-function advice for a saved adapter on its base model and held-out texts."""
     from ..adapters.base_model import load_onto_base
     from ..edit import calibration_batches, load_tokenizer, read_texts
     from ..edit.data import check_scored, is_causal_lm
-    from ..squeeze.function import recommend_rank_by_function
+    from ..post_squeeze.held_out import recommend_rank_by_function
 
     if not (args.base and args.data):
         raise LoraMonitorError("--base and --data go together: the base model and the held-out texts")
@@ -84,11 +84,12 @@ def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any) 
     return recommend_rank_by_function(
         model,
         batches,
-        ranks=options.target_ranks,
+        ranks=options.candidate_ranks,
         tolerance=args.tolerance,
-        energy_threshold=options.min_variance_retention,
+        min_variance_retention=options.min_variance_retention,
         by_module_type=args.by_module_type,
         progress=progress_bars(_verbosity(args)),
+        analysis=analysis,
     )
 
 
@@ -97,7 +98,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
 
     # Only the options module first (it imports nothing heavy): every option is checked before the engine,
     # torch and the console are imported, so that a wrong option is answered at once.
-    from ..squeeze.options import SqueezeOptions, read_squeeze_toml
+    from ..post_squeeze.options import SqueezeOptions, read_squeeze_toml
 
     settings: dict[str, Any] = {"adapter_path": args.adapter}
     where = "lora-monitor squeeze"
@@ -108,7 +109,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
     options = SqueezeOptions.from_mapping(settings, where)
     overrides = {
         "min_variance_retention": args.threshold,
-        "target_ranks": _integers(args.ranks, "--ranks") if args.ranks is not None else None,
+        "candidate_ranks": _integers(args.ranks, "--ranks") if args.ranks is not None else None,
         "target_rank": args.rank,
     }
     if args.per_module:
@@ -131,26 +132,22 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         args.by_module_type = True
     if args.base or args.data:  # the rank by function's options
         from ..edit.options import check_batching
-        from ..squeeze.options import validate_tolerance
+        from ..post_squeeze.options import validate_tolerance
 
         validate_tolerance(args.tolerance)
         check_batching(args.batch_size, args.max_length, args.samples)
     if args.adapter.endswith(".toml"):  # the adapter it names, checked as the command line's was
         adapter_folder(settings["adapter_path"], args.adapter_name)
 
-    from ..render.console import (
-        print_budget_allocation,
-        print_compression,
-        print_function_recommendation,
-        print_json,
-    )
-    from ..squeeze import analyze_adapter, compress_adapter, print_analysis
-    from ..squeeze.options import check_ranks_within
+    from ..post_squeeze import analyze_adapter, compress_adapter
+    from ..post_squeeze.options import check_ranks_within
+    from ..post_squeeze.rank_choice import compression_rank
+    from ..render.console import print_budget_allocation, print_compression, print_json, print_rank_advice
 
     analysis = analyze_adapter(
         settings["adapter_path"],
         min_variance_retention=options.min_variance_retention,
-        target_ranks=options.target_ranks,
+        candidate_ranks=options.candidate_ranks,
         adapter_name=args.adapter_name,
         device=device,
         progress=progress_bars(_verbosity(args)),
@@ -164,21 +161,17 @@ def _run_squeeze(args: argparse.Namespace) -> int:
             f"{analysis.source_rank} (the weights are used)",
             file=sys.stderr,
         )
-    function = _function_advice(args, settings["adapter_path"], options) if args.base or args.data else None
+    function = (
+        _function_advice(args, settings["adapter_path"], options, analysis)
+        if args.base or args.data
+        else None
+    )
     result = allocation = None
     if output:
-        rank = options.target_rank
-        if rank is None and not options.per_module and function is not None:
-            rank = function.recommended_rank
-        if rank is None and not options.per_module:
-            if analysis.recommended_rank is None:
-                raise LoraMonitorError(
-                    f"{settings['adapter_path']}: {analysis.why_no_recommendation()}; nothing was written "
-                    "(give --rank to compress anyway, or lower --threshold)"
-                )
-            rank = analysis.recommended_rank
+        hint = "give --rank to compress anyway, or lower --threshold"
+        rank = compression_rank(options, analysis, function, hint=hint)
         if args.allocate:
-            allocation = _allocate(args, settings["adapter_path"], rank, function)
+            allocation = _allocate(args, settings["adapter_path"], rank, function, analysis)
         result = compress_adapter(
             settings["adapter_path"],
             output,
@@ -186,6 +179,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
             min_variance_retention=options.min_variance_retention,
             per_module=options.per_module,
             module_ranks=allocation.module_ranks if allocation else None,
+            analysis=analysis,
             adapter_name=args.adapter_name,
             overwrite=args.overwrite,
             device=device,
@@ -201,9 +195,7 @@ def _run_squeeze(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    print_analysis(analysis, checked=function is not None)
-    if function is not None:
-        print_function_recommendation(function)
+    print_rank_advice(analysis, function)
     if allocation is not None:
         print_budget_allocation(allocation, rank)
     if result is not None:
@@ -211,11 +203,13 @@ def _run_squeeze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _allocate(args: argparse.Namespace, adapter_path: str, rank: int, function: Any) -> Any:
+def _allocate(args: argparse.Namespace, adapter_path: str, rank: int, function: Any, analysis: Any) -> Any:
     """Per-module ranks within the parameters of ``rank`` everywhere (``--allocate``)."""
-    from ..squeeze import allocate_by_energy, allocate_by_sensitivity, uniform_budget
+    from ..post_squeeze import budget_ranks_by_energy, budget_ranks_by_sensitivity, uniform_budget
 
     budget = uniform_budget(adapter_path, rank, args.adapter_name)
     if args.allocate == "energy":
-        return allocate_by_energy(adapter_path, budget, adapter_name=args.adapter_name)
-    return allocate_by_sensitivity(adapter_path, function, budget, adapter_name=args.adapter_name)
+        return budget_ranks_by_energy(adapter_path, budget, adapter_name=args.adapter_name, analysis=analysis)
+    return budget_ranks_by_sensitivity(
+        adapter_path, function, budget, adapter_name=args.adapter_name, analysis=analysis
+    )

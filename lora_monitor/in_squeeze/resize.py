@@ -33,6 +33,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .._deprecation import renamed_keywords
 from .._distributed import broadcast_from_main
 from ..adapters import (
     REFERENCE_ADAPTER_NAMES,
@@ -231,9 +232,10 @@ def resize_lora_module(
     return ResizeEvent(label, adapter_name, current, kept, factors.retained, mode, method, optimizer_state)
 
 
+@renamed_keywords(target_ranks="new_ranks")  # the old name, for a release
 def squeeze_model(
     model: nn.Module,
-    target_ranks: int | Mapping[str, int],
+    new_ranks: int | Mapping[str, int],
     *,
     adapter_name: str | None = None,
     method: str = "qr",
@@ -247,7 +249,7 @@ def squeeze_model(
 ) -> list[ResizeEvent]:
     """Shrink every LoRA module of one adapter of a live model; returns one event per module changed.
 
-    ``target_ranks`` is one rank for all modules or ``{module path: rank}`` (modules not named are left
+    ``new_ranks`` is one rank for all modules or ``{module path: rank}`` (modules not named are left
     alone). With ``min_variance_retention`` (a fraction in (0, 1]) each module keeps instead the smallest
     rank that retains that fraction of its ``‖ΔW‖²_F``, never fewer than its target rank. Modules already at
     or below their target are left alone, so calling this again with the same targets changes nothing.
@@ -266,13 +268,13 @@ def squeeze_model(
     config = adapter_config(model, records[0].adapter_name) if records else None
     targets: dict[str, int] = {}
     for record in records:
-        if isinstance(target_ranks, Mapping):
-            if record.name in target_ranks:
-                targets[record.name] = int(target_ranks[record.name])
+        if isinstance(new_ranks, Mapping):
+            if record.name in new_ranks:
+                targets[record.name] = int(new_ranks[record.name])
         else:
-            targets[record.name] = int(target_ranks)
-    if isinstance(target_ranks, Mapping):
-        unknown = sorted(set(target_ranks) - {record.name for record in records})
+            targets[record.name] = int(new_ranks)
+    if isinstance(new_ranks, Mapping):
+        unknown = sorted(set(new_ranks) - {record.name for record in records})
         if unknown:
             raise LoraMonitorError(
                 f"no LoRA module named {unknown[0]} in this model ({len(unknown)} unknown)"

@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from ..monitor.intruders import IntruderDimensions
-    from ..squeeze.analysis import SqueezeAnalysis
-    from ..squeeze.function import FunctionRecommendation
+    from ..post_squeeze.analysis import SqueezeAnalysis
+    from ..post_squeeze.held_out import FunctionRecommendation
 
 
 def print_json(payload: Any) -> None:
@@ -168,7 +168,7 @@ def summary_lines(analysis: SqueezeAnalysis, *, checked: bool = False) -> list[s
 
     Unless a rank checked on held-out data is printed beside it (``checked``), the energy rank is labelled
     an upper bound, with the gap measured on held-out data."""
-    from ..squeeze.analysis import ENERGY_RANK_CAVEAT
+    from ..post_squeeze.analysis import ENERGY_RANK_CAVEAT
 
     percent = f"{100 * analysis.min_variance_retention:g}%"
     lines = [f"Source rank: {analysis.source_rank}    LoRA modules analysed: {analysis.num_modules}"]
@@ -189,7 +189,7 @@ def summary_lines(analysis: SqueezeAnalysis, *, checked: bool = False) -> list[s
         )
     if analysis.recommended_rank_weighted is None:
         lines.append(
-            f"Energy-weighted: no rank in {analysis.target_ranks} keeps {percent} of the whole adapter"
+            f"Energy-weighted: no rank in {analysis.candidate_ranks} keeps {percent} of the whole adapter"
         )
     else:
         lines.append(
@@ -259,7 +259,7 @@ def print_function_recommendation(advice: FunctionRecommendation, console: Conso
             else ""
         )
         console.print(f"Losses over {advice.scored_tokens} scored tokens{left_out}", soft_wrap=True)
-    tolerance, energy = f"{100 * advice.tolerance:g}%", f"{100 * advice.energy_threshold:g}%"
+    tolerance, energy = f"{100 * advice.tolerance:g}%", f"{100 * advice.min_variance_retention:g}%"
     sides = Table(title="Recommended rank", title_justify="left")
     for column in ("", f"by energy (≥ {energy} kept)", f"by function (≤ {tolerance} more loss)"):
         sides.add_column(column, justify="left" if not column else "right")
@@ -269,8 +269,18 @@ def print_function_recommendation(advice: FunctionRecommendation, console: Conso
     console.print(sides)
 
 
+def print_rank_advice(
+    analysis: SqueezeAnalysis, function: FunctionRecommendation | None = None, console: Console | None = None
+) -> None:
+    """The variance table and, when the rank by function was measured, its table after it: what the command
+    and ``PostSqueezeCallback`` print about the rank to deploy."""
+    print_analysis(analysis, console, checked=function is not None)
+    if function is not None:
+        print_function_recommendation(function, console)
+
+
 def print_compression(result: Any) -> None:
-    """One line for a :class:`~lora_monitor.squeeze.CompressionResult`: the folder, how many modules were
+    """One line for a :class:`~lora_monitor.post_squeeze.CompressionResult`: the folder, how many modules were
     compressed, and to which rank(s)."""
     changed = sum(result.ranks[name] < result.source_ranks[name] for name in result.ranks)
     new_ranks = sorted(set(result.ranks.values()))
@@ -281,7 +291,7 @@ def print_compression(result: Any) -> None:
 
 
 def print_budget_allocation(allocation: Any, uniform_rank: int) -> None:
-    """One line for a :class:`~lora_monitor.squeeze.BudgetAllocation`: how the budget of a uniform rank was
+    """One line for a :class:`~lora_monitor.post_squeeze.BudgetRanks`: how the budget of a uniform rank was
     spent, what it keeps, and the rank of each module type (mean where modules of a type differ)."""
     by_type: dict[str, list[int]] = {}
     for name, rank in allocation.module_ranks.items():

@@ -1,117 +1,51 @@
-"""Post-Squeeze: how much of each LoRA delta a lower rank keeps, which rank to deploy, the compressed adapter.
+"""Deprecated: Post-Squeeze lives in :mod:`lora_monitor.post_squeeze` now (beside ``in_squeeze``).
 
-- :mod:`.options`: :class:`SqueezeOptions`, the one validator of thresholds, ranks and compression choices,
-  and :func:`read_squeeze_toml` (the command's TOML ``[squeeze]`` table);
-- :mod:`.analysis`: the variance table and rank recommendations (:func:`analyze_adapter`);
-- :mod:`.function`: the rank whose held-out loss stays within a tolerance (:func:`recommend_rank_by_function`);
-- :mod:`.budget`: per-module ranks under a parameter budget, by energy or by measured sensitivity
-  (:func:`allocate_by_energy`, :func:`allocate_by_sensitivity`);
-- :mod:`.compress`: the compressed adapter folder (:func:`compress_adapter`);
-- :mod:`.manifest`: the run manifest's ``"squeeze"`` entry;
-- :mod:`.end_of_training`: all of the above on a trained adapter in one call (:func:`squeeze_trained_adapter`,
-  what ``PostSqueezeCallback`` runs).
-
-The table itself is drawn by :mod:`lora_monitor.render.console` (re-exported here as :func:`print_analysis`).
+Every name this package had still works for one release, with a :class:`DeprecationWarning` naming its new
+place (and its new name where it changed: ``allocate_by_energy`` is ``budget_ranks_by_energy``, ...).
 """
-
-from typing import TYPE_CHECKING
 
 from .._lazy import lazy_exports
 
-# Where each public name lives: a module (and the engine, torch, behind it) is imported the first time one
-# of its names is read, so that the command validates its options (.options imports nothing) at once.
-_EXPORTS: dict[str, tuple[str, ...]] = {
-    "..render.console": ("print_analysis", "squeeze_table", "summary_lines"),
-    ".analysis": ("GroupRecommendation", "ModuleSqueeze", "SqueezeAnalysis", "analyze_adapter"),
-    ".budget": (
-        "BudgetAllocation",
-        "allocate_by_energy",
-        "allocate_by_sensitivity",
-        "parameters_per_rank",
-        "uniform_budget",
-    ),
-    ".compress": ("CompressionResult", "compress_adapter", "gather_adapter"),
-    ".end_of_training": ("EndOfTraining", "squeeze_trained_adapter"),
-    ".function": (
-        "DEFAULT_TOLERANCE",
-        "FunctionRecommendation",
-        "RankEvaluation",
-        "recommend_rank_by_function",
-    ),
-    ".manifest": ("manifest_entry", "write_squeeze_manifest"),
-    ".options": (
-        "DEFAULT_THRESHOLD",
-        "SqueezeOptions",
-        "default_target_ranks",
-        "read_squeeze_toml",
-        "validate_rank",
-        "validate_ranks",
-        "validate_threshold",
-        "validate_tolerance",
-    ),
+_NEW = "lora_monitor.post_squeeze"
+_CONSOLE = "lora_monitor.render.console"
+# old name -> "module:new name"
+_RENAMED: dict[str, str] = {
+    **{
+        name: f"{_NEW}:{name}"
+        for name in (
+            "DEFAULT_THRESHOLD",
+            "DEFAULT_TOLERANCE",
+            "CompressionResult",
+            "EndOfTraining",
+            "FunctionRecommendation",
+            "GroupRecommendation",
+            "ModuleSqueeze",
+            "RankEvaluation",
+            "SqueezeAnalysis",
+            "SqueezeOptions",
+            "analyze_adapter",
+            "compress_adapter",
+            "gather_adapter",
+            "manifest_entry",
+            "parameters_per_rank",
+            "read_squeeze_toml",
+            "recommend_rank_by_function",
+            "squeeze_trained_adapter",
+            "uniform_budget",
+            "validate_rank",
+            "validate_ranks",
+            "validate_threshold",
+            "validate_tolerance",
+            "write_squeeze_manifest",
+        )
+    },
+    "BudgetAllocation": f"{_NEW}:BudgetRanks",
+    "allocate_by_energy": f"{_NEW}:budget_ranks_by_energy",
+    "allocate_by_sensitivity": f"{_NEW}:budget_ranks_by_sensitivity",
+    "default_target_ranks": f"{_NEW}:default_candidate_ranks",
+    "print_analysis": f"{_CONSOLE}:print_analysis",
+    "squeeze_table": f"{_CONSOLE}:squeeze_table",
+    "summary_lines": f"{_CONSOLE}:summary_lines",
 }
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-if TYPE_CHECKING:  # what static checkers and IDEs see
-    from ..render.console import print_analysis, squeeze_table, summary_lines
-    from .analysis import GroupRecommendation, ModuleSqueeze, SqueezeAnalysis, analyze_adapter
-    from .budget import (
-        BudgetAllocation,
-        allocate_by_energy,
-        allocate_by_sensitivity,
-        parameters_per_rank,
-        uniform_budget,
-    )
-    from .compress import CompressionResult, compress_adapter, gather_adapter
-    from .end_of_training import EndOfTraining, squeeze_trained_adapter
-    from .function import (
-        DEFAULT_TOLERANCE,
-        FunctionRecommendation,
-        RankEvaluation,
-        recommend_rank_by_function,
-    )
-    from .manifest import manifest_entry, write_squeeze_manifest
-    from .options import (
-        DEFAULT_THRESHOLD,
-        SqueezeOptions,
-        default_target_ranks,
-        read_squeeze_toml,
-        validate_rank,
-        validate_ranks,
-        validate_threshold,
-        validate_tolerance,
-    )
-
-__all__ = [
-    "DEFAULT_THRESHOLD",
-    "DEFAULT_TOLERANCE",
-    "BudgetAllocation",
-    "CompressionResult",
-    "EndOfTraining",
-    "FunctionRecommendation",
-    "GroupRecommendation",
-    "ModuleSqueeze",
-    "RankEvaluation",
-    "SqueezeAnalysis",
-    "SqueezeOptions",
-    "allocate_by_energy",
-    "allocate_by_sensitivity",
-    "analyze_adapter",
-    "compress_adapter",
-    "default_target_ranks",
-    "gather_adapter",
-    "manifest_entry",
-    "parameters_per_rank",
-    "print_analysis",
-    "read_squeeze_toml",
-    "recommend_rank_by_function",
-    "squeeze_table",
-    "squeeze_trained_adapter",
-    "summary_lines",
-    "uniform_budget",
-    "validate_rank",
-    "validate_ranks",
-    "validate_threshold",
-    "validate_tolerance",
-    "write_squeeze_manifest",
-]
+__getattr__, __dir__ = lazy_exports(__name__, {}, _RENAMED)
+__all__ = sorted(_RENAMED)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .._deprecation import renamed_keywords
 from .._io import json_safe
 from ..adapters import (
     BIN_NAME,
@@ -43,6 +44,7 @@ from ..errors import LoraMonitorError, check_device
 from ..spectrum import decomposition_dtype, truncate_many
 from .analysis import CHUNK_SIZE, SqueezeAnalysis, _check_finite, _decomposed, _progress, analyse
 from .options import DEFAULT_THRESHOLD, SqueezeOptions, check_ranks_within, validate_rank
+from .rank_choice import compression_ranks
 
 
 @dataclass
@@ -73,26 +75,39 @@ def _plan(
     adapter: OpenedAdapter,
     options: SqueezeOptions,
     module_ranks: Mapping[str, int] | None,
+    analysis: SqueezeAnalysis | None,
     device: str | torch.device | None,
     progress: bool | None,
 ) -> tuple[dict[str, int], SqueezeAnalysis | None]:
-    """The new rank of every module, and the analysis it came from (None for a fixed ``target_rank``)."""
+    """The new rank of every module, and the analysis it came from (None for a fixed ``target_rank`` when
+    none was given): ``analysis`` when the caller has one, else analysed here, once."""
+    if analysis is not None:
+        _check_analysis_of(adapter, options, analysis)
     if module_ranks is not None:
-        return _given_ranks(adapter, options, module_ranks), None
+        return _given_ranks(adapter, options, module_ranks), analysis
     if options.target_rank is not None:
         source_rank = max(m.rank for m in adapter.modules)
         check_ranks_within([options.target_rank], source_rank, "target_rank", adapter.description)
-        return {m.name: min(options.target_rank, m.rank) for m in adapter.modules}, None
-    analysis = analyse(adapter, options, device, progress)
-    if options.per_module:
-        # A zero delta keeps one (zero) direction: PEFT needs r >= 1.
-        return {m.name: max(1, m.minimal_rank) for m in analysis.modules}, analysis
-    if analysis.recommended_rank is None:
+    elif analysis is None:
+        analysis = analyse(adapter, options, device, progress)
+    return compression_ranks(adapter.modules, options, analysis), analysis
+
+
+def _check_analysis_of(adapter: OpenedAdapter, options: SqueezeOptions, analysis: SqueezeAnalysis) -> None:
+    """A :class:`LoraMonitorError` unless ``analysis`` is of this adapter's modules, at these options."""
+    if {m.name: m.rank for m in analysis.modules} != {m.name: m.rank for m in adapter.modules}:
         raise LoraMonitorError(
-            f"{adapter.description}: {analysis.why_no_recommendation()}; nothing was written "
-            "(give target_rank to compress anyway)"
+            f"{adapter.description}: the analysis given is of another adapter ({analysis.source}): its "
+            "modules or ranks differ"
         )
-    return {m.name: min(analysis.recommended_rank, m.rank) for m in adapter.modules}, analysis
+    if options.min_variance_retention != analysis.min_variance_retention or (
+        options.candidate_ranks is not None and list(options.candidate_ranks) != analysis.candidate_ranks
+    ):
+        raise LoraMonitorError(
+            f"{adapter.description}: the analysis given was made at min_variance_retention "
+            f"{analysis.min_variance_retention:g} and candidate_ranks {analysis.candidate_ranks}, not at "
+            f"{options.min_variance_retention:g} and {list(options.candidate_ranks or analysis.candidate_ranks)}"
+        )
 
 
 def _given_ranks(
@@ -129,6 +144,7 @@ def gather_adapter(model: torch.nn.Module, adapter_name: str | None = None) -> A
     return model
 
 
+@renamed_keywords(target_ranks="candidate_ranks")
 def compress_adapter(
     path_or_model: Any,
     output_path: str | os.PathLike,
@@ -136,8 +152,9 @@ def compress_adapter(
     target_rank: int | None = None,
     min_variance_retention: float | None = None,
     per_module: bool = False,
-    target_ranks: Sequence[int] | None = None,
+    candidate_ranks: Sequence[int] | None = None,
     module_ranks: Mapping[str, int] | None = None,
+    analysis: SqueezeAnalysis | None = None,
     adapter_name: str | None = None,
     overwrite: bool = False,
     device: str | torch.device | None = None,
@@ -149,12 +166,17 @@ def compress_adapter(
     - ``per_module=True``: each module gets the smallest rank keeping ``min_variance_retention`` of its
       ``‖ΔW‖²_F`` (written as ``rank_pattern``/``alpha_pattern``).
     - neither: one rank for all, the analysis's ``recommended_rank`` at ``min_variance_retention``
-      (default 0.95) among ``target_ranks`` (default: powers of two up to the adapter's rank, and that rank);
+      (default 0.95) among ``candidate_ranks`` (default: powers of two up to the adapter's rank, and that rank);
       when no candidate reaches the threshold the error says which rank came closest and what it keeps.
-    - ``module_ranks={name: k}``: the ranks you give, e.g. a :class:`~lora_monitor.squeeze.BudgetAllocation`'s
+    - ``module_ranks={name: k}``: the ranks you give, e.g. a :class:`~lora_monitor.post_squeeze.BudgetRanks`'s
       (modules not named keep their rank).
 
-    A rank above the adapter's own (``target_rank``, ``target_ranks``; a module's own for ``module_ranks``)
+    The rank is chosen by :func:`~lora_monitor.post_squeeze.rank_choice.compression_rank`, the same rule as the
+    command's and the end of training's. ``analysis``: an :func:`analyze_adapter` result of this adapter that
+    you already have (printed, say), used instead of analysing again; its threshold and candidate ranks are
+    the defaults then, and other ones given here are refused.
+
+    A rank above the adapter's own (``target_rank``, ``candidate_ranks``; a module's own for ``module_ranks``)
     is refused: a squeeze keeps or lowers a rank.
 
     Modules already at or below their new rank are copied unchanged. Every module keeps its scale exactly;
@@ -163,11 +185,11 @@ def compress_adapter(
     may not be the input or inside it, and an existing non-empty ``output_path`` is replaced only with
     ``overwrite=True``. Raises :class:`LoraMonitorError` on bad input (nothing is written then).
     """
+    if min_variance_retention is None:
+        min_variance_retention = DEFAULT_THRESHOLD if analysis is None else analysis.min_variance_retention
     options = SqueezeOptions(
-        min_variance_retention=DEFAULT_THRESHOLD
-        if min_variance_retention is None
-        else min_variance_retention,
-        target_ranks=target_ranks,
+        min_variance_retention=min_variance_retention,
+        candidate_ranks=candidate_ranks,
         target_rank=target_rank,
         per_module=per_module,
     )
@@ -175,7 +197,7 @@ def compress_adapter(
     adapter = open_adapter(path_or_model, adapter_name, with_state=True)
     output = Path(output_path)
     check_output(output, adapter.folder, overwrite)
-    ranks, analysis = _plan(adapter, options, module_ranks, device, progress)
+    ranks, analysis = _plan(adapter, options, module_ranks, analysis, device, progress)
     assert adapter.tensor is not None and adapter.config is not None
 
     tensors: dict[str, torch.Tensor] = {}

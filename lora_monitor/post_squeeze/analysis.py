@@ -8,7 +8,7 @@ top ``k`` directions keep is the *variance retained* at rank ``k``:
     analysis.recommended_rank            # smallest rank whose mean retention reaches 95%
     print_analysis(analysis)             # the table, the recommended row marked "<--"
 
-The compressed adapter is :func:`lora_monitor.squeeze.compress.compress_adapter`'s; the table is drawn by
+The compressed adapter is :func:`lora_monitor.post_squeeze.compress.compress_adapter`'s; the table is drawn by
 :mod:`lora_monitor.render.console`.
 """
 
@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
+from .._deprecation import renamed_keywords
 from .._io import json_safe
 from ..adapters import LoraModule, OpenedAdapter, module_block, open_adapter
 from ..errors import LoraMonitorError, check_device
 from ..spectrum import energy_curve, lora_spectra, rank_for_energy, reaches
-from .options import DEFAULT_THRESHOLD, SqueezeOptions, check_ranks_within, default_target_ranks
+from .options import DEFAULT_THRESHOLD, SqueezeOptions, check_ranks_within, default_candidate_ranks
 
 # Modules decomposed per call of the engine: large enough to batch the r×r work, small enough that only
 # this many factor pairs are in memory at once.
@@ -120,7 +121,7 @@ class SqueezeAnalysis:
     source: str
     source_rank: int
     min_variance_retention: float
-    target_ranks: list[int]
+    candidate_ranks: list[int]
     mean_variance: dict[int, float]
     min_variance: dict[int, float]
     max_variance: dict[int, float]
@@ -139,6 +140,16 @@ class SqueezeAnalysis:
         return len(self.modules) - len(self.zero_modules)
 
     @property
+    def target_ranks(self) -> list[int]:
+        """Deprecated name of :attr:`candidate_ranks`."""
+        warnings.warn(
+            "SqueezeAnalysis.target_ranks is deprecated: use candidate_ranks",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.candidate_ranks
+
+    @property
     def num_layers(self) -> int:
         """Deprecated name of :attr:`num_modules` (it always counted modules, not layers)."""
         warnings.warn(
@@ -155,9 +166,9 @@ class SqueezeAnalysis:
             return None
         if self.num_modules == 0:
             return "every LoRA delta is zero (an untrained adapter?), so there is no rank to recommend"
-        best = max(self.target_ranks)
+        best = max(self.candidate_ranks)
         return (
-            f"no rank in {self.target_ranks} keeps {100 * self.min_variance_retention:g}% on average; "
+            f"no rank in {self.candidate_ranks} keeps {100 * self.min_variance_retention:g}% on average; "
             f"rank {best} keeps {100 * self.mean_variance[best]:.1f}%"
         )
 
@@ -177,7 +188,7 @@ class SqueezeAnalysis:
             "source_rank": self.source_rank,
             "min_variance_retention": self.min_variance_retention,
             "num_modules": self.num_modules,
-            "target_ranks": self.target_ranks,
+            "target_ranks": self.candidate_ranks,  # the manifest's key, unchanged (files keep their format)
             "recommended_rank": self.recommended_rank,
             "recommended_rank_weighted": self.recommended_rank_weighted,
             "no_recommendation": self.why_no_recommendation(),
@@ -206,7 +217,7 @@ class SqueezeAnalysis:
                 "weighted_variance": self.weighted_variance[k],
                 "recommended": k == self.recommended_rank,
             }
-            for k in self.target_ranks
+            for k in self.candidate_ranks
         ]
 
 
@@ -300,24 +311,25 @@ def _group(members: list[ModuleSqueeze], ranks: list[int], threshold: float) -> 
     return GroupRecommendation(len(members), mean, _recommend(mean, threshold))
 
 
+@renamed_keywords(target_ranks="candidate_ranks")
 def analyze_adapter(
     path_or_model: Any,
     *,
     min_variance_retention: float = DEFAULT_THRESHOLD,
-    target_ranks: Sequence[int] | None = None,
+    candidate_ranks: Sequence[int] | None = None,
     adapter_name: str | None = None,
     device: str | torch.device | None = None,
     progress: bool | None = None,
 ) -> SqueezeAnalysis:
     """The variance table of an adapter (folder, ``SavedAdapter`` or live PEFT model) and its rank advice.
 
-    The options are checked by :class:`~lora_monitor.squeeze.options.SqueezeOptions`. ``target_ranks`` defaults to the powers of two up to the largest rank, plus that rank. ``device`` runs
+    The options are checked by :class:`~lora_monitor.post_squeeze.options.SqueezeOptions`. ``candidate_ranks`` defaults to the powers of two up to the largest rank, plus that rank. ``device`` runs
     the decomposition there (the factors are read on the CPU). ``progress`` forces the progress bar on or
     off; by default it shows for adapters of 64+ modules when stderr is a terminal.
     Raises :class:`LoraMonitorError` on a bad threshold or rank, a missing or corrupt adapter, and NaN/Inf
     in any factor (naming the module).
     """
-    options = SqueezeOptions(min_variance_retention=min_variance_retention, target_ranks=target_ranks)
+    options = SqueezeOptions(min_variance_retention=min_variance_retention, candidate_ranks=candidate_ranks)
     device = check_device(device)
     adapter = open_adapter(path_or_model, adapter_name, with_state=False)
     return analyse(adapter, options, device, progress)
@@ -330,11 +342,11 @@ def analyse(
     progress: bool | None = None,
 ) -> SqueezeAnalysis:
     """:func:`analyze_adapter` on an adapter already opened, with options already checked."""
-    threshold, target_ranks = options.min_variance_retention, options.target_ranks
+    threshold, candidate_ranks = options.min_variance_retention, options.candidate_ranks
     source_rank = max(module.rank for module in adapter.modules)
-    check_ranks_within(target_ranks or (), source_rank, "target rank", adapter.description)
+    check_ranks_within(candidate_ranks or (), source_rank, "target rank", adapter.description)
     spectra = _module_spectra(adapter, device, progress)
-    ranks = list(target_ranks) if target_ranks else default_target_ranks(source_rank)
+    ranks = list(candidate_ranks) if candidate_ranks else default_candidate_ranks(source_rank)
     records: list[ModuleSqueeze] = []
     for module, S in zip(adapter.modules, spectra, strict=True):
         curve = energy_curve(S)
@@ -374,7 +386,7 @@ def analyse(
         source=adapter.description,
         source_rank=source_rank,
         min_variance_retention=threshold,
-        target_ranks=ranks,
+        candidate_ranks=ranks,
         mean_variance=mean,
         min_variance=over_modules(min),
         max_variance=over_modules(max),

@@ -2,10 +2,10 @@
 
 Two ways to spend a budget of ``Σ r_i·(m_i + n_i)`` LoRA parameters:
 
-- by **energy** (:func:`allocate_by_energy`): the ranks that keep the most of the whole adapter's
+- by **energy** (:func:`budget_ranks_by_energy`): the ranks that keep the most of the whole adapter's
   ``Σ‖s·B@A‖²_F``. Each extra direction of module ``i`` adds ``σ²`` at a cost of ``m_i + n_i`` parameters;
   spectra descend, so taking the best gain per parameter first is optimal up to the last direction.
-- by **sensitivity** (:func:`allocate_by_sensitivity`): one rank per module type, the combination whose
+- by **sensitivity** (:func:`budget_ranks_by_sensitivity`): one rank per module type, the combination whose
   measured held-out loss increases (:func:`recommend_rank_by_function` with ``by_module_type=True``: each
   type truncated alone) sum to the least within the budget; found exactly over the candidate ranks.
 
@@ -23,13 +23,13 @@ from typing import Any
 
 from ..adapters import LoraModule, open_adapter
 from ..errors import LoraMonitorError, check_number
-from .analysis import analyze_adapter
-from .function import FunctionRecommendation
+from .analysis import SqueezeAnalysis, analyze_adapter
+from .held_out import FunctionRecommendation
 from .options import validate_rank
 
 
 @dataclass
-class BudgetAllocation:
+class BudgetRanks:
     """Per-module ranks whose LoRA parameters fit ``budget``, and what they keep.
 
     ``parameters`` is what the ranks cost (``≤ budget``); ``retained`` the fraction of the whole adapter's
@@ -83,15 +83,20 @@ def _check_budget(budget: int, modules: list[LoraModule]) -> None:
         )
 
 
-def allocate_by_energy(
-    path_or_model: Any, budget: int, *, adapter_name: str | None = None
-) -> BudgetAllocation:
-    """Per-module ranks within ``budget`` parameters that keep the most of the adapter's ``Σ‖ΔW‖²_F``."""
+def budget_ranks_by_energy(
+    path_or_model: Any,
+    budget: int,
+    *,
+    adapter_name: str | None = None,
+    analysis: SqueezeAnalysis | None = None,
+) -> BudgetRanks:
+    """Per-module ranks within ``budget`` parameters that keep the most of the adapter's ``Σ‖ΔW‖²_F``
+    (``analysis``: this adapter's :func:`analyze_adapter` result when you have one; its spectra are used)."""
     budget = _whole_budget(budget)
     adapter = open_adapter(path_or_model, adapter_name)
     modules = adapter.modules
     _check_budget(budget, modules)
-    spectra = _spectra(path_or_model, adapter_name)
+    spectra = _spectra(path_or_model, adapter_name, analysis, modules)
     cost = {m.name: parameters_per_rank(m) for m in modules}
     ranks = {m.name: 1 for m in modules}
     spent = sum(cost.values())
@@ -111,23 +116,24 @@ def allocate_by_energy(
         spent += cost[name]
         if ranks[name] < len(spectra[name]) and spectra[name][ranks[name]] > 0:
             heapq.heappush(frontier, (-(spectra[name][ranks[name]] ** 2) / cost[name], name))
-    return BudgetAllocation("energy", budget, spent, ranks, _retained(spectra, ranks))
+    return BudgetRanks("energy", budget, spent, ranks, _retained(spectra, ranks))
 
 
-def allocate_by_sensitivity(
+def budget_ranks_by_sensitivity(
     path_or_model: Any,
     function: FunctionRecommendation,
     budget: int,
     *,
     adapter_name: str | None = None,
-) -> BudgetAllocation:
+    analysis: SqueezeAnalysis | None = None,
+) -> BudgetRanks:
     """One rank per module type within ``budget`` parameters, minimising the summed held-out loss increase
     measured with each type truncated alone (``function`` from ``recommend_rank_by_function(...,
     by_module_type=True)`` on the same adapter)."""
     budget = _whole_budget(budget)
     if not function.type_evaluations:
         raise LoraMonitorError(
-            "allocate_by_sensitivity needs the loss of each module type truncated alone: run "
+            "budget_ranks_by_sensitivity needs the loss of each module type truncated alone: run "
             "recommend_rank_by_function(..., by_module_type=True)"
         )
     modules = open_adapter(path_or_model, adapter_name).modules
@@ -174,19 +180,30 @@ def allocate_by_sensitivity(
             f"every combination of ranks within the parameter budget {budget} gives a NaN or Inf loss"
         )
     ranks = {m.name: min(type_ranks[m.module_type], m.rank) for m in modules}
-    return BudgetAllocation(
+    return BudgetRanks(
         "sensitivity",
         budget,
         spent,
         ranks,
-        _retained(_spectra(path_or_model, adapter_name), ranks),
+        _retained(_spectra(path_or_model, adapter_name, analysis, modules), ranks),
         type_ranks,
         loss,
     )
 
 
-def _spectra(path_or_model: Any, adapter_name: str | None) -> dict[str, list[float]]:
-    analysis = analyze_adapter(path_or_model, adapter_name=adapter_name, progress=False)
+def _spectra(
+    path_or_model: Any,
+    adapter_name: str | None,
+    analysis: SqueezeAnalysis | None,
+    modules: list[LoraModule],
+) -> dict[str, list[float]]:
+    """Each module's singular values: from ``analysis`` when given (no second decomposition), else analysed."""
+    if analysis is None:
+        analysis = analyze_adapter(path_or_model, adapter_name=adapter_name, progress=False)
+    elif {m.name: m.rank for m in analysis.modules} != {m.name: m.rank for m in modules}:
+        raise LoraMonitorError(
+            f"the analysis given is of another adapter ({analysis.source}): its modules differ"
+        )
     return {module.name: module.singular_values for module in analysis.modules}
 
 

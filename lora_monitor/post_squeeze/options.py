@@ -1,17 +1,19 @@
 """Post-Squeeze options: the one validator of the threshold, the candidate ranks and how to compress.
 
-The API (:func:`~lora_monitor.squeeze.analyze_adapter`, :func:`~lora_monitor.squeeze.compress_adapter`),
+The API (:func:`~lora_monitor.post_squeeze.analyze_adapter`, :func:`~lora_monitor.post_squeeze.compress_adapter`),
 the ``lora-monitor squeeze`` command, its TOML ``[squeeze]`` table and ``PostSqueezeCallback`` all build a
 :class:`SqueezeOptions`, so that one bad value gets the same message wherever it came from.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._deprecation import renamed_keywords
 from ..errors import LoraMonitorError, check_number, check_path
 
 DEFAULT_THRESHOLD = 0.95
@@ -34,7 +36,7 @@ def validate_rank(rank: Any, what: str = "target_rank") -> int:
 
 
 def validate_ranks(
-    ranks: Iterable[Any] | None, what: str = "target_ranks", prefix: str = ""
+    ranks: Iterable[Any] | None, what: str = "candidate_ranks", prefix: str = ""
 ) -> tuple[int, ...] | None:
     """Candidate ranks for the table, sorted and without repeats; None (the default ranks) stays None.
 
@@ -65,7 +67,7 @@ def check_ranks_within(ranks: Iterable[int], source_rank: int, what: str, where:
         )
 
 
-def default_target_ranks(source_rank: int) -> list[int]:
+def default_candidate_ranks(source_rank: int) -> list[int]:
     """Powers of two up to ``source_rank``, and ``source_rank`` itself (1, 2, 4, ..., 64, 96 for r=96)."""
     ranks = [2**i for i in range(source_rank.bit_length()) if 2**i <= source_rank]
     return sorted({*ranks, source_rank})
@@ -76,7 +78,7 @@ class SqueezeOptions:
     """What to analyse and how to compress, checked once when built.
 
     - ``min_variance_retention``: the fraction of each ``‖ΔW‖²_F`` to keep, in (0, 1];
-    - ``target_ranks``: the candidate ranks of the table (None: powers of two up to the adapter's rank);
+    - ``candidate_ranks``: the candidate ranks of the table (None: powers of two up to the adapter's rank);
     - ``target_rank``: compress every module to this rank (None: the recommended rank);
     - ``per_module``: compress each module to its own smallest rank reaching the threshold.
 
@@ -84,7 +86,7 @@ class SqueezeOptions:
     """
 
     min_variance_retention: float = DEFAULT_THRESHOLD
-    target_ranks: tuple[int, ...] | None = None
+    candidate_ranks: tuple[int, ...] | None = None
     target_rank: int | None = None
     per_module: bool = False
     where: str = ""
@@ -93,7 +95,9 @@ class SqueezeOptions:
         prefix = f"{self.where}: " if self.where else ""
         threshold = validate_threshold(self.min_variance_retention, f"{prefix}min_variance_retention")
         object.__setattr__(self, "min_variance_retention", threshold)
-        object.__setattr__(self, "target_ranks", validate_ranks(self.target_ranks, "target_ranks", prefix))
+        object.__setattr__(
+            self, "candidate_ranks", validate_ranks(self.candidate_ranks, "candidate_ranks", prefix)
+        )
         if self.target_rank is not None:
             object.__setattr__(self, "target_rank", validate_rank(self.target_rank, f"{prefix}target_rank"))
         if not isinstance(self.per_module, bool):
@@ -106,22 +110,37 @@ class SqueezeOptions:
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], where: str) -> SqueezeOptions:
-        """Options from a TOML/JSON table: ``min_variance_retention``, ``target_ranks`` (``[]`` or absent: the
+        """Options from a TOML/JSON table: ``min_variance_retention``, ``candidate_ranks`` (``[]`` or absent: the
         default ranks, as TOML has no None), ``compress_to`` (0 or absent: the recommended rank) and
         ``per_module``; other keys are the caller's."""
         compress_to = table.get("compress_to", 0)
         if compress_to == 0 and not isinstance(compress_to, bool):
             compress_to = None
-        target_ranks = table.get("target_ranks")
-        if isinstance(target_ranks, list) and not target_ranks:
-            target_ranks = None
+        candidate_ranks = table.get("candidate_ranks")
+        if "target_ranks" in table:  # the old key: one release with a warning
+            if "candidate_ranks" in table:
+                raise LoraMonitorError(
+                    f"{where}: give candidate_ranks (the new name of target_ranks), not both"
+                )
+            warnings.warn(
+                f"{where}: target_ranks is deprecated and will be removed in the next release: use candidate_ranks",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            candidate_ranks = table["target_ranks"]
+        if isinstance(candidate_ranks, list) and not candidate_ranks:
+            candidate_ranks = None
         return cls(
             min_variance_retention=table.get("min_variance_retention", DEFAULT_THRESHOLD),
-            target_ranks=target_ranks,
+            candidate_ranks=candidate_ranks,
             target_rank=None if compress_to is None else validate_rank(compress_to, f"{where}: compress_to"),
             per_module=table.get("per_module", False),
             where=where,
         )
+
+
+# The old keyword of the constructor, for a release.
+SqueezeOptions.__init__ = renamed_keywords(target_ranks="candidate_ranks")(SqueezeOptions.__init__)  # type: ignore[method-assign]
 
 
 # The keys a [squeeze] table of a TOML file may hold (``lora-monitor squeeze squeeze.toml``).
@@ -129,7 +148,8 @@ TOML_KEYS = (
     "adapter_path",
     "min_variance_retention",
     "source_rank",
-    "target_ranks",
+    "candidate_ranks",
+    "target_ranks",  # the old name of candidate_ranks, deprecated
     "output_path",
     "compress_to",
     "per_module",

@@ -1,6 +1,6 @@
 """Rank advice by function: what truncating a live adapter to each rank does to held-out loss and outputs.
 
-The energy table (:func:`~lora_monitor.squeeze.analysis.analyze_adapter`) says how much of ``‖ΔW‖²`` a rank
+The energy table (:func:`~lora_monitor.post_squeeze.analysis.analyze_adapter`) says how much of ``‖ΔW‖²`` a rank
 keeps; it does not say what the model loses. Here every candidate rank is tried on the live model itself:
 each LoRA pair is replaced by its best rank-``k`` factors (:func:`lora_monitor.spectrum.truncate_factors`),
 written into the existing parameters zero-padded to their shape (nothing is reallocated, written to disk or
@@ -13,23 +13,25 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .._deprecation import renamed_keywords
 from .._io import json_safe
 from ..adapters import factor_parameters, find_lora_modules, unwrap_model
 from ..adapters.factors import as_A_matrix, as_B_matrix, live_factors
 from ..edit.data import check_scored, finite_loss, is_causal_lm, scored_rows
 from ..errors import LoraMonitorError
-from ..spectrum import truncate_factors
-from .analysis import analyze_adapter
+from ..spectrum import decomposition_dtype, truncate_factors
+from .analysis import SqueezeAnalysis, analyze_adapter
 from .options import (
     DEFAULT_THRESHOLD,
     check_ranks_within,
-    default_target_ranks,
+    default_candidate_ranks,
     validate_rank,
     validate_threshold,
     validate_tolerance,
@@ -63,7 +65,7 @@ class FunctionRecommendation:
     largest candidate when none does). ``scored_tokens`` is how many labels the losses were averaged over;
     ``unscored_texts`` the rows left out because they score none (a one-token text in a causal LM).
     ``energy_recommended_rank`` is the energy table's advice at
-    ``energy_threshold`` for the same adapter, shown alongside (None when no candidate reaches it).
+    ``min_variance_retention`` for the same adapter, shown alongside (None when no candidate reaches it).
 
     With ``by_module_type``, the same per module type: ``type_evaluations[type][rank]`` truncates only the
     modules of that type (every other module keeps its full rank), ``type_recommended_ranks`` is the
@@ -75,7 +77,7 @@ class FunctionRecommendation:
     ranks: list[int]
     evaluations: dict[int, RankEvaluation]
     recommended_rank: int
-    energy_threshold: float
+    min_variance_retention: float
     energy_recommended_rank: int | None
     retained_variance: dict[int, float] = field(default_factory=dict)  # mean over modules, from the table
     type_evaluations: dict[str, dict[int, RankEvaluation]] = field(default_factory=dict)
@@ -83,6 +85,16 @@ class FunctionRecommendation:
     energy_type_ranks: dict[str, int | None] = field(default_factory=dict)
     scored_tokens: int = 0
     unscored_texts: int = 0
+
+    @property
+    def energy_threshold(self) -> float:
+        """Deprecated name of :attr:`min_variance_retention`."""
+        warnings.warn(
+            "FunctionRecommendation.energy_threshold is deprecated: use min_variance_retention",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.min_variance_retention
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(
@@ -94,7 +106,7 @@ class FunctionRecommendation:
                 "ranks": self.ranks,
                 "evaluations": {rank: e.to_dict() for rank, e in self.evaluations.items()},
                 "recommended_rank": self.recommended_rank,
-                "energy_threshold": self.energy_threshold,
+                "energy_threshold": self.min_variance_retention,  # the manifest's key, unchanged
                 "energy_recommended_rank": self.energy_recommended_rank,
                 "retained_variance": self.retained_variance,
                 "type_evaluations": {
@@ -126,9 +138,8 @@ def _pairs(model: torch.nn.Module, adapter_name: str | None, ranks: list[int]) -
             raise LoraMonitorError(f"module {record.name}: its LoRA factors hold NaN or Inf")
         truncated = {}
         for rank in ranks:
-            result = truncate_factors(
-                B, A, rank, dtype=torch.float64 if B.dtype == torch.float64 else torch.float32
-            )
+            # the precision compress writes at, so that the rank judged here is the adapter it writes
+            result = truncate_factors(B, A, rank, dtype=decomposition_dtype(B.dtype, A.dtype))
             truncated[rank] = (result.B, result.A)
         pairs.append(
             _Pair(
@@ -200,6 +211,7 @@ def _progress(total: int, enabled: bool | None):
     )
 
 
+@renamed_keywords(energy_threshold="min_variance_retention")
 def recommend_rank_by_function(
     model: torch.nn.Module,
     eval_batches: Iterable[dict[str, Any]],
@@ -207,9 +219,10 @@ def recommend_rank_by_function(
     ranks: Sequence[int] | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     adapter_name: str | None = None,
-    energy_threshold: float = DEFAULT_THRESHOLD,
+    min_variance_retention: float | None = None,
     by_module_type: bool = False,
     progress: bool | None = None,
+    analysis: SqueezeAnalysis | None = None,
 ) -> FunctionRecommendation:
     """Try every candidate rank on the live PEFT ``model`` and recommend the smallest that keeps its loss.
 
@@ -221,13 +234,17 @@ def recommend_rank_by_function(
     ``by_module_type`` also tries each rank on one module type at a time (the others at full rank): one
     more pass per candidate rank and module type.
     ``progress`` forces the progress bar on or off (by default it shows when stderr is a terminal).
+    ``analysis``: the energy table of this adapter when you already have one (:func:`analyze_adapter`), shown
+    beside the losses instead of analysing again; its candidate ranks and threshold are the defaults then.
     Only scored tokens count: a row with none (every label -100; a one-token text in a causal LM, which has
     nothing to predict) is left out and counted in ``unscored_texts``. Evaluation data that scores no
     token, or a NaN/Inf loss of the uncompressed model, is a :class:`LoraMonitorError`: no advice is
     computed from a NaN.
     """
     tolerance = validate_tolerance(tolerance)
-    energy_threshold = validate_threshold(energy_threshold, "energy_threshold")
+    if min_variance_retention is None:
+        min_variance_retention = DEFAULT_THRESHOLD if analysis is None else analysis.min_variance_retention
+    min_variance_retention = validate_threshold(min_variance_retention, "min_variance_retention")
     batches = list(eval_batches)
     if not batches:
         raise LoraMonitorError("eval_batches is empty: give at least one batch with labels")
@@ -239,19 +256,31 @@ def recommend_rank_by_function(
         raise LoraMonitorError("the model has no LoRA modules to truncate")
     source_rank = max(record.rank for record in records)
     if ranks is None:
-        candidates = default_target_ranks(source_rank)
+        candidates = (
+            default_candidate_ranks(source_rank) if analysis is None else list(analysis.candidate_ranks)
+        )
     else:
         candidates = sorted({validate_rank(rank, "every candidate rank") for rank in ranks})
         if not candidates:
             raise LoraMonitorError("ranks is empty: give at least one rank, or None for the default")
-        check_ranks_within(candidates, source_rank, "candidate rank")
-    energy = analyze_adapter(
-        model,
-        min_variance_retention=energy_threshold,
-        target_ranks=candidates,
-        adapter_name=adapter_name,
-        progress=False,
-    )
+    check_ranks_within(candidates, source_rank, "candidate rank")
+    if analysis is None:
+        analysis = analyze_adapter(
+            model,
+            min_variance_retention=min_variance_retention,
+            candidate_ranks=candidates,
+            adapter_name=adapter_name,
+            progress=False,
+        )
+    elif {m.name: m.rank for m in analysis.modules} != {r.name: r.rank for r in records} or (
+        analysis.candidate_ranks != candidates or analysis.min_variance_retention != min_variance_retention
+    ):
+        raise LoraMonitorError(
+            f"the analysis given ({analysis.source}, ranks {analysis.candidate_ranks} at "
+            f"{analysis.min_variance_retention:g}) is not of this model's LoRA modules at ranks {candidates} "
+            f"and threshold {min_variance_retention:g}"
+        )
+    energy = analysis
     pairs = _pairs(model, adapter_name, candidates)
     types = sorted({pair.module_type for pair in pairs}) if by_module_type else []
     # (module type or None for all, rank): which pairs are truncated in that evaluation
@@ -313,7 +342,7 @@ def recommend_rank_by_function(
         ranks=candidates,
         evaluations=evaluations[None],
         recommended_rank=smallest_within(evaluations[None]),
-        energy_threshold=energy.min_variance_retention,
+        min_variance_retention=energy.min_variance_retention,
         energy_recommended_rank=energy.recommended_rank,
         retained_variance=dict(energy.mean_variance),
         type_evaluations={kind: evaluations[kind] for kind in types},

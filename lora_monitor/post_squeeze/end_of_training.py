@@ -5,6 +5,7 @@ batches, the compressed copy, the intruder dimensions and the manifest entry.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +16,12 @@ import torch
 from ..adapters import find_lora_modules
 from ..errors import LoraMonitorError
 from ..monitor.intruders import IntruderDimensions, intruder_dimensions
-from ..render.console import print_analysis, print_function_recommendation
 from .analysis import SqueezeAnalysis, analyze_adapter
 from .compress import CompressionResult, compress_adapter
-from .function import DEFAULT_TOLERANCE, FunctionRecommendation, recommend_rank_by_function
+from .held_out import DEFAULT_TOLERANCE, FunctionRecommendation, recommend_rank_by_function
 from .manifest import manifest_entry, summary_scalars, write_squeeze_manifest
 from .options import SqueezeOptions, validate_tolerance
+from .rank_choice import compression_rank
 
 
 @dataclass
@@ -66,11 +67,13 @@ def squeeze_trained_adapter(
     tolerance: float = DEFAULT_TOLERANCE,
     by_module_type: bool = False,
     intruders: bool = True,
-    print_tables: bool = True,
+    print_tables: bool | None = None,
     function_required: bool = True,
 ) -> EndOfTraining:
     """Analyse a trained adapter (a live model, or the gathered snapshot of an FSDP2 one); then
-    :meth:`EndOfTraining.write_manifest` writes the ``squeeze`` manifest entry.
+    :meth:`EndOfTraining.write_manifest` writes the ``squeeze`` manifest entry. Nothing is printed: draw the
+    tables with :func:`lora_monitor.render.console.print_rank_advice` (``print_tables`` is deprecated and
+    does nothing).
 
     ``eval_batches`` (called once) gives held-out batches for the rank by function; ``compress_to`` names
     the sub-folder of ``output_dir`` for the compressed copy, at the function's rank when it was measured,
@@ -79,6 +82,13 @@ def squeeze_trained_adapter(
     with ``function_required=False`` (``PostSqueezeCallback(by_function="auto")``) held-out batches that cannot
     be measured leave a warning and the energy rank instead, so the table, compression and manifest are kept.
     """
+    if print_tables is not None:
+        warnings.warn(
+            "squeeze_trained_adapter(print_tables=...) is deprecated and does nothing: it prints no more; print "
+            "the result with lora_monitor.render.console.print_rank_advice(result.analysis, result.function)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     tolerance = validate_tolerance(tolerance)  # up front, measured or not: the same values refused everywhere
     if compress_to is not None and not (isinstance(compress_to, str) and compress_to):
         raise LoraMonitorError(f"compress_to must be a sub-folder name, got {compress_to!r}")
@@ -88,7 +98,7 @@ def squeeze_trained_adapter(
         analyze_adapter(
             model,
             min_variance_retention=options.min_variance_retention,
-            target_ranks=options.target_ranks,
+            candidate_ranks=options.candidate_ranks,
             adapter_name=adapter_name,
         )
     )
@@ -97,30 +107,28 @@ def squeeze_trained_adapter(
             result.function = recommend_rank_by_function(
                 model,
                 eval_batches(),
-                ranks=options.target_ranks,
+                ranks=options.candidate_ranks,
                 tolerance=tolerance,
                 adapter_name=adapter_name,
-                energy_threshold=options.min_variance_retention,
+                min_variance_retention=options.min_variance_retention,
                 by_module_type=by_module_type,
+                analysis=result.analysis,  # the table above: analysed once
             )
         except Exception as error:  # held-out data that cannot be measured (no scored token, NaN, a collator
             if function_required:  # that gives no batches of tensors): fatal only when it was asked for
                 raise
             result.warnings.append(f"rank by function not measured ({error}); the energy rank stands")
-    if print_tables:
-        print_analysis(result.analysis, checked=result.function is not None)
-        if result.function is not None:
-            print_function_recommendation(result.function)
     if compress_to is not None:
-        by_function = result.function is not None and not options.per_module
         try:  # no recommendation is an error naming the closest rank; the analysis is still written
+            rank = compression_rank(options, result.analysis, result.function)
             result.compression = compress_adapter(
                 model,
                 output_dir / compress_to,
                 min_variance_retention=options.min_variance_retention,
                 per_module=options.per_module,
-                target_rank=result.function.recommended_rank if by_function else None,
-                target_ranks=options.target_ranks,
+                target_rank=rank,
+                candidate_ranks=options.candidate_ranks,
+                analysis=result.analysis,
                 adapter_name=adapter_name,
                 overwrite=True,  # a re-run into the same output_dir replaces its own compressed copy
             )
