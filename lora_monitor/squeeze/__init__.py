@@ -5,40 +5,15 @@ place (and its new name where it changed: ``allocate_by_energy`` is ``budget_ran
 """
 
 from .._lazy import lazy_exports
+from ..post_squeeze import __all__ as _post_squeeze_names
 
 _NEW = "lora_monitor.post_squeeze"
 _CONSOLE = "lora_monitor.render.console"
 # old name -> "module:new name"
+_MOVED = {"BudgetAllocation", "allocate_by_energy", "allocate_by_sensitivity", "default_target_ranks"}
 _RENAMED: dict[str, str] = {
-    **{
-        name: f"{_NEW}:{name}"
-        for name in (
-            "DEFAULT_THRESHOLD",
-            "DEFAULT_TOLERANCE",
-            "CompressionResult",
-            "EndOfTraining",
-            "FunctionRecommendation",
-            "GroupRecommendation",
-            "ModuleSqueeze",
-            "RankEvaluation",
-            "SqueezeAnalysis",
-            "SqueezeOptions",
-            "analyze_adapter",
-            "compress_adapter",
-            "gather_adapter",
-            "manifest_entry",
-            "parameters_per_rank",
-            "read_squeeze_toml",
-            "recommend_rank_by_function",
-            "squeeze_trained_adapter",
-            "uniform_budget",
-            "validate_rank",
-            "validate_ranks",
-            "validate_threshold",
-            "validate_tolerance",
-            "write_squeeze_manifest",
-        )
-    },
+    # every name the package had kept its name in post_squeeze, but for the four below
+    **{name: f"{_NEW}:{name}" for name in _post_squeeze_names if name not in _MOVED},
     "BudgetAllocation": f"{_NEW}:BudgetRanks",
     "allocate_by_energy": f"{_NEW}:budget_ranks_by_energy",
     "allocate_by_sensitivity": f"{_NEW}:budget_ranks_by_sensitivity",
