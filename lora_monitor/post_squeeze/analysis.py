@@ -6,10 +6,9 @@ top ``k`` directions keep is the *variance retained* at rank ``k``:
 
     analysis = analyze_adapter("runs/final", min_variance_retention=0.95)
     analysis.recommended_rank            # smallest rank whose mean retention reaches 95%
-    print_analysis(analysis)             # the table, the recommended row marked "<--"
 
-The compressed adapter is :func:`lora_monitor.post_squeeze.compress.compress_adapter`'s; the table is drawn by
-:mod:`lora_monitor.render.console`.
+The compressed adapter is :func:`~lora_monitor.post_squeeze.compress.compress_adapter`'s; the table is drawn by
+:func:`lora_monitor.render.console.print_analysis`.
 """
 
 from __future__ import annotations
