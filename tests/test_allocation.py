@@ -508,3 +508,26 @@ def test_probe_rank_gives_no_advice_from_a_loss_over_no_token(tokenizer):
         broken.lm_head.weight[3, 0] = float("nan")
     with pytest.raises(LoraMonitorError, match="dataloader: the loss of batch 0 is nan"):
         probe_rank(broken, clean, steps=2)
+
+
+def test_probe_rank_warns_where_it_does_not_apply_a_classifier_and_not_on_a_causal_lm(tokenizer):
+    """On a classifier the gradient before any step is shaped by the random head (measured 16× the knee):
+    the reading comes with a warning; on a causal LM, whose head is the pretrained one, it does not."""
+    import warnings
+
+    from transformers import LlamaForSequenceClassification
+
+    batch = tokenizer(["the cat sat on the mat", "a dog ran in the park"], return_tensors="pt", padding=True)
+    causal = dict(batch, labels=batch["input_ids"].clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the causal LM's probe
+        probe_rank(tiny_llama(), [causal], steps=1)
+
+    torch.manual_seed(0)
+    config = tiny_llama().config
+    config.num_labels = 2
+    classifier = LlamaForSequenceClassification(config)
+    classifier.config.pad_token_id = tokenizer.pad_token_id
+    with pytest.warns(UserWarning, match="LlamaForSequenceClassification is not a causal LM"):
+        probe = probe_rank(classifier, [dict(batch, labels=torch.tensor([0, 1]))], steps=1)
+    assert probe.rank >= 1  # the reading is still returned

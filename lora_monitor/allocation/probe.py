@@ -6,6 +6,7 @@ of the loss gradient with respect to each target weight, accumulated over a few 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import describe_module
+from ..adapters import describe_module, unwrap_model
 from ..edit.data import finite_loss, is_causal_lm, scored_tokens
 from ..errors import LoraMonitorError, check_number
 from ..spectrum import energy_curve, rank_for_energy, reaches, weight_singular_values
@@ -65,7 +66,14 @@ def probe_rank(
     Runs ``steps`` batches from ``dataloader`` (dicts of tensors for ``model(**batch)``, with labels so that
     the model returns a loss), sums the gradient of the loss with respect to each target weight (the same
     weights :func:`spectral_analysis` would pick), and reads the rank that keeps ``threshold`` of the
-    summed gradient's energy. A batch that scores no label (one-token texts of a causal LM) is skipped, a
+    summed gradient's energy.
+
+    Where it applies: a model whose output head is pretrained (a causal LM). On SmolLM2-135M it gave r=2, the
+    measured knee; on a sequence classifier with a freshly initialised head (MiniLM on Rotten Tomatoes) it gave
+    r=64 against a knee of 4, because the gradient before any step is shaped by the random head. For a model
+    that is not a causal LM it warns and still returns its reading (an upper bound at best).
+
+    A batch that scores no label (one-token texts of a causal LM) is skipped, a
     NaN/Inf loss is a :class:`LoraMonitorError`: no advice from a NaN gradient. Nothing is updated: gradients are taken with ``torch.autograd.grad`` (no
     ``.grad`` is written), and every ``requires_grad`` flag is restored afterwards.
     """
@@ -81,6 +89,14 @@ def probe_rank(
                 f"module {record.name}: cannot take gradients of a quantized ({weight.dtype}) weight"
             )
     causal = is_causal_lm(model)
+    if not causal:
+        warnings.warn(
+            f"probe_rank: {type(unwrap_model(model)).__name__} is not a causal LM; with a freshly initialised "
+            "output head the gradient before any step reflects the random head (measured: r=64 against a knee of "
+            "4 on a MiniLM classifier), so read its rank as an upper bound, not advice",
+            UserWarning,
+            stacklevel=2,
+        )
     saved_flags = [p.requires_grad for p in model.parameters()]
     sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     model_device = next(model.parameters()).device
