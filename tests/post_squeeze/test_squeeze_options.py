@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from _squeeze_helpers import decay_spectrum, lora_layers
+from dense_reference import decay_spectrum, lora_layers
 from peft import PeftModel
 from tiny_models import peft_llama, tiny_llama
 

@@ -1,12 +1,12 @@
 """The spectrum engine, the monitor and Post-Squeeze with everything on an accelerator (``cuda``, where the
 machine has one) and, through the same code, on the CPU: the CPU case checks the test itself everywhere,
-the ``cuda`` case runs in the sessions that have a GPU (``python -m pytest tests/test_device.py``)."""
+the ``cuda`` case runs in the sessions that have a GPU (``python -m pytest tests/device``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _squeeze_helpers import best_rank_k, dense_deltas, lora_layers, relative_error
+from dense_reference import best_rank_k, dense_deltas, lora_layers, relative_error
 from peft import PeftModel
 from tiny_models import peft_llama, tiny_llama, training_args
 from transformers import Trainer

@@ -24,6 +24,7 @@ from lora_monitor.monitor import Monitor
 SQUEEZED_RANK = 4
 PROBE_IDS = [[1, 5, 9, 12, 7, 30, 4, 2]]
 LORA_SCALE = 16 / 8  # peft_llama: lora_alpha 16, r 8
+pytestmark = pytest.mark.slow  # two processes that train
 
 
 @pytest.fixture(scope="module")

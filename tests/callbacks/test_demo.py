@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from lora_monitor.cli import main
 
 STEPS = 6  # enough for the monitor to raise alerts on the demo's random base
+pytestmark = pytest.mark.slow  # the demo trains twice
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny_models import peft_llama, tiny_llama
+from tiny_models import peft_llama, tiny_conv_net, tiny_llama
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter, lora_spectra
 
@@ -48,16 +48,6 @@ def bert_encoder():
         vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96
     )
     return BertModel(config)
-
-
-class TinyConvNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.head = torch.nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.head(self.conv(x).mean((-1, -2)))
 
 
 @pytest.mark.parametrize(
@@ -108,8 +98,9 @@ def test_bert_encoder_and_conv2d_lora():
     assert {r.module_type for r in records} == {"query", "value"} and all(r.is_attention for r in records)
     assert records[0].layer_index == 0 and records[-1].layer_index == 1
 
-    torch.manual_seed(0)
-    convnet = get_peft_model(TinyConvNet(), LoraConfig(r=4, target_modules=["conv"], init_lora_weights=False))
+    convnet = get_peft_model(
+        tiny_conv_net(), LoraConfig(r=4, target_modules=["conv1"], init_lora_weights=False)
+    )
     (record,) = check_live_model(convnet)
     assert record.kind == "conv" and record.A.shape == (4, 27) and record.B.shape == (16, 4)
     assert record.base_weight().shape == (16, 27)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _squeeze_helpers import offline_wandb_history_keys, offline_wandb_summary
+from offline_wandb import offline_wandb_history_keys, offline_wandb_summary
 from tiny_models import SENTENCES, peft_llama, training_args
 from transformers import Trainer, TrainerCallback
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from offline_run import run_offline
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+pytestmark = pytest.mark.slow  # each bench runs in a child process
 
 
 def run_bench(arguments: list[str], tmp_path: Path) -> str:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from distributed_workers.launch import run_workers
 from peft import PeftModel
 from tiny_models import tiny_llama
 
 from lora_monitor import load_adapter
+
+pytestmark = pytest.mark.slow  # two processes that train
 
 
 def test_two_process_ddp_run_masks_and_ends_with_identical_adapters(tmp_path):

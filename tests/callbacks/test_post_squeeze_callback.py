@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _squeeze_helpers import lora_layers, offline_wandb_summary
+from dense_reference import lora_layers
+from offline_wandb import offline_wandb_summary
 from peft import PeftModel
 from tiny_models import peft_llama, tiny_llama, training_args
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState

@@ -13,30 +13,17 @@ import logging
 
 import pytest
 import torch
-from _squeeze_helpers import decay_spectrum, lora_layers
+from dense_reference import lora_layers
 from peft import LoraConfig, PeftModel, get_peft_model
+from squeeze_command import run
 from tiny_models import peft_llama, tiny_llama, training_args
 from transformers import Trainer
 
 import lora_monitor.adapters.folder as folder_module
 from lora_monitor.adapters import load_adapter
 from lora_monitor.callbacks.post_squeeze import PostSqueezeCallback
-from lora_monitor.cli import main
 from lora_monitor.errors import LoraMonitorError
 from lora_monitor.squeeze import analyze_adapter, compress_adapter
-
-
-@pytest.fixture()
-def adapter_folder(tmp_path):
-    folder = tmp_path / "adapter"
-    decay_spectrum(peft_llama(0, r=8, lora_alpha=16)).save_pretrained(folder)
-    return folder
-
-
-def run(capsys, *argv):
-    status = main(["squeeze", *map(str, argv)])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def leftovers(parent):

@@ -321,16 +321,10 @@ def test_works_in_trl_sft_trainer(tmp_path, tokenizer):
 
     squeeze = InSqueezeCallback(target_rank=4, schedule=[(3, 8), (6, 4)])
     audit = _OptimizerAudit()
-    config = SFTConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
+    config = training_args(
+        tmp_path,
+        arguments_class=SFTConfig,
         max_steps=8,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
         max_length=16,
         bf16=False,  # TRL's default autocasts the live forward on CPU; the reload check compares in fp32
     )

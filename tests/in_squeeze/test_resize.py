@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import load_peft_weights, set_peft_model_state_dict
-from tiny_models import peft_llama, tiny_llama
+from tiny_models import peft_llama, tiny_conv_net, tiny_llama
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
 from lora_monitor.adapters import pattern_key
@@ -266,21 +266,10 @@ def test_embedding_lora_resizes_and_reloads(tmp_path):
         assert torch.allclose(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-10)
 
 
-class _TinyConvNet(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 12, 3, padding=1)
-        self.head = torch.nn.Linear(12, 2)
-
-    def forward(self, x):
-        return self.head(self.conv(x).mean((-1, -2)))
-
-
 def test_conv_lora_resizes_to_the_best_rank_k_kernel(tmp_path):
-    torch.manual_seed(0)
     model = get_peft_model(
-        _TinyConvNet().double(),
-        LoraConfig(r=6, lora_alpha=12, target_modules=["conv"], init_lora_weights=False),
+        tiny_conv_net().double(),
+        LoraConfig(r=6, lora_alpha=12, target_modules=["conv1"], init_lora_weights=False),
     )
     record = find_lora_modules(model)[0]
     assert record.kind == "conv"
@@ -288,11 +277,10 @@ def test_conv_lora_resizes_to_the_best_rank_k_kernel(tmp_path):
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     squeeze_model(model, 2)
     record = find_lora_modules(model)[0]
-    assert record.A_shape == (2, 3, 3, 3) and record.B_shape == (12, 2, 1, 1)
+    assert record.A_shape == (2, 3, 3, 3) and record.B_shape == (16, 2, 1, 1)
     assert torch.allclose(record.scale * record.B @ record.A, _best_rank_k(before, 2), atol=1e-10)
     model.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    reloaded = PeftModel.from_pretrained(_TinyConvNet().double(), tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_conv_net().double(), tmp_path)
     assert torch.allclose(reloaded(x), model(x), atol=1e-10)
 
 

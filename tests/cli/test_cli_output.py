@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from _squeeze_helpers import decay_spectrum
+from dense_reference import decay_spectrum
 from tiny_models import peft_llama
 
 from lora_monitor.cli import main
