@@ -208,6 +208,7 @@ def test_pattern_keys_match_as_peft_matches_them():
             assert pattern_key_for(keys, name) == get_pattern_key(keys, name), (keys, name)
 
 
+@pytest.mark.slow
 def test_reading_and_compressing_a_saved_adapter_imports_neither_peft_nor_transformers(tmp_path):
     import subprocess
     import sys

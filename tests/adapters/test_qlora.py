@@ -64,6 +64,7 @@ def test_dominance_is_measured_against_the_dequantized_base(base_folder):
         )
 
 
+@pytest.mark.slow
 def test_monitor_in_squeeze_and_post_squeeze_on_a_qlora_model(base_folder, tmp_path, lm_dataset):
     from peft import PeftModel
     from transformers import Trainer

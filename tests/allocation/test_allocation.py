@@ -118,6 +118,7 @@ def compare_with_weightwatcher(ours, details, label: str) -> None:
     assert correlation > 0.999
 
 
+@pytest.mark.slow
 def test_planted_spectra_match_weightwatcher_and_the_planted_truth(planted_model):
     ours = spectral_analysis(planted_model, fit="ks", progress=False)
     compare_with_weightwatcher(ours, weightwatcher_details(planted_model), "planted spectra")
@@ -148,6 +149,7 @@ def test_median_rule_is_the_hill_estimate_weightwatcher_gives_at_the_median(plan
         assert layer.alpha == pytest.approx(1 + len(tail) / float(torch.log(tail / tail[0]).sum()), rel=1e-10)
 
 
+@pytest.mark.slow
 def test_tiny_llama_weights_match_weightwatcher():
     model = tiny_llama(seed=3)
     generator = torch.Generator().manual_seed(1)

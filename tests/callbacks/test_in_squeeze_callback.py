@@ -98,6 +98,7 @@ def resize_run(tmp_path_factory, tokenizer):
     return trainer, squeeze, audit
 
 
+@pytest.mark.slow
 def test_resize_run_ends_at_the_target_rank_and_reloads(resize_run, tmp_path):
     trainer, squeeze, audit = resize_run
     assert trainer.state.global_step == MAX_STEPS
@@ -111,6 +112,7 @@ def test_resize_run_ends_at_the_target_rank_and_reloads(resize_run, tmp_path):
     _assert_reloads_same(trainer, tmp_path / "adapter")
 
 
+@pytest.mark.slow  # the module's Trainer run
 def test_resize_run_logs_each_squeeze_and_keeps_learning(resize_run):
     trainer, _, _ = resize_run
     logged = [entry for entry in trainer.state.log_history if "in_squeeze/rank_mean" in entry]
@@ -143,6 +145,7 @@ def test_resize_run_logs_each_squeeze_and_keeps_learning(resize_run):
     assert rates == pytest.approx({step: 5e-3 * (MAX_STEPS + 1 - step) / MAX_STEPS for step in rates})
 
 
+@pytest.mark.slow
 def test_resume_after_a_squeeze_finishes_like_the_uninterrupted_run(resize_run, tmp_path, tokenizer):
     reference, _, _ = resize_run
     checkpoint = f"{reference.args.output_dir}/checkpoint-45"
@@ -162,6 +165,7 @@ def test_resume_after_a_squeeze_finishes_like_the_uninterrupted_run(resize_run, 
     _assert_reloads_same(resumed, tmp_path / "adapter")
 
 
+@pytest.mark.slow
 def test_mask_mode_keeps_shapes_while_training_saves_the_reduced_rank_and_resumes(tmp_path, tokenizer):
     shapes: dict[int, tuple[int, ...]] = {}
 
@@ -208,6 +212,7 @@ def test_mask_mode_keeps_shapes_while_training_saves_the_reduced_rank_and_resume
     assert torch.allclose(_logits(resumed.model, IDS), _logits(trainer.model, IDS), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_rewarmup_scales_the_learning_rate_after_a_squeeze(tmp_path, tokenizer):
     seen: dict[int, tuple[float, float]] = {}
 
@@ -316,6 +321,7 @@ def test_a_schedule_that_can_never_work_is_refused_when_the_callback_is_built(op
         assert str(planned.value) == str(refused.value)
 
 
+@pytest.mark.slow
 def test_works_in_trl_sft_trainer(tmp_path, tokenizer):
     from trl import SFTConfig, SFTTrainer
 
@@ -345,6 +351,7 @@ def test_works_in_trl_sft_trainer(tmp_path, tokenizer):
     _assert_reloads_same(trainer, tmp_path / "adapter")
 
 
+@pytest.mark.slow
 def test_trl_reference_adapter_is_never_squeezed(tmp_path, tokenizer):
     from peft import LoraConfig
 

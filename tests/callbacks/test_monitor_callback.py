@@ -66,6 +66,7 @@ def test_a_jsonl_line_is_strict_json_with_the_values_the_standard_library_reads(
     assert list(json.loads(_io.dumps({"b": 1, "a": 2}, indent=None, sort_keys=True))) == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_trainer_reports_metrics_to_log_history_integrations_and_jsonl(tmp_path, lm_dataset, caplog):
     recorder = RecordingCallback()
     monitor = SpectralMonitorCallback(
@@ -121,6 +122,7 @@ def test_trainer_reports_metrics_to_log_history_integrations_and_jsonl(tmp_path,
     assert monitored[-1]["lora/alerts_total"] == len(monitor.alerts)
 
 
+@pytest.mark.slow
 def test_matches_dense_svd_of_the_trained_adapter(tmp_path, lm_dataset):
     monitor = SpectralMonitorCallback(every_n_steps=3)
     trainer = train(tmp_path, lm_dataset, monitor, steps=3)
@@ -136,6 +138,7 @@ def test_matches_dense_svd_of_the_trained_adapter(tmp_path, lm_dataset):
     assert record.dominance == pytest.approx(float(S[0] / S_W[0]), rel=2e-2)
 
 
+@pytest.mark.slow
 def test_attach_and_every_n_steps(tmp_path, lm_dataset):
     model = peft_llama(init_lora_weights=True)
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=5), train_dataset=lm_dataset)
@@ -147,6 +150,7 @@ def test_attach_and_every_n_steps(tmp_path, lm_dataset):
     assert all(m.gradient_effective_rank is None for m in monitor.latest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("every", "gradient_every", "steps", "measured"),
     [
@@ -187,6 +191,7 @@ def test_every_n_steps_below_one_is_refused():
             SpectralMonitorCallback(gradient_every_n_steps=bad)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_keys(tmp_path, lm_dataset, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -240,6 +245,7 @@ def trl_args(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_trl_sft_trainer(tokenizer, trl_args):
     pytest.importorskip("trl")
     from datasets import Dataset
@@ -260,6 +266,7 @@ def test_trl_sft_trainer(tokenizer, trl_args):
     assert len(monitor.latest) == 14 and not any(m.is_zero for m in monitor.latest)
 
 
+@pytest.mark.slow
 def test_trl_grpo_trainer(tokenizer, trl_args):
     pytest.importorskip("trl")
     from datasets import Dataset
@@ -287,6 +294,7 @@ def test_trl_grpo_trainer(tokenizer, trl_args):
     assert all(not m.is_zero and m.dominance is not None for m in monitor.latest)
 
 
+@pytest.mark.slow
 def test_a_callback_reused_by_a_second_trainer_reports_to_that_trainer(tmp_path, lm_dataset):
     monitor = SpectralMonitorCallback(every_n_steps=1, jsonl_name=None)
     first = train(tmp_path / "first", lm_dataset, monitor, steps=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
 import torch
 from tiny_models import peft_llama, training_args
 from transformers import Trainer, TrainerCallback
@@ -43,6 +44,7 @@ def run(tmp_path, dataset, monitor, model, steps, callbacks=(), optimizer=None):
     return trainer
 
 
+@pytest.mark.slow
 def test_a_nan_factor_mid_training_is_recorded_and_alerted_and_training_goes_on(tmp_path, lm_dataset):
     monitor = SpectralMonitorCallback(every_n_steps=2)
     trainer = run(tmp_path, lm_dataset, monitor, peft_llama(init_lora_weights=True), 6, [WriteNaN(at=4)])
@@ -80,6 +82,7 @@ def test_a_base_weight_holding_nan_is_recorded_and_alerted_at_the_first_check(tm
     assert "base weight" in alert.message and BROKEN in alert.message
 
 
+@pytest.mark.slow
 def test_an_adapter_half_restored_from_a_sharded_checkpoint_is_alerted_at_the_first_check(
     tmp_path, lm_dataset
 ):
@@ -122,6 +125,7 @@ def test_an_adapter_half_restored_from_a_sharded_checkpoint_is_alerted_at_the_fi
     assert first == 2
 
 
+@pytest.mark.slow
 def test_a_failing_output_is_logged_once_and_training_goes_on(tmp_path, lm_dataset, caplog):
     (tmp_path / "lora_monitor.jsonl").mkdir(parents=True)  # the JSONL cannot be written: as a full disk
     monitor = SpectralMonitorCallback(every_n_steps=1)
@@ -146,6 +150,7 @@ def trainable_except(model, name):
     return [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
 
 
+@pytest.mark.slow
 def test_dead_adapter_when_requires_grad_is_off(tmp_path, lm_dataset):
     model = peft_llama(init_lora_weights=True)  # B = 0 and stays 0 where nothing trains
     for parameter in (
@@ -160,6 +165,7 @@ def test_dead_adapter_when_requires_grad_is_off(tmp_path, lm_dataset):
     assert "B is still exactly zero" in alert.message and "requires_grad is off" in alert.message
 
 
+@pytest.mark.slow
 def test_dead_adapter_when_its_learning_rate_is_zero(tmp_path, lm_dataset):
     model = peft_llama()  # non-zero B: the factors exist but must not move
     optimizer = torch.optim.AdamW(
@@ -175,6 +181,7 @@ def test_dead_adapter_when_its_learning_rate_is_zero(tmp_path, lm_dataset):
     assert "unchanged since step 0" in alert.message and "learning rate 0" in alert.message
 
 
+@pytest.mark.slow
 def test_dead_adapter_when_it_is_missing_from_the_optimizer(tmp_path, lm_dataset):
     model = peft_llama()
     optimizer = torch.optim.AdamW(trainable_except(model, FROZEN), lr=5e-3)

@@ -49,6 +49,7 @@ def test_analysis_table_and_manifest(tmp_path, lm_dataset, capsys):
     assert not (tmp_path / "run" / "squeezed").exists()
 
 
+@pytest.mark.slow
 def test_existing_manifest_gets_a_squeeze_entry_and_compressed_adapter(tmp_path, lm_dataset):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "manifest.json").write_text(json.dumps({"runs": ["a"]}))
@@ -66,6 +67,7 @@ def test_existing_manifest_gets_a_squeeze_entry_and_compressed_adapter(tmp_path,
         assert layer.scaling["default"] == pytest.approx(lora_layers(model)[name].scaling["default"])
 
 
+@pytest.mark.slow
 def test_wandb_offline_summary(tmp_path, lm_dataset, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -120,6 +122,7 @@ def test_no_lora_fails_before_training_and_bad_weights_do_not_crash_the_end(tmp_
             PostSqueezeCallback(**bad)
 
 
+@pytest.mark.slow
 def test_rank_by_function_on_the_trainers_eval_dataset_by_default(tmp_path, lm_dataset, capsys):
     from lora_monitor.squeeze.function import recommend_rank_by_function
 
@@ -152,6 +155,7 @@ def test_rank_by_function_on_the_trainers_eval_dataset_by_default(tmp_path, lm_d
         assert layer.r["default"] == direct.recommended_rank, name
 
 
+@pytest.mark.slow
 def test_auto_keeps_the_table_compression_and_manifest_when_held_out_data_cannot_be_measured(
     tmp_path, lm_dataset
 ):

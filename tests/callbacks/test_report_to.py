@@ -30,6 +30,7 @@ def _train(tmp_path, tokenizer, report_to, **arg_overrides):
     return monitor, squeeze
 
 
+@pytest.mark.slow
 def test_tensorboard_receives_monitor_scalars_alerts_and_squeeze_summary(tmp_path, tokenizer, monkeypatch):
     pytest.importorskip("tensorboard")
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
@@ -64,6 +65,7 @@ def test_tensorboard_receives_monitor_scalars_alerts_and_squeeze_summary(tmp_pat
     assert list(values["train/squeeze/intruder_dimensions"].values()) == [intruders]
 
 
+@pytest.mark.slow
 def test_mlflow_file_store_receives_monitor_scalars_alerts_and_squeeze_summary(
     tmp_path, tokenizer, monkeypatch
 ):

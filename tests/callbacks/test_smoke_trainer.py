@@ -1,6 +1,8 @@
+import pytest
 from tiny_models import peft_llama, training_args
 
 
+@pytest.mark.slow
 def test_trainer_runs(tmp_path, lm_dataset):
     from transformers import Trainer
 

@@ -56,6 +56,7 @@ def test_the_output_level_holds_for_the_command_only(capsys, adapter_with_wrong_
         assert (logger.level, list(logger.handlers), list(warnings.filters)) == before
 
 
+@pytest.mark.slow
 def test_a_library_first_imported_by_the_command_gets_its_own_defaults_back(tmp_path):
     # In a fresh interpreter, as in a notebook: `allocate` first imports transformers, which reads the command's
     # quiet level from the environment once; afterwards the process has transformers' default level again.

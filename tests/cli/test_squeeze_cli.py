@@ -43,6 +43,7 @@ def test_json_with_chosen_ranks(capsys, adapter_folder):
     assert payload["compressed"] is None
 
 
+@pytest.mark.slow
 def test_rank_and_per_module(tmp_path, capsys, adapter_folder):
     assert run(capsys, adapter_folder, "--rank", "3", "--out", tmp_path / "uniform")[0] == 0
     assert set(reloaded_ranks(tmp_path / "uniform").values()) == {3}
@@ -56,6 +57,7 @@ def test_rank_and_per_module(tmp_path, capsys, adapter_folder):
     assert reloaded_ranks(tmp_path / "per") == expected
 
 
+@pytest.mark.slow
 def test_toml_config(tmp_path, capsys, adapter_folder):
     config = tmp_path / "squeeze.toml"
     config.write_text(
@@ -273,6 +275,7 @@ def test_help_a_wrong_input_path_or_option_is_answered_before_torch_is_imported(
         )
 
 
+@pytest.mark.slow
 def test_rank_by_function_on_a_saved_adapter(tmp_path, capsys, adapter_folder, tokenizer):
     from tiny_models import SENTENCES
 
@@ -307,6 +310,7 @@ def test_rank_by_function_on_a_saved_adapter(tmp_path, capsys, adapter_folder, t
     assert status == 2 and "--base and --data go together" in err
 
 
+@pytest.mark.slow
 def test_allocate_spends_the_budget_of_a_rank_per_module(tmp_path, capsys, adapter_folder, tokenizer):
     from tiny_models import SENTENCES
 
@@ -344,6 +348,7 @@ def test_allocate_spends_the_budget_of_a_rank_per_module(tmp_path, capsys, adapt
     assert status == 2 and "give --out DIR" in err
 
 
+@pytest.mark.slow
 def test_no_adapter_is_written_from_a_loss_over_no_token(tmp_path, capsys, adapter_folder, tokenizer):
     # Issue 29: held-out texts of one token each (a causal LM has nothing to predict in them) gave a NaN
     # loss, "Recommended rank: 16" (every comparison with NaN is false) and an adapter written from it.

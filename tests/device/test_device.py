@@ -44,6 +44,7 @@ def test_engine_on_the_device_matches_a_dense_float64_reference(device):
         assert torch.linalg.matrix_norm(rebuilt - best) <= 2e-2 * float(S[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_trainer_on_the_device_with_the_monitor_and_post_squeeze(device, tmp_path, lm_dataset):
     model = peft_llama(0, init_lora_weights=True, r=8)

@@ -37,6 +37,7 @@ def float64_loss(model, batches):
     return total / len(batches)
 
 
+@pytest.mark.slow
 def test_sensitivities_equal_finite_differences(tokenizer):
     model = lora_model(torch.float64)
     batches = calibration_batches(SENTENCES[:4], tokenizer, batch_size=2)
@@ -236,6 +237,7 @@ def test_choices_are_checked_by_the_one_choice_checker(options, message):
     assert str(refused.value) == message
 
 
+@pytest.mark.slow
 def test_command_line_edit_with_eval(tmp_path, tokenizer, capsys):
     from lora_monitor.cli import main
 
@@ -279,6 +281,7 @@ def test_calibration_or_heldout_data_that_scores_no_token_is_refused(tmp_path, t
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_one_token_calibration_texts_are_left_out_of_the_sensitivities(tokenizer):
     model = lora_model(torch.float64)
     modules = [m for m in find_lora_modules(model) if m.module_type in TARGETS]

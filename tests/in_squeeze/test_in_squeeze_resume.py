@@ -88,6 +88,7 @@ def dataset(tokenizer):
     return make_lm_dataset(tokenizer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_resuming_from_every_step_ends_like_the_uninterrupted_run(name, tmp_path, dataset):
     options = CONFIGS[name]

@@ -86,6 +86,7 @@ def test_zero_delta_raises_nothing_but_dead_adapter_once_its_steps_passed():
             assert new == []
 
 
+@pytest.mark.slow
 def test_rank_one_product_raises_low_effective_rank():
     model = healthy_model()
     module = module_named(model, "layers.0.self_attn.q_proj")
@@ -102,6 +103,7 @@ def test_rank_one_product_raises_low_effective_rank():
     assert "rank" in alert.action
 
 
+@pytest.mark.slow
 def test_ill_conditioned_factor_raises_ill_conditioned():
     model = healthy_model()
     module = module_named(model, "layers.1.mlp.up_proj")
@@ -172,6 +174,7 @@ def test_early_collapse_needs_a_history_and_the_first_100_steps():
     assert "early_rank_collapse" not in {a.code for a in check_alerts(after, late, step=300)}
 
 
+@pytest.mark.slow
 def test_saturation_after_k_unchanged_checks():
     model = healthy_model()
     cache = BaseNormCache()

@@ -58,6 +58,7 @@ def model():
     return peft_llama(r=8, lora_alpha=16, rank_pattern={"k_proj": 4})
 
 
+@pytest.mark.slow
 def test_every_metric_matches_dense_svd(model):
     modules = find_lora_modules(model)
     metrics = compute_module_metrics(modules, BaseNormCache())

@@ -28,6 +28,7 @@ def lora_layers(model):
     }
 
 
+@pytest.mark.slow
 def test_check_in_a_plain_pytorch_loop_matches_a_dense_svd():
     model = peft_llama(init_lora_weights=True).train()  # B = 0: ΔW grows from zero
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
@@ -110,6 +111,7 @@ def test_analyze_an_adapter_with_nan_weights_exits_2_naming_the_module(tmp_path,
     assert broken in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
 def test_analyze_with_a_base_weight_holding_nan_exits_2_naming_the_module(tmp_path, capsys, bad_value):
     from tiny_models import tiny_llama
@@ -128,6 +130,7 @@ def test_analyze_with_a_base_weight_holding_nan_exits_2_naming_the_module(tmp_pa
     assert len([line for line in error.strip().splitlines() if "Loading weights" not in line]) == 1
 
 
+@pytest.mark.slow
 def test_a_base_weight_holding_nan_is_alerted_and_the_rest_is_measured():
     model = peft_llama(0)
     broken = "model.layers.0.mlp.up_proj"

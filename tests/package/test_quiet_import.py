@@ -21,6 +21,7 @@ def _stderr_of(code: str) -> str:
     return result.stderr
 
 
+@pytest.mark.slow
 def test_import_of_lora_monitor_then_peft_has_no_bitsandbytes_kernel_message():
     if KERNEL_MESSAGE not in _stderr_of("import peft"):
         pytest.skip("bitsandbytes does not print its CPU kernel message on this machine or install")

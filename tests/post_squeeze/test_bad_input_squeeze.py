@@ -159,6 +159,7 @@ def train(tmp_path, lm_dataset, callback, steps=4):
     return model, trainer
 
 
+@pytest.mark.slow
 def test_callback_logs_a_full_disk_and_training_ends(tmp_path, lm_dataset, monkeypatch, caplog):
     monkeypatch.setattr(folder_module, "save_file", full_disk)
     callback = PostSqueezeCallback(min_variance_retention=0.9, compress=True, print_table=False)
@@ -176,6 +177,7 @@ def test_callback_logs_a_full_disk_and_training_ends(tmp_path, lm_dataset, monke
     assert not (tmp_path / "run" / "squeezed").exists() and leftovers(tmp_path / "run") == []
 
 
+@pytest.mark.slow
 def test_callback_logs_an_unwritable_manifest(tmp_path, lm_dataset, caplog):
     # A folder where the manifest file should go: no rename can replace it, even as root.
     (tmp_path / "run" / "squeeze_manifest.json").mkdir(parents=True)
@@ -249,6 +251,7 @@ def test_all_zero_adapter_is_still_called_zero(tmp_path, capsys):
     assert_one_line_error(status, out, err, "every LoRA delta is zero")
 
 
+@pytest.mark.slow
 def test_callback_says_which_rank_came_closest(tmp_path, lm_dataset, caplog, capsys):
     callback = PostSqueezeCallback(min_variance_retention=0.999, compress=True, target_ranks=[1])
     with caplog.at_level(logging.WARNING):

@@ -158,6 +158,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [*VARIANTS, "bf16"])
 def test_compressed_adapter_reloads_with_best_rank_k_deltas(tmp_path, variant):
     dtype = torch.bfloat16 if variant == "bf16" else None
@@ -321,6 +322,7 @@ def test_target_at_source_rank_reproduces_the_model_and_above_is_refused(tmp_pat
         torch.testing.assert_close(reload(tmp_path / "out")(ids).logits, model.eval()(ids).logits)
 
 
+@pytest.mark.slow
 def test_same_delta_as_peft_add_weighted_adapter_svd(tmp_path):
     model = decaying_llama()
     compress_adapter(model, tmp_path / "out", target_rank=3)

@@ -98,6 +98,7 @@ def test_module_ranks_write_each_modules_best_truncation(tmp_path):
         allocate_by_energy(tmp_path / "adapter", 10)
 
 
+@pytest.mark.slow
 def test_sensitivity_allocation_is_the_best_combination_of_type_ranks(tokenizer):
     model = uneven_model()
     data = calibration_batches(SENTENCES[:8], tokenizer, batch_size=4, max_length=16)
@@ -151,6 +152,7 @@ def test_a_budget_that_is_not_a_whole_number_is_one_clear_error(budget, message)
         uniform_budget(model, "4")
 
 
+@pytest.mark.slow
 def test_no_ranks_are_chosen_from_evaluations_of_a_nan_loss(tokenizer):
     import dataclasses
     import math

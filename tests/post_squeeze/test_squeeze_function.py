@@ -65,6 +65,7 @@ def reference_numbers(model, truncated, data):
     return loss / rows, kl / tokens
 
 
+@pytest.mark.slow
 def test_full_rank_is_the_model_itself(tokenizer):
     model, data = float64_model(), batches(tokenizer)
     advice = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
@@ -75,6 +76,7 @@ def test_full_rank_is_the_model_itself(tokenizer):
     assert abs(advice.evaluations[8].loss_increase) < 1e-10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [1, 2, 4])
 def test_truncation_matches_a_dense_svd_reference(tokenizer, rank):
     model, data = float64_model(), batches(tokenizer)
@@ -87,6 +89,7 @@ def test_truncation_matches_a_dense_svd_reference(tokenizer, rank):
     assert evaluation.loss_increase == pytest.approx(loss - advice.full_loss, rel=1e-6, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_per_module_type_truncates_one_type_against_a_dense_reference(tokenizer):
     model, data = float64_model(), batches(tokenizer)
     advice = recommend_rank_by_function(model, data, ranks=RANKS, by_module_type=True, progress=False)
@@ -125,6 +128,7 @@ def test_factors_are_bit_identical_and_in_place_after_the_call_and_after_an_erro
     assert model.training
 
 
+@pytest.mark.slow
 def test_recommendation_is_the_smallest_rank_within_tolerance(tokenizer):
     model, data = float64_model(), batches(tokenizer)
     first = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
@@ -175,6 +179,7 @@ def test_evaluation_data_that_scores_no_token_is_refused_and_the_factors_are_unt
     assert all(torch.equal(p, old) for p, old in zip(live_parameters(model), before, strict=True))
 
 
+@pytest.mark.slow
 def test_one_token_texts_are_left_out_and_counted(tokenizer):
     # --batch-size 1 with a one-token text among the others: that batch's loss is NaN (a mean over no label),
     # and before issue 29 it made every loss NaN and the source rank "win".

@@ -66,6 +66,7 @@ def test_the_same_message_from_every_entry(tmp_path, capsys, adapter_folder, opt
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_toml_per_module_and_command_line_override(tmp_path, capsys, adapter_folder):
     config = tmp_path / "squeeze.toml"
     config.write_text(
@@ -99,6 +100,7 @@ def test_full_retention_is_reached_within_the_engine_tolerance(adapter_folder):
     assert analysis.recommended_rank == 8 == analysis.recommended_rank_weighted
 
 
+@pytest.mark.slow
 def test_the_packages_import_their_names_on_first_use_and_every_public_name_resolves():
     # lora_monitor and its squeeze, allocation and edit packages import a module the first time one of its
     # names is read (the command checks its options before torch is imported); every name in __all__ must

@@ -45,6 +45,7 @@ def embedded_images(page: str) -> list[bytes]:
     return [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
 
 
+@pytest.mark.slow
 def test_report_holds_every_plot_and_table(run_dir, tmp_path):
     from PIL import Image
 
@@ -61,6 +62,7 @@ def test_report_holds_every_plot_and_table(run_dir, tmp_path):
     assert "model.layers.1.mlp.down_proj" in page
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_report_renders_its_plots_in_headless_chromium(run_dir, tmp_path):
     from PIL import Image
@@ -110,6 +112,7 @@ def test_report_of_an_untrained_adapter_has_no_retention_to_draw(tmp_path):
     assert "—" in page and not (tmp_path / "retention.png").exists()
 
 
+@pytest.mark.slow  # the module's Trainer run
 def test_heat_map_leaves_out_the_checks_where_every_delta_is_still_zero(run_dir):
     import math
 
