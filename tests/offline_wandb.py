@@ -2,6 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+def run_with_offline_wandb(monkeypatch, folder: Path, train: Callable[[], object]) -> Path:
+    """Call ``train`` (a run that reports to W&B) with W&B offline under ``folder``; the finished run's folder.
+
+    Skips the test where wandb is not installed.
+    """
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(folder))
+    monkeypatch.setenv("WANDB_PROJECT", "lora-monitor-tests")
+    try:
+        train()
+        # The run's own folder: W&B keeps its first settings per process, so WANDB_DIR may not apply.
+        return Path(wandb.run.dir).parent
+    finally:
+        wandb.finish()
+
 
 def offline_wandb_records(run_dir, timeout: float = 120.0) -> list:
     """The records of a finished offline W&B run (``run-*.wandb``), parsed with W&B's own protobufs.
@@ -13,7 +35,6 @@ def offline_wandb_records(run_dir, timeout: float = 120.0) -> list:
     fails the test with what was found).
     """
     import time
-    from pathlib import Path
 
     from wandb.proto import wandb_internal_pb2
 
@@ -32,7 +53,6 @@ def offline_wandb_summary(run_dir) -> dict:
     """The summary of a finished offline W&B run: ``files/wandb-summary.json`` where the client wrote one,
     else the summary records of its log (wandb 0.31 writes the json only when syncing)."""
     import json
-    from pathlib import Path
 
     summary_file = Path(run_dir) / "files" / "wandb-summary.json"
     if summary_file.is_file():

@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import SENTENCES, peft_llama, tiny_llama, training_args
+from tiny_models import make_lm_dataset, peft_llama, tiny_llama, training_args
 from transformers import Trainer, TrainerCallback
 
 from lora_monitor import LoraMonitorError, find_lora_modules, load_adapter
@@ -16,17 +16,6 @@ from lora_monitor.in_squeeze import current_ranks, plan_schedule, resolve_step, 
 
 MAX_STEPS = 60
 SQUEEZE = dict(target_rank=4, schedule="geometric", start_step=20, end_step=40)
-
-
-def _dataset(tokenizer):
-    from datasets import Dataset
-
-    encoded = tokenizer(SENTENCES, padding="max_length", max_length=16, truncation=True)
-    encoded["labels"] = [
-        [tok if mask else -100 for tok, mask in zip(ids, att, strict=True)]
-        for ids, att in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
-    ]
-    return Dataset.from_dict(dict(encoded))
 
 
 class _OptimizerAudit(TrainerCallback):
@@ -46,7 +35,7 @@ def _train(output_dir, tokenizer, callbacks, resume=None, **overrides):
     model = peft_llama(r=16, lora_alpha=32, init_lora_weights=True)
     overrides.setdefault("max_steps", MAX_STEPS)
     args = training_args(output_dir, **overrides)
-    trainer = Trainer(model=model, args=args, train_dataset=_dataset(tokenizer), callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=make_lm_dataset(tokenizer), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -287,7 +276,7 @@ def test_a_target_at_or_above_the_adapters_rank_stops_the_run_before_the_first_s
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=_dataset(tokenizer),
+        train_dataset=make_lm_dataset(tokenizer),
         callbacks=[InSqueezeCallback(**options), _Steps()],
     )
     message = rf"InSqueezeCallback: {asked} at or above the rank of every LoRA module .*largest: 8.*below 8"
@@ -337,7 +326,7 @@ def test_works_in_trl_sft_trainer(tmp_path, tokenizer):
     trainer = SFTTrainer(
         model=peft_llama(r=16, init_lora_weights=True),
         args=config,
-        train_dataset=_dataset(tokenizer),
+        train_dataset=make_lm_dataset(tokenizer),
         processing_class=tokenizer,
         callbacks=[squeeze, audit],
     )
@@ -361,7 +350,7 @@ def test_trl_reference_adapter_is_never_squeezed(tmp_path, tokenizer):
     reference = {r.name: (r.B.clone(), r.A.clone()) for r in find_lora_modules(model, "ref")}
     squeeze = InSqueezeCallback(target_rank=4, schedule=[(2, 4)])
     args = training_args(tmp_path, max_steps=4)
-    trainer = Trainer(model=model, args=args, train_dataset=_dataset(tokenizer), callbacks=[squeeze])
+    trainer = Trainer(model=model, args=args, train_dataset=make_lm_dataset(tokenizer), callbacks=[squeeze])
     trainer.train()
     assert squeeze.adapter_name == "default"
     assert set(current_ranks(model, "default").values()) == {4}

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from offline_wandb import offline_wandb_history_keys, offline_wandb_summary
+from offline_wandb import offline_wandb_history_keys, offline_wandb_summary, run_with_offline_wandb
 from tiny_models import SENTENCES, peft_llama, training_args
 from transformers import Trainer, TrainerCallback
 
@@ -193,17 +192,10 @@ def test_every_n_steps_below_one_is_refused():
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_the_keys(tmp_path, lm_dataset, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_PROJECT", "lora-monitor-tests")
     monitor = SpectralMonitorCallback(every_n_steps=2, thresholds={"dominance_warning": 0.2})
-    try:
-        train(tmp_path, lm_dataset, monitor, steps=2, report_to=["wandb"])
-        # The run's own folder: W&B keeps its first settings per process, so WANDB_DIR may not apply.
-        run_folder = Path(wandb.run.dir).parent
-    finally:
-        wandb.finish()
+    run_folder = run_with_offline_wandb(
+        monkeypatch, tmp_path, lambda: train(tmp_path, lm_dataset, monitor, steps=2, report_to=["wandb"])
+    )
     assert len(list(run_folder.glob("run-*.wandb"))) == 1
     # Read back from the finished run's own records (W&B's protobufs), not from the bytes as they are written.
     history = offline_wandb_history_keys(run_folder)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from dense_reference import lora_layers
-from offline_wandb import offline_wandb_summary
+from offline_wandb import offline_wandb_summary, run_with_offline_wandb
 from peft import PeftModel
 from tiny_models import peft_llama, tiny_llama, training_args
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
@@ -69,17 +68,10 @@ def test_existing_manifest_gets_a_squeeze_entry_and_compressed_adapter(tmp_path,
 
 @pytest.mark.slow
 def test_wandb_offline_summary(tmp_path, lm_dataset, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_PROJECT", "lora-monitor-tests")
     callback = PostSqueezeCallback(min_variance_retention=0.9)
-    try:
-        train(tmp_path, lm_dataset, callback, steps=2, report_to=["wandb"])
-        # The run's own folder: W&B keeps its first settings per process, so WANDB_DIR may not apply.
-        run_folder = Path(wandb.run.dir).parent
-    finally:
-        wandb.finish()
+    run_folder = run_with_offline_wandb(
+        monkeypatch, tmp_path, lambda: train(tmp_path, lm_dataset, callback, steps=2, report_to=["wandb"])
+    )
     runs = [run_folder]
     assert run_folder.name.startswith("offline-run-")
     summary = offline_wandb_summary(runs[0])
