@@ -73,29 +73,26 @@ def _dataset(tokenizer, texts: list[str]) -> list[dict[str, list[int]]]:
     ]
 
 
-def tiny_llama_config(
-    vocab_size: int = 128, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides: Any
-) -> LlamaConfig:
-    """The ``LlamaConfig`` of a tiny Llama (4 heads, 2 key-value heads, MLP twice as wide, untied head).
+def demo_model_config(vocab_size: int) -> LlamaConfig:
+    """The demo's tiny Llama: 2 layers, hidden 128, 4 heads (2 key-value), MLP twice as wide, untied head.
 
-    The one tiny model of the demo, the tests and the benchmarks; ``overrides`` replace any field.
+    The demo's own (the tests build theirs in tests/tiny_models.py: the demo is installed, the tests are not).
     """
     from transformers import LlamaConfig
 
-    fields = {
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 128,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "tie_word_embeddings": False,
-    }
-    return LlamaConfig(**{**fields, **overrides})
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
 
 
 def save_base_model(folder: Path, tokenizer) -> Path:
@@ -104,7 +101,7 @@ def save_base_model(folder: Path, tokenizer) -> Path:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=128, max_position_embeddings=64))
+    model = LlamaForCausalLM(demo_model_config(len(tokenizer)))
     folder = folder.resolve()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

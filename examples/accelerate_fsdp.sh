@@ -5,7 +5,7 @@
 #   bash examples/accelerate_fsdp.sh [STEPS] [OUT_DIR] [NUM_GPUS]
 # Needs CUDA GPUs: Accelerate 1.15 enables FSDP only on accelerators (on the CPU it runs DDP instead).
 # NOT RUN in this repository's tests (no GPU there); the FSDP2 core is tested on the CPU with gloo by
-# tests/test_fsdp.py, in a plain training loop.
+# tests/distributed/test_fsdp.py, in a plain training loop.
 set -euo pipefail
 steps="${1:-20}"
 out="${2:-runs/accelerate_fsdp}"

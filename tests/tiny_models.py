@@ -1,14 +1,16 @@
 """Tiny real models, data and Trainer arguments for the tests: built from configs, offline, fast on 2 cores.
 
 Plain functions (a test calls them with its own seed and LoRA options); the fixtures in ``conftest.py``
-wrap the shared ones. The tiny Llama config is the demo's (``lora_monitor.callbacks.demo``).
+wrap the shared ones. The one place the tests' tiny models are defined. The demo builds its own model
+(``lora_monitor.callbacks.demo``): it is installed in the wheel, the tests are not, so it imports nothing
+from here, and the tests' numbers do not move when the demo's model changes.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from lora_monitor.callbacks.demo import tiny_llama_config
+import torch
 
 SENTENCES = [
     "the adapter learns a small update to a frozen weight",
@@ -20,6 +22,29 @@ SENTENCES = [
     "a good alpha keeps the update scale in range",
     "training loss falls as the adapter fits the text",
 ] * 4
+
+
+def tiny_llama_config(
+    vocab_size: int = 128, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides: Any
+):
+    """The ``LlamaConfig`` of a tiny Llama (4 heads, 2 key-value heads, MLP twice as wide, untied head);
+    ``overrides`` replace any field."""
+    from transformers import LlamaConfig
+
+    fields = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+    }
+    return LlamaConfig(**{**fields, **overrides})
 
 
 def tiny_llama(seed: int = 0, **config_overrides):
@@ -44,6 +69,24 @@ def peft_llama(seed: int = 0, init_lora_weights=False, **lora_kwargs):
     return get_peft_model(model, LoraConfig(init_lora_weights=init_lora_weights, **lora_kwargs))
 
 
+class TinyConvNet(torch.nn.Module):
+    """Two Conv2d layers (3×3 kernels), enough for PEFT's conv LoRA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def tiny_conv_net(seed: int = 0) -> TinyConvNet:
+    """A randomly initialised ``TinyConvNet`` (``seed`` fixes its weights), in eval mode."""
+    torch.manual_seed(seed)
+    return TinyConvNet().eval()
+
+
 def make_lm_dataset(tokenizer):
     """A tiny causal-LM dataset (``datasets.Dataset`` with input_ids/attention_mask/labels)."""
     from datasets import Dataset
@@ -56,8 +99,9 @@ def make_lm_dataset(tokenizer):
     return Dataset.from_dict(dict(encoded))
 
 
-def training_args(output_dir, **overrides):
-    """``TrainingArguments`` for fast, quiet, offline CPU runs."""
+def training_args(output_dir, arguments_class=None, **overrides):
+    """``TrainingArguments`` for fast, quiet, offline CPU runs; ``arguments_class`` gives one of its subclasses
+    instead (TRL's ``SFTConfig``) with the same settings."""
     from transformers import TrainingArguments
 
     defaults = dict(
@@ -74,7 +118,7 @@ def training_args(output_dir, **overrides):
         dataloader_num_workers=0,
     )
     defaults.update(overrides)
-    return TrainingArguments(**defaults)
+    return (arguments_class or TrainingArguments)(**defaults)
 
 
 def word_tokenizer():
