@@ -10,10 +10,18 @@ from ..post_squeeze import __all__ as _post_squeeze_names
 _NEW = "lora_monitor.post_squeeze"
 _CONSOLE = "lora_monitor.render.console"
 # old name -> "module:new name"
-_MOVED = {"BudgetAllocation", "allocate_by_energy", "allocate_by_sensitivity", "default_target_ranks"}
+# post_squeeze's names that this package never had: the new names of the four renamed below, and the chooser
+_ADDED = {
+    "BudgetRanks",
+    "budget_ranks_by_energy",
+    "budget_ranks_by_sensitivity",
+    "default_candidate_ranks",
+    "compression_rank",
+    "compression_ranks",
+}
 _RENAMED: dict[str, str] = {
-    # every name the package had kept its name in post_squeeze, but for the four below
-    **{name: f"{_NEW}:{name}" for name in _post_squeeze_names if name not in _MOVED},
+    # every other name of post_squeeze is one this package had, under the same name
+    **{name: f"{_NEW}:{name}" for name in _post_squeeze_names if name not in _ADDED},
     "BudgetAllocation": f"{_NEW}:BudgetRanks",
     "allocate_by_energy": f"{_NEW}:budget_ranks_by_energy",
     "allocate_by_sensitivity": f"{_NEW}:budget_ranks_by_sensitivity",
