@@ -13,14 +13,47 @@ Install: ``pip install -c constraints.txt gensim gguf && pip install --no-deps g
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+# Imported before any example imports PEFT: it drops bitsandbytes' "Failed to load CPU gemm_4bit_forward" line
+# (see lora_monitor/_output.py).
+import lora_monitor  # noqa: F401
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("LORA_MONITOR_CACHE", Path.home() / ".cache" / "lora-monitor"))
+
+
+QUICK_HELP = (
+    "a short run that finishes in under a minute on 2 quiet cores: fewer steps and shorter sequences, every "
+    "callback still at work (options given explicitly win)"
+)
+
+
+def parse_sized_arguments(
+    parser: argparse.ArgumentParser, sizes: dict[str, tuple[int, int, str]]
+) -> argparse.Namespace:
+    """Parse the command line with a ``--quick`` flag and the options whose default it changes.
+
+    ``sizes`` maps an option's name (``"steps"`` for ``--steps``) to ``(full default, quick default, help)``;
+    an option given on the command line wins over both defaults."""
+    parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
+    for name, (full, quick, text) in sizes.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(full),
+            default=None,
+            help=f"{text} (default: {full}; {quick} with --quick)",
+        )
+    args = parser.parse_args()
+    for name, (full, quick, _) in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    return args
 
 
 def package_folder(name: str) -> Path:

@@ -1,10 +1,19 @@
 """TRL GRPOTrainer with the monitor: reinforce short, complete answers from SmolLM2-135M, watch its LoRA.
 
-    python examples/trl_grpo_monitor.py [--steps 20] [--out runs/trl_grpo]
+    python examples/trl_grpo_monitor.py [--quick] [--steps 20] [--out runs/trl_grpo]
 
 The reward prefers completions of about twelve words that end a sentence. The SpectralMonitorCallback
 reports the adapter's effective rank, conditioning and dominance over the base as GRPO trains it.
 Offline: see offline_assets.py.
+
+Cost on 2 CPU cores: about 100 s on quiet cores (an earlier measurement); with --quick (2 steps, completions
+of at most 12 tokens) about 22 s of CPU time, under a minute on 2 quiet cores; on a busy machine (load 11) 8
+min, or 2 min with OMP_NUM_THREADS=1. The first example run also converts SmolLM2 into the cache folder
+(about a minute, once).
+
+Writes into --out: lora_monitor.jsonl (the monitor's records) and adapter/, the LoRA GRPO trained. Reload it
+with PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "runs/trl_grpo/adapter"), base
+being the cache folder's SmolLM2 recorded in its adapter_config.json (base_model_name_or_path).
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ from __future__ import annotations
 import argparse
 
 from datasets import Dataset
-from offline_assets import news_texts, smollm2
+from offline_assets import news_texts, parse_sized_arguments, smollm2
 from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer
 
@@ -33,14 +42,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=20, help="training steps (default: %(default)s)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
     parser.add_argument(
         "--out",
         default="runs/trl_grpo",
         help="folder for everything the run writes (default: %(default)s, under the current folder)",
     )
-    args = parser.parse_args()
+    args = parse_sized_arguments(
+        parser,
+        {
+            "steps": (20, 2, "training steps"),
+            "max_completion_length": (24, 12, "tokens per generated completion, at most"),
+        },
+    )
 
     model, tokenizer = smollm2()
     # Conversational prompts, so that TRL applies SmolLM2's chat template (a bare string gets an instant EOS).
@@ -60,7 +74,7 @@ def main() -> None:
             max_steps=args.steps,
             per_device_train_batch_size=4,
             num_generations=4,
-            max_completion_length=24,
+            max_completion_length=args.max_completion_length,
             learning_rate=1e-4,
             logging_steps=1,
             save_strategy="no",
@@ -71,6 +85,9 @@ def main() -> None:
         callbacks=[monitor],
     )
     trainer.train()
+    trainer.save_model(
+        f"{args.out}/adapter"
+    )  # the LoRA alone (GRPOTrainer wrapped the model with peft_config)
     if monitor.latest_summary is not None:
         print({key: round(value, 4) for key, value in monitor.latest_scalars.items() if "mean" in key})
     for alert in monitor.alerts:

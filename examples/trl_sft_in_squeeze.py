@@ -1,10 +1,18 @@
 """TRL SFTTrainer with In-Squeeze: train SmolLM2-135M's LoRA at rank 64 and anneal it to rank 8 while training.
 
-    python examples/trl_sft_in_squeeze.py [--steps 60] [--rank 64] [--target-rank 8] [--out runs/trl_sft]
+    python examples/trl_sft_in_squeeze.py [--quick] [--steps 60] [--rank 64] [--target-rank 8] [--out runs/trl_sft]
 
 The rank halves at evenly spaced steps between 30% and 60% of training (64 → 32 → 16 → 8, optimizer
-moments carried over), then training goes on at rank 8 ("Cont-Squeeze"). The adapter saved at the end
-has rank 8 and loads with PeftModel.from_pretrained. Offline: see offline_assets.py.
+moments carried over), then training goes on at rank 8 ("Cont-Squeeze"). Offline: see offline_assets.py.
+
+Cost on 2 CPU cores: about 100 s on quiet cores (an earlier measurement); with --quick (8 steps, 32-token
+sequences, the same three halvings) about 28 s of CPU time, under a minute on 2 quiet cores; on a busy
+machine (load 11) 16 min, or 3 min with OMP_NUM_THREADS=1. The first example run also converts SmolLM2 into
+the cache folder (about a minute, once).
+
+Writes into --out: lora_monitor.jsonl and adapter/, at rank 8 (its config says r=8). Reload it with
+PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "runs/trl_sft/adapter"), base being
+the cache folder's SmolLM2 recorded in its adapter_config.json (base_model_name_or_path).
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 from datasets import Dataset
-from offline_assets import news_texts, smollm2
+from offline_assets import news_texts, parse_sized_arguments, smollm2
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
@@ -24,7 +32,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=60, help="training steps (default: %(default)s)")
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank at the start (default: %(default)s)")
     parser.add_argument(
         "--target-rank", type=int, default=8, help="LoRA rank In-Squeeze ends at (default: %(default)s)"
@@ -34,7 +41,14 @@ def main() -> None:
         default="runs/trl_sft",
         help="folder for everything the run writes (default: %(default)s, under the current folder)",
     )
-    args = parser.parse_args()
+    args = parse_sized_arguments(
+        parser,
+        {
+            "steps": (60, 8, "training steps"),
+            "check_every": (10, 4, "monitor check every this many steps"),
+            "max_length": (64, 32, "tokens per training sequence"),
+        },
+    )
 
     model, tokenizer = smollm2()
     squeeze = InSqueezeCallback(
@@ -51,7 +65,7 @@ def main() -> None:
             output_dir=args.out,
             max_steps=args.steps,
             per_device_train_batch_size=4,
-            max_length=64,
+            max_length=args.max_length,
             learning_rate=5e-4,
             logging_steps=5,
             save_strategy="no",
@@ -59,7 +73,7 @@ def main() -> None:
             use_cpu=True,
             disable_tqdm=True,
         ),
-        callbacks=[squeeze, SpectralMonitorCallback(every_n_steps=10)],
+        callbacks=[squeeze, SpectralMonitorCallback(every_n_steps=args.check_every)],
     )
     trainer.train()
     for event in squeeze.events:
