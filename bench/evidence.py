@@ -84,6 +84,8 @@ CONDITION_LRS = {
     # AdaLoRA starts with E = 0 between small random factors and adds an orthogonality penalty: it learned
     # nothing in 120 steps at either grid rate, so it gets a third, higher one (its own tuning).
     "adalora 64→8": (3e-4, 2e-3, 1e-2),
+    # at lora_alpha=16 (scale 16/64) it learned nothing at 3e-4, 1e-3 or 2e-3 on seed 0: its own higher rate too
+    "alpha=16 adalora 64→8": (3e-4, 1e-3, 2e-3, 1e-2),
 }
 ALPHA_SWEEP = (8, 16, 32, 64)  # lora_alpha at rank 8 (α = 8 is "direct r=8")
 MONITOR_EVERY = 20

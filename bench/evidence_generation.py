@@ -141,6 +141,9 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> None:
                 ) + "post-squeeze 64→8 (of tuned r=64)"
                 rows.setdefault(label, {})[seed] = {"test": run["post"]["test"], "lr": run["lr"]}
     for alpha in ("", "alpha=16 "):
+        names = [n for n in rows if n.startswith(alpha) and (alpha or not n.startswith("alpha="))]
+        if not names:
+            continue
         reference = rows.get(f"{alpha}direct r=8", {})
         table = Table(
             title=f"SmolLM2-135M + LoRA ({'lora_alpha=16' if alpha else 'lora_alpha = r'}), convention speeches, "
@@ -149,7 +152,7 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> None:
         )
         for column in ("condition", "seeds", "LR picked", "test NLL", "Δ vs direct r=8", "next-token acc %"):
             table.add_column(column, justify="left" if column == "condition" else "right")
-        for name in [n for n in rows if n.startswith(alpha) and (alpha or not n.startswith("alpha="))]:
+        for name in names:
             row = rows[name]
             losses = [v["test"]["loss"] for v in row.values()]
             spread = f" ± {statistics.stdev(losses) / len(losses) ** 0.5:.4f}" if len(losses) > 1 else ""
