@@ -31,6 +31,16 @@ def named(message: str, where: str = "") -> str:
     return f"{where}: {message}" if where else message
 
 
+def some_of(names: Sequence[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``names`` and how many more there are, for a message: ``"a, b, c and 4 more"``."""
+    return ", ".join(names[:shown]) + and_more(len(names), shown)
+
+
+def and_more(count: int, shown: int = 3) -> str:
+    """``" and 4 more"`` when a message names ``shown`` of ``count`` things, else nothing."""
+    return f" and {count - shown} more" if count > shown else ""
+
+
 def check_number(
     value: Any,
     name: str,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import LoraMonitorError
+from ..errors import LoraMonitorError, some_of
 from .arguments import _command
 
 
@@ -41,13 +41,13 @@ def _run_analyze(args: argparse.Namespace) -> int:
     broken = [m.name for m in record.metrics if m.non_finite]
     if broken:
         raise LoraMonitorError(
-            f"{adapter.path}: module {_some_of(broken)} has NaN/Inf values in its LoRA factors; "
+            f"{adapter.path}: module {some_of(broken)} has NaN/Inf values in its LoRA factors; "
             "the adapter is broken (diverged training?), nothing was analysed"
         )
     broken = [m.name for m in record.metrics if m.non_finite_base]
     if broken:
         raise LoraMonitorError(
-            f"{args.base}: the base weight of module {_some_of(broken)} has NaN/Inf values; "
+            f"{args.base}: the base weight of module {some_of(broken)} has NaN/Inf values; "
             "the base model is broken, nothing was analysed"
         )
     intruders = intruder_dimensions(adapter.modules, lambda m: base(m.name)) if base else None
@@ -59,9 +59,3 @@ def _run_analyze(args: argparse.Namespace) -> int:
     if intruders is not None:
         print_intruders(intruders)
     return 0
-
-
-def _some_of(names: list[str], shown: int = 3) -> str:
-    """The first ``shown`` of ``names``, and how many more there are: ``"a, b, c and 4 more"``."""
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return f"{', '.join(names[:shown])}{more}"

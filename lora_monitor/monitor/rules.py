@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ..errors import and_more
 from .history import MetricsHistory
 from .metrics import ModuleMetrics
 from .thresholds import AlertThresholds, Severity
@@ -142,7 +143,7 @@ def _examples(hits: list[_Hit], limit: int = 3) -> list[_Hit]:
 
 
 def _and_more(hits: list[_Hit], limit: int = 3) -> str:
-    return f" and {len(hits) - limit} more" if len(hits) > limit else ""
+    return and_more(len(hits), limit)
 
 
 def _count(hits: list[_Hit], records: Mapping[str, ModuleMetrics]) -> str:

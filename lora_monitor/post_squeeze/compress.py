@@ -40,7 +40,7 @@ from ..adapters import (
     unwrap_model,
     write_adapter_folder,
 )
-from ..errors import LoraMonitorError, check_device
+from ..errors import LoraMonitorError, check_device, some_of
 from ..spectrum import decomposition_dtype, truncate_many
 from .analysis import CHUNK_SIZE, SqueezeAnalysis, _check_finite, _decomposed, _progress, analyse
 from .options import DEFAULT_THRESHOLD, SqueezeOptions, check_ranks_within, validate_rank
@@ -120,8 +120,7 @@ def _given_ranks(
     ranks = {m.name: m.rank for m in adapter.modules}
     unknown = sorted(set(module_ranks) - set(ranks))
     if unknown:
-        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-        raise LoraMonitorError(f"{adapter.description}: module_ranks names no LoRA module {shown}")
+        raise LoraMonitorError(f"{adapter.description}: module_ranks names no LoRA module {some_of(unknown)}")
     for name, rank in module_ranks.items():
         what = f"module_ranks[{name!r}]"
         rank = validate_rank(rank, what)
