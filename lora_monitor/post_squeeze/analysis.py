@@ -27,7 +27,7 @@ from .._deprecation import renamed_keywords
 from .._io import json_safe
 from ..adapters import LoraModule, OpenedAdapter, module_block, open_adapter
 from ..errors import LoraMonitorError, check_device
-from ..spectrum import energy_curve, lora_spectra, rank_for_energy, reaches
+from ..spectrum import energy_curve, lora_spectra, rank_for_energy, reaches, stable_rank
 from .options import DEFAULT_THRESHOLD, SqueezeOptions, check_ranks_within, default_candidate_ranks
 
 # Modules decomposed per call of the engine: large enough to batch the r×r work, small enough that only
@@ -72,6 +72,11 @@ class ModuleSqueeze:
     @property
     def is_zero(self) -> bool:
         return self.energy == 0.0
+
+    @property
+    def stable_rank(self) -> float:
+        """``‖ΔW‖²_F / σ₁²``: how many directions of the update's size carry its mass (0 for a zero delta)."""
+        return float(stable_rank(torch.tensor(self.singular_values, dtype=torch.float64)))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -158,6 +163,20 @@ class SqueezeAnalysis:
         )
         return self.num_modules
 
+    @property
+    def mean_stable_rank(self) -> float:
+        """The mean over the analysed modules of :attr:`ModuleSqueeze.stable_rank` (NaN when every delta is
+        zero): a data-free reading of how many directions the adapter uses."""
+        live = [module.stable_rank for module in self.modules if not module.is_zero]
+        return sum(live) / len(live) if live else math.nan
+
+    @property
+    def stable_rank_estimate(self) -> int | None:
+        """:attr:`mean_stable_rank` rounded up: the data-free rank estimate compared with the held-out knee
+        in ``bench/EVIDENCE.md`` (None when every delta is zero)."""
+        mean = self.mean_stable_rank
+        return None if math.isnan(mean) else math.ceil(mean - 1e-9)
+
     def why_no_recommendation(self) -> str | None:
         """Why :attr:`recommended_rank` is None (every delta is zero, or no candidate rank reaches the
         threshold: then the best candidate and what it keeps), or None when there is a recommendation."""
@@ -190,6 +209,8 @@ class SqueezeAnalysis:
             "target_ranks": self.candidate_ranks,  # the manifest's key, unchanged (files keep their format)
             "recommended_rank": self.recommended_rank,
             "recommended_rank_weighted": self.recommended_rank_weighted,
+            "mean_stable_rank": json_safe(self.mean_stable_rank),
+            "stable_rank_estimate": self.stable_rank_estimate,
             "no_recommendation": self.why_no_recommendation(),
             "mean_variance": by_rank(self.mean_variance),
             "min_variance": by_rank(self.min_variance),

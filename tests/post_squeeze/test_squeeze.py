@@ -96,6 +96,16 @@ def test_analysis_matches_dense_svd():
     assert set(analysis.by_block) == {"attention", "mlp"}
     assert analysis.by_block["attention"].num_modules == 8
     assert set(analysis.by_layer) == {0, 1}
+    # the data-free estimate: ‖ΔW‖²_F / ‖ΔW‖²_2 of each dense delta, averaged, rounded up
+    stable = [float(d.norm() ** 2 / torch.linalg.matrix_norm(d, ord=2) ** 2) for d in deltas.values()]
+    for record in analysis.modules:
+        delta = deltas[record.name]
+        assert record.stable_rank == pytest.approx(
+            float(delta.norm() ** 2 / torch.linalg.matrix_norm(delta, ord=2) ** 2), rel=1e-5
+        )
+    assert analysis.mean_stable_rank == pytest.approx(sum(stable) / len(stable), rel=1e-5)
+    assert analysis.stable_rank_estimate == math.ceil(sum(stable) / len(stable))
+    assert 1 < analysis.mean_stable_rank < 8
     json.dumps(analysis.to_dict(), allow_nan=False)
 
 
@@ -120,6 +130,7 @@ def test_zero_deltas_are_reported_not_counted_as_retained():
     assert len(analysis.zero_modules) == 14
     assert analysis.recommended_rank is None
     assert all(math.isnan(v) for v in analysis.mean_variance.values())
+    assert math.isnan(analysis.mean_stable_rank) and analysis.stable_rank_estimate is None
     json.dumps(analysis.to_dict(), allow_nan=False)  # NaN is written as null
     # one trained module: the table is about that module only
     layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]
@@ -130,6 +141,10 @@ def test_zero_deltas_are_reported_not_counted_as_retained():
     delta = dense_deltas(model)["model.layers.0.self_attn.q_proj"]
     assert analysis.mean_variance[2] == pytest.approx(energy_retained(delta, 2), rel=1e-5)
     assert analysis.min_variance[2] == analysis.max_variance[2] == analysis.mean_variance[2]
+    # the zero deltas are not averaged into the data-free estimate either
+    assert analysis.mean_stable_rank == pytest.approx(
+        float(delta.norm() ** 2 / torch.linalg.matrix_norm(delta, ord=2) ** 2), rel=1e-5
+    )
 
 
 def test_printed_table_marks_the_recommended_row():
