@@ -301,7 +301,7 @@ def train(model, dataset, tokenizer, seed: int, lr: float, callbacks=(), **overr
         "per_device_train_batch_size": BATCH,
         "learning_rate": lr,
         "warmup_steps": STEPS // 10,
-        "logging_steps": STEPS,
+        "logging_steps": 1,  # the loss of every step: the loss curve around each squeeze (issue 28)
         "save_strategy": "no",
         "report_to": [],
         "use_cpu": True,
@@ -403,7 +403,8 @@ def run_condition(name: str, seed: int, lr: float, data: dict, tokenizer, dev, t
     record = {"condition": name, "seed": seed, "lr": lr, "train_seconds": time.perf_counter() - started}
     record["task"] = TASK
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    record["train_loss"] = losses[-1] if losses else None
+    record["train_loss"] = sum(losses) / len(losses) if losses else None  # over all steps
+    record["loss_curve"] = losses
     if monitor is not None and monitor.latest_scalars:
         record["signals"] = {key: monitor.latest_scalars.get(key) for key in SIGNALS}
         record["alerts"] = sorted({f"{a.code}/{a.severity.value}" for a in monitor.alerts})

@@ -20,6 +20,7 @@ rank's. This module holds the data, the metric and the tables; the conditions an
 from __future__ import annotations
 
 import importlib.util
+import math
 import statistics
 from pathlib import Path
 
@@ -186,11 +187,43 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> None:
             if "function" not in source:
                 continue
             function = source["function"]
-            console.print(
-                f"  seed {seed} r=64 advice: energy 95% → r={function['energy_recommended_rank']}, "
-                f"by function → r={function['recommended_rank']}"
+            stable = [module["stable_rank"] for module in source.get("data_free", {}).values()]
+            data_free = (
+                f", stable rank (mean over modules) {statistics.mean(stable):.2f} → r={math.ceil(statistics.mean(stable))}"
+                if stable
+                else ""
             )
+            console.print(
+                f"  seed {seed} r=64 at {source['lr']:g} advice: energy 95% → r={function['energy_recommended_rank']}, "
+                f"by function → r={function['recommended_rank']}{data_free}"
+            )
+    print_runs_by_rate(console, runs)
     for probe in sorted((r for r in records if r["condition"] == "probe"), key=lambda r: r["seed"]):
         console.print(
             f"probe_rank before training (seed {probe['seed']}): r={probe['rank']} {probe['type_ranks']}"
         )
+
+
+def print_runs_by_rate(console, runs: list[dict]) -> None:
+    """Every run: test NLL (dev NLL) by condition and learning rate, averaged over the seeds run; what the
+    rate picking saw."""
+    from rich.table import Table
+
+    rates = sorted({r["lr"] for r in runs if r["lr"] > 0})
+    table = Table(title="every run: test NLL (dev NLL) by learning rate, mean over the seeds run [seeds]")
+    table.add_column("condition")
+    for lr in rates:
+        table.add_column(f"{lr:g}", justify="right")
+    for name in CONDITIONS:
+        cells = []
+        for lr in rates:
+            found = [r for r in runs if r["condition"] == name and r["lr"] == lr]
+            if not found:
+                cells.append("")
+                continue
+            test = statistics.mean(r["test"]["loss"] for r in found)
+            dev = statistics.mean(r["dev"]["loss"] for r in found)
+            cells.append(f"{test:.4f} ({dev:.4f}) [{len(found)}]")
+        if any(cells):
+            table.add_row(name, *cells)
+    console.print(table)
