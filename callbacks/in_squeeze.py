@@ -10,27 +10,21 @@ from typing import Any
 
 from transformers.trainer_callback import ExportableState
 
-from lora_monitor._distributed import is_distributed
 from lora_monitor.adapters import find_lora_modules
-from lora_monitor.errors import LoraMonitorError
 from lora_monitor.in_squeeze import (
     InSqueezeOptions,
     LearningRateRewarmup,
     LossProbe,
-    compact_masks,
+    compact_after_training,
     current_ranks,
     install_rank_hooks,
 )
 from lora_monitor.in_squeeze import schedule as squeeze_schedule
-from lora_monitor.in_squeeze.resume import RESUME_KEY, InSqueezeResumeState, check_resumed_ranks, saved_entry
+from lora_monitor.in_squeeze.options import run_is_distributed, schedule_as_json
+from lora_monitor.in_squeeze.resume import RESUME_KEY, InSqueezeResumeState, read_resume_state
 from lora_monitor.in_squeeze.step_scaling import SqueezedStepScaling
 
 from ._base import TrainerBoundCallback
-
-
-def _run_is_distributed(args: Any) -> bool:
-    # The process group, or the Trainer's own view (DeepSpeed/FSDP set up before the group may exist).
-    return is_distributed() or args.world_size > 1 or bool(args.deepspeed) or bool(args.fsdp)
 
 
 class InSqueezeCallback(TrainerBoundCallback, ExportableState):
@@ -112,7 +106,7 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
         # The arguments as JSON, for the checkpoint (a Trainer that restores callbacks rebuilds one from them).
         self._arguments = dict(
             target_rank=target_rank,
-            schedule=schedule if isinstance(schedule, str) else [list(entry) for entry in schedule],
+            schedule=schedule_as_json(schedule),
             start_step=start_step, end_step=end_step, method=method, optimizer_state=optimizer_state,
             mode=mode, min_variance_retention=min_variance_retention, rewarmup_steps=rewarmup_steps,
             adapter_name=adapter_name, rsvd_oversample=rsvd_oversample, rsvd_power_iters=rsvd_power_iters,
@@ -134,7 +128,9 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         super().on_init_end(args, state, control, **kwargs)
-        self.resolved_mode = self.options.resolve_mode(_run_is_distributed(args))
+        self.resolved_mode = self.options.resolve_mode(
+            run_is_distributed(args.world_size, args.deepspeed, args.fsdp)
+        )
         records = find_lora_modules(model, self.adapter_name)
         self.adapter_name = records[0].adapter_name
         self._source_rank = max(record.rank for record in records)
@@ -150,14 +146,20 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
         self._model = model
         saved, same_arguments = self._saved_state(state) if state.global_step > 0 else (None, False)
         if saved is not None:  # a resume: what the checkpoint kept, not what the loaded model shows
-            self._restore(saved, state.global_step, model, optimizer)
+            source_rank = saved.restore_into(
+                model, optimizer, state.global_step, adapter_name=self.adapter_name,
+                step_scaling=self._step_scaling, rewarmup=self._rewarmup, where=self.options.where,
+            )  # fmt: skip
+            self._source_rank = source_rank or self._source_rank  # None: the checkpoint kept no source ranks
         if saved is not None and same_arguments:  # the plan made at the start, whatever max_steps is now
             self.plan = dict(saved.plan)
         else:
             self.plan = squeeze_schedule.plan_for(
                 self.options, self._source_rank, state.max_steps or args.max_steps
             )
-        self._check_something_to_squeeze()
+        squeeze_schedule.check_something_to_squeeze(
+            self.plan, self._source_rank, self.options, self.adapter_name
+        )
         self._probe.attach(model)
 
     def state(self) -> dict[str, Any]:
@@ -176,32 +178,10 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
         and whether it was saved with the same arguments as this callback's."""
         peers = [c for c in getattr(self._handler, "callbacks", []) if type(c) is type(self)]
         index = next((i for i, c in enumerate(peers) if c is self), 0)
-        entry = saved_entry(state.stateful_callbacks, type(self).__name__, index, max(len(peers), 1))
-        if not isinstance(entry, dict) or RESUME_KEY not in entry:
-            return None, False
-        saved = InSqueezeResumeState.from_json(entry[RESUME_KEY], "InSqueezeCallback: trainer_state.json")
-        return saved, entry.get("args") == self._arguments
-
-    def _restore(self, saved: InSqueezeResumeState, step: int, model: Any, optimizer: Any) -> None:
-        check_resumed_ranks(saved.ranks, current_ranks(model, self.adapter_name), "InSqueezeCallback")
-        if saved.source_ranks:
-            self._step_scaling.source_ranks = saved.source_ranks
-            self._source_rank = max(saved.source_ranks.values())
-        self._rewarmup.load_state(saved.rewarmup, step, optimizer)
-
-    def _check_something_to_squeeze(self) -> None:
-        """A target at or above every module's rank can never squeeze anything: say so before the first step."""
-        if not self._source_rank or any(rank < self._source_rank for rank in self.plan.values()):
-            return
-        if isinstance(self.options.schedule, str):
-            asked = f"target_rank={self.options.target_rank} is"
-        else:
-            asked = f"every rank of schedule={self._arguments['schedule']} is"
-        raise LoraMonitorError(
-            f"InSqueezeCallback: {asked} at or above the rank of every LoRA module of adapter "
-            f"'{self.adapter_name}' (largest: {self._source_rank}), so nothing would ever be squeezed; "
-            f"give a rank below {self._source_rank}"
-        )
+        return read_resume_state(
+            state.stateful_callbacks, type(self).__name__, index, max(len(peers), 1), self._arguments,
+            f"{self.options.where}: trainer_state.json",
+        )  # fmt: skip
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step
@@ -227,6 +207,7 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._probe.detach()
-        # A single process can drop the masked directions for real: smaller model, same function.
-        if self.resolved_mode == "mask" and not _run_is_distributed(args):
-            compact_masks(model, adapter_name=self.adapter_name, optimizer=optimizer)
+        compact_after_training(
+            model, self.resolved_mode, adapter_name=self.adapter_name, optimizer=optimizer,
+            distributed=run_is_distributed(args.world_size, args.deepspeed, args.fsdp),
+        )  # fmt: skip

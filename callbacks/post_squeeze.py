@@ -20,9 +20,13 @@ from lora_monitor.adapters import find_lora_modules, records_are_sharded, unwrap
 from lora_monitor.errors import LoraMonitorError
 from lora_monitor.monitor.intruders import IntruderDimensions
 from lora_monitor.post_squeeze import CompressionResult, SqueezeAnalysis, SqueezeOptions, gather_adapter
-from lora_monitor.post_squeeze.end_of_training import squeeze_trained_adapter
+from lora_monitor.post_squeeze.end_of_training import (
+    EndOfTraining,
+    check_candidate_ranks,
+    held_out_batches,
+    squeeze_trained_adapter,
+)
 from lora_monitor.post_squeeze.held_out import DEFAULT_TOLERANCE, FunctionRecommendation
-from lora_monitor.post_squeeze.manifest import TABLE_COLUMNS, summary_scalars, table_rows
 from lora_monitor.post_squeeze.options import checked_eval_batches, validate_tolerance
 from lora_monitor.render.console import print_rank_advice
 from lora_monitor.render.report import write_report
@@ -114,14 +118,7 @@ class PostSqueezeCallback(TrainerBoundCallback):
     def on_train_begin(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         if model is not None:  # fail before training, not after it, when there is nothing to squeeze
-            largest = max(module.rank for module in find_lora_modules(unwrap_model(model), self.adapter_name))
-            above = [rank for rank in self.options.candidate_ranks or () if rank > largest]
-            if above:
-                raise LoraMonitorError(
-                    f"PostSqueezeCallback: candidate_ranks {list(self.options.candidate_ranks)} holds "
-                    f"{', '.join(map(str, above))}, above the adapter's largest rank {largest}: a compressed "
-                    f"adapter has at most the directions it was trained with; give ranks up to {largest}"
-                )
+            check_candidate_ranks(model, self.options, self.adapter_name)
         no_data = (
             self.eval_batches is None
             and eval_dataloader is None
@@ -157,14 +154,15 @@ class PostSqueezeCallback(TrainerBoundCallback):
             model = gather_adapter(model, self.adapter_name)
             if not state.is_world_process_zero:
                 return None
-            batches = self.eval_batches
             result = squeeze_trained_adapter(
                 model,
                 output_dir,
                 self.options,
                 adapter_name=self.adapter_name,
                 compress_to=self.output_subdir if self.compress else None,
-                eval_batches=(lambda: batches or list(self._held_out_loader(eval_dataloader)))
+                eval_batches=held_out_batches(
+                    self.eval_batches, lambda: self._held_out_loader(eval_dataloader)
+                )
                 if self._measure_function
                 else None,
                 tolerance=self.tolerance,
@@ -180,7 +178,7 @@ class PostSqueezeCallback(TrainerBoundCallback):
                 self.error = warning
                 logger.warning("PostSqueezeCallback: %s", warning)
             result.write_manifest(output_dir)
-            self._log_to_wandb(args)
+            self._log_to_wandb(args, result)
             if self.report:
                 self.report_path = write_report(output_dir)
             return self.emit_log(args, state, control, result.scalars())
@@ -192,13 +190,9 @@ class PostSqueezeCallback(TrainerBoundCallback):
             logger.exception("PostSqueezeCallback failed after training; the trained adapter is unaffected")
         return None
 
-    def _log_to_wandb(self, args: TrainingArguments) -> None:
+    def _log_to_wandb(self, args: TrainingArguments, result: EndOfTraining) -> None:
         wandb = self._active_wandb(args)
-        if wandb is not None and self.analysis is not None:
+        if wandb is not None:
             self._log_table_to_wandb(
-                wandb,
-                "squeeze/variance_table",
-                TABLE_COLUMNS,
-                table_rows(self.analysis),
-                summary_scalars(self.analysis, self.intruder_dimensions),
+                wandb, "squeeze/variance_table", *result.variance_table(), result.run_summary()
             )

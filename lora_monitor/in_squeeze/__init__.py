@@ -1,7 +1,7 @@
 """In-Squeeze: shrinking the rank of live PEFT LoRA modules while training, with the optimizer state.
 
 - :mod:`.resize`: resize and mask modes on live modules (:func:`squeeze_model`, :func:`resize_lora_module`,
-  :func:`compact_masks`, :func:`current_ranks`);
+  :func:`compact_masks`, :func:`compact_after_training`, :func:`current_ranks`);
 - :mod:`.optimizer`: the optimizer state carried through the factor maps, or reset;
 - :mod:`.hooks`: gradient masks and the state-dict hooks for saving and resuming (:func:`install_rank_hooks`);
 - :mod:`.schedule`: when and to which rank, and the record of each squeeze;
@@ -15,7 +15,14 @@ from .hooks import install_rank_hooks
 from .loss_probe import LossProbe
 from .optimizer import unwrap_optimizer
 from .options import CALLBACK_MODES, METHODS, MODES, OPTIMIZER_STATES, SCHEDULES, InSqueezeOptions
-from .resize import ResizeEvent, compact_masks, current_ranks, resize_lora_module, squeeze_model
+from .resize import (
+    ResizeEvent,
+    compact_after_training,
+    compact_masks,
+    current_ranks,
+    resize_lora_module,
+    squeeze_model,
+)
 from .rewarmup import LearningRateRewarmup
 from .schedule import plan_schedule, resolve_step
 
@@ -29,6 +36,7 @@ __all__ = [
     "LearningRateRewarmup",
     "LossProbe",
     "ResizeEvent",
+    "compact_after_training",
     "compact_masks",
     "current_ranks",
     "install_rank_hooks",

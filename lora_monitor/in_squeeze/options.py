@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from .._distributed import is_distributed
 from ..errors import LoraMonitorError, check_choice, check_number, named
 
 METHODS = ("qr", "rsvd")
@@ -57,6 +59,19 @@ def check_schedule(schedule: object, where: str = "") -> str | tuple[tuple[int |
         rank = check_number(rank, "every schedule rank", low=1, whole=True, where=where)
         pairs.append((step, int(rank)))
     return tuple(pairs)
+
+
+def schedule_as_json(schedule: str | Sequence[tuple[int | float, int]]) -> str | list[list[int | float]]:
+    """``schedule`` as JSON holds it: a name as it is, ``(step, rank)`` pairs as ``[step, rank]`` lists (what
+    a checkpoint keeps of the argument, and what a message about it shows)."""
+    return schedule if isinstance(schedule, str) else [list(entry) for entry in schedule]
+
+
+def run_is_distributed(world_size: int = 1, deepspeed: Any = None, fsdp: Any = None) -> bool:
+    """True when a run trains in several processes, or under DeepSpeed or FSDP, so its parameter set is fixed:
+    a torch.distributed group of more than one process, or the trainer's own view (``world_size``, and its
+    ``deepspeed`` or ``fsdp`` settings, which are set up before the group may exist)."""
+    return is_distributed() or world_size > 1 or bool(deepspeed) or bool(fsdp)
 
 
 def _is_fraction(step: int | float) -> bool:

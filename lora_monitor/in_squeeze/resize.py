@@ -360,3 +360,20 @@ def compact_masks(
         events.append(ResizeEvent(record.name, adapter, nominal, kept, 1.0, "resize", "slice", "project"))
     compact_config(config, records)
     return events
+
+
+def compact_after_training(
+    model: nn.Module,
+    mode: str,
+    *,
+    distributed: bool,
+    adapter_name: str | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> list[ResizeEvent]:
+    """At the end of a run squeezed in ``mode``: a single process drops the masked directions for real
+    (:func:`compact_masks`: a smaller model, the same function); a ``distributed`` run keeps its shapes
+    (DDP, FSDP and DeepSpeed hold on to the parameter set), and a resize run has nothing masked. Returns the
+    events of what was compacted (none when left alone)."""
+    if mode != "mask" or distributed:
+        return []
+    return compact_masks(model, adapter_name=adapter_name, optimizer=optimizer)

@@ -17,9 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LoraMonitorError
+from .resize import current_ranks
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .rewarmup import LearningRateRewarmup
+    from .step_scaling import SqueezedStepScaling
 
 # The key of this state in a callback's entry of ``trainer_state.json`` ("args"/"attributes" are the Trainer's).
 RESUME_KEY = "lora_monitor_in_squeeze"
@@ -63,6 +70,29 @@ class InSqueezeResumeState:
                 f"{where}: the saved In-Squeeze state is not readable ({error})"
             ) from error
 
+    def restore_into(
+        self,
+        model: nn.Module,
+        optimizer: Any | None,
+        step: int,
+        *,
+        adapter_name: str | None,
+        step_scaling: SqueezedStepScaling,
+        rewarmup: LearningRateRewarmup,
+        where: str,
+    ) -> int | None:
+        """Resume from this state at ``step``, once the checkpoint is loaded into ``model``: check that the
+        model holds the saved per-module ranks (:func:`check_resumed_ranks`, naming ``where``), give
+        ``step_scaling`` back its source ranks and ``rewarmup`` its ramp. Returns the largest source rank
+        the checkpoint kept (None in one that kept none: the model's own ranks stand)."""
+        check_resumed_ranks(self.ranks, current_ranks(model, adapter_name), where)
+        source_rank = None
+        if self.source_ranks:
+            step_scaling.source_ranks = self.source_ranks
+            source_rank = max(self.source_ranks.values())
+        rewarmup.load_state(self.rewarmup, step, optimizer)
+        return source_rank
+
 
 def check_resumed_ranks(saved: Mapping[str, int] | None, live: Mapping[str, int], where: str) -> None:
     """Raise a :class:`LoraMonitorError` when the model, once the checkpoint is loaded, does not hold the
@@ -89,3 +119,22 @@ def saved_entry(stateful_callbacks: Mapping[str, Any] | None, class_name: str, i
         latest = entry[len(entry) - peers :] if len(entry) >= peers else []
         entry = latest[index] if index < len(latest) else None
     return entry
+
+
+def read_resume_state(
+    stateful_callbacks: Mapping[str, Any] | None,
+    class_name: str,
+    index: int,
+    peers: int,
+    arguments: Mapping[str, Any],
+    where: str,
+) -> tuple[InSqueezeResumeState | None, bool]:
+    """The In-Squeeze state a checkpoint keeps for callback ``index`` of the ``peers`` named ``class_name``
+    (:func:`saved_entry`), or None in one written without it; and whether it was saved with these
+    ``arguments`` (the callback's, as JSON), so that the plan made at the start still holds. A state that is
+    not readable is a :class:`LoraMonitorError` naming ``where``."""
+    entry = saved_entry(stateful_callbacks, class_name, index, peers)
+    if not isinstance(entry, dict) or RESUME_KEY not in entry:
+        return None, False
+    saved = InSqueezeResumeState.from_json(entry[RESUME_KEY], where)
+    return saved, entry.get("args") == arguments

@@ -1,6 +1,7 @@
 """When to squeeze and to which rank, and what goes with a squeeze during training.
 
-- :func:`plan_schedule`: ``{step: rank cap}`` for a geometric, linear or explicit schedule;
+- :func:`plan_schedule`: ``{step: rank cap}`` for a geometric, linear or explicit schedule, and
+  :func:`check_something_to_squeeze`, which refuses a plan that can never lower a rank;
 - :func:`squeeze_and_record`: one scheduled squeeze, timed and probed (by a
   :class:`~lora_monitor.in_squeeze.loss_probe.LossProbe`), as the record a run keeps, and
   :func:`log_scalars`, the ``in_squeeze/*`` scalars logged for it.
@@ -15,13 +16,13 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from ..errors import LoraMonitorError, named
-from .options import InSqueezeOptions, check_schedule, check_step
+from .options import InSqueezeOptions, check_schedule, check_step, schedule_as_json
 from .resize import current_ranks, squeeze_model
 
 if TYPE_CHECKING:
@@ -94,6 +95,25 @@ def plan_for(options: InSqueezeOptions, source_rank: int, max_steps: int) -> dic
     end = resolve_step(options.end_step, max_steps, "end_step", options.where)
     return plan_schedule(
         source_rank, options.target_rank, options.schedule, start, end, max_steps, where=options.where
+    )
+
+
+def check_something_to_squeeze(
+    plan: Mapping[int, int], source_rank: int | None, options: InSqueezeOptions, adapter_name: str | None
+) -> None:
+    """A :class:`LoraMonitorError` (naming the options' ``where``) when ``plan`` never goes below
+    ``source_rank``, the largest rank of the modules of ``adapter_name``: a target at or above every module's
+    rank can never squeeze anything, which is better said before the first step than found after the run."""
+    if not source_rank or any(rank < source_rank for rank in plan.values()):
+        return
+    if isinstance(options.schedule, str):
+        asked = f"target_rank={options.target_rank} is"
+    else:
+        asked = f"every rank of schedule={schedule_as_json(options.schedule)} is"
+    raise LoraMonitorError(
+        f"{options.where}: {asked} at or above the rank of every LoRA module of adapter "
+        f"'{adapter_name}' (largest: {source_rank}), so nothing would ever be squeezed; "
+        f"give a rank below {source_rank}"
     )
 
 

@@ -1,12 +1,15 @@
 """Everything Post-Squeeze does with a trained adapter, in one call: what ``PostSqueezeCallback`` runs at the
 end of training (and any training loop can run): the variance table, the rank by function on held-out
 batches, the compressed copy, the intruder dimensions and the manifest entry.
+
+Around that call: :func:`check_candidate_ranks` (before training, against the live adapter) and
+:func:`held_out_batches` (the held-out batches, from given batches or a dataloader).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from ..monitor.intruders import IntruderDimensions, intruder_dimensions
 from .analysis import SqueezeAnalysis, analyze_adapter
 from .compress import CompressionResult, compress_adapter
 from .held_out import DEFAULT_TOLERANCE, FunctionRecommendation, recommend_rank_by_function
-from .manifest import manifest_entry, summary_scalars, write_squeeze_manifest
+from .manifest import TABLE_COLUMNS, manifest_entry, summary_scalars, table_rows, write_squeeze_manifest
 from .options import SqueezeOptions, validate_tolerance
 from .rank_choice import compression_rank
 
@@ -48,12 +51,46 @@ class EndOfTraining:
         """``"held-out loss"`` when the rank by function was measured, else ``"energy (upper bound)"``."""
         return "held-out loss" if self.function is not None else "energy (upper bound)"
 
+    def variance_table(self) -> tuple[tuple[str, ...], list[list[Any]]]:
+        """The variance table as its column names and rows (what a W&B table or a CSV takes)."""
+        return TABLE_COLUMNS, table_rows(self.analysis)
+
+    def run_summary(self) -> dict[str, float]:
+        """The ``squeeze/*`` run-summary keys of the analysis and the intruder dimensions (:meth:`scalars`
+        adds the rank by function)."""
+        return summary_scalars(self.analysis, self.intruders)
+
     def scalars(self) -> dict[str, float]:
         """The ``squeeze/*`` summary keys for loggers."""
-        scalars = summary_scalars(self.analysis, self.intruders)
+        scalars = self.run_summary()
         if self.function is not None:
             scalars["squeeze/function_recommended_rank"] = self.function.recommended_rank
         return scalars
+
+
+def check_candidate_ranks(model: Any, options: SqueezeOptions, adapter_name: str | None = None) -> None:
+    """A :class:`LoraMonitorError` (after ``options.where``) when ``options.candidate_ranks`` holds a rank
+    above the largest rank of the live ``model``'s adapter: a compressed adapter has at most the directions
+    it was trained with. Meant for before training: a bad rank stops the run before its first step."""
+    largest = max(module.rank for module in find_lora_modules(model, adapter_name))
+    candidates = options.candidate_ranks or ()
+    above = [rank for rank in candidates if rank > largest]
+    if above:
+        prefix = f"{options.where}: " if options.where else ""
+        raise LoraMonitorError(
+            f"{prefix}candidate_ranks {list(candidates)} holds "
+            f"{', '.join(map(str, above))}, above the adapter's largest rank {largest}: a compressed "
+            f"adapter has at most the directions it was trained with; give ranks up to {largest}"
+        )
+
+
+def held_out_batches(
+    eval_batches: list[Mapping[str, Any]] | None, dataloader: Callable[[], Iterable[Mapping[str, Any]]]
+) -> Callable[[], list[Mapping[str, Any]]]:
+    """What :func:`squeeze_trained_adapter` takes as ``eval_batches``: ``eval_batches`` when given, else every
+    batch of the loader that ``dataloader()`` returns, in one pass. The loader is built only when the batches
+    are asked for: once a live adapter's rank by function is measured, never for an FSDP2 snapshot."""
+    return lambda: eval_batches or list(dataloader())
 
 
 def squeeze_trained_adapter(
@@ -140,4 +177,4 @@ def squeeze_trained_adapter(
     return result
 
 
-__all__ = ["EndOfTraining", "squeeze_trained_adapter"]
+__all__ = ["EndOfTraining", "check_candidate_ranks", "held_out_batches", "squeeze_trained_adapter"]
