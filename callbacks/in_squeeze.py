@@ -20,11 +20,12 @@ from lora_monitor.in_squeeze import (
     install_rank_hooks,
 )
 from lora_monitor.in_squeeze import schedule as squeeze_schedule
+from lora_monitor.in_squeeze.lost_progress import LostProgress, LostProgressWatch
 from lora_monitor.in_squeeze.options import run_is_distributed, schedule_as_json
 from lora_monitor.in_squeeze.resume import RESUME_KEY, InSqueezeResumeState, read_resume_state
 from lora_monitor.in_squeeze.step_scaling import SqueezedStepScaling
 
-from ._base import TrainerBoundCallback
+from ._base import TrainerBoundCallback, logger
 
 
 class InSqueezeCallback(TrainerBoundCallback, ExportableState):
@@ -66,6 +67,12 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
     ``in_squeeze/*``: mean/min/max rank, retained variance, the loss on the step's batch before and after
     (``loss_jump``), seconds. ``callback.events`` keeps one record per squeeze with the per-module ranks.
 
+    Lost progress: at the end of training, when the training loss over the steps after the last squeeze is
+    significantly above its level just before the first one (the squeezed adapter undid what the source had
+    learned, or the target rank is too small), a warning says so with the numbers and what to try, and
+    ``callback.lost_progress`` holds the finding (:mod:`lora_monitor.in_squeeze.lost_progress`; None when
+    the run kept improving, or when the model returns no loss, as under GRPO).
+
     Saving: every adapter the Trainer writes (checkpoints, ``save_model``) has the reduced rank and reloads
     with ``PeftModel.from_pretrained``; mask mode keeps the live shapes but saves the kept directions only,
     and a single-process run compacts masked modules into really smaller ones at the end.
@@ -76,7 +83,7 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
     ``trainer.train(resume_from_checkpoint=...)``. The resumed run is the uninterrupted run: every
     checkpoint's ``trainer_state.json`` keeps what the callback holds that changes training (the source
     ranks the step scaling divides by, the plan of squeezes, a re-warm-up ramp in progress, the per-module
-    ranks), and ``on_train_begin`` restores it, whatever ``restore_callback_states_from_checkpoint`` says
+    ranks, the lost-progress check's losses), and ``on_train_begin`` restores it, whatever ``restore_callback_states_from_checkpoint`` says
     (with it set, the Trainer replaces this object by a new one built from the saved arguments, so read
     ``events`` from the callback in ``trainer.callback_handler.callbacks``). A model that does not come back
     at the checkpoint's ranks stops the run with a :class:`~lora_monitor.errors.LoraMonitorError`.
@@ -120,6 +127,8 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
         self._model: Any = None
         self._probe = LossProbe()
         self._rewarmup = LearningRateRewarmup(self.options.rewarmup_steps)
+        self._lost_progress = LostProgressWatch()
+        self.lost_progress: LostProgress | None = None  # set at the end of training if the squeezes undid it
 
     @property
     def target_rank(self) -> int:
@@ -149,6 +158,7 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
             source_rank = saved.restore_into(
                 model, optimizer, state.global_step, adapter_name=self.adapter_name,
                 step_scaling=self._step_scaling, rewarmup=self._rewarmup, where=self.options.where,
+                lost_progress=self._lost_progress,
             )  # fmt: skip
             self._source_rank = source_rank or self._source_rank  # None: the checkpoint kept no source ranks
         if saved is not None and same_arguments:  # the plan made at the start, whatever max_steps is now
@@ -161,6 +171,7 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
             self.plan, self._source_rank, self.options, self.adapter_name
         )
         self._probe.attach(model)
+        self._lost_progress.attach(model)
 
     def state(self) -> dict[str, Any]:
         """What a Trainer checkpoint keeps of this callback in ``trainer_state.json`` (see Resuming above)."""
@@ -170,6 +181,7 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
             plan=self.plan,
             rewarmup=self._rewarmup.state(),
             ranks=current_ranks(self._model, self.adapter_name) if self._model is not None else None,
+            lost_progress=self._lost_progress.state(),
         )
         return {"args": dict(self._arguments), "attributes": {}, RESUME_KEY: resume.to_json()}
 
@@ -185,6 +197,7 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step
+        record = None
         if step in self.plan:
             record = squeeze_schedule.squeeze_and_record(
                 model, optimizer, self.plan[step], step, self.options,
@@ -196,6 +209,7 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
                 # emit_log keeps control.should_log, so the Trainer's own loss log at this step is not lost.
                 control = self.emit_log(args, state, control, squeeze_schedule.log_scalars(record))
         self._rewarmup.scale(step, optimizer)
+        self._lost_progress.step_end(step, squeezed=record is not None)
         return control
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -207,6 +221,11 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._probe.detach()
+        self._lost_progress.detach()
+        # Each process saw its own batches; one verdict, from the main one, is enough to read.
+        self.lost_progress = self._lost_progress.finding()
+        if self.lost_progress is not None and state.is_world_process_zero:
+            logger.warning(self.lost_progress.message(self.options.where, self.options.lr_scaling))
         compact_after_training(
             model, self.resolved_mode, adapter_name=self.adapter_name, optimizer=optimizer,
             distributed=run_is_distributed(args.world_size, args.deepspeed, args.fsdp),

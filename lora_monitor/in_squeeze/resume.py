@@ -8,7 +8,8 @@ The rest lives only in the callback and changes training, so it is written besid
 - the source ranks, which the step scaling divides by (after a resume the live ranks are the squeezed ones);
 - the plan of squeezes (the schedule's progress is the plan and the global step);
 - the learning-rate re-warm-up ramp (a checkpoint taken inside it must resume inside it);
-- the per-module ranks at the save, checked against the model once the checkpoint is loaded.
+- the per-module ranks at the save, checked against the model once the checkpoint is loaded;
+- the training losses the lost-progress check compares (:mod:`.lost_progress`), a dozen numbers.
 
 None of it needs the Trainer.
 """
@@ -25,6 +26,7 @@ from .resize import current_ranks
 if TYPE_CHECKING:
     from torch import nn
 
+    from .lost_progress import LostProgressWatch
     from .rewarmup import LearningRateRewarmup
     from .step_scaling import SqueezedStepScaling
 
@@ -41,6 +43,8 @@ class InSqueezeResumeState:
     plan: dict[int, int]
     rewarmup: dict[str, Any]
     ranks: dict[str, int] | None
+    # the lost-progress check's numbers (:class:`~.lost_progress.LostProgressWatch`); absent in older files
+    lost_progress: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (plan steps as ``[step, rank]`` pairs: JSON object keys are strings)."""
@@ -50,6 +54,7 @@ class InSqueezeResumeState:
             "plan": [[step, rank] for step, rank in sorted(self.plan.items())],
             "rewarmup": dict(self.rewarmup),
             "ranks": None if self.ranks is None else dict(self.ranks),
+            "lost_progress": None if self.lost_progress is None else dict(self.lost_progress),
         }
 
     @classmethod
@@ -64,6 +69,7 @@ class InSqueezeResumeState:
                 plan={int(step): int(rank) for step, rank in saved["plan"]},
                 rewarmup=dict(saved["rewarmup"]),
                 ranks=None if ranks is None else {str(name): int(rank) for name, rank in ranks.items()},
+                lost_progress=None if saved.get("lost_progress") is None else dict(saved["lost_progress"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise LoraMonitorError(
@@ -80,10 +86,11 @@ class InSqueezeResumeState:
         step_scaling: SqueezedStepScaling,
         rewarmup: LearningRateRewarmup,
         where: str,
+        lost_progress: LostProgressWatch | None = None,
     ) -> int | None:
         """Resume from this state at ``step``, once the checkpoint is loaded into ``model``: check that the
         model holds the saved per-module ranks (:func:`check_resumed_ranks`, naming ``where``), give
-        ``step_scaling`` back its source ranks and ``rewarmup`` its ramp. Returns the largest source rank
+        ``step_scaling`` back its source ranks, ``rewarmup`` its ramp and ``lost_progress`` its losses. Returns the largest source rank
         the checkpoint kept (None in one that kept none: the model's own ranks stand)."""
         check_resumed_ranks(self.ranks, current_ranks(model, adapter_name), where)
         source_rank = None
@@ -91,6 +98,8 @@ class InSqueezeResumeState:
             step_scaling.source_ranks = self.source_ranks
             source_rank = max(self.source_ranks.values())
         rewarmup.load_state(self.rewarmup, step, optimizer)
+        if lost_progress is not None and self.lost_progress is not None:
+            lost_progress.load_state(self.lost_progress)
         return source_rank
 
 

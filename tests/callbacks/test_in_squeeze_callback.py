@@ -98,6 +98,7 @@ def test_resize_run_ends_at_the_target_rank_and_reloads(resize_run, tmp_path):
     for record in find_lora_modules(trainer.model):
         assert record.A_shape[0] == 4 and record.scale == pytest.approx(2.0)  # alpha/r = 32/16, kept
     assert audit.mismatches == []
+    assert squeeze.lost_progress is None  # the loss kept falling through both squeezes
     _assert_reloads_same(trainer, tmp_path / "adapter")
 
 
@@ -151,6 +152,12 @@ def test_resume_after_a_squeeze_finishes_like_the_uninterrupted_run(resize_run, 
     state = unwrap_optimizer(resumed.optimizer).state
     assert {float(s["step"]) for s in state.values()} == {float(MAX_STEPS)}
     assert torch.allclose(_logits(resumed.model, IDS), _logits(reference.model, IDS), atol=1e-4)
+    # The lost-progress check's losses came back from trainer_state.json: the same numbers at the end.
+    whole, again = resize_run[1]._lost_progress.state(), squeeze._lost_progress.state()
+    assert again["first_squeeze_step"] == whole["first_squeeze_step"] == 20
+    assert again["reference"] == pytest.approx(whole["reference"], abs=1e-5)
+    assert again["after"] == pytest.approx(whole["after"], abs=1e-4)
+    assert again["after"][0] == MAX_STEPS - 40
     _assert_reloads_same(resumed, tmp_path / "adapter")
 
 
@@ -370,3 +377,34 @@ def test_a_step_number_and_a_fraction_are_told_by_value_not_type(start, end):
     # 5.0 is step 5 and 0.7 is 70% of max_steps: they compare only once max_steps is known, so both are kept.
     callback = InSqueezeCallback(target_rank=4, start_step=start, end_step=end)
     assert (callback.options.start_step, callback.options.end_step) == (start, end)
+
+
+@pytest.mark.parametrize(("scaling", "target", "found"), [("rank", 1, True), ("none", 8, False)])
+def test_a_squeeze_that_undoes_training_is_reported_at_the_end(
+    tmp_path, tokenizer, caplog, scaling, target, found
+):
+    # r=16 at 5e-3 learns (loss 4.87 → ~4.25 by step 15); one squeeze to rank 1 with lr_scaling="rank"
+    # multiplies the step by 16, and the loss climbs back to ~4.8; a squeeze to 8 without scaling keeps falling.
+    squeeze = InSqueezeCallback(target_rank=target, schedule=[(15, target)], lr_scaling=scaling)
+    with caplog.at_level("WARNING", logger="lora_monitor"):
+        trainer = _train(tmp_path, tokenizer, [squeeze], max_steps=30, lr_scheduler_type="constant")
+    losses = _losses(trainer)
+    reference = statistics.mean(losses[step] for step in range(6, 16))
+    after = statistics.mean(losses[step] for step in range(16, 31))
+    warnings = [
+        r.getMessage() for r in caplog.records if "lost what the source had learned" in r.getMessage()
+    ]
+    if not found:
+        assert squeeze.lost_progress is None and warnings == [] and after < reference
+        return
+    finding = squeeze.lost_progress
+    assert finding is not None and (finding.first_squeeze_step, finding.last_squeeze_step) == (15, 15)
+    # the Trainer's own logged losses (4 decimals) are the independent reference
+    assert finding.reference_loss == pytest.approx(reference, abs=1e-4)
+    assert finding.loss_after == pytest.approx(after, abs=1e-4)
+    assert (finding.reference_steps, finding.steps_after) == (10, 15)
+    assert finding.increase > 0.2
+    assert warnings == [finding.message("InSqueezeCallback", "rank")]
+    assert warnings[0].startswith(
+        "InSqueezeCallback: the training loss after the last squeeze (step 15: mean "
+    )
