@@ -713,6 +713,7 @@ def print_tables(records: list[dict]) -> None:
         )
     print_alpha_sweep(console, records)
     print_signal_bands(console, records)
+    print_lost_progress(console, records)
     print_budget_table(console, records)
     sources = [chosen(records, f"direct r={SOURCE_RANK}", s) for s in seeds]
     sources = [s for s in sources if s]
@@ -866,6 +867,70 @@ def use_task(name: str) -> None:
 UPDATE_SCALE_BANDS = (0.0, 0.01, 0.03, 0.06, math.inf)
 
 
+def squeeze_steps(name: str, steps: int) -> list[int] | None:
+    """The steps at which condition ``name`` squeezed (None for a condition that does not)."""
+    from lora_monitor.in_squeeze import InSqueezeOptions
+    from lora_monitor.in_squeeze.schedule import plan_for
+
+    core = name.split(" ", 1)[1] if name.startswith(("alpha=", "rslora ")) else name
+    if core.startswith("in-squeeze"):
+        options = InSqueezeOptions(target_rank=TARGET_RANK)
+    elif core.startswith("cont-squeeze"):
+        options = InSqueezeOptions(target_rank=TARGET_RANK, schedule=[(int(0.8 * steps), TARGET_RANK)])
+    else:
+        return None
+    return sorted(plan_for(options, SOURCE_RANK, steps))
+
+
+def lost_progress_of(record: dict, steps: int):
+    """What In-Squeeze's lost-progress check (``lora_monitor.in_squeeze.lost_progress``) finds on a run's
+    logged per-step losses: the same numbers the callback's forward hook reads (the Trainer's logged loss of a
+    step is the mean of its batch losses). ``(checked, finding)``: unchecked without a loss curve."""
+    from lora_monitor.in_squeeze.lost_progress import LostProgressWatch
+
+    plan = squeeze_steps(record["condition"], steps)
+    curve = record.get("loss_curve")
+    if plan is None or not curve or len(curve) != steps:
+        return False, None
+    watch = LostProgressWatch()
+    for step, loss in enumerate(curve, start=1):
+        watch.record_loss(loss)
+        watch.step_end(step, squeezed=step in plan)
+    return True, watch.finding()
+
+
+def print_lost_progress(console, records: list[dict]) -> None:
+    """Every squeeze run with a loss curve: did the lost-progress check fire, against how the run ended."""
+    from rich.table import Table
+
+    checked = [(r, *lost_progress_of(r, STEPS)) for r in records]
+    checked = [(r, finding) for r, ok, finding in checked if ok]
+    if not checked:
+        return
+    generation = TASK == "generation"
+    table = Table(title="In-Squeeze's lost-progress check on every squeeze run with a loss curve")
+    for column in (
+        "condition",
+        "seed",
+        "LR",
+        "test NLL" if generation else "test acc %",
+        "fired",
+        "Δ loss (SE)",
+    ):
+        table.add_column(column, justify="left" if column == "condition" else "right")
+    for record, finding in sorted(checked, key=lambda x: (x[0]["condition"], x[0]["seed"], x[0]["lr"])):
+        outcome = record["test"]["loss"] if generation else 100 * record["test"]["accuracy"]
+        table.add_row(
+            record["condition"],
+            str(record["seed"]),
+            f"{record['lr']:g}",
+            f"{outcome:.4f}" if generation else f"{outcome:.2f}",
+            "yes" if finding else "no",
+            f"{finding.increase:+.4f} ({finding.standard_error:.4f})" if finding else "",
+        )
+    console.print(table)
+
+
 def print_signal_bands(console, records: list[dict]) -> None:
     """Every monitored run, grouped by the monitor's mean update scale ‖s·B@A‖F/‖W‖F at the last check:
     does that one number, read without any held-out data, tell the runs that learned from the others?"""
@@ -960,6 +1025,9 @@ def main() -> None:
                     )
     if TASK == "generation":
         generation.print_tables(load(paths), chosen, STEPS, BATCH)
+        from rich.console import Console
+
+        print_lost_progress(Console(width=200), load(paths))
     else:
         print_tables(load(paths))
 
