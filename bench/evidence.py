@@ -693,19 +693,9 @@ def print_tables(records: list[dict]) -> None:
         grid.add_row(name, *cells)
     console.print(grid)
 
-    # The knee, and the two recommendations beside it.
-    knee_rows = {k: rows[f"direct r={k}"] for k in KNEE_RANKS if f"direct r={k}" in rows}
-    if knee_rows:
-        means = {
-            k: statistics.mean(v["test"]["accuracy"] for v in row.values()) for k, row in knee_rows.items()
-        }
-        best = max(means.values())
-        knee = min(k for k, m in means.items() if m >= best - 0.01)
-        console.print(
-            "direct training, each rank at its dev-picked LR: "
-            + ", ".join(f"r={k} {m * 100:.2f}" for k, m in means.items())
-            + f"\nknee (smallest rank within 1 point of the best): r={knee}"
-        )
+    # The knee (over the seeds, and per seed), and the recommendations beside it, at each lora_alpha.
+    for prefix in ("", "alpha=16 "):
+        print_knee(console, records, rows, prefix, seeds)
     for probe in sorted(probes, key=lambda r: r["seed"]):
         console.print(
             f"probe_rank before training (seed {probe['seed']}, 4 batches of {BATCH}): r={probe['rank']} "
@@ -865,6 +855,40 @@ def use_task(name: str) -> None:
 
 
 UPDATE_SCALE_BANDS = (0.0, 0.01, 0.03, 0.06, math.inf)
+
+
+def print_knee(
+    console, records: list[dict], rows: dict[str, dict[int, dict]], prefix: str, seeds: list[int]
+) -> None:
+    """The knee of ``prefix`` + "direct r=K" (the smallest rank within 1 point of the best, each rank at its
+    dev-picked rate): over the seeds' mean, and per seed; beside it, per seed, the tuned r=64 source's rank by
+    function (default 1% tolerance), its 95%-energy rank and its mean stable rank rounded up."""
+    knee_rows = {k: rows[f"{prefix}direct r={k}"] for k in KNEE_RANKS if f"{prefix}direct r={k}" in rows}
+    if len(knee_rows) < 2:
+        return
+
+    def knee_of(scores: dict[int, float]) -> int:
+        best = max(scores.values())
+        return min(k for k, m in scores.items() if m >= best - 0.01)
+
+    complete = [s for s in seeds if all(s in row for row in knee_rows.values())]
+    means = {k: statistics.mean(row[s]["test"]["accuracy"] for s in complete) for k, row in knee_rows.items()}
+    label = prefix.strip() or "lora_alpha = r"
+    console.print(
+        f"{label}: direct training, each rank at its dev-picked LR (seeds {complete}): "
+        + ", ".join(f"r={k} {m * 100:.2f}" for k, m in means.items())
+        + f"\n{label}: knee (smallest rank within 1 point of the best) over the seeds: r={knee_of(means)}"
+    )
+    for seed in complete:
+        knee = knee_of({k: row[seed]["test"]["accuracy"] for k, row in knee_rows.items()})
+        source = chosen(records, f"{prefix}direct r={SOURCE_RANK}", seed) or {}
+        function = source.get("function") or {}
+        stable = [m["stable_rank"] for m in (source.get("data_free") or {}).values()]
+        console.print(
+            f"  seed {seed}: knee r={knee}; from the tuned r=64: by function r={function.get('recommended_rank')}, "
+            f"energy 95% r={function.get('energy_recommended_rank')}, "
+            f"stable rank {'-' if not stable else f'{statistics.mean(stable):.2f} → r={math.ceil(statistics.mean(stable))}'}"
+        )
 
 
 def squeeze_steps(name: str, steps: int) -> list[int] | None:
