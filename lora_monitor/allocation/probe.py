@@ -22,6 +22,14 @@ from .allocate import analysable_weights
 
 Tensor = torch.Tensor
 
+# What the probe's rank is worth, measured against the knee (the smallest directly trained rank within the
+# noise of the best) in bench/EVIDENCE.md: equal on one task, 16x too high on two.
+PROBE_CAVEAT = (
+    "an upper bound, not advice: against the smallest rank that lost nothing on held-out data it was equal on "
+    "a one-token answer task (SmolLM2, r=2) and 16× too high on a classifier (MiniLM, r=64 against 4) and on "
+    "learning text (SmolLM2, r=128 against 8)"
+)
+
 
 @dataclass
 class RankProbe:
@@ -40,11 +48,12 @@ class RankProbe:
     steps: int
 
     def summary(self) -> str:
-        """``Based on your data, r=16 (q_proj 8, v_proj 16, ...)``."""
+        """``Based on your data, r=16 (q_proj 8, v_proj 16, ...; ...), an upper bound ...``: the reading and
+        what it is worth (:data:`PROBE_CAVEAT`)."""
         parts = ", ".join(f"{kind} {rank}" for kind, rank in self.type_ranks.items())
         return (
             f"Based on your data, r={self.rank} ({parts}; {self.threshold:.0%} of the gradient energy of "
-            f"{self.steps} batches)"
+            f"{self.steps} batches), {PROBE_CAVEAT}"
         )
 
 
@@ -68,10 +77,13 @@ def probe_rank(
     weights :func:`spectral_analysis` would pick), and reads the rank that keeps ``threshold`` of the
     summed gradient's energy.
 
-    Where it applies: a model whose output head is pretrained (a causal LM). On SmolLM2-135M it gave r=2, the
-    measured knee; on a sequence classifier with a freshly initialised head (MiniLM on Rotten Tomatoes) it gave
-    r=64 against a knee of 4, because the gradient before any step is shaped by the random head. For a model
-    that is not a causal LM it warns and still returns its reading (an upper bound at best).
+    What it is worth (``bench/EVIDENCE.md``, against the knee: the smallest directly trained rank within the
+    noise of the best): on SmolLM2-135M answering one token (sentiment) it gave r=2, the knee; on SmolLM2-135M
+    learning text (convention speeches) r=128 against a knee of 8, every MLP type at its cap (the gradient
+    before any step spreads over many directions of the MLP weights, and training needs few of them); on a
+    sequence classifier with a freshly initialised head (MiniLM on Rotten Tomatoes) r=64 against a knee of 4,
+    the gradient shaped by the random head. Read it as an upper bound, never as the rank to train
+    (:meth:`RankProbe.summary` says so); for a model that is not a causal LM it also warns.
 
     A batch that scores no label (one-token texts of a causal LM) is skipped, a
     NaN/Inf loss is a :class:`LoraMonitorError`: no advice from a NaN gradient. Nothing is updated: gradients are taken with ``torch.autograd.grad`` (no

@@ -19,6 +19,7 @@ from lora_monitor.allocation import (
     probe_rank,
     spectral_analysis,
 )
+from lora_monitor.allocation.probe import PROBE_CAVEAT
 from lora_monitor.cli import main
 from lora_monitor.errors import LoraMonitorError
 from lora_monitor.spectrum import rank_for_energy, weight_singular_values
@@ -420,6 +421,10 @@ def test_probe_rank_recommends_ranks_and_changes_nothing(lm_dataset):
     for kind, rank in probe.type_ranks.items():
         assert rank & (rank - 1) == 0 and 1 <= rank <= 64, kind
     assert probe.summary().startswith(f"Based on your data, r={probe.rank} ")
+    # the reading is never presented as the rank to train: it says what it measured against the knee
+    assert (
+        probe.summary().endswith(f"batches), {PROBE_CAVEAT}") and "an upper bound, not advice" in PROBE_CAVEAT
+    )
 
     # Reference: the same gradients by a plain backward pass on a fresh copy, and a dense SVD.
     reference = tiny_llama()
