@@ -26,8 +26,8 @@ Tensor = torch.Tensor
 # noise of the best) in bench/EVIDENCE.md: equal on one task, 16x too high on two.
 PROBE_CAVEAT = (
     "an upper bound, not advice: against the smallest rank that lost nothing on held-out data it was equal on "
-    "a one-token answer task (SmolLM2, r=2) and 16× too high on a classifier (MiniLM, r=64 against 4) and on "
-    "learning text (SmolLM2, r=128 against 8)"
+    "a one-token answer task (SmolLM2, r=2), 16× too high on a classifier (MiniLM, r=64 against 4) and 8× on "
+    "learning text (SmolLM2, r=128 against 16)"
 )
 
 
@@ -79,7 +79,7 @@ def probe_rank(
 
     What it is worth (``bench/EVIDENCE.md``, against the knee: the smallest directly trained rank within the
     noise of the best): on SmolLM2-135M answering one token (sentiment) it gave r=2, the knee; on SmolLM2-135M
-    learning text (convention speeches) r=128 against a knee of 8, every MLP type at its cap (the gradient
+    learning text (convention speeches) r=128 against a knee of 16, every MLP type at its cap (the gradient
     before any step spreads over many directions of the MLP weights, and training needs few of them); on a
     sequence classifier with a freshly initialised head (MiniLM on Rotten Tomatoes) r=64 against a knee of 4,
     the gradient shaped by the random head. Read it as an upper bound, never as the rank to train

@@ -40,7 +40,7 @@ PROGRESS_MIN_MODULES = 64
 # above the smallest rank that lost nothing on held-out data, so it is printed as a bound, never as the answer.
 ENERGY_RANK_CAVEAT = (
     "an upper bound, not a checked rank: on the tasks measured (bench/EVIDENCE.md) the 95%-energy rank was "
-    "8× the smallest rank that lost nothing on held-out data; give held-out data for a checked rank"
+    "4–8× the smallest rank that lost nothing on held-out data; give held-out data for a checked rank"
 )
 
 
@@ -175,7 +175,7 @@ class SqueezeAnalysis:
         """:attr:`mean_stable_rank` rounded up (None when every delta is zero): a data-free estimate, not a
         recommendation. Against the knee in ``bench/EVIDENCE.md`` (the smallest directly trained rank within
         the noise of the best) it gave 2 on every adapter measured: right on the two sentiment tasks (knees 2
-        and 4) and at ``lora_alpha=16`` (knee 2), 4× too low on the generation task (knee 8)."""
+        and 4) and at ``lora_alpha=16`` (knee 2), 8× too low on the generation task (knee 16, one seed)."""
         mean = self.mean_stable_rank
         return None if math.isnan(mean) else math.ceil(mean - 1e-9)
 
