@@ -465,7 +465,7 @@ def data_free_estimates(model) -> dict[str, dict]:
         beta = module.rank / size if size else 1.0
         omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
         estimates[module.name] = {
-            "stable_rank": float((values**2).sum() / values[0] ** 2),
+            "stable_rank": module.stable_rank,  # the library's (SqueezeAnalysis), not a copy
             "gavish_donoho": int((values > omega * values.median()).sum()),
             "energy95": module.minimal_rank,
         }
