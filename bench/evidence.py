@@ -639,7 +639,8 @@ def print_tables(records: list[dict]) -> None:
     table = Table(
         title=f"{'SmolLM2-135M' if TASK == 'smollm2' else 'MiniLM'} + LoRA, Rotten Tomatoes ({test_rows} test), "
         f"{STEPS} steps × {BATCH}, "
-        f"LR from {LEARNING_RATES} on dev, seeds {seeds}: test accuracy (%)"
+        f"LR from {', '.join(f'{lr:g}' for lr in sorted({r['lr'] for r in records}))} on dev (each condition its own "
+        f"grid), seeds {seeds}: test accuracy (%)"
     )
     for column in ("condition", "seeds", "LR picked", "test acc mean ± SE", "Δ vs tuned direct r=8 (pts)"):
         table.add_column(column, justify="left" if column == "condition" else "right")

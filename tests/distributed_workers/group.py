@@ -19,10 +19,14 @@ def process_group(init_file: str) -> Iterator[int]:
     """Join the run's process group (rank and size from ``RANK``/``WORLD_SIZE``); yields this rank.
 
     The group is initialised from ``init_file`` (a ``file://`` rendezvous: no port to race for), before
-    the Trainer exists: Accelerate's ``PartialState`` then uses it instead of starting its own. On the way
-    out every process meets at a barrier, so none tears down the group while a peer still talks to it, and
-    the group is destroyed: a gloo group left alive at exit can abort the interpreter ("terminate called
-    without an active exception").
+    the Trainer exists: Accelerate's ``PartialState`` then uses it instead of starting its own.
+
+    Leaving, when the work finished: a gloo barrier (every process is done), then two meetings through a
+    separate file store, outside gloo: no process destroys the group while a peer may still be inside the
+    barrier's last exchange, and none exits while a peer is still destroying it. A process that closes its
+    gloo connections under a peer still using them can abort that peer ("terminate called without an
+    active exception", seen once in a loaded CI run, after every result had been written). The group is
+    destroyed in any case: one left alive at exit can abort the interpreter the same way.
     """
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.distributed.init_process_group(
@@ -32,6 +36,8 @@ def process_group(init_file: str) -> Iterator[int]:
         world_size=world_size,
         timeout=COLLECTIVE_TIMEOUT,
     )
+    # The exit meetings' own store: a separate file, so it outlives the group's.
+    exit_store = torch.distributed.FileStore(f"{init_file}.exit", world_size)
     finished = False
     try:
         yield rank
@@ -40,5 +46,15 @@ def process_group(init_file: str) -> Iterator[int]:
         try:
             if finished:  # after a failure the peer may never arrive; the launcher stops it instead
                 torch.distributed.barrier()
+                _meet(exit_store, "barrier-left", rank, world_size)
         finally:
             torch.distributed.destroy_process_group()
+        if finished:
+            _meet(exit_store, "group-destroyed", rank, world_size)
+        print(f"[worker {rank}] left the process group", flush=True)
+
+
+def _meet(store: torch.distributed.Store, stage: str, rank: int, world_size: int) -> None:
+    """Wait until every process has reached ``stage`` (through ``store``, not through the gloo group)."""
+    store.set(f"{stage}/{rank}", "1")
+    store.wait([f"{stage}/{peer}" for peer in range(world_size)], COLLECTIVE_TIMEOUT)

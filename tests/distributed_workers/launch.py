@@ -30,7 +30,8 @@ def run_workers(module: str, tmp_path: Path, *args: str, world_size: int = 2) ->
     the Trainer read to know the run is distributed) and the path of a fresh rendezvous file in
     ``tmp_path``. ``MASTER_ADDR``/``MASTER_PORT`` point nowhere usable, so a TCP rendezvous attempted by
     anything would fail the test instead of racing for a port. When a worker fails the others get a
-    short grace to exit and are then stopped, and the test fails with every worker's output.
+    short grace to exit and are then stopped, and the test fails with every worker's output. Workers run
+    with ``-X faulthandler``: one that aborts leaves the Python stack of each of its threads in that output.
     """
     init_file = tmp_path / "process_group_init"
     env = {
@@ -51,7 +52,15 @@ def run_workers(module: str, tmp_path: Path, *args: str, world_size: int = 2) ->
         with log.open("w") as handle:  # a file, not a pipe: a full pipe would block a chatty worker
             processes.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", f"distributed_workers.{module}", str(init_file), *args],
+                    [
+                        sys.executable,
+                        "-X",
+                        "faulthandler",
+                        "-m",
+                        f"distributed_workers.{module}",
+                        str(init_file),
+                        *args,
+                    ],
                     env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                     stdout=handle,
                     stderr=subprocess.STDOUT,
