@@ -121,6 +121,20 @@ def paired_nll(row: dict[int, dict], reference: dict[int, dict]) -> tuple[float,
     return statistics.mean(per_window), statistics.stdev(per_window) / len(per_window) ** 0.5
 
 
+def knee_of(knee_rows: dict[int, dict[int, dict]], seeds: list[int]) -> tuple[dict[int, float], int, int]:
+    """Mean test NLL per rank over ``seeds``, the best rank, and the knee: the smallest rank whose paired
+    difference from the best is within one standard error (over the seeds, or over the test windows of a
+    single seed)."""
+    rows = {k: {s: row[s] for s in seeds} for k, row in knee_rows.items()}
+    means = {k: statistics.mean(v["test"]["loss"] for v in row.values()) for k, row in rows.items()}
+    best = min(means, key=means.get)
+    for k in sorted(rows):
+        delta = paired_nll(rows[k], rows[best])
+        if delta is not None and delta[0] <= delta[1]:
+            return means, best, k
+    return means, best, best
+
+
 def print_tables(records: list[dict], chosen, steps: int, batch: int) -> None:
     """The generation tables: test NLL per condition (each at its dev-picked rate), the knee per α, and the
     rank recommendations of the tuned r=64 adapter against it."""
@@ -170,19 +184,22 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> None:
         knee_rows = {k: rows[f"{alpha}direct r={k}"] for k in RANKS if f"{alpha}direct r={k}" in rows}
         if len(knee_rows) < 2:
             continue
-        means = {k: statistics.mean(v["test"]["loss"] for v in row.values()) for k, row in knee_rows.items()}
-        best = min(means, key=means.get)
-        knee = best
-        for k in sorted(knee_rows):
-            delta = paired_nll(knee_rows[k], knee_rows[best])
-            if delta is not None and delta[0] <= delta[1]:  # within one paired SE of the best rank
-                knee = k
-                break
-        console.print(
-            f"{alpha or 'lora_alpha = r '}direct ranks: "
-            + ", ".join(f"r={k} {m:.4f}" for k, m in means.items())
-            + f"; best r={best}; knee (smallest rank within one paired SE of the best): r={knee}"
-        )
+        # Means and paired SEs only over seeds every compared rank has: a rank run on fewer seeds is
+        # compared on those, or left out of the knee over more seeds (said in the line).
+        complete = [s for s in seeds if all(s in row for row in knee_rows.values())]
+        all_seeded = {k: row for k, row in knee_rows.items() if all(s in row for s in seeds)}
+        spans = [(complete, knee_rows)]
+        if len(complete) < len(seeds) and len(all_seeded) >= 2:
+            spans.append((seeds, all_seeded))
+        for span_seeds, span_rows in spans:
+            if not span_seeds:
+                continue
+            means, best, knee = knee_of(span_rows, span_seeds)
+            console.print(
+                f"{alpha or 'lora_alpha = r '}direct ranks over seeds {span_seeds}: "
+                + ", ".join(f"r={k} {m:.4f}" for k, m in means.items())
+                + f"; best r={best}; knee (smallest rank within one paired SE of the best): r={knee}"
+            )
         for seed, source in sorted(rows.get(f"{alpha}direct r=64", {}).items()):
             if "function" not in source:
                 continue
