@@ -200,6 +200,22 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> None:
                 + ", ".join(f"r={k} {m:.4f}" for k, m in means.items())
                 + f"; best r={best}; knee (smallest rank within one paired SE of the best): r={knee}"
             )
+        # The same with every rank at the rate dev picked for it on the first seed, on every seed: the seed
+        # noise at fixed rates (the small ranks' and r=16's runs on seeds 1-2 were run only at that rate).
+        first = seeds[0]
+        fixed = {
+            k: {s: run for s in seeds if (run := chosen(runs, f"{alpha}direct r={k}", s, row[first]["lr"]))}
+            for k, row in knee_rows.items()
+            if first in row
+        }
+        fixed_seeds = [s for s in seeds if all(s in row for row in fixed.values())]
+        if len(fixed_seeds) >= 2 and len(fixed) >= 2:
+            means, best, knee = knee_of(fixed, fixed_seeds)
+            console.print(
+                f"{alpha or 'lora_alpha = r '}direct ranks at seed {first}'s picked rates, over seeds {fixed_seeds}: "
+                + ", ".join(f"r={k} {m:.4f}" for k, m in means.items())
+                + f"; best r={best}; knee (smallest rank within one paired SE of the best): r={knee}"
+            )
         for seed, source in sorted(rows.get(f"{alpha}direct r=64", {}).items()):
             if "function" not in source:
                 continue
