@@ -23,7 +23,7 @@ from .allocate import analysable_weights
 Tensor = torch.Tensor
 
 # What the probe's rank is worth, measured against the knee (the smallest directly trained rank within the
-# noise of the best) in bench/EVIDENCE.md: equal on one task, 16x too high on two.
+# noise of the best) in bench/EVIDENCE.md: equal on one task, 8-16x too high on two.
 PROBE_CAVEAT = (
     "an upper bound, not advice: against the smallest rank that lost nothing on held-out data it was equal on "
     "a one-token answer task (SmolLM2, r=2), 16× too high on a classifier (MiniLM, r=64 against 4) and 8× on "
