@@ -185,23 +185,11 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> None:
         if len(knee_rows) < 2:
             continue
         # Means and paired SEs only over seeds every compared rank has: a rank run on fewer seeds is
-        # compared on those, or left out of the knee over more seeds (said in the line).
+        # compared on those, or left out of the knee over more seeds (said in the line). Then the same with
+        # every rank at the rate dev picked for it on the first seed, on every seed: the seed noise at fixed
+        # rates (the small ranks' and r=16's runs on seeds 1-2 were run only at that rate).
         complete = [s for s in seeds if all(s in row for row in knee_rows.values())]
         all_seeded = {k: row for k, row in knee_rows.items() if all(s in row for s in seeds)}
-        spans = [(complete, knee_rows)]
-        if len(complete) < len(seeds) and len(all_seeded) >= 2:
-            spans.append((seeds, all_seeded))
-        for span_seeds, span_rows in spans:
-            if not span_seeds:
-                continue
-            means, best, knee = knee_of(span_rows, span_seeds)
-            console.print(
-                f"{alpha or 'lora_alpha = r '}direct ranks over seeds {span_seeds}: "
-                + ", ".join(f"r={k} {m:.4f}" for k, m in means.items())
-                + f"; best r={best}; knee (smallest rank within one paired SE of the best): r={knee}"
-            )
-        # The same with every rank at the rate dev picked for it on the first seed, on every seed: the seed
-        # noise at fixed rates (the small ranks' and r=16's runs on seeds 1-2 were run only at that rate).
         first = seeds[0]
         fixed = {
             k: {s: run for s in seeds if (run := chosen(runs, f"{alpha}direct r={k}", s, row[first]["lr"]))}
@@ -209,10 +197,17 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> None:
             if first in row
         }
         fixed_seeds = [s for s in seeds if all(s in row for row in fixed.values())]
+        spans = [("", complete, knee_rows)]
+        if len(complete) < len(seeds) and len(all_seeded) >= 2:
+            spans.append(("", seeds, all_seeded))
         if len(fixed_seeds) >= 2 and len(fixed) >= 2:
-            means, best, knee = knee_of(fixed, fixed_seeds)
+            spans.append((f"at seed {first}'s picked rates, ", fixed_seeds, fixed))
+        for label, span_seeds, span_rows in spans:
+            if not span_seeds:
+                continue
+            means, best, knee = knee_of(span_rows, span_seeds)
             console.print(
-                f"{alpha or 'lora_alpha = r '}direct ranks at seed {first}'s picked rates, over seeds {fixed_seeds}: "
+                f"{alpha or 'lora_alpha = r '}direct ranks {label}over seeds {span_seeds}: "
                 + ", ".join(f"r={k} {m:.4f}" for k, m in means.items())
                 + f"; best r={best}; knee (smallest rank within one paired SE of the best): r={knee}"
             )
