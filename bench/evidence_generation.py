@@ -34,7 +34,7 @@ SETTINGS = {
     "STEPS": 60,
     "BATCH": 8,
 }
-RANKS = (1, 2, 4, 8, 16, 64)
+RANKS = (1, 2, 4, 8, 16, 32, 64)
 CONDITIONS = [
     *(f"direct r={k}" for k in RANKS),
     "in-squeeze (defaults)",

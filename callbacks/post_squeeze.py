@@ -26,7 +26,7 @@ from lora_monitor.post_squeeze.end_of_training import (
     held_out_batches,
     squeeze_trained_adapter,
 )
-from lora_monitor.post_squeeze.held_out import DEFAULT_TOLERANCE, FunctionRecommendation
+from lora_monitor.post_squeeze.held_out import FunctionRecommendation
 from lora_monitor.post_squeeze.options import checked_eval_batches, validate_tolerance
 from lora_monitor.render.console import print_rank_advice
 from lora_monitor.render.report import write_report
@@ -54,7 +54,8 @@ class PostSqueezeCallback(TrainerBoundCallback):
     the Trainer's eval dataloader (the one it last evaluated on, else one built from its ``eval_dataset``);
     ``True`` requires it) every candidate rank is also tried in place on the
     trained model, one pass per rank (:func:`~lora_monitor.post_squeeze.held_out.recommend_rank_by_function`); the
-    smallest rank within ``tolerance`` of the full adapter's loss is printed beside the energy advice (per
+    smallest rank the held-out data cannot tell from the full adapter (its loss increase within one standard
+    error; or within a relative ``tolerance`` such as 0.01 when one is given) is printed beside the energy advice (per
     type with ``by_module_type``), kept as ``callback.function``, written to the manifest and used by
     ``compress``. Without held-out data (or under FSDP2, or ``by_function=False``) the energy rank is
     printed as what it is, an upper bound; the manifest's ``recommendation_basis`` says which one it is.
@@ -78,7 +79,7 @@ class PostSqueezeCallback(TrainerBoundCallback):
         report: bool = False,
         intruders: bool = True,
         by_function: bool | str = "auto",
-        tolerance: float = DEFAULT_TOLERANCE,
+        tolerance: float | None = None,
         eval_batches: Iterable[dict[str, Any]] | None = None,
         by_module_type: bool = False,
     ) -> None:

@@ -49,14 +49,18 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
     function = parser.add_argument_group(
         "rank by function",
         "With --base and --data, every candidate rank is also tried on the model itself: held-out loss and "
-        "KL to the full adapter per rank, one pass over --data per rank, and the smallest rank within "
-        "--tolerance is recommended (and used by --out unless --rank or --per-module is given).",
+        "KL to the full adapter per rank, one pass over --data per rank, and the smallest rank the texts cannot "
+        "tell from the full adapter (loss increase within one standard error over the texts; or within "
+        "--tolerance) is recommended (and used by --out unless --rank or --per-module is given).",
     )
     function.add_argument("--base", help="base model folder the adapter was trained on (a causal LM)")
     function.add_argument("--data", help="held-out texts: .txt (one per line), .jsonl or .json")
     function.add_argument("--tokenizer", help="tokenizer folder (default: the --base folder)")
     function.add_argument(
-        "--tolerance", type=float, default=0.01, help="relative loss increase allowed (default: %(default)s)"
+        "--tolerance",
+        type=float,
+        default=None,
+        help="allow this relative loss increase instead (0.01 = 1%%; default: within the noise of --data)",
     )
     function.add_argument(
         "--by-module-type", action="store_true", help="also per module type (one pass per type and rank)"

@@ -21,7 +21,7 @@ from ..errors import LoraMonitorError
 from ..monitor.intruders import IntruderDimensions, intruder_dimensions
 from .analysis import SqueezeAnalysis, analyze_adapter
 from .compress import CompressionResult, compress_adapter
-from .held_out import DEFAULT_TOLERANCE, FunctionRecommendation, recommend_rank_by_function
+from .held_out import FunctionRecommendation, recommend_rank_by_function
 from .manifest import TABLE_COLUMNS, manifest_entry, summary_scalars, table_rows, write_squeeze_manifest
 from .options import SqueezeOptions, validate_tolerance
 from .rank_choice import compression_rank
@@ -101,7 +101,7 @@ def squeeze_trained_adapter(
     adapter_name: str | None = None,
     compress_to: str | None = None,
     eval_batches: Callable[[], Iterable[dict[str, Any]]] | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     by_module_type: bool = False,
     intruders: bool = True,
     print_tables: bool | None = None,

@@ -24,7 +24,7 @@ from .._deprecation import renamed_keywords
 from .._io import json_safe
 from ..adapters import factor_parameters, find_lora_modules, unwrap_model
 from ..adapters.factors import as_A_matrix, as_B_matrix, live_factors
-from ..edit.data import check_scored, finite_loss, is_causal_lm, scored_rows
+from ..edit.data import IGNORED_LABEL, check_scored, finite_loss, is_causal_lm, scored_rows
 from ..errors import LoraMonitorError
 from ..spectrum import decomposition_dtype, truncate_factors
 from .analysis import SqueezeAnalysis, analyze_adapter
@@ -37,10 +37,18 @@ from .options import (
     validate_tolerance,
 )
 
-# Relative increase of the mean held-out loss a recommended rank may cost (0.01 = 1%). Chosen from
-# bench/evidence.py (see bench/EVIDENCE.md): on MiniLM / Rotten Tomatoes a 1% loss increase at the recommended
-# rank stayed within a point of the accuracy of the uncompressed adapter and of the empirical knee.
+# Relative increase of the mean held-out loss a recommended rank may cost under the tolerance rule (0.01 = 1%),
+# the rule used when a tolerance is given. On MiniLM / Rotten Tomatoes it landed within 2x of the knee; on the
+# SmolLM2 generation task it is too loose (2-4 against a knee of 16, bench/EVIDENCE.md), where the whole rank
+# effect is under 1% of the loss.
 DEFAULT_TOLERANCE = 0.01
+# The default rule instead asks for a loss increase within this many standard errors of the paired per-row
+# differences (truncated minus full, on the same held-out rows): a rank is recommended when the evaluation
+# data cannot tell it from the full adapter.
+NOISE_STANDARD_ERRORS = 1.0
+# A loss change below this fraction of the loss is rounding (a truncation that keeps every direction the
+# adapter has), not a loss the data resolved.
+ROUNDING = 1e-6
 
 
 @dataclass
@@ -52,6 +60,9 @@ class RankEvaluation:
     loss_increase: float  # loss minus the uncompressed model's loss
     relative_increase: float  # loss_increase over the uncompressed model's loss (NaN: never within)
     kl: float  # mean KL(uncompressed ‖ truncated) of the output distributions, per scored position
+    # Standard error of the mean per-row loss difference (truncated minus uncompressed, paired on each scored
+    # row); NaN with fewer than two scored rows.
+    increase_se: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(self.__dict__)
@@ -61,8 +72,16 @@ class RankEvaluation:
 class FunctionRecommendation:
     """Held-out loss and output divergence at each candidate rank, and the rank they recommend.
 
-    ``recommended_rank`` is the smallest rank whose relative loss increase stays within ``tolerance`` (the
-    largest candidate when none does). ``scored_tokens`` is how many labels the losses were averaged over;
+    ``recommended_rank`` follows ``rule``:
+
+    - ``"noise"`` (the default): the smallest rank whose loss increase is within
+      :data:`NOISE_STANDARD_ERRORS` standard error of the paired per-row differences, i.e. a rank the held-out
+      data cannot tell from the full adapter (``rank_within_noise``);
+    - ``"tolerance"`` (a ``tolerance`` was given, or fewer than two rows were scored, so no error could be
+      measured): the smallest rank whose relative loss increase is at most ``tolerance``
+      (``rank_within_tolerance``).
+
+    Either is the largest candidate when no rank qualifies. ``scored_tokens`` is how many labels the losses were averaged over;
     ``unscored_texts`` the rows left out because they score none (a one-token text in a causal LM).
     ``energy_recommended_rank`` is the energy table's advice at
     ``min_variance_retention`` for the same adapter, shown alongside (None when no candidate reaches it).
@@ -85,6 +104,10 @@ class FunctionRecommendation:
     energy_type_ranks: dict[str, int | None] = field(default_factory=dict)
     scored_tokens: int = 0
     unscored_texts: int = 0
+    rule: str = "tolerance"
+    rank_within_noise: int | None = None  # None: fewer than two scored rows, no error to compare against
+    rank_within_tolerance: int | None = None
+    scored_rows: int = 0
 
     @property
     def energy_threshold(self) -> float:
@@ -101,11 +124,16 @@ class FunctionRecommendation:
             {
                 "full_loss": self.full_loss,
                 "scored_tokens": self.scored_tokens,
+                "scored_rows": self.scored_rows,
                 "unscored_texts": self.unscored_texts,
                 "tolerance": self.tolerance,
                 "ranks": self.ranks,
                 "evaluations": {rank: e.to_dict() for rank, e in self.evaluations.items()},
                 "recommended_rank": self.recommended_rank,
+                "rule": self.rule,
+                "noise_standard_errors": NOISE_STANDARD_ERRORS,
+                "rank_within_noise": self.rank_within_noise,
+                "rank_within_tolerance": self.rank_within_tolerance,
                 "energy_threshold": self.min_variance_retention,  # the manifest's key, unchanged
                 "energy_recommended_rank": self.energy_recommended_rank,
                 "retained_variance": self.retained_variance,
@@ -172,9 +200,8 @@ def _restore(pairs: list[_Pair]) -> None:
         pair.A_param.data.copy_(pair.original_A)
 
 
-def _scored_log_probs(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+def _scored_log_probs(log_probs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     """Log-probabilities of the positions that count: every row of a classifier, real tokens of a sequence."""
-    log_probs = torch.log_softmax(logits.double(), dim=-1)
     if log_probs.dim() == 2:
         return log_probs
     mask = batch.get("attention_mask")
@@ -184,9 +211,29 @@ def _scored_log_probs(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tens
     return flat[mask.reshape(-1).to(flat.device).bool()]
 
 
+def _row_losses(
+    logits: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor, causal: bool
+) -> torch.Tensor:
+    """Each row's own loss, as the model's loss computes it (float64): the cross-entropy of a classifier's
+    row, the mean over a sequence's scored tokens (label ``t + 1`` from position ``t`` in a causal LM), the
+    squared error of a regression. NaN for a row that scores nothing."""
+    labels = labels.to(log_probs.device)
+    if labels.is_floating_point():  # regression: the model's MSE, per row
+        predicted = logits.double().reshape(labels.shape[0], -1)
+        return (predicted - labels.double().reshape(labels.shape[0], -1)).square().mean(-1)
+    if labels.dim() == 1:
+        return -log_probs.gather(-1, labels[:, None]).squeeze(-1)
+    if causal:
+        log_probs, labels = log_probs[:, :-1], labels[:, 1:]
+    counted = labels != IGNORED_LABEL
+    picked = log_probs.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    return -(picked * counted).flatten(1).sum(-1) / counted.flatten(1).sum(-1)  # 0/0: NaN, left out
+
+
 def _forward(
-    model: torch.nn.Module, batch: dict[str, Any], device: torch.device
-) -> tuple[float, torch.Tensor]:
+    model: torch.nn.Module, batch: dict[str, Any], device: torch.device, causal: bool
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The model's loss, the log-probabilities of its scored positions and each row's loss."""
     moved = {
         key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
     }
@@ -195,7 +242,17 @@ def _forward(
         raise LoraMonitorError(
             "eval_batches: the model returned no loss; every batch needs labels (input_ids, attention_mask, labels)"
         )
-    return float(output.loss), _scored_log_probs(output.logits, moved)
+    log_probs = torch.log_softmax(output.logits.double(), dim=-1)
+    rows = _row_losses(output.logits, log_probs, moved["labels"], causal)
+    return float(output.loss), _scored_log_probs(log_probs, moved), rows
+
+
+def _mean_standard_error(differences: list[torch.Tensor]) -> float:
+    """Standard error of the mean of the per-row differences (NaN with fewer than two)."""
+    values = torch.cat(differences) if differences else torch.empty(0, dtype=torch.float64)
+    if values.numel() < 2:
+        return math.nan
+    return float(values.std() / math.sqrt(values.numel()))
 
 
 def _progress(total: int, enabled: bool | None):
@@ -217,7 +274,7 @@ def recommend_rank_by_function(
     eval_batches: Iterable[dict[str, Any]],
     *,
     ranks: Sequence[int] | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     adapter_name: str | None = None,
     min_variance_retention: float | None = None,
     by_module_type: bool = False,
@@ -228,8 +285,12 @@ def recommend_rank_by_function(
 
     ``eval_batches``: dicts the model accepts, with labels (``input_ids``, ``attention_mask``, ``labels``;
     :func:`lora_monitor.edit.calibration_batches` makes them from texts). ``ranks`` defaults to the powers of
-    two up to the adapter's rank, plus that rank. ``tolerance`` is the relative loss increase allowed
-    (0.01: the truncated model's mean loss at most 1% above the uncompressed model's). The model runs in eval
+    two up to the adapter's rank, plus that rank. By default the smallest rank the held-out data cannot tell
+    from the full adapter is recommended: its loss increase is within one standard error of the paired
+    per-row differences (see :class:`FunctionRecommendation`; more held-out rows resolve smaller losses).
+    ``tolerance`` instead allows a fixed relative loss increase (0.01: the truncated model's mean loss at most
+    1% above the uncompressed model's); it is also the fallback, at 1%, when fewer than two rows are
+    scored and no error can be measured. The model runs in eval
     mode (no dropout) and is given back in its own mode with its factors bit-identical, even on an error.
     ``by_module_type`` also tries each rank on one module type at a time (the others at full rank): one
     more pass per candidate rank and module type.
@@ -241,7 +302,8 @@ def recommend_rank_by_function(
     token, or a NaN/Inf loss of the uncompressed model, is a :class:`LoraMonitorError`: no advice is
     computed from a NaN.
     """
-    tolerance = validate_tolerance(tolerance)
+    rule = "noise" if tolerance is None else "tolerance"
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else validate_tolerance(tolerance)
     if min_variance_retention is None:
         min_variance_retention = DEFAULT_THRESHOLD if analysis is None else analysis.min_variance_retention
     min_variance_retention = validate_threshold(min_variance_retention, "min_variance_retention")
@@ -289,6 +351,7 @@ def recommend_rank_by_function(
     was_training = model.training
     model.eval()
     totals = {setting: [0.0, 0.0, 0] for setting in settings}  # weighted loss, KL sum, scored positions
+    differences: dict[tuple[str | None, int], list[torch.Tensor]] = {setting: [] for setting in settings}
     full_loss, rows = 0.0, 0
     # A batch that scores no token has a NaN loss (a mean over nothing): it is left out, not averaged in.
     measured = [
@@ -300,8 +363,9 @@ def recommend_rank_by_function(
                 # Reference first, with the original factors in place; then each setting against it.
                 _restore(pairs)
                 size = scored_rows(batch, causal)
-                loss, reference = _forward(model, batch, device)
+                loss, reference, reference_rows = _forward(model, batch, device, causal)
                 loss = finite_loss(loss, "eval_batches", index)
+                counted = ~reference_rows.isnan()  # the rows that score a token
                 full_loss += loss * size
                 rows += size
                 bar.update(1)
@@ -311,7 +375,8 @@ def recommend_rank_by_function(
                     for pair in pairs:
                         if kind is None or pair.module_type == kind:
                             _write(pair, rank)
-                    loss, truncated = _forward(model, batch, device)
+                    loss, truncated, rows_loss = _forward(model, batch, device, causal)
+                    differences[(kind, rank)].append((rows_loss - reference_rows)[counted].cpu())
                     kl = (reference.exp() * (reference - truncated)).sum(-1).clamp_min(0.0)
                     total = totals[(kind, rank)]
                     total[0] += loss * size
@@ -328,28 +393,54 @@ def recommend_rank_by_function(
         increase = loss - full_loss
         relative = increase / abs(full_loss) if full_loss != 0 else (0.0 if increase <= 0 else math.inf)
         evaluations.setdefault(kind, {})[rank] = RankEvaluation(
-            rank, loss, increase, relative, kl_sum / max(count, 1)
+            rank,
+            loss,
+            increase,
+            relative,
+            kl_sum / max(count, 1),
+            _mean_standard_error(differences[(kind, rank)]),
         )
+    rows_scored = sum(int(d.numel()) for d in differences[settings[0]])
+    if rule == "noise" and rows_scored < 2:
+        warnings.warn(
+            f"recommend_rank_by_function: {rows_scored} scored row(s) give no standard error; the rank is the "
+            f"smallest within a {100 * tolerance:g}% loss increase instead (give more held-out rows)",
+            stacklevel=2,
+        )
+        rule = "tolerance"
 
-    def smallest_within(by_rank: dict[int, RankEvaluation]) -> int:
-        # A NaN increase (the truncated model's loss broke) is never within the tolerance.
-        within = [rank for rank in candidates if by_rank[rank].relative_increase <= tolerance]
+    def smallest(by_rank: dict[int, RankEvaluation], rule: str) -> int:
+        # A NaN increase or error (the truncated model's loss broke) is never within.
+        if rule == "noise":
+            within = [
+                rank
+                for rank in candidates
+                if by_rank[rank].loss_increase
+                <= max(NOISE_STANDARD_ERRORS * by_rank[rank].increase_se, ROUNDING * abs(full_loss))
+            ]
+        else:
+            within = [rank for rank in candidates if by_rank[rank].relative_increase <= tolerance]
         return within[0] if within else candidates[-1]
 
+    whole = evaluations[None]
     return FunctionRecommendation(
         full_loss=full_loss,
         tolerance=tolerance,
         ranks=candidates,
-        evaluations=evaluations[None],
-        recommended_rank=smallest_within(evaluations[None]),
+        evaluations=whole,
+        recommended_rank=smallest(whole, rule),
         min_variance_retention=energy.min_variance_retention,
         energy_recommended_rank=energy.recommended_rank,
         retained_variance=dict(energy.mean_variance),
         type_evaluations={kind: evaluations[kind] for kind in types},
-        type_recommended_ranks={kind: smallest_within(evaluations[kind]) for kind in types},
+        type_recommended_ranks={kind: smallest(evaluations[kind], rule) for kind in types},
         energy_type_ranks={
             kind: group.recommended_rank for kind, group in energy.by_module_type.items() if kind in types
         },
         scored_tokens=sum(scored),
         unscored_texts=sum(len(batch["labels"]) - scored_rows(batch, causal) for batch in batches),
+        rule=rule,
+        rank_within_noise=smallest(whole, "noise") if rows_scored >= 2 else None,
+        rank_within_tolerance=smallest(whole, "tolerance"),
+        scored_rows=rows_scored,
     )

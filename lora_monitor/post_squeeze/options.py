@@ -24,9 +24,12 @@ def validate_threshold(threshold: Any, name: str = "min_variance_retention") -> 
     return float(check_number(threshold, name, low=0, high=1, low_open=True, hint="0.95 = keep 95%"))
 
 
-def validate_tolerance(tolerance: Any, name: str = "tolerance") -> float:
+def validate_tolerance(tolerance: Any, name: str = "tolerance") -> float | None:
     """``tolerance`` (the relative held-out loss increase a rank may cost, for the rank by function) as a float
-    if it is a number >= 0, else a :class:`LoraMonitorError` naming ``name``."""
+    if it is a number >= 0; None (the default rule: within the noise of the held-out loss) stays None; else a
+    :class:`LoraMonitorError` naming ``name``."""
+    if tolerance is None:
+        return None
     return float(check_number(tolerance, name, low=0.0, hint="0.01 = allow 1% more held-out loss"))
 
 

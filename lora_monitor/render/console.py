@@ -231,19 +231,23 @@ def print_function_recommendation(advice: FunctionRecommendation, console: Conso
     from rich.console import Console
     from rich.table import Table
 
+    from ..post_squeeze.held_out import NOISE_STANDARD_ERRORS
+
     console = console or Console()
     table = Table(
         title=f"Rank by function: held-out loss {advice.full_loss:.4f} at full rank", title_justify="left"
     )
-    for column in ("Rank", "Loss", "Δ loss", "KL (nats)", "Mean Var%"):
+    for column in ("Rank", "Loss", "Δ loss ± SE", "Δ loss", "KL (nats)", "Mean Var%"):
         table.add_column(column, justify="right")
     table.add_column("", justify="left")
     for rank in advice.ranks:
         evaluation = advice.evaluations[rank]
         chosen = rank == advice.recommended_rank
+        error = "" if math.isnan(evaluation.increase_se) else f" ± {evaluation.increase_se:.4f}"
         table.add_row(
             str(rank),
             f"{evaluation.loss:.4f}",
+            f"{evaluation.loss_increase:+.4f}{error}",
             f"{100 * evaluation.relative_increase:+.2f}%",
             f"{evaluation.kl:.2e}",
             _percent(advice.retained_variance.get(rank, math.nan)),
@@ -258,10 +262,19 @@ def print_function_recommendation(advice: FunctionRecommendation, console: Conso
             if advice.unscored_texts
             else ""
         )
-        console.print(f"Losses over {advice.scored_tokens} scored tokens{left_out}", soft_wrap=True)
-    tolerance, energy = f"{100 * advice.tolerance:g}%", f"{100 * advice.min_variance_retention:g}%"
+        console.print(
+            f"Losses over {advice.scored_tokens} scored tokens in {advice.scored_rows} rows{left_out}; SE: "
+            "standard error of the per-row loss differences",
+            soft_wrap=True,
+        )
+    energy = f"{100 * advice.min_variance_retention:g}%"
+    function = (
+        f"by function (Δ loss ≤ {NOISE_STANDARD_ERRORS:g} SE)"
+        if advice.rule == "noise"
+        else f"by function (≤ {100 * advice.tolerance:g}% more loss)"
+    )
     sides = Table(title="Recommended rank", title_justify="left")
-    for column in ("", f"by energy (≥ {energy} kept)", f"by function (≤ {tolerance} more loss)"):
+    for column in ("", f"by energy (≥ {energy} kept)", function):
         sides.add_column(column, justify="left" if not column else "right")
     sides.add_row("whole adapter", str(advice.energy_recommended_rank or "—"), str(advice.recommended_rank))
     for kind, rank in advice.type_recommended_ranks.items():
