@@ -892,6 +892,56 @@ def print_knee(
         )
 
 
+def print_function_rules(console, records: list[dict]) -> None:
+    """For every tuned r=64 run whose rank by function carries per-rank standard errors (the runs of
+    ``bench/evidence-function-rule.jsonl`` and ``bench/evidence-generation-function-rule.jsonl``): each
+    rank's dev-loss increase ± the SE of its paired per-row differences, and the rank each rule picks: the
+    default (within 1 SE), within 2 SE, and the relative 1% tolerance (the default before)."""
+    from rich.table import Table
+
+    from lora_monitor.post_squeeze.held_out import ROUNDING
+
+    runs = [
+        r
+        for r in records
+        if r["condition"].endswith(f"direct r={SOURCE_RANK}")
+        and "increase_se" in next(iter((r.get("function") or {}).get("evaluations", {}).values()), {})
+    ]
+    if not runs:
+        return
+    table = Table(title="rank by function on the dev split: the rules side by side (tuned r=64 sources)")
+    for column in ("task", "condition", "seed", "LR", "dev loss", "Δ loss ± SE at r=1, 2, 4, 8, 16, 32"):
+        table.add_column(column, justify="left" if column in ("task", "condition") else "right")
+    for column in ("1 SE (default)", "2 SE", "1% (before)"):
+        table.add_column(column, justify="right")
+    for run in sorted(runs, key=lambda r: (r.get("task", "minilm"), r["condition"], r["seed"])):
+        function = run["function"]
+        evaluations = {
+            int(k): v for k, v in sorted(function["evaluations"].items(), key=lambda kv: int(kv[0]))
+        }
+        floor = ROUNDING * abs(function["full_loss"])
+        rules = [
+            {k: e["loss_increase"] <= max(e["increase_se"], floor) for k, e in evaluations.items()},
+            {k: e["loss_increase"] <= max(2 * e["increase_se"], floor) for k, e in evaluations.items()},
+            {k: e["relative_increase"] <= 0.01 for k, e in evaluations.items()},
+        ]
+        picks = [min([k for k, ok in rule.items() if ok] or [max(evaluations)]) for rule in rules]
+        table.add_row(
+            run.get("task", "minilm"),
+            run["condition"],
+            str(run["seed"]),
+            f"{run['lr']:g}",
+            f"{function['full_loss']:.4f}",
+            " ".join(
+                f"{e['loss_increase']:+.4f}±{e['increase_se']:.4f}"
+                for k, e in evaluations.items()
+                if k < SOURCE_RANK
+            ),
+            *map(str, picks),
+        )
+    console.print(table)
+
+
 def squeeze_steps(name: str, steps: int) -> list[int] | None:
     """The steps at which condition ``name`` squeezed (None for a condition that does not)."""
     from lora_monitor.in_squeeze import InSqueezeOptions
@@ -1048,13 +1098,14 @@ def main() -> None:
                         f"({record['train_seconds']:.0f} s train)",
                         flush=True,
                     )
+    from rich.console import Console
+
     if TASK == "generation":
         generation.print_tables(load(paths), chosen, STEPS, BATCH)
-        from rich.console import Console
-
         print_lost_progress(Console(width=200), load(paths))
     else:
         print_tables(load(paths))
+    print_function_rules(Console(width=200), load(paths))
 
 
 if __name__ == "__main__":

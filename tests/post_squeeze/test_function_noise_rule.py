@@ -1,0 +1,147 @@
+"""The default rank by function: the smallest rank whose loss increase is within one standard error of the
+paired per-row differences. Each row's loss is checked against a float64 cross-entropy (or squared error) of
+the model's logits on that row alone, every pair truncated by a dense float64 SVD (``dense_truncation``)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from test_squeeze_function import RANKS, batches, dense_truncation, float64_model
+from tiny_models import SENTENCES, tiny_llama
+
+from lora_monitor.edit.edit import calibration_batches
+from lora_monitor.post_squeeze.held_out import NOISE_STANDARD_ERRORS, ROUNDING, recommend_rank_by_function
+
+
+def rows_of(data):
+    """Every row of every batch as a batch of its own (its padding kept: the loss ignores it)."""
+    return [
+        {key: value[i : i + 1] for key, value in batch.items()}
+        for batch in data
+        for i in range(len(batch["labels"]))
+    ]
+
+
+def row_loss(model, row, kind: str) -> float:
+    """The loss of one row in float64 from the model's logits (the model's own loss is float32)."""
+    logits, labels = model(**row).logits.double(), row["labels"]
+    if kind == "regression":
+        return float((logits.reshape(-1) - labels.double()).square().mean())
+    if kind == "causal":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
+
+
+def reference_standard_error(model, truncated, data, kind: str) -> float:
+    """SE of the per-row loss differences, each row run alone through both models."""
+    with torch.no_grad():
+        differences = [row_loss(truncated, row, kind) - row_loss(model, row, kind) for row in rows_of(data)]
+    return statistics.stdev(differences) / math.sqrt(len(differences))
+
+
+def smallest_within_noise(advice) -> int:
+    within = [
+        rank
+        for rank in advice.ranks
+        if advice.evaluations[rank].loss_increase
+        <= max(NOISE_STANDARD_ERRORS * advice.evaluations[rank].increase_se, ROUNDING * abs(advice.full_loss))
+    ]
+    return within[0] if within else advice.ranks[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1, 4])
+def test_the_standard_error_of_a_causal_lm_matches_its_rows_run_alone(tokenizer, rank):
+    model, data = float64_model(), batches(tokenizer)
+    advice = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+    expected = reference_standard_error(model, dense_truncation(model, rank), data, "causal")
+    assert expected > 1e-6  # the rows differ, so the comparison means something
+    assert advice.evaluations[rank].increase_se == pytest.approx(expected, rel=1e-9)
+    assert advice.scored_rows == 8
+
+
+def classifier(kind: str):
+    """A tiny float64 Llama classifier (two labels, one regression output, or token labels) with LoRA."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForSequenceClassification, LlamaForTokenClassification
+
+    config = tiny_llama().config
+    config.num_labels = 1 if kind == "regression" else 2
+    torch.manual_seed(0)
+    head = LlamaForTokenClassification if kind == "token" else LlamaForSequenceClassification
+    base = head(config).double()
+    task = "TOKEN_CLS" if kind == "token" else "SEQ_CLS"
+    torch.manual_seed(1)
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type=task
+    )
+    return get_peft_model(base, lora).eval()
+
+
+def labelled(kind: str, tokenizer):
+    texts = SENTENCES[:12]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    generator = torch.Generator().manual_seed(3)
+    if kind == "regression":
+        labels = torch.randn(len(texts), generator=generator, dtype=torch.float64)
+    elif kind == "token":
+        labels = torch.randint(0, 2, encoded["input_ids"].shape, generator=generator)
+        labels[encoded["attention_mask"] == 0] = -100
+    else:
+        labels = torch.randint(0, 2, (len(texts),), generator=generator)
+    return [
+        {
+            "input_ids": encoded["input_ids"][i : i + 4],
+            "attention_mask": encoded["attention_mask"][i : i + 4],
+            "labels": labels[i : i + 4],
+        }
+        for i in range(0, len(texts), 4)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["single_label", "regression", "token"])
+def test_the_standard_error_of_a_classifier_matches_its_rows_run_alone(tokenizer, kind):
+    model, data = classifier(kind), labelled(kind, tokenizer)
+    advice = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+    expected = reference_standard_error(model, dense_truncation(model, 2), data, kind)
+    assert expected > 1e-8
+    assert advice.evaluations[2].increase_se == pytest.approx(expected, rel=1e-9)
+    assert advice.scored_rows == 12
+    assert advice.recommended_rank == smallest_within_noise(advice)
+
+
+@pytest.mark.slow
+def test_the_default_is_the_smallest_rank_within_one_standard_error(tokenizer):
+    model, data = float64_model(), batches(tokenizer)
+    advice = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+    assert advice.rule == "noise"
+    # rank 1 is resolved by these rows (its loss is above the noise): the rule does not just pick the smallest
+    assert advice.evaluations[1].loss_increase > advice.evaluations[1].increase_se
+    assert advice.recommended_rank == advice.rank_within_noise == smallest_within_noise(advice) > 1
+    # the full rank keeps every direction: only rounding separates it from the model itself
+    assert advice.evaluations[RANKS[-1]].increase_se < 1e-9
+    within = [rank for rank in RANKS if advice.evaluations[rank].relative_increase <= 0.01]
+    assert advice.rank_within_tolerance == (within[0] if within else RANKS[-1])
+    saved = advice.to_dict()
+    assert saved["rule"] == "noise" and saved["noise_standard_errors"] == NOISE_STANDARD_ERRORS
+    assert saved["rank_within_noise"] == advice.recommended_rank and saved["scored_rows"] == 8
+    assert saved["evaluations"][1]["increase_se"] == advice.evaluations[1].increase_se
+    # a tolerance keeps the relative rule, and says so
+    relative = recommend_rank_by_function(model, data, ranks=RANKS, tolerance=0.01, progress=False)
+    assert relative.rule == "tolerance"
+    assert relative.recommended_rank == relative.rank_within_tolerance == advice.rank_within_tolerance
+
+
+@pytest.mark.slow
+def test_one_scored_row_has_no_standard_error_and_falls_back_to_the_tolerance_with_a_warning(tokenizer):
+    model = float64_model()
+    data = calibration_batches(SENTENCES[:1], tokenizer, batch_size=1, max_length=16)
+    with pytest.warns(UserWarning, match="1 scored row"):
+        advice = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+    assert advice.rule == "tolerance" and advice.rank_within_noise is None
+    assert all(math.isnan(e.increase_se) for e in advice.evaluations.values())
+    assert advice.recommended_rank == advice.rank_within_tolerance
