@@ -108,6 +108,11 @@ class FunctionRecommendation:
     rank_within_noise: int | None = None  # None: fewer than two scored rows, no error to compare against
     rank_within_tolerance: int | None = None
     scored_rows: int = 0
+    # The loss with every LoRA pair of the adapter zeroed (the base model, and whatever else was trained, such
+    # as a classifier's head), and what the adapter gained: base_loss - full_loss (± its paired SE).
+    base_loss: float = math.nan
+    adapter_gain: float = math.nan
+    adapter_gain_se: float = math.nan
 
     @property
     def energy_threshold(self) -> float:
@@ -125,6 +130,9 @@ class FunctionRecommendation:
                 "full_loss": self.full_loss,
                 "scored_tokens": self.scored_tokens,
                 "scored_rows": self.scored_rows,
+                "base_loss": self.base_loss,
+                "adapter_gain": self.adapter_gain,
+                "adapter_gain_se": self.adapter_gain_se,
                 "unscored_texts": self.unscored_texts,
                 "tolerance": self.tolerance,
                 "ranks": self.ranks,
@@ -184,11 +192,14 @@ def _pairs(model: torch.nn.Module, adapter_name: str | None, ranks: list[int]) -
 
 @torch.no_grad()
 def _write(pair: _Pair, rank: int) -> None:
-    """Pair truncated to ``rank``, zero-padded into the live parameters (their storage, their shape)."""
-    new_B, new_A = pair.truncated[rank]
+    """Pair truncated to ``rank``, zero-padded into the live parameters (their storage, their shape); rank 0:
+    the pair zeroed (the base model's own output)."""
     B_view, A_view = as_B_matrix(pair.B_param.data), as_A_matrix(pair.A_param.data)
     B_view.zero_()
     A_view.zero_()
+    if rank == 0:
+        return
+    new_B, new_A = pair.truncated[rank]
     B_view[:, : new_B.shape[1]].copy_(new_B)
     A_view[: new_A.shape[0]].copy_(new_A)
 
@@ -346,7 +357,9 @@ def recommend_rank_by_function(
     pairs = _pairs(model, adapter_name, candidates)
     types = sorted({pair.module_type for pair in pairs}) if by_module_type else []
     # (module type or None for all, rank): which pairs are truncated in that evaluation
-    settings = [(None, rank) for rank in candidates] + [(kind, rank) for kind in types for rank in candidates]
+    # Rank 0 (every pair zeroed) measures what the adapter gained over the base model on these batches.
+    settings = [(None, rank) for rank in [0, *candidates]]
+    settings += [(kind, rank) for kind in types for rank in candidates]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -423,6 +436,7 @@ def recommend_rank_by_function(
         return within[0] if within else candidates[-1]
 
     whole = evaluations[None]
+    without_adapter = whole.pop(0)
     return FunctionRecommendation(
         full_loss=full_loss,
         tolerance=tolerance,
@@ -443,4 +457,7 @@ def recommend_rank_by_function(
         rank_within_noise=smallest(whole, "noise") if rows_scored >= 2 else None,
         rank_within_tolerance=smallest(whole, "tolerance"),
         scored_rows=rows_scored,
+        base_loss=without_adapter.loss,
+        adapter_gain=-without_adapter.loss_increase,
+        adapter_gain_se=without_adapter.increase_se,
     )
