@@ -910,9 +910,18 @@ def print_function_rules(console, records: list[dict]) -> None:
     if not runs:
         return
     table = Table(title="rank by function on the dev split: the rules side by side (tuned r=64 sources)")
-    for column in ("task", "condition", "seed", "LR", "dev loss", "Δ loss ± SE at r=1, 2, 4, 8, 16, 32"):
+    columns = (
+        "task",
+        "condition",
+        "seed",
+        "LR",
+        "dev loss",
+        "gain ± SE",
+        "Δ loss ± SE at r=1, 2, 4, 8, 16, 32",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column in ("task", "condition") else "right")
-    for column in ("1 SE (default)", "2 SE", "1% (before)"):
+    for column in ("1 SE", "2 SE", "1% of loss", "1% of gain", "2% of gain", "5% of gain"):
         table.add_column(column, justify="right")
     for run in sorted(runs, key=lambda r: (r.get("task", "minilm"), r["condition"], r["seed"])):
         function = run["function"]
@@ -920,10 +929,15 @@ def print_function_rules(console, records: list[dict]) -> None:
             int(k): v for k, v in sorted(function["evaluations"].items(), key=lambda kv: int(kv[0]))
         }
         floor = ROUNDING * abs(function["full_loss"])
+        gain = function.get("base_loss", math.nan) - function["full_loss"]
         rules = [
             {k: e["loss_increase"] <= max(e["increase_se"], floor) for k, e in evaluations.items()},
             {k: e["loss_increase"] <= max(2 * e["increase_se"], floor) for k, e in evaluations.items()},
             {k: e["relative_increase"] <= 0.01 for k, e in evaluations.items()},
+            *(
+                {k: e["loss_increase"] <= share * gain for k, e in evaluations.items()}
+                for share in (0.01, 0.02, 0.05)
+            ),
         ]
         picks = [min([k for k, ok in rule.items() if ok] or [max(evaluations)]) for rule in rules]
         table.add_row(
@@ -932,6 +946,7 @@ def print_function_rules(console, records: list[dict]) -> None:
             str(run["seed"]),
             f"{run['lr']:g}",
             f"{function['full_loss']:.4f}",
+            f"{gain:.4f}±{function.get('adapter_gain_se', math.nan):.4f}",
             " ".join(
                 f"{e['loss_increase']:+.4f}±{e['increase_se']:.4f}"
                 for k, e in evaluations.items()

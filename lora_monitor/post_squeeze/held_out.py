@@ -458,6 +458,6 @@ def recommend_rank_by_function(
         rank_within_tolerance=smallest(whole, "tolerance"),
         scored_rows=rows_scored,
         base_loss=without_adapter.loss,
-        adapter_gain=-without_adapter.loss_increase,
+        adapter_gain=without_adapter.loss_increase,
         adapter_gain_se=without_adapter.increase_se,
     )

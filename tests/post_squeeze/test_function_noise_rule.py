@@ -4,12 +4,13 @@ the model's logits on that row alone, every pair truncated by a dense float64 SV
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 
 import pytest
 import torch
-from test_squeeze_function import RANKS, batches, dense_truncation, float64_model
+from test_squeeze_function import RANKS, batches, dense_truncation, float64_model, reference_numbers
 from tiny_models import SENTENCES, tiny_llama
 
 from lora_monitor.edit.edit import calibration_batches
@@ -145,3 +146,43 @@ def test_one_scored_row_has_no_standard_error_and_falls_back_to_the_tolerance_wi
     assert advice.rule == "tolerance" and advice.rank_within_noise is None
     assert all(math.isnan(e.increase_se) for e in advice.evaluations.values())
     assert advice.recommended_rank == advice.rank_within_tolerance
+
+
+def zeroed_copy(model):
+    """A copy of ``model`` with every LoRA B zeroed (anything else trained, such as a head, kept)."""
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in zeroed.named_parameters():
+            if "lora_B" in name:
+                parameter.zero_()
+    return zeroed
+
+
+def mean_row_loss(model, data, kind: str) -> float:
+    with torch.no_grad():
+        return statistics.fmean(row_loss(model, row, kind) for row in rows_of(data))
+
+
+@pytest.mark.slow
+def test_the_adapter_gain_is_measured_against_the_base_model(tokenizer):
+    model, data = float64_model(), batches(tokenizer)
+    advice = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+    with model.disable_adapter():  # PEFT's own switch: the base model alone
+        base, _ = reference_numbers(model, model, data)
+    assert advice.base_loss == pytest.approx(base, rel=1e-6)
+    assert advice.adapter_gain == pytest.approx(base - advice.full_loss, rel=1e-6)
+    expected = reference_standard_error(model, zeroed_copy(model), data, "causal")
+    assert advice.adapter_gain_se == pytest.approx(expected, rel=1e-9)
+    assert advice.to_dict()["adapter_gain"] == advice.adapter_gain
+
+
+@pytest.mark.slow
+def test_a_classifier_keeps_its_trained_head_when_its_pairs_are_zeroed(tokenizer):
+    model, data = classifier("single_label"), labelled("single_label", tokenizer)
+    with torch.no_grad():
+        model.base_model.model.score.modules_to_save["default"].weight.mul_(3.0)  # a head unlike the base's
+    advice = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+    zeroed = zeroed_copy(model)
+    assert advice.base_loss == pytest.approx(mean_row_loss(zeroed, data, "single_label"), rel=1e-9)
+    with model.disable_adapter():  # the base model's own head: another number
+        assert abs(mean_row_loss(model, data, "single_label") - advice.base_loss) > 1e-3
