@@ -625,7 +625,8 @@ def paired(row: dict[int, dict], reference: dict[int, dict]) -> str:
     return f"{statistics.mean(differences) * 100:+.2f} ± {se * 100:.2f}"
 
 
-def print_tables(records: list[dict]) -> None:
+def print_tables(records: list[dict]) -> dict[str, int]:
+    """The MiniLM (or SmolLM2 classifier) tables; returns the knee of each α, keyed by its r=64 source."""
     from rich.console import Console
     from rich.table import Table
 
@@ -695,8 +696,11 @@ def print_tables(records: list[dict]) -> None:
     console.print(grid)
 
     # The knee (over the seeds, and per seed), and the recommendations beside it, at each lora_alpha.
+    knees = {}
     for prefix in ("", "alpha=16 "):
-        print_knee(console, records, rows, prefix, seeds)
+        knee = print_knee(console, records, rows, prefix, seeds)
+        if knee is not None:
+            knees[f"{prefix}direct r={SOURCE_RANK}"] = knee
     for probe in sorted(probes, key=lambda r: r["seed"]):
         console.print(
             f"probe_rank before training (seed {probe['seed']}, 4 batches of {BATCH}): r={probe['rank']} "
@@ -744,6 +748,7 @@ def print_tables(records: list[dict]) -> None:
                 f"{source['function_seconds']:.0f}",
             )
         console.print(advice)
+    return knees
 
 
 def print_budget_table(console, records: list[dict]) -> None:
@@ -860,13 +865,13 @@ UPDATE_SCALE_BANDS = (0.0, 0.01, 0.03, 0.06, math.inf)
 
 def print_knee(
     console, records: list[dict], rows: dict[str, dict[int, dict]], prefix: str, seeds: list[int]
-) -> None:
+) -> int | None:
     """The knee of ``prefix`` + "direct r=K" (the smallest rank within 1 point of the best, each rank at its
     dev-picked rate): over the seeds' mean, and per seed; beside it, per seed, the tuned r=64 source's rank by
-    function (default 1% tolerance), its 95%-energy rank and its mean stable rank rounded up."""
+    function, its 95%-energy rank and its mean stable rank rounded up. Returns the knee over the seeds."""
     knee_rows = {k: rows[f"{prefix}direct r={k}"] for k in KNEE_RANKS if f"{prefix}direct r={k}" in rows}
     if len(knee_rows) < 2:
-        return
+        return None
 
     def knee_of(scores: dict[int, float]) -> int:
         best = max(scores.values())
@@ -890,71 +895,80 @@ def print_knee(
             f"energy 95% r={function.get('energy_recommended_rank')}, "
             f"stable rank {'-' if not stable else f'{statistics.mean(stable):.2f} → r={math.ceil(statistics.mean(stable))}'}"
         )
+    return knee_of(means)
 
 
-def print_function_rules(console, records: list[dict]) -> None:
-    """For every tuned r=64 run whose rank by function carries per-rank standard errors (the runs of
-    ``bench/evidence-function-rule.jsonl`` and ``bench/evidence-generation-function-rule.jsonl``): each
-    rank's dev-loss increase ± the SE of its paired per-row differences, and the rank each rule picks: the
-    default (within 1 SE), within 2 SE, and the relative 1% tolerance (the default before)."""
+def print_function_rules(console, records: list[dict], knees: dict[str, int]) -> None:
+    """The rank by function of every tuned r=64 source (each seed's dev-picked run), by each rule against the
+    knee of its α: the retention rule (the default: the smallest rank keeping 90% of what the directions beyond
+    the first bring to held-out loss; 80% and 95% beside it), the relative tolerance (1% of the loss, the
+    default before), a share of the adapter's gain over the base model, and a loss increase within 1 or 2
+    standard errors of the per-row differences (the last two where the run measured them: the runs of
+    ``bench/evidence-function-rule.jsonl`` and ``bench/evidence-generation-function-rule.jsonl``). A pick is
+    marked ✓ within 2x of the knee."""
     from rich.table import Table
 
-    from lora_monitor.post_squeeze.held_out import ROUNDING
+    seeds = sorted({r["seed"] for r in records})
+    rules = ("keep 90% (default)", "keep 80%", "keep 95%", "1% of loss", "2% of gain", "1 SE", "2 SE")
+    table = Table(title="rank by function on the dev split, by rule, against the knee (✓: within 2x)")
+    for column in ("source", "seed", "LR", "knee", "Δ loss at r=1, 2, 4, 8, 16, 32", *rules):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    hits = dict.fromkeys(rules, 0)
+    count = 0
+    for source_name, knee in knees.items():
+        for seed in seeds:
+            run = chosen(records, source_name, seed)
+            function = (run or {}).get("function")
+            if not function:
+                continue
+            evaluations = {int(k): v for k, v in function["evaluations"].items()}
+            ranks = sorted(evaluations)
+            one, full = evaluations[1]["loss"], function["full_loss"]
 
-    runs = [
-        r
-        for r in records
-        if r["condition"].endswith(f"direct r={SOURCE_RANK}")
-        and "increase_se" in next(iter((r.get("function") or {}).get("evaluations", {}).values()), {})
-    ]
-    if not runs:
+            def kept(k: int, one=one, full=full, evaluations=evaluations) -> float:
+                return 1.0 if one <= full else (one - evaluations[k]["loss"]) / (one - full)
+
+            gain = function.get("base_loss", math.nan) - full
+            with_se = "increase_se" in evaluations[ranks[0]]
+            within = [
+                {k: kept(k) >= 0.9 for k in ranks},
+                {k: kept(k) >= 0.8 for k in ranks},
+                {k: kept(k) >= 0.95 for k in ranks},
+                {k: evaluations[k]["relative_increase"] <= 0.01 for k in ranks},
+                {k: evaluations[k]["loss_increase"] <= 0.02 * gain for k in ranks} if gain == gain else None,
+                {k: evaluations[k]["loss_increase"] <= evaluations[k]["increase_se"] for k in ranks}
+                if with_se
+                else None,
+                {k: evaluations[k]["loss_increase"] <= 2 * evaluations[k]["increase_se"] for k in ranks}
+                if with_se
+                else None,
+            ]
+            cells = []
+            for rule, ok in zip(rules, within, strict=True):
+                if ok is None:
+                    cells.append("-")
+                    continue
+                pick = min([k for k in ranks if ok[k]] or [ranks[-1]])
+                near = knee / 2 <= pick <= 2 * knee
+                hits[rule] += near
+                cells.append(f"{pick}{' ✓' if near else ''}")
+            count += 1
+            table.add_row(
+                source_name,
+                str(seed),
+                f"{run['lr']:g}",
+                str(knee),
+                " ".join(f"{evaluations[k]['loss_increase']:+.4f}" for k in ranks if k < SOURCE_RANK),
+                *cells,
+            )
+    if not count:
         return
-    table = Table(title="rank by function on the dev split: the rules side by side (tuned r=64 sources)")
-    columns = (
-        "task",
-        "condition",
-        "seed",
-        "LR",
-        "dev loss",
-        "gain ± SE",
-        "Δ loss ± SE at r=1, 2, 4, 8, 16, 32",
-    )
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("task", "condition") else "right")
-    for column in ("1 SE", "2 SE", "1% of loss", "1% of gain", "2% of gain", "5% of gain"):
-        table.add_column(column, justify="right")
-    for run in sorted(runs, key=lambda r: (r.get("task", "minilm"), r["condition"], r["seed"])):
-        function = run["function"]
-        evaluations = {
-            int(k): v for k, v in sorted(function["evaluations"].items(), key=lambda kv: int(kv[0]))
-        }
-        floor = ROUNDING * abs(function["full_loss"])
-        gain = function.get("base_loss", math.nan) - function["full_loss"]
-        rules = [
-            {k: e["loss_increase"] <= max(e["increase_se"], floor) for k, e in evaluations.items()},
-            {k: e["loss_increase"] <= max(2 * e["increase_se"], floor) for k, e in evaluations.items()},
-            {k: e["relative_increase"] <= 0.01 for k, e in evaluations.items()},
-            *(
-                {k: e["loss_increase"] <= share * gain for k, e in evaluations.items()}
-                for share in (0.01, 0.02, 0.05)
-            ),
-        ]
-        picks = [min([k for k, ok in rule.items() if ok] or [max(evaluations)]) for rule in rules]
-        table.add_row(
-            run.get("task", "minilm"),
-            run["condition"],
-            str(run["seed"]),
-            f"{run['lr']:g}",
-            f"{function['full_loss']:.4f}",
-            f"{gain:.4f}±{function.get('adapter_gain_se', math.nan):.4f}",
-            " ".join(
-                f"{e['loss_increase']:+.4f}±{e['increase_se']:.4f}"
-                for k, e in evaluations.items()
-                if k < SOURCE_RANK
-            ),
-            *map(str, picks),
-        )
     console.print(table)
+    console.print(
+        f"within 2x of the knee, of {count} sources: "
+        + ", ".join(f"{rule} {hits[rule]}" for rule in rules[:4])
+        + " (the gain and SE rules only where measured)"
+    )
 
 
 def squeeze_steps(name: str, steps: int) -> list[int] | None:
@@ -1116,11 +1130,11 @@ def main() -> None:
     from rich.console import Console
 
     if TASK == "generation":
-        generation.print_tables(load(paths), chosen, STEPS, BATCH)
+        knees = generation.print_tables(load(paths), chosen, STEPS, BATCH)
         print_lost_progress(Console(width=200), load(paths))
     else:
-        print_tables(load(paths))
-    print_function_rules(Console(width=200), load(paths))
+        knees = print_tables(load(paths))
+    print_function_rules(Console(width=200), load(paths), knees)
 
 
 if __name__ == "__main__":

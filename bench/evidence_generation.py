@@ -135,15 +135,20 @@ def knee_of(knee_rows: dict[int, dict[int, dict]], seeds: list[int]) -> tuple[di
     return means, best, best
 
 
-def print_tables(records: list[dict], chosen, steps: int, batch: int) -> None:
+def print_tables(records: list[dict], chosen, steps: int, batch: int) -> dict[str, int]:
     """The generation tables: test NLL per condition (each at its dev-picked rate), the knee per α, and the
-    rank recommendations of the tuned r=64 adapter against it."""
+    rank recommendations of the tuned r=64 adapter against it. Returns the knee of each α, keyed by its
+    r=64 source's condition."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=200)
     runs = [r for r in records if r.get("task") == "generation" and r["condition"] != "probe"]
+    # lora_alpha = 16 at r = 16 is lora_alpha = r: the same runs serve both knees
+    if not any(r["condition"] == "alpha=16 direct r=16" for r in runs):
+        runs += [{**r, "condition": "alpha=16 direct r=16"} for r in runs if r["condition"] == "direct r=16"]
     seeds = sorted({r["seed"] for r in runs})
+    knees: dict[str, int] = {}
     rows: dict[str, dict[int, dict]] = {}
     for seed in seeds:
         for name in CONDITIONS:
@@ -206,6 +211,9 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> None:
             if not span_seeds:
                 continue
             means, best, knee = knee_of(span_rows, span_seeds)
+            knees.setdefault(
+                f"{alpha}direct r=64", knee
+            )  # the first span: every rank over its complete seeds
             console.print(
                 f"{alpha or 'lora_alpha = r '}direct ranks {label}over seeds {span_seeds}: "
                 + ", ".join(f"r={k} {m:.4f}" for k, m in means.items())
@@ -230,6 +238,7 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> None:
         console.print(
             f"probe_rank before training (seed {probe['seed']}): r={probe['rank']} {probe['type_ranks']}"
         )
+    return knees
 
 
 def print_runs_by_rate(console, runs: list[dict]) -> None:

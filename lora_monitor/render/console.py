@@ -231,13 +231,11 @@ def print_function_recommendation(advice: FunctionRecommendation, console: Conso
     from rich.console import Console
     from rich.table import Table
 
-    from ..post_squeeze.held_out import NOISE_STANDARD_ERRORS
-
     console = console or Console()
     table = Table(
         title=f"Rank by function: held-out loss {advice.full_loss:.4f} at full rank", title_justify="left"
     )
-    for column in ("Rank", "Loss", "Δ loss ± SE", "Δ loss", "KL (nats)", "Mean Var%"):
+    for column in ("Rank", "Loss", "Δ loss ± SE", "Δ loss", "Kept", "KL (nats)", "Mean Var%"):
         table.add_column(column, justify="right")
     table.add_column("", justify="left")
     for rank in advice.ranks:
@@ -249,6 +247,7 @@ def print_function_recommendation(advice: FunctionRecommendation, console: Conso
             f"{evaluation.loss:.4f}",
             f"{evaluation.loss_increase:+.4f}{error}",
             f"{100 * evaluation.relative_increase:+.2f}%",
+            _percent(evaluation.loss_retention),
             f"{evaluation.kl:.2e}",
             _percent(advice.retained_variance.get(rank, math.nan)),
             "<--" if chosen else "",
@@ -264,13 +263,20 @@ def print_function_recommendation(advice: FunctionRecommendation, console: Conso
         )
         console.print(
             f"Losses over {advice.scored_tokens} scored tokens in {advice.scored_rows} rows{left_out}; SE: "
-            "standard error of the per-row loss differences",
+            "standard error of the per-row loss differences; Kept: share of what the directions beyond the "
+            "first bring, (loss(1) - loss) / (loss(1) - full loss)",
+            soft_wrap=True,
+        )
+    if math.isfinite(advice.base_loss):
+        console.print(
+            f"Without the adapter (every LoRA pair zeroed) the loss is {advice.base_loss:.4f}: the adapter gains "
+            f"{advice.adapter_gain:+.4f} ± {advice.adapter_gain_se:.4f}",
             soft_wrap=True,
         )
     energy = f"{100 * advice.min_variance_retention:g}%"
     function = (
-        f"by function (Δ loss ≤ {NOISE_STANDARD_ERRORS:g} SE)"
-        if advice.rule == "noise"
+        f"by function (≥ {100 * advice.min_loss_retention:g}% kept)"
+        if advice.rule == "retention"
         else f"by function (≤ {100 * advice.tolerance:g}% more loss)"
     )
     sides = Table(title="Recommended rank", title_justify="left")

@@ -100,7 +100,14 @@ def test_per_module_type_truncates_one_type_against_a_dense_reference(tokenizer)
         assert kl > 1e-8
         assert evaluation.loss == pytest.approx(loss, rel=1e-9)
         assert evaluation.kl == pytest.approx(kl, rel=1e-6)
-        within = [r for r in RANKS if advice.type_evaluations[kind][r].relative_increase <= advice.tolerance]
+        # the default rule per type: the share of what that type's directions beyond the first bring
+        one, full = advice.type_evaluations[kind][1].loss, advice.full_loss
+        kept = {
+            r: (one - advice.type_evaluations[kind][r].loss) / (one - full) if one > full else 1.0
+            for r in RANKS
+        }
+        assert all(advice.type_evaluations[kind][r].loss_retention == pytest.approx(kept[r]) for r in RANKS)
+        within = [r for r in RANKS if kept[r] >= advice.min_loss_retention]
         assert advice.type_recommended_ranks[kind] == (within[0] if within else RANKS[-1])
     energy = analyze_adapter(model, candidate_ranks=RANKS)
     assert advice.energy_type_ranks == {k: g.recommended_rank for k, g in energy.by_module_type.items()}

@@ -1,6 +1,8 @@
-"""The default rank by function: the smallest rank whose loss increase is within one standard error of the
-paired per-row differences. Each row's loss is checked against a float64 cross-entropy (or squared error) of
-the model's logits on that row alone, every pair truncated by a dense float64 SVD (``dense_truncation``)."""
+"""The default rank by function: the smallest rank that keeps 90% of the held-out loss reduction the directions
+beyond the first bring. Retentions are checked against losses of dense float64 SVD truncations
+(``dense_truncation``); the standard errors of each rank's loss increase against a float64 cross-entropy (or
+squared error) of the model's logits on each row run alone; the adapter's gain against the model with its
+pairs zeroed."""
 
 from __future__ import annotations
 
@@ -13,8 +15,7 @@ import torch
 from test_squeeze_function import RANKS, batches, dense_truncation, float64_model, reference_numbers
 from tiny_models import SENTENCES, tiny_llama
 
-from lora_monitor.edit.edit import calibration_batches
-from lora_monitor.post_squeeze.held_out import NOISE_STANDARD_ERRORS, ROUNDING, recommend_rank_by_function
+from lora_monitor.post_squeeze.held_out import DEFAULT_LOSS_RETENTION, recommend_rank_by_function
 
 
 def rows_of(data):
@@ -43,13 +44,8 @@ def reference_standard_error(model, truncated, data, kind: str) -> float:
     return statistics.stdev(differences) / math.sqrt(len(differences))
 
 
-def smallest_within_noise(advice) -> int:
-    within = [
-        rank
-        for rank in advice.ranks
-        if advice.evaluations[rank].loss_increase
-        <= max(NOISE_STANDARD_ERRORS * advice.evaluations[rank].increase_se, ROUNDING * abs(advice.full_loss))
-    ]
+def smallest_keeping(advice, share: float = DEFAULT_LOSS_RETENTION) -> int:
+    within = [rank for rank in advice.ranks if advice.evaluations[rank].loss_retention >= share]
     return within[0] if within else advice.ranks[-1]
 
 
@@ -112,40 +108,72 @@ def test_the_standard_error_of_a_classifier_matches_its_rows_run_alone(tokenizer
     assert expected > 1e-8
     assert advice.evaluations[2].increase_se == pytest.approx(expected, rel=1e-9)
     assert advice.scored_rows == 12
-    assert advice.recommended_rank == smallest_within_noise(advice)
+    assert advice.recommended_rank == smallest_keeping(advice)
 
 
 @pytest.mark.slow
-def test_the_default_is_the_smallest_rank_within_one_standard_error(tokenizer):
+def test_the_default_keeps_90_percent_of_what_the_directions_beyond_the_first_bring(tokenizer):
     model, data = float64_model(), batches(tokenizer)
     advice = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
-    assert advice.rule == "noise"
-    # rank 1 is resolved by these rows (its loss is above the noise): the rule does not just pick the smallest
-    assert advice.evaluations[1].loss_increase > advice.evaluations[1].increase_se
-    assert advice.recommended_rank == advice.rank_within_noise == smallest_within_noise(advice) > 1
-    # the full rank keeps every direction: only rounding separates it from the model itself
-    assert advice.evaluations[RANKS[-1]].increase_se < 1e-9
+    assert advice.rule == "retention" and advice.min_loss_retention == 0.9
+    # the retention of each rank from the losses of dense truncations, computed independently
+    full, _ = reference_numbers(model, model, data)
+    one, _ = reference_numbers(model, dense_truncation(model, 1), data)
+    assert one - full > 1e-3  # rank 1 loses something, so the shares below mean something
+    for rank in RANKS:
+        loss, _ = reference_numbers(model, dense_truncation(model, rank), data)
+        assert advice.evaluations[rank].loss_retention == pytest.approx((one - loss) / (one - full), rel=1e-6)
+    assert advice.recommended_rank == advice.rank_by_retention == smallest_keeping(advice)
+    assert advice.rank_one_loss == pytest.approx(one, rel=1e-9)
+    # every retention as the threshold picks the rank that reaches it first
+    for share in sorted({min(max(e.loss_retention, 1e-3), 1.0) for e in advice.evaluations.values()}):
+        chosen = recommend_rank_by_function(
+            model, data, ranks=RANKS, min_loss_retention=share, progress=False
+        )
+        assert chosen.recommended_rank == smallest_keeping(chosen, share)
     within = [rank for rank in RANKS if advice.evaluations[rank].relative_increase <= 0.01]
     assert advice.rank_within_tolerance == (within[0] if within else RANKS[-1])
     saved = advice.to_dict()
-    assert saved["rule"] == "noise" and saved["noise_standard_errors"] == NOISE_STANDARD_ERRORS
-    assert saved["rank_within_noise"] == advice.recommended_rank and saved["scored_rows"] == 8
+    assert saved["rule"] == "retention" and saved["min_loss_retention"] == 0.9
+    assert saved["rank_by_retention"] == advice.recommended_rank and saved["scored_rows"] == 8
     assert saved["evaluations"][1]["increase_se"] == advice.evaluations[1].increase_se
-    # a tolerance keeps the relative rule, and says so
+    # a tolerance asks for the relative rule, and says so
     relative = recommend_rank_by_function(model, data, ranks=RANKS, tolerance=0.01, progress=False)
     assert relative.rule == "tolerance"
     assert relative.recommended_rank == relative.rank_within_tolerance == advice.rank_within_tolerance
 
 
 @pytest.mark.slow
-def test_one_scored_row_has_no_standard_error_and_falls_back_to_the_tolerance_with_a_warning(tokenizer):
-    model = float64_model()
-    data = calibration_batches(SENTENCES[:1], tokenizer, batch_size=1, max_length=16)
-    with pytest.warns(UserWarning, match="1 scored row"):
-        advice = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
-    assert advice.rule == "tolerance" and advice.rank_within_noise is None
-    assert all(math.isnan(e.increase_se) for e in advice.evaluations.values())
-    assert advice.recommended_rank == advice.rank_within_tolerance
+def test_rank_1_is_measured_when_it_is_not_a_candidate(tokenizer):
+    model, data = float64_model(), batches(tokenizer)
+    advice = recommend_rank_by_function(model, data, ranks=[2, 4, 8], progress=False)
+    assert sorted(advice.evaluations) == [2, 4, 8]
+    one, _ = reference_numbers(model, dense_truncation(model, 1), data)
+    assert advice.rank_one_loss == pytest.approx(one, rel=1e-9)
+    every = recommend_rank_by_function(model, data, ranks=RANKS, progress=False)
+    for rank in (2, 4, 8):
+        assert advice.evaluations[rank].loss_retention == pytest.approx(
+            every.evaluations[rank].loss_retention
+        )
+
+
+@pytest.mark.slow
+def test_when_rank_1_is_as_good_as_the_full_adapter_rank_1_is_recommended(tokenizer):
+    model, data = float64_model(), batches(tokenizer)
+    # labels that rank 1 predicts: the directions beyond the first only lose on them
+    rank_one = dense_truncation(model, 1)
+    with torch.no_grad():
+        relabelled = []
+        for batch in data:
+            predicted = rank_one(**batch).logits.argmax(-1)
+            labels = torch.cat(
+                [batch["labels"][:, :1], predicted[:, :-1]], dim=1
+            )  # label t+1 from position t
+            relabelled.append({**batch, "labels": labels.masked_fill(batch["attention_mask"] == 0, -100)})
+    advice = recommend_rank_by_function(model, relabelled, ranks=RANKS, progress=False)
+    assert advice.rank_one_loss < advice.full_loss
+    assert all(e.loss_retention == 1.0 for e in advice.evaluations.values())
+    assert advice.recommended_rank == 1
 
 
 def zeroed_copy(model):
