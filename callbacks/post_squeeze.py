@@ -26,8 +26,8 @@ from lora_monitor.post_squeeze.end_of_training import (
     held_out_batches,
     squeeze_trained_adapter,
 )
-from lora_monitor.post_squeeze.held_out import FunctionRecommendation
-from lora_monitor.post_squeeze.options import checked_eval_batches, validate_tolerance
+from lora_monitor.post_squeeze.held_out import DEFAULT_LOSS_RETENTION, FunctionRecommendation
+from lora_monitor.post_squeeze.options import checked_eval_batches, validate_threshold, validate_tolerance
 from lora_monitor.render.console import print_rank_advice
 from lora_monitor.render.report import write_report
 
@@ -54,8 +54,8 @@ class PostSqueezeCallback(TrainerBoundCallback):
     the Trainer's eval dataloader (the one it last evaluated on, else one built from its ``eval_dataset``);
     ``True`` requires it) every candidate rank is also tried in place on the
     trained model, one pass per rank (:func:`~lora_monitor.post_squeeze.held_out.recommend_rank_by_function`); the
-    smallest rank the held-out data cannot tell from the full adapter (its loss increase within one standard
-    error; or within a relative ``tolerance`` such as 0.01 when one is given) is printed beside the energy advice (per
+    smallest rank that keeps 90% of the held-out loss reduction the directions beyond the first bring (or, when
+    a relative ``tolerance`` such as 0.01 is given, whose loss rises less than that) is printed beside the energy advice (per
     type with ``by_module_type``), kept as ``callback.function``, written to the manifest and used by
     ``compress``. Without held-out data (or under FSDP2, or ``by_function=False``) the energy rank is
     printed as what it is, an upper bound; the manifest's ``recommendation_basis`` says which one it is.
@@ -80,6 +80,7 @@ class PostSqueezeCallback(TrainerBoundCallback):
         intruders: bool = True,
         by_function: bool | str = "auto",
         tolerance: float | None = None,
+        min_loss_retention: float = DEFAULT_LOSS_RETENTION,
         eval_batches: Iterable[dict[str, Any]] | None = None,
         by_module_type: bool = False,
     ) -> None:
@@ -108,6 +109,9 @@ class PostSqueezeCallback(TrainerBoundCallback):
         # What "auto" resolves to at on_train_begin (held-out data there, and a model that is not sharded).
         self._measure_function = by_function is True
         self.tolerance = validate_tolerance(tolerance, "PostSqueezeCallback: tolerance")
+        self.min_loss_retention = validate_threshold(
+            min_loss_retention, "PostSqueezeCallback: min_loss_retention"
+        )
         self.eval_batches = None if eval_batches is None else checked_eval_batches(eval_batches)
         self.function: FunctionRecommendation | None = None
         self._done_at = None
@@ -167,6 +171,7 @@ class PostSqueezeCallback(TrainerBoundCallback):
                 if self._measure_function
                 else None,
                 tolerance=self.tolerance,
+                min_loss_retention=self.min_loss_retention,
                 by_module_type=self.by_module_type,
                 function_required=self.by_function is True,
                 intruders=self.intruders,

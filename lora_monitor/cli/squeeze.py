@@ -10,6 +10,7 @@ from typing import Any
 from .._io import adapter_folder
 from .._output import progress_bars
 from ..errors import LoraMonitorError
+from ..post_squeeze.options import DEFAULT_LOSS_RETENTION
 from .arguments import _batching_arguments, _command, _integers, _verbosity
 
 
@@ -49,8 +50,8 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
     function = parser.add_argument_group(
         "rank by function",
         "With --base and --data, every candidate rank is also tried on the model itself: held-out loss and "
-        "KL to the full adapter per rank, one pass over --data per rank, and the smallest rank the texts cannot "
-        "tell from the full adapter (loss increase within one standard error over the texts; or within "
+        "KL to the full adapter per rank, one pass over --data per rank, and the smallest rank that keeps 90% "
+        "of the loss reduction the directions beyond the first bring (or whose loss rises less than "
         "--tolerance) is recommended (and used by --out unless --rank or --per-module is given).",
     )
     function.add_argument("--base", help="base model folder the adapter was trained on (a causal LM)")
@@ -60,7 +61,14 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
         "--tolerance",
         type=float,
         default=None,
-        help="allow this relative loss increase instead (0.01 = 1%%; default: within the noise of --data)",
+        help="allow this relative loss increase instead (0.01 = 1%%; default: keep 90%% of what ranks > 1 bring)",
+    )
+    function.add_argument(
+        "--min-loss-retention",
+        type=float,
+        default=DEFAULT_LOSS_RETENTION,
+        help="share of what the directions beyond the first bring to held-out loss that the recommended rank "
+        "keeps (default: %(default)s)",
     )
     function.add_argument(
         "--by-module-type", action="store_true", help="also per module type (one pass per type and rank)"
@@ -90,6 +98,7 @@ def _function_advice(args: argparse.Namespace, adapter_path: str, options: Any, 
         batches,
         ranks=options.candidate_ranks,
         tolerance=args.tolerance,
+        min_loss_retention=args.min_loss_retention,
         min_variance_retention=options.min_variance_retention,
         by_module_type=args.by_module_type,
         progress=progress_bars(_verbosity(args)),
@@ -136,9 +145,10 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         args.by_module_type = True
     if args.base or args.data:  # the rank by function's options
         from ..edit.options import check_batching
-        from ..post_squeeze.options import validate_tolerance
+        from ..post_squeeze.options import validate_threshold, validate_tolerance
 
         validate_tolerance(args.tolerance)
+        validate_threshold(args.min_loss_retention, "--min-loss-retention")
         check_batching(args.batch_size, args.max_length, args.samples)
     if args.adapter.endswith(".toml"):  # the adapter it names, checked as the command line's was
         adapter_folder(settings["adapter_path"], args.adapter_name)

@@ -21,9 +21,9 @@ from ..errors import LoraMonitorError
 from ..monitor.intruders import IntruderDimensions, intruder_dimensions
 from .analysis import SqueezeAnalysis, analyze_adapter
 from .compress import CompressionResult, compress_adapter
-from .held_out import FunctionRecommendation, recommend_rank_by_function
+from .held_out import DEFAULT_LOSS_RETENTION, FunctionRecommendation, recommend_rank_by_function
 from .manifest import TABLE_COLUMNS, manifest_entry, summary_scalars, table_rows, write_squeeze_manifest
-from .options import SqueezeOptions, validate_tolerance
+from .options import SqueezeOptions, validate_threshold, validate_tolerance
 from .rank_choice import compression_rank
 
 
@@ -102,6 +102,7 @@ def squeeze_trained_adapter(
     compress_to: str | None = None,
     eval_batches: Callable[[], Iterable[dict[str, Any]]] | None = None,
     tolerance: float | None = None,
+    min_loss_retention: float = DEFAULT_LOSS_RETENTION,
     by_module_type: bool = False,
     intruders: bool = True,
     print_tables: bool | None = None,
@@ -127,6 +128,7 @@ def squeeze_trained_adapter(
             stacklevel=2,
         )
     tolerance = validate_tolerance(tolerance)  # up front, measured or not: the same values refused everywhere
+    min_loss_retention = validate_threshold(min_loss_retention, "min_loss_retention")
     if compress_to is not None and not (isinstance(compress_to, str) and compress_to):
         raise LoraMonitorError(f"compress_to must be a sub-folder name, got {compress_to!r}")
     output_dir = Path(output_dir)
@@ -146,6 +148,7 @@ def squeeze_trained_adapter(
                 eval_batches(),
                 ranks=options.candidate_ranks,
                 tolerance=tolerance,
+                min_loss_retention=min_loss_retention,
                 adapter_name=adapter_name,
                 min_variance_retention=options.min_variance_retention,
                 by_module_type=by_module_type,

@@ -29,6 +29,7 @@ from ..errors import LoraMonitorError
 from ..spectrum import decomposition_dtype, truncate_factors
 from .analysis import SqueezeAnalysis, analyze_adapter
 from .options import (
+    DEFAULT_LOSS_RETENTION,
     DEFAULT_THRESHOLD,
     check_ranks_within,
     default_candidate_ranks,
@@ -37,13 +38,6 @@ from .options import (
     validate_tolerance,
 )
 
-# The default rule: the smallest rank that keeps this share of what the directions beyond the first bring
-# to held-out loss, (loss(1) - loss(k)) / (loss(1) - loss(full)): the energy criterion's analogue measured in
-# held-out loss instead of ||ΔW||². 0.9 from bench/EVIDENCE.md ("The rank by function: the rules side by
-# side"): within 2x of the knee on 10 of 12 tuned sources over MiniLM (α = r, α = 16) and SmolLM2 generation
-# (α = r, α = 16), where a fixed 1% of the loss was within 2x on 4 of 12 (the generation task's whole rank
-# effect is under 1% of its loss). Chosen on those same runs: it is a measured default, not a law.
-DEFAULT_LOSS_RETENTION = 0.9
 # The relative loss increase a rank may cost when a ``tolerance`` is asked for instead (0.01 = 1%).
 DEFAULT_TOLERANCE = 0.01
 

@@ -120,7 +120,7 @@ def test_rank_by_function_on_the_trainers_eval_dataset_by_default(tmp_path, lm_d
 
     ranks = [1, 2, 4, 8]
     # by_function="auto" (the default): the Trainer has an eval_dataset, so the rank is checked on it.
-    callback = PostSqueezeCallback(compress=True, candidate_ranks=ranks, tolerance=0.001)
+    callback = PostSqueezeCallback(compress=True, candidate_ranks=ranks, min_loss_retention=0.8)
     model = peft_llama(0, init_lora_weights=True, r=8)
     args = training_args(tmp_path / "run", max_steps=4, learning_rate=5e-2)
     trainer = Trainer(
@@ -130,7 +130,7 @@ def test_rank_by_function_on_the_trainers_eval_dataset_by_default(tmp_path, lm_d
     assert callback.error is None and callback.function is not None
     # the same numbers as the API on the same held-out batches
     direct = recommend_rank_by_function(
-        model, list(trainer.get_eval_dataloader()), ranks=ranks, tolerance=0.001, progress=False
+        model, list(trainer.get_eval_dataloader()), ranks=ranks, min_loss_retention=0.8, progress=False
     )
     assert callback.function.recommended_rank == direct.recommended_rank
     for rank in ranks:
@@ -142,6 +142,7 @@ def test_rank_by_function_on_the_trainers_eval_dataset_by_default(tmp_path, lm_d
     manifest = json.loads((tmp_path / "run" / "squeeze_manifest.json").read_text())
     assert manifest["recommendation_basis"] == "held-out loss"
     assert manifest["function"]["recommended_rank"] == direct.recommended_rank
+    assert manifest["function"]["rule"] == "retention" and manifest["function"]["min_loss_retention"] == 0.8
     reloaded = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "run" / "squeezed")
     for name, layer in lora_layers(reloaded).items():
         assert layer.r["default"] == direct.recommended_rank, name
@@ -179,6 +180,10 @@ def test_rank_by_function_without_held_out_data_fails_before_training(tmp_path, 
     [
         (lambda: PostSqueezeCallback(tolerance=-0.5), "PostSqueezeCallback: tolerance must be at least 0"),
         (lambda: PostSqueezeCallback(by_function="yes"), "by_function must be True, False or 'auto'"),
+        (
+            lambda: PostSqueezeCallback(min_loss_retention=0),
+            "PostSqueezeCallback: min_loss_retention must be above 0 and at most 1, got 0",
+        ),
         (
             lambda: PostSqueezeCallback(tolerance=float("nan")),
             "PostSqueezeCallback: tolerance must be a finite",

@@ -203,6 +203,10 @@ EDIT_ARGUMENTS = ["edit", "{adapter}", "--base", "{model}", "--data", "{file}", 
             "tolerance must be at least 0, got -0.1 (0.01 = allow 1% more held-out loss)",
         ),
         (
+            ["squeeze", "{adapter}", "--base", "{model}", "--data", "{file}", "--min-loss-retention", "1.5"],
+            "--min-loss-retention must be above 0 and at most 1, got 1.5 (0.95 = keep 95%)",
+        ),
+        (
             ["squeeze", "{adapter}", "--base", "{model}", "--data", "{file}", "--batch-size", "0"],
             "batch_size must be at least 1, got 0",
         ),
@@ -234,6 +238,7 @@ EDIT_ARGUMENTS = ["edit", "{adapter}", "--base", "{model}", "--data", "{file}", 
         "ranks",
         "allocate-fraction",
         "squeeze-tolerance",
+        "squeeze-min-loss-retention",
         "squeeze-batch-size",
         "edit-core-frac",
         "edit-samples",
@@ -308,6 +313,16 @@ def test_rank_by_function_on_a_saved_adapter(tmp_path, capsys, adapter_folder, t
     assert status == 0 and "by function" in out
     assert "Energy rank:" in out and "upper bound" not in out  # a checked rank is printed beside it
     assert set(reloaded_ranks(tmp_path / "out").values()) == {direct.recommended_rank}
+
+    # the default rule, at a share of its own
+    status, out, _ = run(capsys, *arguments, "--min-loss-retention", "0.8", "--json")
+    assert status == 0
+    payload = json.loads(out)["function"]
+    direct = recommend_rank_by_function(
+        model, batches, ranks=[1, 2, 4, 8, 16], min_loss_retention=0.8, progress=False
+    )
+    assert payload["rule"] == "retention" and payload["min_loss_retention"] == 0.8
+    assert payload["recommended_rank"] == direct.recommended_rank
 
     status, _, err = run(capsys, adapter_folder, "--data", data)
     assert status == 2 and "--base and --data go together" in err
