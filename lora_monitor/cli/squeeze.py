@@ -50,9 +50,10 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
     function = parser.add_argument_group(
         "rank by function",
         "With --base and --data, every candidate rank is also tried on the model itself: held-out loss and "
-        "KL to the full adapter per rank, one pass over --data per rank, and the smallest rank that keeps 90% "
-        "of the loss reduction the directions beyond the first bring (or whose loss rises less than "
-        "--tolerance) is recommended (and used by --out unless --rank or --per-module is given).",
+        "KL to the full adapter per rank, one pass over --data per rank, and the smallest rank that keeps 95% "
+        "of the loss reduction the directions beyond the first bring, or whose loss rise the texts do not "
+        "resolve (within 2 standard errors), is recommended (or, with --tolerance, the smallest whose loss "
+        "rises less than that), and used by --out unless --rank or --per-module is given.",
     )
     function.add_argument("--base", help="base model folder the adapter was trained on (a causal LM)")
     function.add_argument("--data", help="held-out texts: .txt (one per line), .jsonl or .json")
@@ -61,7 +62,7 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
         "--tolerance",
         type=float,
         default=None,
-        help="allow this relative loss increase instead (0.01 = 1%%; default: keep 90%% of what ranks > 1 bring)",
+        help="allow this relative loss increase instead (0.01 = 1%%; default: keep 95%% of what ranks > 1 bring)",
     )
     function.add_argument(
         "--min-loss-retention",

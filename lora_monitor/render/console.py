@@ -275,7 +275,7 @@ def print_function_recommendation(advice: FunctionRecommendation, console: Conso
         )
     energy = f"{100 * advice.min_variance_retention:g}%"
     function = (
-        f"by function (≥ {100 * advice.min_loss_retention:g}% kept)"
+        f"by function (≥ {100 * advice.min_loss_retention:g}% kept, or within 2 SE)"
         if advice.rule == "retention"
         else f"by function (≤ {100 * advice.tolerance:g}% more loss)"
     )
