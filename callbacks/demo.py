@@ -275,9 +275,13 @@ def _run_demo(output: Path, steps: int, verbosity: str) -> dict[str, Any]:
     summary = Console()
     summary.rule("[bold]Summary")
     summary.print(
-        f"Trained at rank {SOURCE_RANK}; Post-Squeeze recommends rank {recommended} (the smallest within "
-        f"{post.tolerance:.0%} of rank {SOURCE_RANK}'s held-out loss; the 95%-energy rank, an upper bound, is "
-        f"{energy_rank}).\n"
+        f"Trained at rank {SOURCE_RANK}; Post-Squeeze recommends rank {recommended} "
+        + (
+            f"(the smallest rank {post.function.rule_text}; "
+            if post.function is not None
+            else "(the energy rank: no held-out loss was measured; "
+        )
+        + f"the 95%-energy rank, an upper bound, is {energy_rank}).\n"
         f"Held-out loss: rank {SOURCE_RANK} {figures['heldout_loss_source']:.4f}"
         + (
             f", Post-Squeeze to {recommended} {figures['heldout_loss_compressed']:.4f}"

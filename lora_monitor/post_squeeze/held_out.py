@@ -113,6 +113,16 @@ class FunctionRecommendation:
     adapter_gain_se: float = math.nan
 
     @property
+    def rule_text(self) -> str:
+        """What the recommended rank satisfies, as a clause after "the smallest rank" (for a summary line)."""
+        if self.rule == "retention":
+            return (
+                f"that keeps {self.min_loss_retention:.0%} of the held-out loss reduction the directions beyond the "
+                f"first bring, or whose loss increase is within {UNRESOLVED_STANDARD_ERRORS:g} standard errors"
+            )
+        return f"whose held-out loss rises less than {self.tolerance:.0%}"
+
+    @property
     def energy_threshold(self) -> float:
         """Deprecated name of :attr:`min_variance_retention`."""
         warnings.warn(
