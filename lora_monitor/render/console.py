@@ -235,19 +235,22 @@ def print_function_recommendation(advice: FunctionRecommendation, console: Conso
     table = Table(
         title=f"Rank by function: held-out loss {advice.full_loss:.4f} at full rank", title_justify="left"
     )
-    for column in ("Rank", "Loss", "Δ loss ± SE", "Δ loss", "Kept", "KL (nats)", "Mean Var%"):
-        table.add_column(column, justify="right")
+    # The criterion's own column: the share kept (the default rule) or the relative increase (a tolerance).
+    by_share = advice.rule == "retention"
+    for column in ("Rank", "Loss", "Δ loss ± SE", "Kept" if by_share else "Δ loss", "KL (nats)", "Mean Var%"):
+        table.add_column(column, justify="right", no_wrap=True)
     table.add_column("", justify="left")
     for rank in advice.ranks:
         evaluation = advice.evaluations[rank]
         chosen = rank == advice.recommended_rank
-        error = "" if math.isnan(evaluation.increase_se) else f" ± {evaluation.increase_se:.4f}"
+        error = "" if math.isnan(evaluation.increase_se) else f" ±{evaluation.increase_se:.4f}"
         table.add_row(
             str(rank),
             f"{evaluation.loss:.4f}",
             f"{evaluation.loss_increase:+.4f}{error}",
-            f"{100 * evaluation.relative_increase:+.2f}%",
-            _percent(evaluation.loss_retention),
+            _percent(evaluation.loss_retention)
+            if by_share
+            else f"{100 * evaluation.relative_increase:+.2f}%",
             f"{evaluation.kl:.2e}",
             _percent(advice.retained_variance.get(rank, math.nan)),
             "<--" if chosen else "",
