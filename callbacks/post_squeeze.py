@@ -54,8 +54,7 @@ class PostSqueezeCallback(TrainerBoundCallback):
     the Trainer's eval dataloader (the one it last evaluated on, else one built from its ``eval_dataset``);
     ``True`` requires it) every candidate rank is also tried in place on the
     trained model, one pass per rank (:func:`~lora_monitor.post_squeeze.held_out.recommend_rank_by_function`); the
-    smallest rank that keeps 95% of the held-out loss reduction the directions beyond the first bring, or whose
-    loss increase is within 2 standard errors (or, when
+    smallest rank that keeps 95% of the held-out loss reduction the directions beyond the first bring (or, when
     a relative ``tolerance`` such as 0.01 is given, whose loss rises less than that) is printed beside the energy advice (per
     type with ``by_module_type``), kept as ``callback.function``, written to the manifest and used by
     ``compress``. Without held-out data (or under FSDP2, or ``by_function=False``) the energy rank is

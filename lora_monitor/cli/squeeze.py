@@ -51,9 +51,9 @@ def register_squeeze(subparsers: argparse._SubParsersAction) -> None:
         "rank by function",
         "With --base and --data, every candidate rank is also tried on the model itself: held-out loss and "
         "KL to the full adapter per rank, one pass over --data per rank, and the smallest rank that keeps 95% "
-        "of the loss reduction the directions beyond the first bring, or whose loss rise the texts do not "
-        "resolve (within 2 standard errors), is recommended (or, with --tolerance, the smallest whose loss "
-        "rises less than that), and used by --out unless --rank or --per-module is given.",
+        "of the loss reduction the directions beyond the first bring is recommended (or, with --tolerance, "
+        "the smallest whose loss rises less than that), and used by --out unless --rank or --per-module is "
+        "given.",
     )
     function.add_argument("--base", help="base model folder the adapter was trained on (a causal LM)")
     function.add_argument("--data", help="held-out texts: .txt (one per line), .jsonl or .json")

@@ -31,7 +31,6 @@ from .analysis import SqueezeAnalysis, analyze_adapter
 from .options import (
     DEFAULT_LOSS_RETENTION,
     DEFAULT_THRESHOLD,
-    UNRESOLVED_STANDARD_ERRORS,
     check_ranks_within,
     default_candidate_ranks,
     validate_rank,
@@ -72,8 +71,9 @@ class FunctionRecommendation:
     - ``"retention"`` (the default): the smallest rank whose ``loss_retention`` is at least
       ``min_loss_retention``: it keeps that share of the loss reduction that the directions beyond the first
       bring, ``(loss(1) - loss(k)) / (loss(1) - loss(full))`` (1 at every rank when rank 1 is already as good
-      as the full adapter), or whose loss increase the held-out rows do not resolve (at most
-      :data:`UNRESOLVED_STANDARD_ERRORS` standard errors of its per-row differences); ``rank_by_retention``;
+      as the full adapter); ``rank_by_retention``. Each rank's ``increase_se`` says whether the held-out
+      rows resolve its loss; it is printed, not part of the rule (a loss a small evaluation set does not
+      resolve can still be real: see ``bench/EVIDENCE.md``);
     - ``"tolerance"`` (a ``tolerance`` was given): the smallest rank whose relative loss increase is at most
       ``tolerance``; ``rank_within_tolerance``.
 
@@ -118,7 +118,7 @@ class FunctionRecommendation:
         if self.rule == "retention":
             return (
                 f"that keeps {self.min_loss_retention:.0%} of the held-out loss reduction the directions beyond the "
-                f"first bring, or whose loss increase is within {UNRESOLVED_STANDARD_ERRORS:g} standard errors"
+                "first bring"
             )
         return f"whose held-out loss rises less than {self.tolerance:.0%}"
 
@@ -148,7 +148,6 @@ class FunctionRecommendation:
                 "recommended_rank": self.recommended_rank,
                 "rule": self.rule,
                 "min_loss_retention": self.min_loss_retention,
-                "unresolved_standard_errors": UNRESOLVED_STANDARD_ERRORS,
                 "rank_by_retention": self.rank_by_retention,
                 "rank_one_loss": self.rank_one_loss,
                 "rank_within_tolerance": self.rank_within_tolerance,
@@ -309,9 +308,8 @@ def recommend_rank_by_function(
     :func:`lora_monitor.edit.calibration_batches` makes them from texts). ``ranks`` defaults to the powers of
     two up to the adapter's rank, plus that rank (rank 1 is always measured: it is the retention's
     reference). By default the smallest rank that keeps ``min_loss_retention`` (0.95) of the held-out loss
-    reduction the directions beyond the first bring, or whose loss increase is within 2 standard errors of
-    its per-row differences (the data does not resolve it), is recommended (see
-    :class:`FunctionRecommendation`).
+    reduction the directions beyond the first bring is recommended (see :class:`FunctionRecommendation`);
+    each rank's loss increase comes with the standard error of its per-row differences.
     ``tolerance`` instead allows a fixed relative loss increase (0.01: the truncated model's mean loss at most
     1% above the uncompressed model's). The adapter is also measured zeroed (``base_loss``,
     ``adapter_gain``), and every loss increase comes with the standard error of its per-row differences.
@@ -454,12 +452,7 @@ def recommend_rank_by_function(
     def smallest(by_rank: dict[int, RankEvaluation], rule: str) -> int:
         # A NaN loss (the truncated model broke) is never within.
         if rule == "retention":
-            within = [
-                rank
-                for rank in candidates
-                if by_rank[rank].loss_retention >= min_loss_retention
-                or by_rank[rank].loss_increase <= UNRESOLVED_STANDARD_ERRORS * by_rank[rank].increase_se
-            ]
+            within = [rank for rank in candidates if by_rank[rank].loss_retention >= min_loss_retention]
         else:
             within = [rank for rank in candidates if by_rank[rank].relative_increase <= tolerance]
         return within[0] if within else candidates[-1]

@@ -19,14 +19,11 @@ from ..errors import LoraMonitorError, check_number, check_path
 DEFAULT_THRESHOLD = 0.95
 # The rank by function's default rule: the smallest rank that keeps this share of what the directions beyond
 # the first bring to held-out loss, (loss(1) - loss(k)) / (loss(1) - loss(full)) (the energy criterion's
-# analogue, measured in held-out loss instead of ||ΔW||²), or whose loss increase is within
-# UNRESOLVED_STANDARD_ERRORS standard errors of its per-row differences: a loss the held-out data does not
-# resolve is not a reason for more rank. Both from bench/EVIDENCE.md ("The rank by function: the rules side
-# by side"), chosen on the same 12 tuned sources it reports (MiniLM and SmolLM2 generation, α = r and α = 16,
-# 3 seeds): the median over seeds within 2x of the knee in all four settings, where a fixed 1% of the loss
-# (the rule before) was within 2x on 4 sources of 12 and never on generation.
+# analogue, measured in held-out loss instead of ||ΔW||²). From bench/EVIDENCE.md ("The rank by function: the
+# rules side by side"), chosen on the same 12 tuned sources it reports (MiniLM and SmolLM2 generation, α = r
+# and α = 16, 3 seeds): within 2x of the knee on 9 of them (every generation one), where a fixed 1% of the
+# loss (the rule before) was within 2x on 4 and never on generation.
 DEFAULT_LOSS_RETENTION = 0.95
-UNRESOLVED_STANDARD_ERRORS = 2.0
 
 
 def validate_threshold(threshold: Any, name: str = "min_variance_retention") -> float:

@@ -278,7 +278,7 @@ def print_function_recommendation(advice: FunctionRecommendation, console: Conso
         )
     energy = f"{100 * advice.min_variance_retention:g}%"
     function = (
-        f"by function (≥ {100 * advice.min_loss_retention:g}% kept, or within 2 SE)"
+        f"by function (≥ {100 * advice.min_loss_retention:g}% kept)"
         if advice.rule == "retention"
         else f"by function (≤ {100 * advice.tolerance:g}% more loss)"
     )
