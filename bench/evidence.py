@@ -901,16 +901,16 @@ def print_knee(
 def print_function_rules(console, records: list[dict], knees: dict[str, int]) -> None:
     """The rank by function of every tuned r=64 source (each seed's dev-picked run), by each rule against the
     knee of its α: the default (the smallest rank keeping 95% of what the directions beyond the first bring to
-    held-out loss, or whose loss increase is within 2 standard errors of its per-row differences), the
-    retention alone at 90% and 95%, the relative tolerance (1% of the loss, the default before), a share of
-    the adapter's gain over the base model, and a loss increase within 1 or 2 standard errors alone. The
-    default, the gain and the SE rules need what only the runs of ``bench/evidence-function-rule.jsonl`` and
-    ``bench/evidence-generation-function-rule.jsonl`` measured (where a run has no SE, the default column is
-    the 95% retention alone). A pick is marked ✓ within 2x of the knee."""
+    held-out loss), the same at 90%, 95% or a loss increase within 2 standard errors of its per-row
+    differences, the relative tolerance (1% of the loss, the default before), a share of the adapter's gain
+    over the base model, and a loss increase within 1 or 2 standard errors alone. The gain and SE rules need
+    what only the runs of ``bench/evidence-function-rule.jsonl`` and
+    ``bench/evidence-generation-function-rule.jsonl`` measured ("-" where a run has not). A pick is marked ✓
+    within 2x of the knee."""
     from rich.table import Table
 
     seeds = sorted({r["seed"] for r in records})
-    rules = ("default", "keep 90%", "keep 95%", "1% of loss", "2% of gain", "1 SE", "2 SE")
+    rules = ("default: keep 95%", "keep 90%", "95% or 2 SE", "1% of loss", "2% of gain", "1 SE", "2 SE")
     table = Table(title="rank by function on the dev split, by rule, against the knee (✓: within 2x)")
     for column in ("source", "seed", "LR", "knee", "Δ loss at r=1, 2, 4, 8, 16, 32", *rules):
         table.add_column(column, justify="left" if column == "source" else "right")
@@ -936,9 +936,9 @@ def print_function_rules(console, records: list[dict], knees: dict[str, int]) ->
                 for k in ranks
             }
             within = [
-                {k: kept(k) >= 0.95 or unresolved[k] for k in ranks},
-                {k: kept(k) >= 0.9 for k in ranks},
                 {k: kept(k) >= 0.95 for k in ranks},
+                {k: kept(k) >= 0.9 for k in ranks},
+                {k: kept(k) >= 0.95 or unresolved[k] for k in ranks} if with_se else None,
                 {k: evaluations[k]["relative_increase"] <= 0.01 for k in ranks},
                 {k: evaluations[k]["loss_increase"] <= 0.02 * gain for k in ranks} if gain == gain else None,
                 {k: evaluations[k]["loss_increase"] <= evaluations[k]["increase_se"] for k in ranks}
@@ -971,8 +971,8 @@ def print_function_rules(console, records: list[dict], knees: dict[str, int]) ->
     console.print(table)
     console.print(
         f"within 2x of the knee, of {count} sources: "
-        + ", ".join(f"{rule} {hits[rule]}" for rule in rules[:4])
-        + " (the gain and SE rules only where measured)"
+        + ", ".join(f"{rule} {hits[rule]}" for rule in rules)
+        + " (the SE and gain rules count only the sources where they were measured)"
     )
 
 
