@@ -891,7 +891,8 @@ def print_knee(
         function = source.get("function") or {}
         stable = [m["stable_rank"] for m in (source.get("data_free") or {}).values()]
         console.print(
-            f"  seed {seed}: knee r={knee}; from the tuned r=64: by function r={function.get('recommended_rank')}, "
+            f"  seed {seed}: knee r={knee}; from the tuned r=64: by function r="
+            f"{generation.default_function_rank(function) if function else None}, "
             f"energy 95% r={function.get('energy_recommended_rank')}, "
             f"stable rank {'-' if not stable else f'{statistics.mean(stable):.2f} → r={math.ceil(statistics.mean(stable))}'}"
         )

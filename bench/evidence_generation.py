@@ -48,6 +48,17 @@ CONDITIONS = [
 ]
 
 
+def default_function_rank(function: dict, share: float = 0.95) -> int:
+    """The rank the library's default rule picks from a stored rank-by-function record (``to_dict()``): the
+    smallest keeping ``share`` of what the directions beyond the first bring to held-out loss. Runs stored
+    before the rule changed recorded the 1% rule's pick in ``recommended_rank``; this reads the losses."""
+    evaluations = {int(k): v for k, v in function["evaluations"].items()}
+    one, full = evaluations[1]["loss"], function["full_loss"]
+    ranks = sorted(evaluations)
+    kept = {k: 1.0 if one <= full else (one - e["loss"]) / (one - full) for k, e in evaluations.items()}
+    return min([k for k in ranks if kept[k] >= share] or [ranks[-1]])
+
+
 def speeches() -> list[str]:
     """The convention speeches, in file order."""
     import pandas as pd
@@ -231,7 +242,7 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> dict[st
             )
             console.print(
                 f"  seed {seed} r=64 at {source['lr']:g} advice: energy 95% → r={function['energy_recommended_rank']}, "
-                f"by function → r={function['recommended_rank']}{data_free}"
+                f"by function → r={default_function_rank(function)}{data_free}"
             )
     print_runs_by_rate(console, runs)
     for probe in sorted((r for r in records if r["condition"] == "probe"), key=lambda r: r["seed"]):
