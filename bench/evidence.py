@@ -555,10 +555,20 @@ def run_probe(seed: int, data: dict, tokenizer) -> dict:
 
 
 def load(paths: list[Path]) -> list[dict]:
-    records = []
+    """Every run of the files, in order; a run (condition, seed, rate) in two files counts once, from the first
+    (the rank-by-function reruns repeat tuned runs bit for bit, with more measured)."""
+    records, seen = [], set()
     for path in paths:
-        if path.is_file():
-            records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            key = (record["condition"], record["seed"], record["lr"], record.get("task"))
+            if key not in seen:
+                seen.add(key)
+                records.append(record)
     return records
 
 
