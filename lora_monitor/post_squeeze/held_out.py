@@ -308,8 +308,7 @@ def recommend_rank_by_function(
     :func:`lora_monitor.edit.calibration_batches` makes them from texts). ``ranks`` defaults to the powers of
     two up to the adapter's rank, plus that rank (rank 1 is always measured: it is the retention's
     reference). By default the smallest rank that keeps ``min_loss_retention`` (0.95) of the held-out loss
-    reduction the directions beyond the first bring is recommended (see :class:`FunctionRecommendation`);
-    each rank's loss increase comes with the standard error of its per-row differences.
+    reduction the directions beyond the first bring is recommended (see :class:`FunctionRecommendation`).
     ``tolerance`` instead allows a fixed relative loss increase (0.01: the truncated model's mean loss at most
     1% above the uncompressed model's). The adapter is also measured zeroed (``base_loss``,
     ``adapter_gain``), and every loss increase comes with the standard error of its per-row differences.
