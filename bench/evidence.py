@@ -935,21 +935,18 @@ def print_function_rules(console, records: list[dict], knees: dict[str, int]) ->
                 continue
             evaluations = {int(k): v for k, v in function["evaluations"].items()}
             ranks = sorted(evaluations)
-            one, full = evaluations[1]["loss"], function["full_loss"]
+            share = generation.loss_retention(function)
 
-            def kept(k: int, one=one, full=full, evaluations=evaluations) -> float:
-                return 1.0 if one <= full else (one - evaluations[k]["loss"]) / (one - full)
-
-            gain = function.get("base_loss", math.nan) - full
+            gain = function.get("base_loss", math.nan) - function["full_loss"]
             with_se = "increase_se" in evaluations[ranks[0]]
             unresolved = {
                 k: with_se and evaluations[k]["loss_increase"] <= 2 * evaluations[k]["increase_se"]
                 for k in ranks
             }
             within = [
-                {k: kept(k) >= 0.95 for k in ranks},
-                {k: kept(k) >= 0.9 for k in ranks},
-                {k: kept(k) >= 0.95 or unresolved[k] for k in ranks} if with_se else None,
+                {k: share[k] >= 0.95 for k in ranks},
+                {k: share[k] >= 0.9 for k in ranks},
+                {k: share[k] >= 0.95 or unresolved[k] for k in ranks} if with_se else None,
                 {k: evaluations[k]["relative_increase"] <= 0.01 for k in ranks},
                 {k: evaluations[k]["loss_increase"] <= 0.02 * gain for k in ranks} if gain == gain else None,
                 {k: evaluations[k]["loss_increase"] <= evaluations[k]["increase_se"] for k in ranks}

@@ -48,15 +48,23 @@ CONDITIONS = [
 ]
 
 
-def default_function_rank(function: dict, share: float = 0.95) -> int:
-    """The rank the library's default rule picks from a stored rank-by-function record (``to_dict()``): the
-    smallest keeping ``share`` of what the directions beyond the first bring to held-out loss. Runs stored
-    before the rule changed recorded the 1% rule's pick in ``recommended_rank``; this reads the losses."""
+def loss_retention(function: dict) -> dict[int, float]:
+    """Each rank's share of what the directions beyond the first bring to held-out loss, from a stored
+    rank-by-function record (``to_dict()``): (loss(1) - loss(k)) / (loss(1) - full loss), 1 at every rank
+    when rank 1 is already as good as the full adapter (the library's ``RankEvaluation.loss_retention``,
+    which runs stored before it did not record)."""
     evaluations = {int(k): v for k, v in function["evaluations"].items()}
     one, full = evaluations[1]["loss"], function["full_loss"]
-    ranks = sorted(evaluations)
-    kept = {k: 1.0 if one <= full else (one - e["loss"]) / (one - full) for k, e in evaluations.items()}
-    return min([k for k in ranks if kept[k] >= share] or [ranks[-1]])
+    return {
+        k: 1.0 if one <= full else (one - e["loss"]) / (one - full) for k, e in sorted(evaluations.items())
+    }
+
+
+def default_function_rank(function: dict, share: float = 0.95) -> int:
+    """The rank the library's default rule picks from a stored record: the smallest keeping ``share``. Runs
+    stored before the rule changed recorded the 1% rule's pick in ``recommended_rank``."""
+    kept = loss_retention(function)
+    return min([k for k, value in kept.items() if value >= share] or [max(kept)])
 
 
 def speeches() -> list[str]:
