@@ -1,6 +1,7 @@
 """InSqueezeCallback: anneal a LoRA adapter's rank while a ``transformers.Trainer`` trains it (In-Squeeze).
 
-Trainer glue only: :mod:`lora_monitor.in_squeeze` plans, squeezes and keeps the records.
+Trainer glue only: :class:`lora_monitor.in_squeeze.run.InSqueezeRun` plans, squeezes and keeps the records;
+this binds it to the Trainer's hooks, its checkpoints and its logs.
 """
 
 from __future__ import annotations
@@ -10,20 +11,12 @@ from typing import Any
 
 from transformers.trainer_callback import ExportableState
 
-from lora_monitor.adapters import find_lora_modules
-from lora_monitor.in_squeeze import (
-    InSqueezeOptions,
-    LearningRateRewarmup,
-    LossProbe,
-    compact_after_training,
-    current_ranks,
-    install_rank_hooks,
-)
-from lora_monitor.in_squeeze import schedule as squeeze_schedule
-from lora_monitor.in_squeeze.lost_progress import LostProgress, LostProgressWatch
+from lora_monitor.in_squeeze import InSqueezeOptions
+from lora_monitor.in_squeeze.lost_progress import LostProgress
 from lora_monitor.in_squeeze.options import run_is_distributed, schedule_as_json
 from lora_monitor.in_squeeze.resume import RESUME_KEY, InSqueezeResumeState, read_resume_state
-from lora_monitor.in_squeeze.step_scaling import SqueezedStepScaling
+from lora_monitor.in_squeeze.run import InSqueezeRun
+from lora_monitor.in_squeeze.schedule import log_scalars
 
 from ._base import TrainerBoundCallback, logger
 
@@ -119,15 +112,7 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
             adapter_name=adapter_name, rsvd_oversample=rsvd_oversample, rsvd_power_iters=rsvd_power_iters,
             lr_scaling=lr_scaling,
         )  # fmt: skip
-        self.adapter_name = adapter_name
-        self.events: list[dict[str, Any]] = []
-        self.plan: dict[int, int] = {}
-        self.resolved_mode: str | None = None
-        self._source_rank: int | None = None
-        self._model: Any = None
-        self._probe = LossProbe()
-        self._rewarmup = LearningRateRewarmup(self.options.rewarmup_steps)
-        self._lost_progress = LostProgressWatch()
+        self.run = InSqueezeRun(self.options, adapter_name)
         self.lost_progress: LostProgress | None = None  # set at the end of training if the squeezes undid it
 
     @property
@@ -135,54 +120,43 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
         """The rank every module ends at (or the floor, with ``min_variance_retention``)."""
         return self.options.target_rank
 
+    @property
+    def adapter_name(self) -> str | None:
+        """The adapter squeezed (the active one, once training starts, when none was given)."""
+        return self.run.adapter_name
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """One record per squeeze: step, rank cap, per-module ranks and retained variance, loss before/after."""
+        return self.run.events
+
+    @property
+    def plan(self) -> dict[int, int]:
+        """``{global step: rank cap}``: the squeezes of this run (set when training begins)."""
+        return self.run.plan
+
+    @property
+    def resolved_mode(self) -> str | None:
+        """``"resize"`` or ``"mask"``: what ``mode`` resolved to for this run (None before the Trainer is built)."""
+        return self.run.mode
+
     def on_init_end(self, args, state, control, model=None, **kwargs):
         super().on_init_end(args, state, control, **kwargs)
-        self.resolved_mode = self.options.resolve_mode(
-            run_is_distributed(args.world_size, args.deepspeed, args.fsdp)
-        )
-        records = find_lora_modules(model, self.adapter_name)
-        self.adapter_name = records[0].adapter_name
-        self._source_rank = max(record.rank for record in records)
-        self._step_scaling = SqueezedStepScaling(self.options.lr_scaling, self.adapter_name)
-        self._step_scaling.factors(model)  # the source ranks, before any squeeze
         # Before the Trainer can load a checkpoint (which happens before on_train_begin): see the docstring.
-        install_rank_hooks(model, adapter_name=self.adapter_name, mode=self.resolved_mode)
+        self.run.prepare(model, run_is_distributed(args.world_size, args.deepspeed, args.fsdp))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
-        if self.resolved_mode is None:  # added after the Trainer was built (attach): no on_init_end came
+        if not self.run.prepared:  # added after the Trainer was built (attach): no on_init_end came
             self.on_init_end(args, state, control, model=model)
-        self._model = model
         saved, same_arguments = self._saved_state(state) if state.global_step > 0 else (None, False)
-        if saved is not None:  # a resume: what the checkpoint kept, not what the loaded model shows
-            source_rank = saved.restore_into(
-                model, optimizer, state.global_step, adapter_name=self.adapter_name,
-                step_scaling=self._step_scaling, rewarmup=self._rewarmup, where=self.options.where,
-                lost_progress=self._lost_progress,
-            )  # fmt: skip
-            self._source_rank = source_rank or self._source_rank  # None: the checkpoint kept no source ranks
-        if saved is not None and same_arguments:  # the plan made at the start, whatever max_steps is now
-            self.plan = dict(saved.plan)
-        else:
-            self.plan = squeeze_schedule.plan_for(
-                self.options, self._source_rank, state.max_steps or args.max_steps
-            )
-        squeeze_schedule.check_something_to_squeeze(
-            self.plan, self._source_rank, self.options, self.adapter_name
+        self.run.begin(
+            model, optimizer, state.global_step, state.max_steps or args.max_steps, saved, same_arguments
         )
-        self._probe.attach(model)
-        self._lost_progress.attach(model)
 
     def state(self) -> dict[str, Any]:
         """What a Trainer checkpoint keeps of this callback in ``trainer_state.json`` (see Resuming above)."""
-        step_scaling = getattr(self, "_step_scaling", None)  # set at on_init_end
-        resume = InSqueezeResumeState(
-            source_ranks=(step_scaling.source_ranks if step_scaling else None) or {},
-            plan=self.plan,
-            rewarmup=self._rewarmup.state(),
-            ranks=current_ranks(self._model, self.adapter_name) if self._model is not None else None,
-            lost_progress=self._lost_progress.state(),
-        )
+        resume = self.run.resume_state()
         return {"args": dict(self._arguments), "attributes": {}, RESUME_KEY: resume.to_json()}
 
     def _saved_state(self, state: Any) -> tuple[InSqueezeResumeState | None, bool]:
@@ -196,37 +170,21 @@ class InSqueezeCallback(TrainerBoundCallback, ExportableState):
         )  # fmt: skip
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        step = state.global_step
-        record = None
-        if step in self.plan:
-            record = squeeze_schedule.squeeze_and_record(
-                model, optimizer, self.plan[step], step, self.options,
-                adapter_name=self.adapter_name, mode=self.resolved_mode, probe=self._probe,
-            )  # fmt: skip
-            if record is not None:
-                self.events.append(record)
-                self._rewarmup.start(step)
-                # emit_log keeps control.should_log, so the Trainer's own loss log at this step is not lost.
-                control = self.emit_log(args, state, control, squeeze_schedule.log_scalars(record))
-        self._rewarmup.scale(step, optimizer)
-        self._lost_progress.step_end(step, squeezed=record is not None)
+        record = self.run.step_end(model, optimizer, state.global_step)
+        if record is not None:
+            # emit_log keeps control.should_log, so the Trainer's own loss log at this step is not lost.
+            control = self.emit_log(args, state, control, log_scalars(record))
         return control
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self._step_scaling.before_step(model)
+        self.run.before_optimizer_step(model)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self._step_scaling.after_step()
-        self._rewarmup.restore(optimizer)
+        self.run.after_optimizer_step(optimizer)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self._probe.detach()
-        self._lost_progress.detach()
+        distributed = run_is_distributed(args.world_size, args.deepspeed, args.fsdp)
+        self.lost_progress = self.run.finish(model, optimizer, distributed)
         # Each process saw its own batches; one verdict, from the main one, is enough to read.
-        self.lost_progress = self._lost_progress.finding()
         if self.lost_progress is not None and state.is_world_process_zero:
             logger.warning(self.lost_progress.message(self.options.where, self.options.lr_scaling))
-        compact_after_training(
-            model, self.resolved_mode, adapter_name=self.adapter_name, optimizer=optimizer,
-            distributed=run_is_distributed(args.world_size, args.deepspeed, args.fsdp),
-        )  # fmt: skip

@@ -8,7 +8,9 @@
 - :mod:`.loss_probe`: the loss on the latest training batch just before and after a squeeze;
 - :mod:`.rewarmup`: the learning rate ramped back up over a few steps after a squeeze;
 - :mod:`.options`: the options and their one validator;
-- :mod:`.resume`: what a checkpoint keeps besides the factors, so that a resumed run is the uninterrupted run.
+- :mod:`.resume`: what a checkpoint keeps besides the factors, so that a resumed run is the uninterrupted run;
+- :mod:`.run`: :class:`InSqueezeRun`, all of the above over one run, step by step (what ``InSqueezeCallback``
+  drives from the Trainer's hooks; any training loop can drive it).
 """
 
 from .hooks import install_rank_hooks
@@ -24,6 +26,7 @@ from .resize import (
     squeeze_model,
 )
 from .rewarmup import LearningRateRewarmup
+from .run import InSqueezeRun
 from .schedule import plan_schedule, resolve_step
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "OPTIMIZER_STATES",
     "SCHEDULES",
     "InSqueezeOptions",
+    "InSqueezeRun",
     "LearningRateRewarmup",
     "LossProbe",
     "ResizeEvent",

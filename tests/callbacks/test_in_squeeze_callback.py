@@ -153,7 +153,7 @@ def test_resume_after_a_squeeze_finishes_like_the_uninterrupted_run(resize_run, 
     assert {float(s["step"]) for s in state.values()} == {float(MAX_STEPS)}
     assert torch.allclose(_logits(resumed.model, IDS), _logits(reference.model, IDS), atol=1e-4)
     # The lost-progress check's losses came back from trainer_state.json: the same numbers at the end.
-    whole, again = resize_run[1]._lost_progress.state(), squeeze._lost_progress.state()
+    whole, again = resize_run[1].run.lost_progress_watch.state(), squeeze.run.lost_progress_watch.state()
     assert again["first_squeeze_step"] == whole["first_squeeze_step"] == 20
     assert again["reference"] == pytest.approx(whole["reference"], abs=1e-5)
     assert again["after"] == pytest.approx(whole["after"], abs=1e-4)

@@ -125,7 +125,7 @@ def test_a_trainer_that_restores_callbacks_from_the_checkpoint_resumes_the_same(
     )
     rebuilt = [c for c in resumed.callback_handler.callbacks if isinstance(c, InSqueezeCallback)]
     assert len(rebuilt) == 1 and rebuilt[0] is not original
-    assert rebuilt[0]._step_scaling.source_ranks == dict.fromkeys(current_ranks(resumed.model), 8)
+    assert rebuilt[0].run.step_scaling.source_ranks == dict.fromkeys(current_ranks(resumed.model), 8)
     assert _differences(adapter, final) is None
 
 
