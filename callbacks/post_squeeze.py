@@ -16,13 +16,14 @@ from typing import Any
 from transformers import TrainerControl, TrainingArguments
 
 from lora_monitor._deprecation import renamed_keywords
-from lora_monitor.adapters import find_lora_modules, records_are_sharded, unwrap_model
 from lora_monitor.errors import LoraMonitorError
 from lora_monitor.monitor.intruders import IntruderDimensions
 from lora_monitor.post_squeeze import CompressionResult, SqueezeAnalysis, SqueezeOptions, gather_adapter
 from lora_monitor.post_squeeze.end_of_training import (
     EndOfTraining,
+    check_by_function,
     check_candidate_ranks,
+    function_is_measured,
     held_out_batches,
     squeeze_trained_adapter,
 )
@@ -101,12 +102,9 @@ class PostSqueezeCallback(TrainerBoundCallback):
         self.report = report
         self.intruders = intruders
         self.intruder_dimensions: list[IntruderDimensions] | None = None
-        if by_function not in (True, False, "auto"):
-            raise LoraMonitorError(
-                f"PostSqueezeCallback: by_function must be True, False or 'auto', got {by_function!r}"
-            )
-        self.by_function, self.by_module_type = by_function, by_module_type
-        # What "auto" resolves to at on_train_begin (held-out data there, and a model that is not sharded).
+        self.by_function = check_by_function(by_function, "PostSqueezeCallback")
+        self.by_module_type = by_module_type
+        # Whether the rank by function is measured: decided at on_train_begin (function_is_measured).
         self._measure_function = by_function is True
         self.tolerance = validate_tolerance(tolerance, "PostSqueezeCallback: tolerance")
         self.min_loss_retention = validate_threshold(
@@ -124,21 +122,14 @@ class PostSqueezeCallback(TrainerBoundCallback):
         super().on_train_begin(args, state, control, **kwargs)
         if model is not None:  # fail before training, not after it, when there is nothing to squeeze
             check_candidate_ranks(model, self.options, self.adapter_name)
-        no_data = (
-            self.eval_batches is None
-            and eval_dataloader is None
-            and getattr(self._trainer, "eval_dataset", None) is None
+        has_data = (
+            self.eval_batches is not None
+            or eval_dataloader is not None
+            or getattr(self._trainer, "eval_dataset", None) is not None
         )
-        if self.by_function is True and no_data:
-            raise LoraMonitorError(
-                "PostSqueezeCallback(by_function=True) needs held-out data: give the Trainer an "
-                "eval_dataset, or pass eval_batches"
-            )
-        if self.by_function == "auto":  # rank by function needs the whole live adapter: not under FSDP2
-            sharded = model is not None and records_are_sharded(
-                find_lora_modules(unwrap_model(model), self.adapter_name)
-            )
-            self._measure_function = not no_data and not sharded
+        self._measure_function = function_is_measured(
+            self.by_function, has_data, model, self.adapter_name, "PostSqueezeCallback"
+        )
 
     def on_step_end(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
         # At the last step, so that the summary reaches every report_to integration before they close.

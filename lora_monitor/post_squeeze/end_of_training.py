@@ -2,8 +2,8 @@
 end of training (and any training loop can run): the variance table, the rank by function on held-out
 batches, the compressed copy, the intruder dimensions and the manifest entry.
 
-Around that call: :func:`check_candidate_ranks` (before training, against the live adapter) and
-:func:`held_out_batches` (the held-out batches, from given batches or a dataloader).
+Around that call: :func:`check_candidate_ranks` and :func:`function_is_measured` (before training, against
+the live adapter) and :func:`held_out_batches` (the held-out batches, from given batches or a dataloader).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import find_lora_modules
+from ..adapters import find_lora_modules, records_are_sharded, unwrap_model
 from ..errors import LoraMonitorError
 from ..monitor.intruders import IntruderDimensions, intruder_dimensions
 from .analysis import SqueezeAnalysis, analyze_adapter
@@ -82,6 +82,36 @@ def check_candidate_ranks(model: Any, options: SqueezeOptions, adapter_name: str
             f"{', '.join(map(str, above))}, above the adapter's largest rank {largest}: a compressed "
             f"adapter has at most the directions it was trained with; give ranks up to {largest}"
         )
+
+
+BY_FUNCTION_CHOICES = (True, False, "auto")
+
+
+def check_by_function(by_function: Any, where: str) -> bool | str:
+    """``by_function`` if it is True, False or ``"auto"``, else a :class:`LoraMonitorError` naming ``where``."""
+    if by_function not in BY_FUNCTION_CHOICES or not isinstance(by_function, bool | str):
+        raise LoraMonitorError(f"{where}: by_function must be True, False or 'auto', got {by_function!r}")
+    return by_function
+
+
+def function_is_measured(
+    by_function: bool | str, has_held_out_data: bool, model: Any, adapter_name: str | None, where: str
+) -> bool:
+    """Whether the rank by function will be measured at the end of training, decided before it starts.
+
+    ``True`` measures it and needs held-out data: without any, a :class:`LoraMonitorError` naming ``where``
+    stops the run before its first step, not after its last. ``"auto"`` measures it when there is held-out
+    data and the adapter is not sharded (FSDP2 holds each process's slice of the factors; the rank by function
+    runs the whole live adapter). ``False`` never does.
+    """
+    if by_function is True and not has_held_out_data:
+        raise LoraMonitorError(
+            f"{where}(by_function=True) needs held-out data: give the Trainer an eval_dataset, or pass eval_batches"
+        )
+    if by_function != "auto":
+        return by_function is True
+    sharded = model is not None and records_are_sharded(find_lora_modules(unwrap_model(model), adapter_name))
+    return has_held_out_data and not sharded
 
 
 def held_out_batches(

@@ -33,8 +33,8 @@ def validate_threshold(threshold: Any, name: str = "min_variance_retention") -> 
 
 def validate_tolerance(tolerance: Any, name: str = "tolerance") -> float | None:
     """``tolerance`` (the relative held-out loss increase a rank may cost, for the rank by function) as a float
-    if it is a number >= 0; None (the default rule: within the noise of the held-out loss) stays None; else a
-    :class:`LoraMonitorError` naming ``name``."""
+    if it is a number >= 0; None (the default: no tolerance, the loss-retention rule decides) stays None; else
+    a :class:`LoraMonitorError` naming ``name``."""
     if tolerance is None:
         return None
     return float(check_number(tolerance, name, low=0.0, hint="0.01 = allow 1% more held-out loss"))

@@ -1,6 +1,7 @@
 """The steps around :func:`squeeze_trained_adapter` that ``PostSqueezeCallback`` calls, checked without a
-Trainer on a real PEFT model: the candidate ranks against the adapter, the held-out batches from a real
-``DataLoader``, and the variance table and run summary of the result."""
+Trainer on a real PEFT model: the candidate ranks against the adapter, whether the rank by function will be
+measured, the held-out batches from a real ``DataLoader``, and the variance table and run summary of the
+result."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from lora_monitor.adapters import find_lora_modules
 from lora_monitor.edit.edit import calibration_batches
 from lora_monitor.post_squeeze import SqueezeOptions
 from lora_monitor.post_squeeze.end_of_training import (
+    check_by_function,
     check_candidate_ranks,
+    function_is_measured,
     held_out_batches,
     squeeze_trained_adapter,
 )
@@ -50,6 +53,36 @@ def test_candidate_ranks_up_to_the_largest_module_rank_pass():
     check_candidate_ranks(model, SqueezeOptions(candidate_ranks=[8]))  # the active adapter, at 8
     with pytest.raises(LoraMonitorError, match="largest rank 4"):  # the named one, at 4
         check_candidate_ranks(model, SqueezeOptions(candidate_ranks=[8]), adapter_name="small")
+
+
+@pytest.mark.parametrize(
+    ("by_function", "has_data", "measured"),
+    [
+        (True, True, True),
+        ("auto", True, True),
+        ("auto", False, False),
+        (False, True, False),
+        (False, False, False),
+    ],
+)
+def test_the_rank_by_function_is_measured_when_asked_and_possible(by_function, has_data, measured):
+    assert function_is_measured(by_function, has_data, _model(), None, "PostSqueezeCallback") is measured
+
+
+def test_the_rank_by_function_asked_for_without_data_stops_before_training():
+    with pytest.raises(LoraMonitorError) as raised:
+        function_is_measured(True, False, _model(), None, "PostSqueezeCallback")
+    assert str(raised.value) == (
+        "PostSqueezeCallback(by_function=True) needs held-out data: give the Trainer an eval_dataset, or pass "
+        "eval_batches"
+    )
+
+
+@pytest.mark.parametrize("wrong", ["yes", 1, 0, None])
+def test_by_function_other_than_true_false_or_auto_is_refused(wrong):
+    with pytest.raises(LoraMonitorError, match=r"^my_loop: by_function must be True, False or 'auto', got "):
+        check_by_function(wrong, "my_loop")
+    assert check_by_function("auto", "my_loop") == "auto" and check_by_function(False, "my_loop") is False
 
 
 def test_given_batches_are_used_and_the_dataloader_is_never_built(tokenizer):
