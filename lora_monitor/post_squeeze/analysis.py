@@ -45,6 +45,10 @@ ENERGY_RANK_CAVEAT = (
     "the fifth (text at lora_alpha=16); give held-out data for a checked rank"
 )
 
+# Why no rank is recommended for an adapter whose every delta is zero: the energy table, the rank by function,
+# the per-module ranks and the budgets all refuse it (nothing was learned, so no rank is better than another).
+ALL_ZERO = "every LoRA delta is zero (an untrained adapter?), so there is no rank to recommend"
+
 
 # --------------------------------------------------------------------------------------------------------
 # Records
@@ -187,7 +191,7 @@ class SqueezeAnalysis:
         if self.recommended_rank is not None:
             return None
         if self.num_modules == 0:
-            return "every LoRA delta is zero (an untrained adapter?), so there is no rank to recommend"
+            return ALL_ZERO
         best = max(self.candidate_ranks)
         return (
             f"no rank in {self.candidate_ranks} keeps {100 * self.min_variance_retention:g}% on average; "

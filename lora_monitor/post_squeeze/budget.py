@@ -23,7 +23,7 @@ from typing import Any
 
 from ..adapters import LoraModule, open_adapter
 from ..errors import LoraMonitorError, check_number
-from .analysis import SqueezeAnalysis, analyze_adapter
+from .analysis import ALL_ZERO, SqueezeAnalysis, analyze_adapter
 from .held_out import FunctionRecommendation
 from .options import validate_rank
 
@@ -97,6 +97,8 @@ def budget_ranks_by_energy(
     modules = adapter.modules
     _check_budget(budget, modules)
     spectra = _spectra(path_or_model, adapter_name, analysis, modules)
+    if not any(values and values[0] > 0 for values in spectra.values()):
+        raise LoraMonitorError(f"{adapter.description}: {ALL_ZERO}; no ranks were chosen for the budget")
     cost = {m.name: parameters_per_rank(m) for m in modules}
     ranks = {m.name: 1 for m in modules}
     spent = sum(cost.values())

@@ -27,7 +27,7 @@ from ..adapters.factors import as_A_matrix, as_B_matrix, live_factors
 from ..edit.data import IGNORED_LABEL, check_scored, finite_loss, is_causal_lm, scored_rows
 from ..errors import LoraMonitorError
 from ..spectrum import decomposition_dtype, truncate_factors
-from .analysis import SqueezeAnalysis, analyze_adapter
+from .analysis import ALL_ZERO, SqueezeAnalysis, analyze_adapter
 from .options import (
     DEFAULT_LOSS_RETENTION,
     DEFAULT_THRESHOLD,
@@ -365,6 +365,8 @@ def recommend_rank_by_function(
             f"{analysis.min_variance_retention:g}) is not of this model's LoRA modules at ranks {candidates} "
             f"and threshold {min_variance_retention:g}"
         )
+    if analysis.num_modules == 0:  # truncating a zero delta changes nothing: every rank would "keep" the loss
+        raise LoraMonitorError(f"{analysis.source}: {ALL_ZERO}; the rank by function was not measured")
     energy = analysis
     measured_ranks = sorted({1, *candidates})
     pairs = _pairs(model, adapter_name, measured_ranks)

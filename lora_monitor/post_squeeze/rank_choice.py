@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import LoraMonitorError
+from .analysis import ALL_ZERO
 from .options import SqueezeOptions
 
 if TYPE_CHECKING:
@@ -39,12 +40,14 @@ def compression_rank(
     """
     if options.target_rank is not None:
         return options.target_rank
+    if analysis is None:
+        raise ValueError("compression_rank needs an analysis unless options.target_rank is given")
+    if analysis.num_modules == 0:  # an untrained adapter: no rule (per module, by function) gives it a rank
+        raise LoraMonitorError(f"{analysis.source}: {ALL_ZERO}; nothing was written ({hint})")
     if options.per_module:
         return None
     if function is not None:
         return function.recommended_rank
-    if analysis is None:
-        raise ValueError("compression_rank needs an analysis unless options.target_rank is given")
     if analysis.recommended_rank is None:
         raise LoraMonitorError(
             f"{analysis.source}: {analysis.why_no_recommendation()}; nothing was written ({hint})"

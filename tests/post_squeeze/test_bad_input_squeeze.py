@@ -249,6 +249,29 @@ def test_all_zero_adapter_is_still_called_zero(tmp_path, capsys):
     assert "every LoRA delta is zero" in out and "no rank in" not in out
     status, out, err = run(capsys, folder, "--out", tmp_path / "o")
     assert_one_line_error(status, out, err, "every LoRA delta is zero")
+    # No rule gives an untrained adapter a rank: not one per module, not a budget spread by energy.
+    for extra in (["--per-module"], ["--rank", "2", "--allocate", "energy"]):
+        status, out, err = run(capsys, folder, "--out", tmp_path / "o", *extra)
+        assert_one_line_error(status, out, err, "every LoRA delta is zero")
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+
+
+def test_an_untrained_adapter_gets_no_rank_by_function_nor_budget(tokenizer):
+    from tiny_models import SENTENCES
+
+    from lora_monitor.edit.edit import calibration_batches
+    from lora_monitor.post_squeeze import budget_ranks_by_energy, recommend_rank_by_function
+
+    model = peft_llama(0, init_lora_weights=True, r=8)
+    batches = calibration_batches(SENTENCES[:4], tokenizer, batch_size=2, max_length=16)
+    with pytest.raises(
+        LoraMonitorError, match=r"every LoRA delta is zero.*the rank by function was not measured"
+    ):
+        recommend_rank_by_function(model, batches)
+    with pytest.raises(
+        LoraMonitorError, match=r"every LoRA delta is zero.*no ranks were chosen for the budget"
+    ):
+        budget_ranks_by_energy(model, 10**6)
 
 
 @pytest.mark.slow
