@@ -20,15 +20,31 @@ def load_base_model(folder: str | os.PathLike, *, causal_lm_first: bool = True) 
     with ``causal_lm_first=False`` only ``AutoModel``. Raises :class:`LoraMonitorError` naming the folder.
     """
     path = model_folder(folder)
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoModelForCausalLM
 
     errors = []
     for auto_class in (AutoModelForCausalLM, AutoModel) if causal_lm_first else (AutoModel,):
         try:
-            return auto_class.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            model = auto_class.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
             errors.append(f"{auto_class.__name__}: {error}".splitlines()[0])
+        else:
+            check_finite_weights(model, str(path))
+            return model
     raise LoraMonitorError(f"{path}: could not load the base model ({'; '.join(errors)})")
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """A :class:`LoraMonitorError` naming ``where`` and the first parameter of ``model`` that holds NaN or Inf.
+
+    Why up front: PyTorch's fused attention can turn a NaN weight into finite logits, so a broken base would
+    otherwise give finite held-out losses and advice computed from it."""
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
+            raise LoraMonitorError(
+                f"{where}: the base model's {name} holds NaN or Inf values; no advice is computed from it"
+            )
 
 
 def load_onto_base(
@@ -49,6 +65,8 @@ def load_onto_base(
         raise LoraMonitorError(f"{folder}: {needed_for} needs its base model (base_model=... / --base)")
     if isinstance(base_model, str | os.PathLike):
         base_model = load_base_model(base_model)
+    else:
+        check_finite_weights(base_model, "base_model")
     from peft import PeftModel
 
     try:

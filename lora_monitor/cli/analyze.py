@@ -44,12 +44,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
             f"{adapter.path}: module {some_of(broken)} has NaN/Inf values in its LoRA factors; "
             "the adapter is broken (diverged training?), nothing was analysed"
         )
-    broken = [m.name for m in record.metrics if m.non_finite_base]
-    if broken:
-        raise LoraMonitorError(
-            f"{args.base}: the base weight of module {some_of(broken)} has NaN/Inf values; "
-            "the base model is broken, nothing was analysed"
-        )
+    # A base with NaN/Inf weights never gets here: load_base_model refuses it, naming the parameter.
     intruders = intruder_dimensions(adapter.modules, lambda m: base(m.name)) if base else None
     if args.json:
         found = [item.to_dict() for item in intruders] if intruders is not None else None

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from dense_reference import lora_layers
 from peft import PeftModel
 from squeeze_command import run
@@ -404,6 +405,44 @@ def test_no_adapter_is_written_from_a_loss_over_no_token(tmp_path, capsys, adapt
     assert set(reloaded_ranks(tmp_path / "ok").values()) == {function["recommended_rank"]}
     status, out, _ = run(capsys, adapter_folder, *base, "--data", mixed)
     assert status == 0 and "1 text(s) with no scored token left out" in out
+
+
+@pytest.mark.slow
+def test_a_base_with_a_nan_weight_or_a_corrupt_file_gives_no_advice(
+    tmp_path, capsys, adapter_folder, tokenizer
+):
+    # PyTorch's fused attention turns a NaN in a projection into finite logits: the held-out losses looked
+    # fine and the command printed a rank by function computed from a broken base.
+    from tiny_models import SENTENCES
+
+    data = tmp_path / "heldout.txt"
+    data.write_text("\n".join(SENTENCES[:6]))
+    base = tiny_llama(0)
+    with torch.no_grad():
+        base.model.layers[0].self_attn.q_proj.weight[1, 2] = float("nan")
+    base.save_pretrained(tmp_path / "nan_base")
+    tokenizer.save_pretrained(tmp_path / "nan_base")
+    capsys.readouterr()
+    arguments = ["--base", tmp_path / "nan_base", "--data", data, "--out", tmp_path / "out"]
+    status, out, err = run(capsys, adapter_folder, *arguments)
+    assert status == 2 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"lora-monitor squeeze: error: {tmp_path / 'nan_base'}: the base model's "
+        "model.layers.0.self_attn.q_proj.weight holds NaN or Inf values; no advice is computed from it"
+    )
+    # a weights file cut short: one error naming the folder, not safetensors' traceback
+    tiny_llama(0).save_pretrained(tmp_path / "cut_base")
+    tokenizer.save_pretrained(tmp_path / "cut_base")
+    (tmp_path / "cut_base" / "model.safetensors").write_bytes(b"")
+    capsys.readouterr()
+    status, out, err = run(capsys, adapter_folder, *arguments[:1], tmp_path / "cut_base", *arguments[2:])
+    assert status == 2 and out == "" and "Traceback" not in err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"lora-monitor squeeze: error: {tmp_path / 'cut_base'}: could not load the base model (")
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_data_file_in_another_shape_is_one_error_naming_it(tmp_path, capsys, adapter_folder, tokenizer):
