@@ -61,6 +61,11 @@ class LoraModule:
         return factor if factor.dim() == 2 else factor.reshape(factor.shape[0], -1)
 
     @property
+    def is_finite(self) -> bool:
+        """Whether both factors hold finite values only (no NaN, no Inf)."""
+        return bool(torch.isfinite(self.B).all() and torch.isfinite(self.A).all())
+
+    @property
     def is_attention(self) -> bool:
         """True for attention projections (q, k, v, o and their fused forms), False for MLP and others."""
         return self.block == "attention"

@@ -21,7 +21,7 @@ import torch
 
 from .._io import EDIT_META_NAME, dumps
 from ..adapters import LoraModule, factor_parameters, is_masked
-from ..errors import LoraMonitorError
+from ..errors import LoraMonitorError, some_of
 from ..spectrum import decomposition_dtype, factored_svd
 from .data import calibration_batches, check_scored, evaluate_loss, finite_loss, is_causal_lm, to_device
 from .options import EditConfig, check_batching, edit_config
@@ -238,7 +238,15 @@ def spectral_edit(
     model, source_folder = _model_to_edit(model_or_path, base_model, adapter_name)
     from ..adapters import find_lora_modules
 
-    modules = _select(find_lora_modules(model, adapter_name), config)
+    every_module = find_lora_modules(model, adapter_name)
+    broken = [m.name for m in every_module if not m.is_finite]
+    if broken:  # an edited copy of a broken adapter is still broken, and its losses would mean nothing
+        where = source_folder if source_folder is not None else "the model"
+        raise LoraMonitorError(
+            f"{where}: module {some_of(broken)} has NaN/Inf values in its LoRA factors; "
+            "the adapter is broken (diverged training?), nothing was edited"
+        )
+    modules = _select(every_module, config)
     batches = calibration_batches(
         calibration_data, tokenizer, batch_size=batch_size, max_length=max_length, max_samples=max_samples
     )
@@ -257,11 +265,11 @@ def spectral_edit(
     decomposed = module_svds(model, modules)
     sensitivities = sigma_sensitivities(model, decomposed, batches)
     generator = torch.Generator().manual_seed(config.seed)
-    edits = []
+    edits, new_factors = [], []
     with torch.no_grad():
         for item, sensitivity in zip(decomposed, sensitivities, strict=True):
             new_sigma, core, noise = edit_singular_values(item.sigma, sensitivity, config, generator)
-            _write_factors(item, new_sigma)
+            new_factors.append(_edited_factors(item, new_sigma))
             edits.append(
                 ModuleEdit(
                     name=item.module.name,
@@ -275,6 +283,27 @@ def spectral_edit(
                     noise_indices=noise,
                 )
             )
+        # Every module's new factors are checked before any is written: a live model is edited in place.
+        # The singular values too: factors that fit the dtype can still multiply into a ΔW that does not.
+        overflowed = [
+            item.module.name
+            for item, edit, (B, A) in zip(decomposed, edits, new_factors, strict=True)
+            if not all(
+                torch.isfinite(values).all()
+                for values in (B, A, torch.tensor(edit.sigma_after, dtype=torch.float64).to(B.dtype))
+            )
+        ]
+        if overflowed:
+            chosen = f"eta={config.eta:g}" if config.mode == "gd" else f"amp_factor={config.amp_factor:g}"
+            raise LoraMonitorError(
+                f"the edit gives module {some_of(overflowed)} NaN/Inf factors: {chosen} with "
+                f"preserve_energy={config.preserve_energy!r} scales its singular values beyond what "
+                f"{decomposed[0].module.B.dtype} holds; nothing was edited"
+            )
+        for item, (B, A) in zip(decomposed, new_factors, strict=True):
+            B_param, A_param = factor_parameters(item.module.module, item.module.adapter_name)
+            B_param.copy_(B)
+            A_param.copy_(A)
     if heldout is not None:
         # After the edit a NaN loss means the edit broke the model: refused, nothing is written.
         losses["calibration_after"] = evaluate_loss(model, batches, "calibration data (edited)")
@@ -285,14 +314,16 @@ def spectral_edit(
     return result
 
 
-def _write_factors(item: ModuleSVD, sigma: torch.Tensor) -> None:
-    """Rebuild the module's factors at the same rank so that ``s·B@A = U diag(σ) Vᵀ`` with the new σ."""
+def _edited_factors(item: ModuleSVD, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's new ``(B, A)`` at the same rank and in its own dtype and shape, so that
+    ``s·B@A = U diag(σ) Vᵀ`` with the new σ."""
     scale = item.module.scale
     root = (sigma / abs(scale)).sqrt()
     sign = -1.0 if scale < 0 else 1.0
     B_param, A_param = factor_parameters(item.module.module, item.module.adapter_name)
-    B_param.copy_((sign * item.U.double() * root).to(B_param.dtype).reshape(B_param.shape))
-    A_param.copy_((root.unsqueeze(-1) * item.V.double().mT).to(A_param.dtype).reshape(A_param.shape))
+    B = (sign * item.U.double() * root).to(B_param.dtype).reshape(B_param.shape)
+    A = (root.unsqueeze(-1) * item.V.double().mT).to(A_param.dtype).reshape(A_param.shape)
+    return B, A
 
 
 def _model_to_edit(
