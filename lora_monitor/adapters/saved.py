@@ -185,6 +185,13 @@ def load_adapter(path: str | Path, adapter_name: str | None = None) -> SavedAdap
         if b_key not in shapes:
             raise LoraMonitorError(f"{weights_file}: {key} has no matching {b_key}")
         b_shape = shapes[b_key]
+        # A is r × n (r × in × kernel for a conv), B is m × r (out × r × 1… for a conv): the same number of
+        # dimensions, at least two, none empty; anything else is no LoRA pair PEFT wrote.
+        if len(shape) < 2 or len(b_shape) != len(shape) or 0 in shape or 0 in b_shape:
+            raise LoraMonitorError(
+                f"{weights_file}: {prefix} has A of shape {list(shape)} and B of shape {list(b_shape)}: not "
+                "a LoRA pair (A is r × n and B is m × r, both non-empty; a conv's with kernel dimensions)"
+            )
         rank = shape[0]
         if len(shape) > 2:
             kind = "conv"

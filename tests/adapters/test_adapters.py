@@ -184,6 +184,29 @@ def test_truncated_and_mismatched_files(tmp_path):
         load_adapter(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("A_shape", "B_shape"),
+    [((8, 32), ()), ((8,), (32, 8)), ((8, 32), (32, 8, 2)), ((8, 32, 1), (32, 8)), ((8, 0), (32, 8))],
+)
+def test_factors_that_are_no_lora_pair_are_refused_naming_the_module(tmp_path, A_shape, B_shape):
+    # A 0-d B was an IndexError; a 1-D A was read as a rank-8 module and compressed into a 1-D A.
+    from safetensors.torch import load_file, save_file
+
+    peft_llama(target_modules=["q_proj"]).save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors[f"{prefix}.lora_A.weight"] = torch.ones(A_shape)
+    tensors[f"{prefix}.lora_B.weight"] = torch.ones(B_shape)
+    save_file(tensors, weights)
+    with pytest.raises(LoraMonitorError) as refused:
+        load_adapter(tmp_path)
+    assert str(refused.value) == (
+        f"{weights}: {prefix} has A of shape {list(A_shape)} and B of shape {list(B_shape)}: not a LoRA pair "
+        "(A is r × n and B is m × r, both non-empty; a conv's with kernel dimensions)"
+    )
+
+
 def test_model_without_lora():
     with pytest.raises(LoraMonitorError, match="no LoRA modules"):
         find_lora_modules(tiny_llama())
