@@ -164,11 +164,17 @@ def run_demo(
     the summary, ``"verbose"`` also the Trainer's log lines and lora-monitor's debug messages.
     """
     from lora_monitor._output import VERBOSITIES, quiet_third_party, transformers_progress_bars
+    from lora_monitor.errors import LoraMonitorError, check_number
     from lora_monitor.in_squeeze.options import check_choice
 
     check_choice(verbosity, VERBOSITIES, "verbosity")
+    # 0 or fewer would train by epochs (the Trainer's max_steps=-1) or stop half-written; checked first
+    steps = int(check_number(steps, "steps", low=1, whole=True, where="demo"))
+    output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise LoraMonitorError(f"{output}: is a file; the demo writes its run into a folder (--out)")
     with quiet_third_party(), transformers_progress_bars(verbosity == "verbose"):
-        return _run_demo(Path(output_dir), steps, verbosity)
+        return _run_demo(output, steps, verbosity)
 
 
 def _run_demo(output: Path, steps: int, verbosity: str) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def _integers(text: str, option: str) -> list[int]:
 # or a folder that does not hold an adapter or a model, is answered at once.
 _INPUT_PATHS: dict[str, dict[str, str]] = {
     "analyze": {"adapter": "adapter", "base": "model"},
-    "squeeze": {"adapter": "adapter", "base": "model", "data": "data file"},
+    "squeeze": {"adapter": "adapter", "base": "model", "data": "data file", "tokenizer": "tokenizer folder"},
     "allocate": {"model": "model"},
     "edit": {
         "adapter": "adapter",

@@ -16,7 +16,26 @@ from safetensors.torch import load_file
 from lora_monitor.cli import main
 
 STEPS = 6  # enough for the monitor to raise alerts on the demo's random base
-pytestmark = pytest.mark.slow  # the demo trains twice
+
+
+@pytest.mark.parametrize(("steps", "message"), [("0", "got 0"), ("-3", "got -3")])
+def test_demo_refuses_a_step_count_below_one_before_writing_anything(tmp_path, capsys, steps, message):
+    # --steps 0 wrote the base and a run folder, then stopped on In-Squeeze's schedule; -3 trained by epochs.
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", steps]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"lora-monitor demo: error: demo: steps must be at least 1, {message}"
+    )
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_refuses_an_output_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"lora-monitor demo: error: {tmp_path / 'taken'}: is a file; the demo writes its run into a folder (--out)"
+    )
+    assert (tmp_path / "taken").read_text() == "mine"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +58,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return folder / "demo", result
 
 
+@pytest.mark.slow  # the demo trains twice
 def test_demo_prints_each_alert_once_and_no_third_party_noise(demo_run):
     output, result = demo_run
     records = [json.loads(line) for line in (output / "run1" / "lora_monitor.jsonl").read_text().splitlines()]
@@ -54,6 +74,7 @@ def test_demo_prints_each_alert_once_and_no_third_party_noise(demo_run):
     assert "WANDB" not in result.stdout
 
 
+@pytest.mark.slow  # the demo trains twice
 def test_demo_adapters_reload_as_written(demo_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -72,6 +93,7 @@ def test_demo_adapters_reload_as_written(demo_run):
             assert torch.equal(live[live_key], tensor), key
 
 
+@pytest.mark.slow  # the demo trains twice
 def test_command_runs_on_the_demo_output_as_written(demo_run, capsys):
     output, _ = demo_run
     adapter, base = output / "run1" / "adapter", output / "base"

@@ -187,6 +187,10 @@ EDIT_ARGUMENTS = ["edit", "{adapter}", "--base", "{model}", "--data", "{file}", 
             "{tmp}: is a folder, not a data file",
         ),
         (["report", "{missing}"], "{missing}: no such run folder"),
+        (
+            ["squeeze", "{adapter}", "--base", "{model}", "--data", "{file}", "--tokenizer", "{missing}"],
+            "{missing}: no such tokenizer folder",
+        ),
         # the options are checked before anything is read from the folders (which hold only a config)
         (
             ["squeeze", "{adapter}", "--rank", "4"],
@@ -236,6 +240,7 @@ EDIT_ARGUMENTS = ["edit", "{adapter}", "--base", "{model}", "--data", "{file}", 
         "allocate",
         "edit",
         "report",
+        "squeeze-tokenizer-missing",
         "rank-without-out",
         "threshold",
         "ranks",
