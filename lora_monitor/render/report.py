@@ -21,11 +21,13 @@ import html
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._io import MANIFEST_NAME, MONITOR_FILE, REPORT_NAME, SQUEEZE_FILES, atomic_write_text
+from .._io import MANIFEST_NAME, MONITOR_FILE, REPORT_NAME, SQUEEZE_FILES, _unwritable, atomic_write_text
 from ..errors import LoraMonitorError, check_path
 
 _TYPE_COLORS = {
@@ -45,14 +47,27 @@ def load_monitor_records(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as error:
             raise LoraMonitorError(f"{path}: line {number} is not JSON ({error})") from error
+        if not isinstance(record, dict) or "step" not in record:
+            raise LoraMonitorError(
+                f"{path}: line {number} is not a monitor record (a JSON object with a step)"
+            )
+        records.append(record)
     return records
+
+
+def _text(path: Path) -> str:
+    """The file's text; one error naming it when it is not UTF-8 text (a binary file)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise LoraMonitorError(f"{path}: not a text file ({error.reason} at byte {error.start})") from error
 
 
 def load_squeeze_analysis(run_dir: Path) -> dict[str, Any] | None:
@@ -62,7 +77,7 @@ def load_squeeze_analysis(run_dir: Path) -> dict[str, Any] | None:
         if not path.is_file():
             continue
         try:
-            document = json.loads(path.read_text())
+            document = json.loads(_text(path))
         except json.JSONDecodeError as error:
             raise LoraMonitorError(f"{path}: not valid JSON ({error})") from error
         if name == MANIFEST_NAME:
@@ -281,7 +296,34 @@ def write_report(run_dir: str | os.PathLike, output_dir: str | os.PathLike | Non
             "run training with SpectralMonitorCallback or PostSqueezeCallback first"
         )
     output = Path(output_dir) if output_dir is not None else run
-    output.mkdir(parents=True, exist_ok=True)
+    if output.exists() and not output.is_dir():
+        raise LoraMonitorError(f"{output}: is a file, not a folder for the report; nothing was written")
+    # Drawn in a staging folder first: a record the report cannot read stops it before any file of it is
+    # written, so an output folder never holds half a report.
+    with tempfile.TemporaryDirectory(prefix="lora-monitor-report-") as staging:
+        try:
+            figures, page = _draw_report(run, records, analysis, Path(staging))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+            sources = " and ".join(
+                f for f in (MONITOR_FILE if records else "", "the squeeze analysis" if analysis else "") if f
+            )
+            raise LoraMonitorError(
+                f"{run}: the report cannot read a field of {sources} ({type(error).__name__}: {error}); "
+                "nothing was written"
+            ) from error
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            for figure in figures:
+                shutil.copyfile(figure, output / figure.name)
+        except OSError as error:
+            raise _unwritable(output, error) from error
+        return atomic_write_text(output / REPORT_NAME, page)  # a reader never sees half a page
+
+
+def _draw_report(
+    run: Path, records: list[dict[str, Any]], analysis: dict[str, Any] | None, output: Path
+) -> tuple[list[Path], str]:
+    """The plots, drawn into ``output``, and the HTML page that embeds them."""
 
     figures: list[tuple[Path, str]] = []
     if analysis is not None and _has_retention(analysis):
@@ -370,4 +412,4 @@ def write_report(run_dir: str | os.PathLike, output_dir: str | os.PathLike | Non
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>lora-monitor report</title>'
         f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n"
     )
-    return atomic_write_text(output / REPORT_NAME, page)  # a reader never sees half a page
+    return [path for path, _ in figures], page

@@ -100,6 +100,54 @@ def test_bad_run_folders(tmp_path, capsys):
     assert "no such run folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"1\n", "line 1 is not a monitor record (a JSON object with a step)"),
+        (b'{"modules": []}\n', "line 1 is not a monitor record (a JSON object with a step)"),
+        (b"\x89PNG\r\n\x1a\n\xff\xfe", "not a text file (invalid start byte at byte 0)"),
+    ],
+)
+def test_a_monitor_file_lora_monitor_did_not_write_is_one_error_naming_its_line(tmp_path, content, message):
+    (tmp_path / "lora_monitor.jsonl").write_bytes(content)
+    with pytest.raises(LoraMonitorError) as refused:
+        write_report(tmp_path, tmp_path / "out")
+    assert str(refused.value) == f"{tmp_path / 'lora_monitor.jsonl'}: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # the module's Trainer run
+def test_a_field_the_report_cannot_read_writes_no_part_of_it(run_dir, tmp_path):
+    # A manifest without min_variance and a check whose effective rank is text: before, a KeyError and a
+    # TypeError, the second after retention.png and spectra.png were written into the new folder.
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    manifest = json.loads((broken / "squeeze_manifest.json").read_text())
+    del manifest["min_variance"]
+    (broken / "squeeze_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LoraMonitorError, match=r"KeyError: 'min_variance'\); nothing was written$"):
+        write_report(broken, tmp_path / "out")
+    shutil.copy(run_dir / "squeeze_manifest.json", broken)
+    lines = (broken / "lora_monitor.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    last["modules"][0]["effective_rank"] = "x"
+    (broken / "lora_monitor.jsonl").write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+    with pytest.raises(LoraMonitorError) as refused:
+        write_report(broken, tmp_path / "out")
+    assert str(refused.value).startswith(
+        f"{broken}: the report cannot read a field of lora_monitor.jsonl and "
+    )
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "a_file").write_text("mine")
+    for output, message in [
+        (tmp_path / "a_file", "is a file, not a folder for the report"),
+        (tmp_path / "a_file" / "x", "cannot write here"),
+    ]:
+        with pytest.raises(LoraMonitorError, match=message):
+            write_report(run_dir, output)
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
 def test_report_of_an_untrained_adapter_has_no_retention_to_draw(tmp_path):
     """B = 0 everywhere: the squeeze analysis holds nulls, and the report says so instead of failing."""
     from lora_monitor import analyze_adapter
