@@ -45,7 +45,10 @@ def _run_analyze(args: argparse.Namespace) -> int:
             "the adapter is broken (diverged training?), nothing was analysed"
         )
     # A base with NaN/Inf weights never gets here: load_base_model refuses it, naming the parameter.
-    intruders = intruder_dimensions(adapter.modules, lambda m: base(m.name)) if base else None
+    try:
+        intruders = intruder_dimensions(adapter.modules, lambda m: base(m.name)) if base else None
+    except LoraMonitorError as error:  # it names the module; the user needs the adapter too
+        raise LoraMonitorError(f"{adapter.path}: {error}") from error
     if args.json:
         found = [item.to_dict() for item in intruders] if intruders is not None else None
         print_json({"adapter": str(adapter.path), "base": args.base, **record.to_dict(), "intruders": found})

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import LoraModule
-from ..errors import check_number
+from ..errors import LoraMonitorError, check_number
 from ..spectrum import LinearOperator, left_singular_vectors, randomized_svd
 
 DEFAULT_TOP_K = 10
@@ -138,9 +138,15 @@ def intruder_dimensions(
             continue
         operator = _fine_tuned_operator(weight, module)
         k = min(top_k, *operator.shape)
-        fine_tuned = randomized_svd(
-            operator, k, oversample=oversample, power_iters=power_iters, generator=generator
-        ).U
+        try:
+            fine_tuned = randomized_svd(
+                operator, k, oversample=oversample, power_iters=power_iters, generator=generator
+            ).U
+        except torch.linalg.LinAlgError as error:  # finite factors whose product overflows float32
+            raise LoraMonitorError(
+                f"module {module.name}: W + ΔW has no finite spectrum in float32 (factors too large?); "
+                "no intruder dimensions were counted"
+            ) from error
         reference = cache.vectors(module.name, operator_base(operator, weight))
         similarity = (reference.mT @ fine_tuned.to(reference.device)).abs().amax(dim=0)
         values = [float(v) for v in similarity.cpu()]

@@ -26,7 +26,7 @@ import torch
 from .._deprecation import renamed_keywords
 from .._io import json_safe
 from ..adapters import LoraModule, OpenedAdapter, module_block, open_adapter
-from ..errors import LoraMonitorError, check_device
+from ..errors import LoraMonitorError, check_device, some_of
 from ..spectrum import energy_curve, lora_spectra, rank_for_energy, reaches, stable_rank
 from .options import DEFAULT_THRESHOLD, SqueezeOptions, check_ranks_within, default_candidate_ranks
 
@@ -271,16 +271,20 @@ def _decomposed(
     non-finite values; only then are the factors themselves scanned (a scan of every factor up front
     would cost as much again as the decomposition).
     """
+    names = some_of([module.name for module, _, _ in pairs])
     try:
         result = compute()
-    except (torch.linalg.LinAlgError, RuntimeError):
+    except (torch.linalg.LinAlgError, RuntimeError) as error:
         for module, A, B in pairs:
             _check_finite(module, where, lora_A=A, lora_B=B)
+        if isinstance(error, torch.linalg.LinAlgError):  # finite factors whose products overflow
+            raise LoraMonitorError(
+                f"{where}: the spectrum of {names} could not be computed (factors too large?)"
+            ) from error
         raise
     if not finite(result):
         for module, A, B in pairs:
             _check_finite(module, where, lora_A=A, lora_B=B)
-        names = ", ".join(module.name for module, _, _ in pairs)
         raise LoraMonitorError(f"{where}: the spectrum of {names} is not finite (factors too large?)")
     return result
 

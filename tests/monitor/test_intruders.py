@@ -164,3 +164,30 @@ def test_a_bad_reference_rank_is_one_clear_error():
         with pytest.raises(LoraMonitorError, match=f"reference_rank must be {message}"):
             BaseSubspaceCache(reference_rank)
     assert BaseSubspaceCache(None).reference_rank is None
+
+
+def test_factors_whose_product_overflows_float32_are_one_error_naming_the_module():
+    # Finite factors of 1e19 make a ΔW of about 1e38 per entry: its operator overflows float32, where the
+    # randomized SVD raised torch's LinAlgError through the command.
+    from lora_monitor import LoraMonitorError, analyze_adapter
+
+    model = peft_llama(0, r=4, target_modules=["q_proj"])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.mul_(1e19)
+    modules = find_lora_modules(model)
+    with pytest.raises(LoraMonitorError) as refused:
+        intruder_dimensions(modules, lambda m: m.base_weight())
+    assert str(refused.value) == (
+        f"module {modules[0].name}: W + ΔW has no finite spectrum in float32 (factors too large?); no intruder "
+        "dimensions were counted"
+    )
+    with torch.no_grad():  # 1e21: the Gram matrices of the energy table overflow too
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.mul_(100)
+    with pytest.raises(
+        LoraMonitorError, match=r"the spectrum of .* (could not be computed|is not finite) \(factors"
+    ):
+        analyze_adapter(model, progress=False)
