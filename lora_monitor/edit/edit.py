@@ -294,11 +294,9 @@ def spectral_edit(
             )
         ]
         if overflowed:
-            chosen = f"eta={config.eta:g}" if config.mode == "gd" else f"amp_factor={config.amp_factor:g}"
             raise LoraMonitorError(
-                f"the edit gives module {some_of(overflowed)} NaN/Inf factors: {chosen} with "
-                f"preserve_energy={config.preserve_energy!r} scales its singular values beyond what "
-                f"{decomposed[0].module.B.dtype} holds; nothing was edited"
+                f"the edit gives module {some_of(overflowed)} NaN/Inf factors: {_overflow_cause(config)} "
+                f"beyond what {decomposed[0].module.B.dtype} holds; nothing was edited"
             )
         for item, (B, A) in zip(decomposed, new_factors, strict=True):
             B_param, A_param = factor_parameters(item.module.module, item.module.adapter_name)
@@ -312,6 +310,24 @@ def spectral_edit(
     if output_path is not None:
         result.output_path = _write(result, output_path, adapter_name, source_folder, overwrite)
     return result
+
+
+def _overflow_cause(config: EditConfig) -> str:
+    """What scaled the singular values too far: the options that grow them, when no energy is preserved."""
+    if config.preserve_energy is not None:  # the edited σ keep the adapter's energy: its own σ are too large
+        return "the adapter's singular values, kept at their energy, are"
+    if config.mode == "gd":
+        return f"eta={config.eta:g} with preserve_energy=None scales its singular values"
+    growing = [
+        f"{name}={value:g}"
+        for name, value in (
+            ("amp_factor", config.amp_factor),
+            ("mid_factor", config.mid_factor),
+            ("sup_factor", config.sup_factor),
+        )
+        if value > 1
+    ]
+    return f"{', '.join(growing) or 'the factors'} with preserve_energy=None scale(s) its singular values"
 
 
 def _edited_factors(item: ModuleSVD, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -303,6 +303,8 @@ def write_report(run_dir: str | os.PathLike, output_dir: str | os.PathLike | Non
     with tempfile.TemporaryDirectory(prefix="lora-monitor-report-") as staging:
         try:
             figures, page = _draw_report(run, records, analysis, Path(staging))
+        except LoraMonitorError:  # its own message (matplotlib missing), not a field of the run's files
+            raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
             sources = " and ".join(
                 f for f in (MONITOR_FILE if records else "", "the squeeze analysis" if analysis else "") if f

@@ -207,6 +207,23 @@ def test_factors_that_are_no_lora_pair_are_refused_naming_the_module(tmp_path, A
     )
 
 
+def test_the_base_finiteness_check_skips_offloaded_weights_and_reads_float8():
+    from lora_monitor.adapters.base_model import check_finite_weights
+
+    model = torch.nn.Linear(4, 4)
+    model.offloaded = torch.nn.Parameter(torch.empty(4, 4, device="meta"), requires_grad=False)
+    model.steps = torch.nn.Parameter(torch.arange(3), requires_grad=False)  # not floating: not read
+    model.fp8 = torch.nn.Parameter(torch.ones(4).to(torch.float8_e4m3fn), requires_grad=False)
+    check_finite_weights(model, "base")  # before: meta tensors and float8 raised torch's own errors
+    for name, bad in [("fp8", float("nan")), ("weight", float("-inf")), ("weight", float("nan"))]:
+        with torch.no_grad():
+            getattr(model, name)[0] = torch.tensor(bad).to(getattr(model, name).dtype)
+        with pytest.raises(LoraMonitorError, match=f"^base: the base model's {name} holds NaN or Inf values"):
+            check_finite_weights(model, "base")
+        with torch.no_grad():
+            getattr(model, name)[0] = torch.tensor(1.0).to(getattr(model, name).dtype)
+
+
 def test_model_without_lora():
     with pytest.raises(LoraMonitorError, match="no LoRA modules"):
         find_lora_modules(tiny_llama())

@@ -228,6 +228,7 @@ def test_an_adapter_with_a_nan_factor_is_refused_whether_or_not_it_is_edited(tmp
     [
         ({"amp_factor": 1e308, "preserve_energy": None}, "amp_factor=1e+308"),
         ({"mode": "gd", "eta": 100.0, "preserve_energy": None}, "eta=100"),
+        ({"mid_factor": 1e308, "preserve_energy": None}, "amp_factor=1.25, mid_factor=1e+308"),
     ],
 )
 def test_an_edit_beyond_what_the_dtype_holds_changes_and_writes_nothing(tmp_path, tokenizer, options, chosen):

@@ -148,6 +148,22 @@ def test_a_field_the_report_cannot_read_writes_no_part_of_it(run_dir, tmp_path):
     assert (tmp_path / "a_file").read_text() == "mine"
 
 
+def test_without_matplotlib_the_report_says_what_to_install(tmp_path, monkeypatch):
+    # The error that guards against unreadable fields must not reword this one as a bad field of the run.
+    import sys
+
+    from lora_monitor import analyze_adapter
+    from lora_monitor._io import json_safe
+
+    analysis = analyze_adapter(peft_llama(0), progress=False)
+    (tmp_path / "squeeze_manifest.json").write_text(json.dumps(json_safe(analysis.to_dict())))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it gives import
+    with pytest.raises(LoraMonitorError) as refused:
+        write_report(tmp_path, tmp_path / "out")
+    assert str(refused.value) == "drawing the report needs matplotlib: pip install 'lora-monitor[plot]'"
+    assert not (tmp_path / "out").exists()
+
+
 def test_report_of_an_untrained_adapter_has_no_retention_to_draw(tmp_path):
     """B = 0 everywhere: the squeeze analysis holds nulls, and the report says so instead of failing."""
     from lora_monitor import analyze_adapter
