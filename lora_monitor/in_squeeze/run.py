@@ -52,12 +52,18 @@ class InSqueezeRun:
         self.mode: str | None = None
         self.plan: dict[int, int] = {}
         self.events: list[dict[str, Any]] = []
-        self.source_rank: int | None = None
         self.step_scaling: SqueezedStepScaling | None = None
         self.rewarmup = LearningRateRewarmup(options.rewarmup_steps)
         self.lost_progress_watch = LostProgressWatch()
         self.probe = LossProbe()
         self._model: nn.Module | None = None
+
+    @property
+    def source_rank(self) -> int | None:
+        """The largest rank before any squeeze: read at :meth:`prepare`, or the checkpoint's after a resume
+        (the step scaling's source ranks, which a resume restores; None before :meth:`prepare`)."""
+        ranks = self.step_scaling.source_ranks if self.step_scaling is not None else None
+        return max(ranks.values()) if ranks else None
 
     @property
     def prepared(self) -> bool:
@@ -70,7 +76,6 @@ class InSqueezeRun:
         self.mode = self.options.resolve_mode(distributed)
         records = find_lora_modules(model, self.adapter_name)
         self.adapter_name = records[0].adapter_name
-        self.source_rank = max(record.rank for record in records)
         self.step_scaling = SqueezedStepScaling(self.options.lr_scaling, self.adapter_name)
         self.step_scaling.factors(model)  # the source ranks, before any squeeze
         install_rank_hooks(model, adapter_name=self.adapter_name, mode=self.mode)
@@ -95,11 +100,10 @@ class InSqueezeRun:
             )
         self._model = model
         if saved is not None:  # what the checkpoint kept, not what the loaded model shows
-            source_rank = saved.restore_into(
+            saved.restore_into(
                 model, optimizer, step, adapter_name=self.adapter_name, step_scaling=self.step_scaling,
                 rewarmup=self.rewarmup, where=self.options.where, lost_progress=self.lost_progress_watch,
             )  # fmt: skip
-            self.source_rank = source_rank or self.source_rank  # None: the checkpoint kept no source ranks
         if saved is not None and keep_saved_plan:
             self.plan = dict(saved.plan)
         else:
