@@ -205,6 +205,12 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> dict[st
                 f"{statistics.mean(v['test']['accuracy'] for v in row.values()) * 100:.2f}",
             )
         console.print(table)
+        post, source = rows.get(f"{alpha}post-squeeze 64→8 (of tuned r=64)"), rows.get(f"{alpha}direct r=64")
+        if post and source and (delta := paired_nll(post, source)):
+            console.print(
+                f"{alpha or 'lora_alpha = r '}post-squeeze 64→8 against its own source (the picked r=64), "
+                f"seeds {sorted(post)}: {delta[0]:+.4f} ± {delta[1]:.4f}"
+            )
         knee_rows = {k: rows[f"{alpha}direct r={k}"] for k in RANKS if f"{alpha}direct r={k}" in rows}
         if len(knee_rows) < 2:
             continue

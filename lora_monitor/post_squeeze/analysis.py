@@ -37,11 +37,11 @@ CHUNK_SIZE = 32
 PROGRESS_MIN_MODULES = 64
 
 # What the energy rank is worth without held-out data (bench/EVIDENCE.md): in four of the five settings
-# measured it was far above the smallest rank that lost nothing on held-out data, and in one far below it, so it
-# is printed as a rough bound, never as the answer.
+# measured it was 2-8x above the smallest rank that lost nothing on held-out data (2x only on text at
+# lora_alpha = r), and in one 8x below it, so it is printed as a rough bound, never as the answer.
 ENERGY_RANK_CAVEAT = (
     "an upper bound, not a checked rank, in four of the five settings measured (bench/EVIDENCE.md): the "
-    "95%-energy rank was 4–8× the smallest rank that lost nothing on held-out data there, and 8× below it in "
+    "95%-energy rank was 2–8× the smallest rank that lost nothing on held-out data there, and 8× below it in "
     "the fifth (text at lora_alpha=16); give held-out data for a checked rank"
 )
 
