@@ -899,12 +899,10 @@ def print_knee(
         knee = knee_of({k: row[seed]["test"]["accuracy"] for k, row in knee_rows.items()})
         source = chosen(records, f"{prefix}direct r={SOURCE_RANK}", seed) or {}
         function = source.get("function") or {}
-        stable = [m["stable_rank"] for m in (source.get("data_free") or {}).values()]
         console.print(
             f"  seed {seed}: knee r={knee}; from the tuned r=64: by function r="
             f"{generation.default_function_rank(function) if function else None}, "
-            f"energy 95% r={function.get('energy_recommended_rank')}, "
-            f"stable rank {'-' if not stable else f'{statistics.mean(stable):.2f} → r={math.ceil(statistics.mean(stable))}'}"
+            f"energy 95% r={function.get('energy_recommended_rank')}{generation.data_free_text(source)}"
         )
     return knee_of(means)
 

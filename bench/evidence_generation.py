@@ -60,6 +60,17 @@ def loss_retention(function: dict) -> dict[int, float]:
     }
 
 
+def data_free_text(source: dict) -> str:
+    """``", stable rank (mean over modules) 1.57 → r=2, Gavish–Donoho (mean) 16.4"``: the data-free estimates
+    a stored r=64 source recorded (``evidence.data_free_estimates``), or ``""`` where it recorded none."""
+    modules = list((source.get("data_free") or {}).values())
+    if not modules:
+        return ""
+    stable = statistics.mean(module["stable_rank"] for module in modules)
+    counts = statistics.mean(module["gavish_donoho"] for module in modules)
+    return f", stable rank (mean over modules) {stable:.2f} → r={math.ceil(stable)}, Gavish–Donoho (mean) {counts:.1f}"
+
+
 def default_function_rank(function: dict, share: float = 0.95) -> int:
     """The rank the library's default rule picks from a stored record: the smallest keeping ``share``. Runs
     stored before the rule changed recorded the 1% rule's pick in ``recommended_rank``."""
@@ -248,15 +259,9 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> dict[st
             if "function" not in source:
                 continue
             function = source["function"]
-            stable = [module["stable_rank"] for module in source.get("data_free", {}).values()]
-            data_free = (
-                f", stable rank (mean over modules) {statistics.mean(stable):.2f} → r={math.ceil(statistics.mean(stable))}"
-                if stable
-                else ""
-            )
             console.print(
                 f"  seed {seed} r=64 at {source['lr']:g} advice: energy 95% → r={function['energy_recommended_rank']}, "
-                f"by function → r={default_function_rank(function)}{data_free}"
+                f"by function → r={default_function_rank(function)}{data_free_text(source)}"
             )
     print_runs_by_rate(console, runs)
     for probe in sorted((r for r in records if r["condition"] == "probe"), key=lambda r: r["seed"]):

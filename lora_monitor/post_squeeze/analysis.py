@@ -180,8 +180,9 @@ class SqueezeAnalysis:
     def stable_rank_estimate(self) -> int | None:
         """:attr:`mean_stable_rank` rounded up (None when every delta is zero): a data-free estimate, not a
         recommendation. Against the knee in ``bench/EVIDENCE.md`` (the smallest directly trained rank within
-        the noise of the best) it gave 2 on every adapter measured: right on the two sentiment tasks (knees 2
-        and 4) and at ``lora_alpha=16`` (knee 2), 8× too low on the generation task (knee 16 over 3 seeds)."""
+        the noise of the best) it gave 2 or 3 on every adapter measured: right on the two sentiment tasks
+        (knees 2 and 4) and at ``lora_alpha=16`` (knee 2), 8× too low on the generation task (knee 16 over 3
+        seeds) and 32× at ``lora_alpha=16`` there (knee 64)."""
         mean = self.mean_stable_rank
         return None if math.isnan(mean) else math.ceil(mean - 1e-9)
 
