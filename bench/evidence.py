@@ -565,7 +565,8 @@ def load(paths: list[Path]) -> list[dict]:
             if not line.strip():
                 continue
             record = json.loads(line)
-            key = (record["condition"], record["seed"], record["lr"], record.get("task"))
+            # the first grid's records carry no task: they are MiniLM runs
+            key = (record["condition"], record["seed"], record["lr"], record.get("task", "minilm"))
             if key not in seen:
                 seen.add(key)
                 records.append(record)
@@ -716,6 +717,7 @@ def print_tables(records: list[dict]) -> dict[str, int]:
             f"probe_rank before training (seed {probe['seed']}, 4 batches of {BATCH}): r={probe['rank']} "
             f"{probe['type_ranks']} ({probe['seconds']:.1f} s)"
         )
+    print_family_tables(console, records, seeds)
     print_alpha_sweep(console, records)
     print_signal_bands(console, records)
     print_lost_progress(console, records)
@@ -759,6 +761,93 @@ def print_tables(records: list[dict]) -> dict[str, int]:
             )
         console.print(advice)
     return knees
+
+
+FAMILIES = {
+    "": "lora_alpha = r",
+    "alpha=16 ": "lora_alpha=16",
+    "rslora ": "rsLoRA (use_rslora, lora_alpha=16)",
+}
+FAMILY_ORDER = [
+    "direct r=8",
+    f"direct r={SOURCE_RANK}",
+    "in-squeeze (defaults)",
+    "post-squeeze 64→8 (of tuned r=64)",
+    "adalora 64→8",
+    "in-squeeze lr_scaling=sqrt",
+    "cont-squeeze 64→8 at 80%",
+]
+
+
+def family_rows(records: list[dict], prefix: str, seeds: list[int]) -> dict[str, dict[int, dict]]:
+    """{condition: {seed: its dev-picked run}} of one ``FAMILIES`` prefix, with the Post-Squeeze of each seed's
+    picked r=64 as a row of its own (same seed, its source's rate)."""
+    rows: dict[str, dict[int, dict]] = {}
+    for name in FAMILY_ORDER:
+        for seed in seeds:
+            if name.startswith("post-squeeze"):
+                source = chosen(records, f"{prefix}direct r={SOURCE_RANK}", seed)
+                run = (
+                    {"test": source["post"]["test"], "lr": source["lr"]}
+                    if source and "post" in source
+                    else None
+                )
+            else:
+                run = chosen(records, f"{prefix}{name}", seed)
+            if run:
+                rows.setdefault(name, {})[seed] = run
+    return rows
+
+
+def print_family_tables(console, records: list[dict], seeds: list[int]) -> None:
+    """Per ``lora_alpha`` family: every seed's dev-picked test accuracy, and each row paired against what
+    issue 28 compares it with (tuned direct r=8 of the same family; Post-Squeeze against its own source;
+    AdaLoRA against In-Squeeze)."""
+    from rich.table import Table
+
+    against = {
+        f"direct r={SOURCE_RANK}": "direct r=8",
+        "in-squeeze (defaults)": "direct r=8",
+        "in-squeeze lr_scaling=sqrt": "direct r=8",
+        "cont-squeeze 64→8 at 80%": "direct r=8",
+        "post-squeeze 64→8 (of tuned r=64)": f"direct r={SOURCE_RANK}",
+        "adalora 64→8": "in-squeeze (defaults)",
+    }
+    for prefix, label in FAMILIES.items():
+        rows = family_rows(records, prefix, seeds)
+        if len(rows) < 2:
+            continue
+        table = Table(title=f"{label}: test accuracy (%) per seed at the rate dev picked, paired differences")
+        for column in ("condition", *(f"seed {s}" for s in seeds), "rates picked", "mean ± SE", "against"):
+            table.add_column(column, justify="left" if column in ("condition", "against") else "right")
+        table.add_column("Δ ± SE (pts): row − against", justify="right")
+        for name, row in rows.items():
+            reference = against.get(name)
+            table.add_row(
+                name,
+                *(f"{row[s]['test']['accuracy'] * 100:.2f}" if s in row else "" for s in seeds),
+                ",".join(f"{row[s]['lr']:g}" for s in sorted(row)),
+                mean_se([v["test"]["accuracy"] for v in row.values()]),
+                reference or "",
+                paired(row, rows[reference]) if reference in rows else "",
+            )
+        console.print(table)
+        if any(r["condition"] == f"{prefix}direct r=1" for r in records):
+            continue  # print_knee prints this family's advice beside its knee
+        for seed in seeds:
+            source = chosen(records, f"{prefix}direct r={SOURCE_RANK}", seed) or {}
+            function = source.get("function")
+            if not function:
+                continue
+            evaluations = {int(k): e for k, e in function["evaluations"].items()}
+            one_percent = min(
+                [k for k, e in evaluations.items() if e["relative_increase"] <= 0.01] or [max(evaluations)]
+            )
+            console.print(
+                f"  {label}, seed {seed}, r=64 at {source['lr']:g}: by function r="
+                f"{generation.default_function_rank(function)} (1% of loss: r={one_percent}), "
+                f"energy 95% r={function['energy_recommended_rank']}{generation.data_free_text(source)}"
+            )
 
 
 def print_budget_table(console, records: list[dict]) -> None:
@@ -871,6 +960,7 @@ def use_task(name: str) -> None:
 
 
 UPDATE_SCALE_BANDS = (0.0, 0.01, 0.03, 0.06, math.inf)
+MAX_UPDATE_SCALE_BANDS = (0.0, 0.05, 0.1, 0.25, math.inf)
 
 
 def print_knee(
@@ -1070,6 +1160,25 @@ def print_signal_bands(console, records: list[dict]) -> None:
             f"{min(accuracies):.2f}",
             f"{max(accuracies):.2f}",
             "; ".join(names),
+        )
+    console.print(table)
+    # The same runs by their largest module's update scale: where a per-module threshold would fire.
+    table = Table(title="all monitored runs by max (per-module) update scale at the last check")
+    for column in ("max update scale", "runs", "test acc % (mean)", "min", "max", "scales (min–max)"):
+        table.add_column(column, justify="right")
+    for low, high in itertools.pairwise(MAX_UPDATE_SCALE_BANDS):
+        band = [r for r in runs if low <= (r["signals"].get("lora/max_update_scale") or 0.0) < high]
+        if not band:
+            continue
+        accuracies = [100 * r["test"]["accuracy"] for r in band]
+        scales = [r["signals"]["lora/max_update_scale"] for r in band]
+        table.add_row(
+            f"[{low:g}, {high:g})",
+            str(len(band)),
+            f"{statistics.mean(accuracies):.2f}",
+            f"{min(accuracies):.2f}",
+            f"{max(accuracies):.2f}",
+            f"{min(scales):.3f}–{max(scales):.3f}",
         )
     console.print(table)
 

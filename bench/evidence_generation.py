@@ -216,12 +216,17 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> dict[st
                 f"{statistics.mean(v['test']['accuracy'] for v in row.values()) * 100:.2f}",
             )
         console.print(table)
-        post, source = rows.get(f"{alpha}post-squeeze 64→8 (of tuned r=64)"), rows.get(f"{alpha}direct r=64")
-        if post and source and (delta := paired_nll(post, source)):
-            console.print(
-                f"{alpha or 'lora_alpha = r '}post-squeeze 64→8 against its own source (the picked r=64), "
-                f"seeds {sorted(post)}: {delta[0]:+.4f} ± {delta[1]:.4f}"
-            )
+        # issue 28's other pairings: Post-Squeeze against its own source, In-Squeeze against AdaLoRA
+        for name, other, what in (
+            ("post-squeeze 64→8 (of tuned r=64)", "direct r=64", "post-squeeze 64→8 against its own source"),
+            ("in-squeeze (defaults)", "adalora 64→8", "in-squeeze (defaults) against adalora 64→8"),
+        ):
+            row, reference = rows.get(f"{alpha}{name}"), rows.get(f"{alpha}{other}")
+            if row and reference and (delta := paired_nll(row, reference)):
+                console.print(
+                    f"{alpha or 'lora_alpha = r '}{what}, each at its picked rate, seeds "
+                    f"{sorted(set(row) & set(reference))}: {delta[0]:+.4f} ± {delta[1]:.4f}"
+                )
         knee_rows = {k: rows[f"{alpha}direct r={k}"] for k in RANKS if f"{alpha}direct r={k}" in rows}
         if len(knee_rows) < 2:
             continue
