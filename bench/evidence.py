@@ -963,6 +963,39 @@ UPDATE_SCALE_BANDS = (0.0, 0.01, 0.03, 0.06, math.inf)
 MAX_UPDATE_SCALE_BANDS = (0.0, 0.05, 0.1, 0.25, math.inf)
 
 
+def print_rank_runs(
+    console, records: list[dict], prefix: str, label: str, ranks: list[int], seeds: list[int]
+) -> None:
+    """Each directly trained rank of the family, and its default In-Squeeze: per seed, the test accuracy at
+    every rate run (low to high) and the one dev picked, then the mean of the picked."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"{label}: direct training and In-Squeeze per seed, test accuracy (%) at each rate run, and dev's pick"
+    )
+    table.add_column("condition")
+    for seed in seeds:
+        table.add_column(f"seed {seed}: by rate", justify="right")
+        table.add_column("picked", justify="right")
+    table.add_column("mean of picked", justify="right")
+    names = [f"{prefix}direct r={rank}" for rank in ranks] + [f"{prefix}in-squeeze (defaults)"]
+    for name in names:
+        if not all(chosen(records, name, seed) for seed in seeds):
+            continue
+        cells, picked = [], []
+        for seed in seeds:
+            runs = sorted(
+                (r for r in records if r["condition"] == name and r["seed"] == seed), key=lambda r: r["lr"]
+            )
+            pick = chosen(records, name, seed)
+            rates = ", ".join(f"{r['lr']:g}" for r in runs)
+            accuracies = " / ".join(f"{r['test']['accuracy'] * 100:.2f}" for r in runs)
+            cells += [f"{accuracies} ({rates})", f"{pick['test']['accuracy'] * 100:.2f}"]
+            picked.append(pick["test"]["accuracy"])
+        table.add_row(name.removeprefix(prefix), *cells, f"{statistics.mean(picked) * 100:.2f}")
+    console.print(table)
+
+
 def print_knee(
     console, records: list[dict], rows: dict[str, dict[int, dict]], prefix: str, seeds: list[int]
 ) -> int | None:
@@ -980,6 +1013,7 @@ def print_knee(
     complete = [s for s in seeds if all(s in row for row in knee_rows.values())]
     means = {k: statistics.mean(row[s]["test"]["accuracy"] for s in complete) for k, row in knee_rows.items()}
     label = prefix.strip() or "lora_alpha = r"
+    print_rank_runs(console, records, prefix, label, list(knee_rows), complete)
     console.print(
         f"{label}: direct training, each rank at its dev-picked LR (seeds {complete}): "
         + ", ".join(f"r={k} {m * 100:.2f}" for k, m in means.items())
