@@ -280,34 +280,36 @@ def print_tables(records: list[dict], chosen, steps: int, batch: int) -> dict[st
 
 
 def print_runs_by_rate(console, runs: list[dict]) -> None:
-    """Every run: test NLL (dev NLL) by condition and learning rate. First the first seed's, where every
-    condition met its rate grid, with the rate dev picked and that run's test NLL (and, for an r=64 source,
-    its Post-Squeeze 64→8); then the mean over the seeds run, what the rate picking saw on every seed."""
+    """Every run: test NLL (dev NLL) by condition and learning rate, one table per seed, with the rate dev
+    picked and that run's test NLL (and, for an r=64 source, its Post-Squeeze 64→8); the first seed is where
+    every condition met its whole rate grid. Then the mean over the seeds run, what the rate picking saw."""
     from rich.table import Table
 
     rates = sorted({r["lr"] for r in runs if r["lr"] > 0})
-    first = min(r["seed"] for r in runs)
-    table = Table(
-        title=f"seed {first}: test NLL (dev NLL) by learning rate; the rate dev picked → its test NLL"
-    )
-    table.add_column("condition")
-    for lr in rates:
-        table.add_column(f"{lr:g}", justify="right")
-    table.add_column("picked on dev → test", justify="right")
-    for name in CONDITIONS:
-        found = {r["lr"]: r for r in runs if r["condition"] == name and r["seed"] == first and r["lr"] > 0}
-        if not found:
-            continue
-        cells = [
-            f"{found[lr]['test']['loss']:.4f} ({found[lr]['dev']['loss']:.4f})" if lr in found else ""
-            for lr in rates
-        ]
-        picked = min(found.values(), key=lambda r: r["dev"]["loss"])
-        table.add_row(name, *cells, f"{picked['lr']:g} → {picked['test']['loss']:.4f}")
-        if "post" in picked:
-            post = picked["post"]["test"]["loss"]
-            table.add_row("  post-squeeze 64→8 of it", *("" for _ in rates), f"{picked['lr']:g} → {post:.4f}")
-    console.print(table)
+    for seed in sorted({r["seed"] for r in runs}):
+        table = Table(
+            title=f"seed {seed}: test NLL (dev NLL) by learning rate; the rate dev picked → its test NLL"
+        )
+        table.add_column("condition")
+        for lr in rates:
+            table.add_column(f"{lr:g}", justify="right")
+        table.add_column("picked on dev → test", justify="right")
+        for name in CONDITIONS:
+            found = {r["lr"]: r for r in runs if r["condition"] == name and r["seed"] == seed and r["lr"] > 0}
+            if not found:
+                continue
+            cells = [
+                f"{found[lr]['test']['loss']:.4f} ({found[lr]['dev']['loss']:.4f})" if lr in found else ""
+                for lr in rates
+            ]
+            picked = min(found.values(), key=lambda r: r["dev"]["loss"])
+            table.add_row(name, *cells, f"{picked['lr']:g} → {picked['test']['loss']:.4f}")
+            if "post" in picked:
+                post = picked["post"]["test"]["loss"]
+                table.add_row(
+                    "  post-squeeze 64→8 of it", *("" for _ in rates), f"{picked['lr']:g} → {post:.4f}"
+                )
+        console.print(table)
     table = Table(title="every run: test NLL (dev NLL) by learning rate, mean over the seeds run [seeds]")
     table.add_column("condition")
     for lr in rates:
