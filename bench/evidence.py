@@ -1121,29 +1121,36 @@ def squeeze_steps(name: str, steps: int) -> list[int] | None:
     return sorted(plan_for(options, SOURCE_RANK, steps))
 
 
-def lost_progress_of(record: dict, steps: int):
-    """What In-Squeeze's lost-progress check (``lora_monitor.in_squeeze.lost_progress``) finds on a run's
-    logged per-step losses: the same numbers the callback's forward hook reads (the Trainer's logged loss of a
-    step is the mean of its batch losses). ``(checked, finding)``: unchecked without a loss curve."""
+def lost_progress_watch(losses: list[float], squeezes):
+    """In-Squeeze's lost-progress watch (``lora_monitor.in_squeeze.lost_progress``) fed a run's logged
+    per-step losses: the same numbers the callback's forward hook reads (the Trainer's logged loss of a step
+    is the mean of its batch losses), with the squeezes at the steps ``squeezes``."""
     from lora_monitor.in_squeeze.lost_progress import LostProgressWatch
 
+    watch = LostProgressWatch()
+    for step, loss in enumerate(losses, start=1):
+        watch.record_loss(loss)
+        watch.step_end(step, squeezed=step in squeezes)
+    return watch
+
+
+def lost_progress_of(record: dict, steps: int):
+    """``(checked, watch)`` of a run of the grid: unchecked (None) without a full loss curve."""
     plan = squeeze_steps(record["condition"], steps)
     curve = record.get("loss_curve")
     if plan is None or not curve or len(curve) != steps:
         return False, None
-    watch = LostProgressWatch()
-    for step, loss in enumerate(curve, start=1):
-        watch.record_loss(loss)
-        watch.step_end(step, squeezed=step in plan)
-    return True, watch.finding()
+    return True, lost_progress_watch(curve, plan)
 
 
 def print_lost_progress(console, records: list[dict]) -> None:
-    """Every squeeze run with a loss curve: did the lost-progress check fire, against how the run ended."""
+    """Every squeeze run with a loss curve: did the lost-progress check fire, against how the run ended; the
+    loss after the last squeeze minus the reference before the first, in standard errors (it fires above
+    2), for the runs that kept their progress too."""
     from rich.table import Table
 
     checked = [(r, *lost_progress_of(r, STEPS)) for r in records]
-    checked = [(r, finding) for r, ok, finding in checked if ok]
+    checked = [(r, watch) for r, ok, watch in checked if ok]
     if not checked:
         return
     generation = TASK == "generation"
@@ -1155,17 +1162,22 @@ def print_lost_progress(console, records: list[dict]) -> None:
         "test NLL" if generation else "test acc %",
         "fired",
         "Δ loss (SE)",
+        "Δ / SE",
     ):
         table.add_column(column, justify="left" if column == "condition" else "right")
-    for record, finding in sorted(checked, key=lambda x: (x[0]["condition"], x[0]["seed"], x[0]["lr"])):
+    for record, watch in sorted(checked, key=lambda x: (x[0]["condition"], x[0]["seed"], x[0]["lr"])):
         outcome = record["test"]["loss"] if generation else 100 * record["test"]["accuracy"]
+        compared = watch.comparison()
         table.add_row(
             record["condition"],
             str(record["seed"]),
             f"{record['lr']:g}",
             f"{outcome:.4f}" if generation else f"{outcome:.2f}",
-            "yes" if finding else "no",
-            f"{finding.increase:+.4f} ({finding.standard_error:.4f})" if finding else "",
+            "yes" if watch.finding() else "no",
+            f"{compared.increase:+.4f} ({compared.standard_error:.4f})" if compared else "",
+            f"{compared.increase / compared.standard_error:+.1f}"
+            if compared and compared.standard_error
+            else "",
         )
     console.print(table)
 

@@ -140,6 +140,14 @@ def print_table(records: list[dict]) -> None:
                 f"{row['relative_update']:.2e}",
             )
         console.print(table)
+        losses = [row.get("loss", float("nan")) for row in record["rows"]]
+        compared = evidence.lost_progress_watch(losses, steps).comparison() if steps else None
+        if compared:
+            console.print(
+                f"  lost-progress check: loss after the last squeeze {compared.loss_after:.4f}, before the first "
+                f"{compared.reference_loss:.4f}: {compared.increase:+.4f} = "
+                f"{compared.increase / compared.standard_error:+.2f} SE (it fires above +2)"
+            )
 
 
 def main() -> None:

@@ -137,6 +137,15 @@ class LostProgressWatch:
     def finding(self) -> LostProgress | None:
         """The :class:`LostProgress` when the loss after the last squeeze is significantly above the
         reference; None when it is not, or when either side has fewer than :data:`MIN_STEPS` steps."""
+        comparison = self.comparison()
+        if comparison is None or comparison.increase <= SIGNIFICANCE * comparison.standard_error:
+            return None
+        return comparison
+
+    def comparison(self) -> LostProgress | None:
+        """The comparison :meth:`finding` judges, whether or not it is significant (a run that kept its
+        progress has a negative :attr:`LostProgress.increase`); None when either side has fewer than
+        :data:`MIN_STEPS` steps, or the reference is not finite."""
         count, total, squares = self._after
         if self.first_squeeze_step is None or count < MIN_STEPS or len(self.reference) < MIN_STEPS:
             return None
@@ -147,8 +156,6 @@ class LostProgressWatch:
         after = total / count
         after_var = max(squares - count * after * after, 0.0) / (count - 1) if math.isfinite(after) else 0.0
         error = math.sqrt(reference_var / len(self.reference) + after_var / count)
-        if after - reference <= SIGNIFICANCE * error or after == reference:
-            return None
         return LostProgress(
             reference_loss=reference,
             reference_steps=len(self.reference),

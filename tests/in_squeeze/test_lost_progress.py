@@ -74,6 +74,12 @@ def test_the_collapsed_run_is_found_and_the_healthy_one_is_not():
     assert "lr_scaling='sqrt'" in message and "target_rank" in message
     assert watched(HEALTHY).finding() is None
     assert z_score(HEALTHY["reference"], HEALTHY["after"]) < 0
+    # the comparison behind the verdict is there for a run that kept its progress too (bench tables print it)
+    kept = watched(HEALTHY).comparison()
+    assert kept.increase / kept.standard_error == pytest.approx(
+        z_score(HEALTHY["reference"], HEALTHY["after"]), rel=1e-6
+    )
+    assert watched(COLLAPSED).comparison() == collapsed
 
 
 def test_a_rise_within_the_noise_says_nothing():
@@ -93,6 +99,7 @@ def test_too_few_steps_on_either_side_give_no_verdict():
     early = {"reference": [0.7, 0.6, 0.5], "after": [5.0] * 20}
     assert watched(early, squeezes=(3, 6)).finding() is None
     assert LostProgressWatch().finding() is None  # no squeeze at all
+    assert watched(short_after).comparison() is None and LostProgressWatch().comparison() is None
 
 
 def test_a_loss_that_blows_up_after_a_squeeze_is_found():
