@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lora_monitor._io import append_json_line
+from lora_monitor._io import append_json_line, read_json_lines, write_json_lines
 from lora_monitor.adapters import find_lora_modules, unwrap_model
 from lora_monitor.errors import LoraMonitorError, check_number
 from lora_monitor.monitor import AlertThresholds, Monitor
@@ -48,6 +48,13 @@ class SpectralMonitorCallback(TrainerBoundCallback):
 
     ``monitor`` is the :class:`~lora_monitor.monitor.Monitor`; ``latest`` (metrics), ``latest_summary``,
     ``latest_scalars``, ``history`` and ``alerts`` are its results.
+
+    Resuming (``trainer.train(resume_from_checkpoint=...)``): the callback takes its history and alerts back
+    from the checks in ``output_dir/<jsonl_name>`` up to the checkpoint's step (:meth:`Monitor.replay`), drops
+    the lines the stopped run wrote after it, and does not check at the resume step: the log, the logged
+    scalars and the alerts are those of the uninterrupted run. Without that file (``jsonl_name=None``, or
+    another ``output_dir``) the trends and alerts start over, with a warning. A new run (step 0) starts the
+    file anew.
 
     Its options are checked when it is built, the adapter's presence at ``on_train_begin``: a model with no
     LoRA module (or no adapter ``adapter_name``) stops the run there with a
@@ -98,8 +105,39 @@ class SpectralMonitorCallback(TrainerBoundCallback):
         if model is not None:  # the user's setup, not a check: a run with nothing to watch stops here
             find_lora_modules(unwrap_model(model), self.monitor.adapter_name)
         if self.history.steps and state.global_step <= self.history.steps[-1]:
-            self.monitor.reset()  # a new run (not a resume): its history and alerts start empty
+            self.monitor.reset()  # a new run, or a resume from before this callback's last check
+        if state.global_step > 0 and not self.history.steps:
+            # A resume: the run that was stopped had checked at this step already, or not at all.
+            self._resume(args, state)
+            return None
+        path = self._jsonl_path(args)
+        if path is not None and state.is_world_process_zero and path.is_file():
+            self._guarded(path.unlink)  # a new run's log starts empty: rows of an earlier run would mix in
         return self._check(args, state, control, model, kwargs.get("optimizer"))
+
+    def _jsonl_path(self, args) -> Path | None:
+        return Path(args.output_dir or ".") / self.jsonl_name if self.jsonl_name else None
+
+    def _resume(self, args, state) -> None:
+        """Take the history and the alerts back from the log's checks up to the checkpoint's step, and cut
+        the log back to them (the stopped run may have checked past its checkpoint): the resumed run then
+        logs, alerts and writes what the uninterrupted run would have."""
+        path = self._jsonl_path(args)
+        if path is None or not path.is_file():
+            logger.warning(
+                "SpectralMonitorCallback: resuming at step %d without the log of the checks before it (%s): "
+                "the trends and the alerts start over from here",
+                state.global_step,
+                path or "jsonl_name=None",
+            )
+            return
+        records = self._guarded(read_json_lines, path, "a monitor record", "step")
+        if records is None:
+            return
+        kept = [record for record in records if record["step"] <= state.global_step]
+        self._guarded(self.monitor.replay, kept)
+        if state.is_world_process_zero and len(kept) < len(records):
+            self._guarded(write_json_lines, path, kept)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         # Gradients exist only here (zeroed before on_step_end); the step about to end is global_step + 1.
@@ -133,7 +171,7 @@ class SpectralMonitorCallback(TrainerBoundCallback):
             if self.jsonl_name:
                 self._guarded(
                     append_json_line,
-                    Path(args.output_dir or ".") / self.jsonl_name,
+                    self._jsonl_path(args),
                     record.to_dict(json_safe=False),  # the writer makes it strict, only if it must
                 )
             for alert in record.new_alerts if self.log_alerts else ():

@@ -232,6 +232,36 @@ def atomic_write_json(path: Path, document: Any) -> Path:
     return atomic_write_text(path, dumps(document))
 
 
+def read_json_lines(
+    path: Path, what: str = "a JSON object", required: str | None = None
+) -> list[dict[str, Any]]:
+    """Every line of a JSONL log, in order (blank lines skipped); one :class:`LoraMonitorError` naming the
+    file and the line when the file is not UTF-8 text or a line is not ``what``: a JSON object (with the key
+    ``required``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise LoraMonitorError(f"{path}: not a text file ({error.reason} at byte {error.start})") from error
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise LoraMonitorError(f"{path}: line {number} is not JSON ({error})") from error
+        if not isinstance(record, dict) or (required is not None and required not in record):
+            raise LoraMonitorError(f"{path}: line {number} is not {what}")
+        records.append(record)
+    return records
+
+
+def write_json_lines(path: Path, records: list[Any]) -> Path:
+    """``records`` as a JSONL log, written all at once (:func:`atomic_write_text`): a log cut back to a
+    resumed run's checkpoint is read whole or not at all."""
+    return atomic_write_text(path, "".join(dumps(record, indent=None) for record in records))
+
+
 def append_json_line(path: Path, record: Any) -> None:
     """Append one strict-JSON line to ``path`` (a log: appended, never rewritten)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ call exactly this. :meth:`MonitorRecord.to_dict` is the line of ``lora_monitor.j
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +127,35 @@ class Monitor:
         self._pending_gradients: tuple[int, dict[str, float]] | None = None
         self._first_seen: dict[str, _FirstSeen] = {}
         self._modules = LiveModules()  # a new run may come with a new model layout
+
+    def replay(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Start over from the checks of a run's JSONL log (:meth:`MonitorRecord.to_dict` lines, in order):
+        the history and the alerts are what they were after the last of them, as when a resumed run goes on
+        from its checkpoint. Returns how many checks were replayed.
+
+        Rebuilt from each line's per-module metrics exactly as :meth:`check` built them (the floats round
+        trip), so every later check sees the same trends and raises the same new alerts as the run that was
+        never stopped. Not in the log: the fingerprints of factors that had not moved by their last logged
+        check, so such factors are taken to have moved (``dead_adapter`` then finds them only by a zero
+        ``B``, a learning rate of 0 or a frozen parameter), and the latest record."""
+        self.reset()
+        for record in records:
+            step = int(record["step"])
+            metrics = [ModuleMetrics.from_dict(module) for module in record.get("modules", [])]
+            self.history.add(step, metrics)
+            self._alert_monitor.update(metrics, self.history, step)
+        # Which factors had moved: the last logged check of each module says so (unchanged_since None: they
+        # had moved). Those that had not are taken as moved too: their fingerprints are not in the log, and
+        # a check against a fingerprint taken later would call trained factors untouched.
+        for name, series in self.history.records.items():
+            step, last = series[-1]
+            self._first_seen[name] = _FirstSeen(
+                last.unchanged_since if last.unchanged_since is not None else step,
+                last.nominal_rank,
+                (),
+                True,
+            )
+        return len(self.history.steps)
 
     @property
     def alerts(self) -> list[Alert]:

@@ -27,7 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._io import MANIFEST_NAME, MONITOR_FILE, REPORT_NAME, SQUEEZE_FILES, _unwritable, atomic_write_text
+from .._io import (
+    MANIFEST_NAME,
+    MONITOR_FILE,
+    REPORT_NAME,
+    SQUEEZE_FILES,
+    _unwritable,
+    atomic_write_text,
+    read_json_lines,
+)
 from ..errors import LoraMonitorError, check_path
 
 _TYPE_COLORS = {
@@ -46,20 +54,7 @@ def load_monitor_records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / MONITOR_FILE
     if not path.is_file():
         return []
-    records = []
-    for number, line in enumerate(_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise LoraMonitorError(f"{path}: line {number} is not JSON ({error})") from error
-        if not isinstance(record, dict) or "step" not in record:
-            raise LoraMonitorError(
-                f"{path}: line {number} is not a monitor record (a JSON object with a step)"
-            )
-        records.append(record)
-    return records
+    return read_json_lines(path, "a monitor record (a JSON object with a step)", required="step")
 
 
 def _text(path: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -295,3 +296,61 @@ def test_a_callback_reused_by_a_second_trainer_reports_to_that_trainer(tmp_path,
     assert monitor._handler is second.callback_handler is not first.callback_handler
     assert [step for step, logs in recorder.logged if "lora/num_modules" in logs] == [0, 1]
     assert monitor.history.steps == [0, 1]  # the second run starts a history of its own
+
+
+class _Crash(TrainerCallback):
+    """Stops training at ``step`` the way a killed job does: after checkpoints and checks were written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("stopped")
+
+
+def _monitored_run(output_dir, dataset, crash_at=None, resume_from=None):
+    monitor = SpectralMonitorCallback(every_n_steps=3, thresholds={"saturation_checks": 2})
+    extra = [_Crash(crash_at)] if crash_at else []
+    trainer = Trainer(
+        model=peft_llama(init_lora_weights=True, r=8, lora_alpha=16),
+        args=training_args(
+            output_dir, max_steps=9, save_strategy="steps", save_steps=4, per_device_train_batch_size=2
+        ),
+        train_dataset=dataset,
+        callbacks=[monitor, *extra],
+    )
+    with contextlib.suppress(KeyboardInterrupt):  # the stop _Crash stands for
+        trainer.train(resume_from_checkpoint=resume_from)
+    logged = [entry for entry in trainer.state.log_history if "lora/num_modules" in entry]
+    alerts = [(a.code, a.severity, a.step, a.modules) for a in monitor.alerts]
+    rows = _io.read_json_lines(output_dir / "lora_monitor.jsonl")
+    return rows, logged, alerts, monitor.history.steps
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_checks_and_alerts_as_the_uninterrupted_run(tmp_path, lm_dataset):
+    whole = _monitored_run(tmp_path / "whole", lm_dataset)
+    # Stopped at step 7, after the check at 6 and the checkpoint at 4; resumed by a new callback.
+    stopped = _monitored_run(tmp_path / "stopped", lm_dataset, crash_at=7)
+    assert [row["step"] for row in stopped[0]] == [0, 3, 6]
+    resumed = _monitored_run(
+        tmp_path / "stopped", lm_dataset, resume_from=tmp_path / "stopped" / "checkpoint-4"
+    )
+    rows, logged, alerts, steps = resumed
+    # The checks at 0 and 3 are kept, the one at 6 (after the checkpoint) dropped and made again; no check
+    # at the resume step 4, which the uninterrupted run did not make.
+    assert [row["step"] for row in rows] == [row["step"] for row in whole[0]] == [0, 3, 6, 9]
+    assert rows == whole[0]  # every metric, scalar, dynamic and new alert of every check
+    assert logged == whole[1]
+    assert steps == whole[3] == [0, 3, 6, 9]
+    # The alerts raised before the checkpoint come back from the log, not raised a second time; the trends
+    # (rank_saturated needs 2 checks of history) fire at the same steps.
+    assert alerts == whole[2] and any(code == "rank_saturated" for code, *_ in alerts)
+
+
+@pytest.mark.slow
+def test_a_new_run_into_the_same_output_dir_starts_its_log_anew(tmp_path, lm_dataset):
+    first = _monitored_run(tmp_path / "run", lm_dataset)
+    second = _monitored_run(tmp_path / "run", lm_dataset)
+    assert [row["step"] for row in second[0]] == [0, 3, 6, 9] and second[0] == first[0]
