@@ -83,9 +83,16 @@ def find_lora_modules(model: torch.nn.Module, adapter_name: str | None = None) -
             chosen not in module.lora_A and chosen not in module.lora_embedding_A
         ):
             continue
+        name = strip_prefix(qualified_name)
+        if chosen in getattr(module, "merged_adapters", ()):
+            # Its base weight holds W + ΔW: dominance and update scale would be measured against the merged
+            # weight, and a factor changed now would leave W + ΔW_old behind at unmerge_adapter().
+            raise LoraMonitorError(
+                f"module {name}: adapter {chosen!r} is merged into its base weight (merge_adapter()); call "
+                "unmerge_adapter() first"
+            )
         kind = factor_kind(module, chosen)
         B_param, A_param = factor_parameters(module, chosen)
-        name = strip_prefix(qualified_name)
         module_type, layer_index = describe_module(name)
         rank = kept_rank(module, chosen)
         scale = float(module.scaling[chosen])
@@ -117,6 +124,28 @@ def find_lora_modules(model: torch.nn.Module, adapter_name: str | None = None) -
             )
         )
     return records
+
+
+def check_in_forward(records: list[LoraModule], where: str) -> None:
+    """Raise a :class:`LoraMonitorError` naming ``where`` unless the adapter of ``records`` takes part in the
+    model's forward pass: not disabled (``with model.disable_adapter():``) and active (``set_adapter``). A
+    measurement by function of an adapter that is not in the forward pass sees every rank lose nothing."""
+    for record in records:
+        module = record.module
+        if module is None:
+            continue
+        if getattr(module, "disable_adapters", False):
+            raise LoraMonitorError(
+                f"{where}: the adapters of the model are disabled (module {record.name}; inside "
+                "`with model.disable_adapter():`?), so truncating one changes nothing the model computes"
+            )
+        active = getattr(module, "active_adapters", None)
+        if active is not None and record.adapter_name not in active:
+            raise LoraMonitorError(
+                f"{where}: adapter {record.adapter_name!r} is not active in module {record.name} (active: "
+                f"{', '.join(map(repr, active)) or 'none'}), so truncating it changes nothing the model computes; "
+                f"call model.set_adapter({record.adapter_name!r}) first"
+            )
 
 
 def gather_records(records: list[LoraModule]) -> list[LoraModule]:

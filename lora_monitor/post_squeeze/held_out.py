@@ -22,7 +22,7 @@ import torch
 
 from .._deprecation import renamed_keywords
 from .._io import json_safe
-from ..adapters import factor_parameters, find_lora_modules, unwrap_model
+from ..adapters import check_in_forward, factor_parameters, find_lora_modules, unwrap_model
 from ..adapters.factors import as_A_matrix, as_B_matrix, live_factors
 from ..edit.data import IGNORED_LABEL, check_scored, finite_loss, is_causal_lm, scored_rows
 from ..errors import LoraMonitorError
@@ -339,6 +339,7 @@ def recommend_rank_by_function(
     records = find_lora_modules(model, adapter_name)
     if not records:
         raise LoraMonitorError("the model has no LoRA modules to truncate")
+    check_in_forward(records, "recommend_rank_by_function")
     source_rank = max(record.rank for record in records)
     if ranks is None:
         candidates = (

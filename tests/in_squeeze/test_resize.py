@@ -375,3 +375,18 @@ def test_compressing_a_masked_live_model_keeps_every_scale(tmp_path):
         if record.name == "model.layers.0.self_attn.q_proj":  # unchanged by compression: exactly its delta
             delta = record.scale * record.B.double() @ record.A.double()
             assert torch.allclose(delta, reference[record.name], atol=1e-12)
+
+
+def test_a_merged_adapter_is_refused_and_its_base_weight_left_as_it_was():
+    # Resizing the factors of a merged adapter would leave W + ΔW_old in the base at unmerge_adapter().
+    from lora_monitor.monitor import Monitor
+
+    model = peft_llama(r=8, lora_alpha=16)
+    model.merge_adapter()
+    merged = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for action in (lambda: squeeze_model(model, 4), lambda: Monitor().check(model, step=0)):
+        with pytest.raises(LoraMonitorError, match=r"merged into its base weight \(merge_adapter\(\)\)"):
+            action()
+    assert all(torch.equal(p, merged[name]) for name, p in model.named_parameters())
+    model.unmerge_adapter()
+    assert squeeze_model(model, 4)  # unmerged, it resizes

@@ -226,3 +226,25 @@ def test_a_nan_loss_of_the_uncompressed_model_is_refused(tokenizer):
 def test_the_min_variance_retention_is_checked_by_its_own_name(tokenizer, arguments, message):
     with pytest.raises(LoraMonitorError, match=message):
         recommend_rank_by_function(float64_model(), batches(tokenizer), progress=False, **arguments)
+
+
+def test_an_adapter_outside_the_forward_pass_is_refused_not_given_rank_1(tokenizer):
+    # Truncating an adapter the forward pass does not use changes no loss: every rank would "keep" it.
+    from peft import LoraConfig
+
+    data = batches(tokenizer)
+    model = float64_model()
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with pytest.raises(
+        LoraMonitorError, match=r"adapter 'other' is not active in module .*set_adapter\('other'\)"
+    ):
+        recommend_rank_by_function(model, data, adapter_name="other")
+    with model.disable_adapter(), pytest.raises(LoraMonitorError, match="adapters of the model are disabled"):
+        recommend_rank_by_function(model, data)
+    model.merge_adapter()
+    with pytest.raises(
+        LoraMonitorError, match=r"adapter 'default' is merged into its base weight .*unmerge_adapter"
+    ):
+        recommend_rank_by_function(model, data)
+    model.unmerge_adapter()
+    assert recommend_rank_by_function(model, data).adapter_gain != 0.0  # the active adapter, measured
