@@ -350,7 +350,13 @@ def allocate_ranks(
     alphas = torch.tensor([s.alpha for s in spectra], dtype=torch.float64)
     # A failed fit (too few eigenvalues) scores as the most random layer of the model.
     finite = torch.isfinite(alphas)
-    fallback = float(alphas[finite].max()) if bool(finite.any()) else 0.0
+    if not bool(finite.any()):  # every layer the same score: a rank pattern from no measurement at all
+        raise LoraMonitorError(
+            f"the power-law fit failed on every one of the {len(spectra)} layer(s) (first: {spectra[0].name}; a "
+            "base whose weights are all zero or constant has no spectrum to fit), so no layer can be ranked "
+            "against another"
+        )
+    fallback = float(alphas[finite].max())
     alphas = torch.where(finite, alphas, torch.full_like(alphas, fallback))
     spikes = torch.tensor([float(s.num_spikes) for s in spectra], dtype=torch.float64)
     scores = w_alpha * _normalize(alphas) + w_spikes * (1 - _normalize(spikes))

@@ -162,8 +162,13 @@ def probe_rank(
         reached = reaches(mean_curve, threshold).nonzero()
         needed = int(reached[0]) + 1 if len(reached) else length
         type_ranks[kind] = min(_next_power_of_two(needed), length)
-    rank = max(type_ranks.values()) if type_ranks else 0
-    return RankProbe(rank, type_ranks, module_ranks, curves, threshold, done)
+    if not type_ranks:  # every target's summed gradient is zero (or NaN): there is no rank to read from it
+        raise LoraMonitorError(
+            f"probe_rank: no target weight received a gradient over {done} batch(es) (every summed gradient "
+            "is zero): the loss does not depend on them (a model whose weights are all zero?), so there is no "
+            "rank to read"
+        )
+    return RankProbe(max(type_ranks.values()), type_ranks, module_ranks, curves, threshold, done)
 
 
 def _is_conv1d(module: nn.Module) -> bool:

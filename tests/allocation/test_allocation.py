@@ -538,3 +538,22 @@ def test_probe_rank_warns_where_it_does_not_apply_a_classifier_and_not_on_a_caus
     with pytest.warns(UserWarning, match="LlamaForSequenceClassification is not a causal LM"):
         probe = probe_rank(classifier, [dict(batch, labels=torch.tensor([0, 1]))], steps=1)
     assert probe.rank >= 1  # the reading is still returned
+
+
+def test_a_model_that_gives_no_gradient_or_no_spectrum_gets_no_rank(tokenizer, tmp_path, capsys):
+    # Weights all zero: every target's gradient is zero and every layer's spectrum is empty. A rank read from
+    # that (probe_rank r=0; allocate_ranks the same score and so the same rank everywhere) is no advice.
+    from lora_monitor.edit import calibration_batches
+
+    zero = tiny_llama()
+    with torch.no_grad():
+        for parameter in zero.parameters():
+            parameter.zero_()
+    with pytest.raises(LoraMonitorError, match="no target weight received a gradient over 2 batch"):
+        probe_rank(zero, calibration_batches(SENTENCES[:4], tokenizer, batch_size=2), steps=2)
+    with pytest.raises(LoraMonitorError, match="power-law fit failed on every one of the 14 layer"):
+        allocate_ranks(zero)
+    zero.save_pretrained(tmp_path / "zero")
+    assert main(["allocate", str(tmp_path / "zero")]) == 2
+    captured = capsys.readouterr()
+    assert "power-law fit failed on every one" in captured.err and "rank_pattern" not in captured.out
