@@ -9,7 +9,7 @@ compressed copy. The analysis itself is :func:`lora_monitor.post_squeeze.analyze
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,30 @@ class PostSqueezeCallback(TrainerBoundCallback):
         self._measure_function = function_is_measured(
             self.by_function, has_data, model, self.adapter_name, "PostSqueezeCallback"
         )
+        if self._measure_function:
+            self._measure_function = self._held_out_has_labels(eval_dataloader)
+
+    def _held_out_has_labels(self, eval_dataloader: Any) -> bool:
+        """Whether the first held-out batch has labels, read before the first step, not after the last: the
+        rank by function measures held-out loss. ``by_function=True`` without them stops the run here;
+        ``"auto"`` falls back to the energy rank with a warning."""
+        if self.eval_batches is not None:
+            return True  # every batch was checked when the callback was made
+        loader = self._held_out_loader(eval_dataloader)
+        first = next(iter(loader), None) if loader is not None else None
+        if isinstance(first, Mapping) and first.get("labels") is not None:
+            return True
+        problem = (
+            "gives no batch" if first is None else "gives batches without labels (its collator adds none)"
+        )
+        message = (
+            f"PostSqueezeCallback: the held-out data (the Trainer's eval_dataset) {problem}, and the rank by "
+            "function measures held-out loss"
+        )
+        if self.by_function is True:
+            raise LoraMonitorError(f"{message}: give it labels, or pass by_function=False")
+        logger.warning("%s: the energy rank is recommended instead", message)
+        return False
 
     def on_step_end(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
         # At the last step, so that the summary reaches every report_to integration before they close.

@@ -227,4 +227,10 @@ def checked_eval_batches(eval_batches: Iterable[dict[str, Any]]) -> list[dict[st
             "PostSqueezeCallback: every batch of eval_batches must be a dict of model inputs with labels, "
             f"got a {type(wrong).__name__}"
         )
+    unlabelled = next((index for index, batch in enumerate(batches) if batch.get("labels") is None), None)
+    if unlabelled is not None:
+        raise LoraMonitorError(
+            f"PostSqueezeCallback: batch {unlabelled} of eval_batches has no labels; the rank by function "
+            "measures held-out loss, so every batch needs them (input_ids, attention_mask, labels)"
+        )
     return batches

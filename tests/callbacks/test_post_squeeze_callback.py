@@ -168,6 +168,35 @@ def test_auto_keeps_the_table_compression_and_manifest_when_held_out_data_cannot
     assert (tmp_path / "run" / "squeezed" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
+def test_held_out_data_without_labels_is_found_before_the_first_step(tmp_path, lm_dataset, caplog):
+    # The Trainer's default collator adds no labels: nothing to measure held-out loss with.
+    unlabelled = lm_dataset.remove_columns("labels")
+
+    def trainer(by_function, folder):
+        args = training_args(tmp_path / folder, max_steps=2)
+        callback = PostSqueezeCallback(by_function=by_function, candidate_ranks=[1, 2, 4, 8])
+        built = Trainer(
+            model=peft_llama(0, init_lora_weights=True, r=8),
+            args=args,
+            train_dataset=lm_dataset,
+            eval_dataset=unlabelled,
+            callbacks=[callback],
+        )
+        return built, callback
+
+    strict, _ = trainer(True, "strict")
+    with pytest.raises(LoraMonitorError, match=r"gives batches without labels .*by_function=False"):
+        strict.train()
+    assert strict.state.global_step == 0 and not (tmp_path / "strict" / "squeeze_manifest.json").exists()
+    auto, callback = trainer("auto", "auto")
+    auto.train()
+    assert "the energy rank is recommended instead" in caplog.text
+    assert callback.function is None and callback.error is None
+    manifest = json.loads((tmp_path / "auto" / "squeeze_manifest.json").read_text())
+    assert manifest["recommendation_basis"] == "energy (upper bound)"
+
+
 def test_rank_by_function_without_held_out_data_fails_before_training(tmp_path, lm_dataset):
     callback = PostSqueezeCallback(by_function=True)
     with pytest.raises(LoraMonitorError, match="eval_dataset"):
@@ -192,6 +221,10 @@ def test_rank_by_function_without_held_out_data_fails_before_training(tmp_path, 
         (lambda: PostSqueezeCallback(by_function=True, eval_batches=[]), "eval_batches is empty"),
         (lambda: PostSqueezeCallback(eval_batches="held-out.txt"), "eval_batches must be a list of batches"),
         (lambda: PostSqueezeCallback(eval_batches=[{"input_ids": 1}, 2]), "must be a dict of model inputs"),
+        (
+            lambda: PostSqueezeCallback(eval_batches=[{"input_ids": torch.ones(1, 3, dtype=torch.long)}]),
+            "batch 0 of eval_batches has no labels",
+        ),
         (
             lambda: SpectralMonitorCallback(jsonl_name="/tmp/elsewhere.jsonl"),
             "jsonl_name must be a file name",
