@@ -52,6 +52,16 @@ def adapter_folder(path: str | os.PathLike, adapter_name: str | None = None) -> 
     """
     folder = check_path(path, "adapter folder", folder=True, hint=f"give the folder that holds {CONFIG_NAME}")
     if adapter_name is not None and adapter_name != "default":
+        # An adapter name is one folder name (PEFT's sub-folder), never a path out of the adapter folder.
+        if (
+            not isinstance(adapter_name, str)
+            or adapter_name in ("", ".", "..")
+            or Path(adapter_name).name != adapter_name
+        ):
+            raise LoraMonitorError(
+                f"{folder}: adapter name {adapter_name!r} is not the name of an adapter (PEFT saves an adapter named "
+                f"foo in the sub-folder foo; adapters in sub-folders: {_nested_adapters(folder) or 'none'})"
+            )
         if not (folder / adapter_name).is_dir():
             found = _nested_adapters(folder)
             raise LoraMonitorError(

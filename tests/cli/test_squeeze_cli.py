@@ -173,6 +173,17 @@ EDIT_ARGUMENTS = ["edit", "{adapter}", "--base", "{model}", "--data", "{file}", 
             ["analyze", "{multi}", "--adapter-name", "chat"],
             "{multi}: no adapter named 'chat' (adapters in sub-folders: ['sql'])",
         ),
+        # a name, never a path out of the folder (it read the folder next to it) or the folder itself
+        (
+            ["analyze", "{multi}", "--adapter-name", "../x"],
+            "{multi}: adapter name '../x' is not the name of an adapter (PEFT saves an adapter named foo in the "
+            "sub-folder foo; adapters in sub-folders: ['sql'])",
+        ),
+        (
+            ["analyze", "{multi}", "--adapter-name", ""],
+            "{multi}: adapter name '' is not the name of an adapter (PEFT saves an adapter named foo in the "
+            "sub-folder foo; adapters in sub-folders: ['sql'])",
+        ),
         (["analyze", "{adapter}", "--base", "{missing}"], "{missing}: no such base model folder"),
         (
             ["analyze", "{adapter}", "--base", "{tmp}"],
@@ -235,6 +246,8 @@ EDIT_ARGUMENTS = ["edit", "{adapter}", "--base", "{model}", "--data", "{file}", 
         "toml-adapter-no-config",
         "adapter-in-sub-folder",
         "no-such-adapter-name",
+        "adapter-name-a-path",
+        "adapter-name-empty",
         "base-missing",
         "base-no-config",
         "allocate",
