@@ -1184,47 +1184,53 @@ def print_lost_progress(console, records: list[dict]) -> None:
 
 def print_signal_bands(console, records: list[dict]) -> None:
     """Every monitored run, grouped by the monitor's mean update scale ‖s·B@A‖F/‖W‖F at the last check:
-    does that one number, read without any held-out data, tell the runs that learned from the others?"""
-    from rich.table import Table
-
+    does that one number, read without any held-out data, tell the runs that learned from the others? Then
+    the same runs by their largest module's update scale: where a per-module threshold would fire."""
     runs = [r for r in records if (r.get("signals") or {}).get("lora/mean_update_scale") is not None]
     if not runs:
         return
-    table = Table(title="all monitored runs by mean update scale at the last check (no held-out data used)")
-    for column in ("mean update scale", "runs", "test acc % (mean)", "min", "max", "conditions @ LR"):
-        table.add_column(column, justify="left" if column.startswith("cond") else "right")
-    for low, high in itertools.pairwise(UPDATE_SCALE_BANDS):
-        band = [r for r in runs if low <= r["signals"]["lora/mean_update_scale"] < high]
-        if not band:
-            continue
-        accuracies = [100 * r["test"]["accuracy"] for r in band]
-        names = sorted({f"{r['condition']} @ {r['lr']:g}" for r in band})
-        table.add_row(
-            f"[{low:g}, {high:g})",
-            str(len(band)),
-            f"{statistics.mean(accuracies):.2f}",
-            f"{min(accuracies):.2f}",
-            f"{max(accuracies):.2f}",
-            "; ".join(names),
-        )
-    console.print(table)
-    # The same runs by their largest module's update scale: where a per-module threshold would fire.
-    table = Table(title="all monitored runs by max (per-module) update scale at the last check")
-    for column in ("max update scale", "runs", "test acc % (mean)", "min", "max", "scales (min–max)"):
+    print_band_table(
+        console,
+        runs,
+        "lora/mean_update_scale",
+        UPDATE_SCALE_BANDS,
+        "all monitored runs by mean update scale at the last check (no held-out data used)",
+        (
+            "conditions @ LR",
+            lambda band, _: "; ".join(sorted({f"{r['condition']} @ {r['lr']:g}" for r in band})),
+        ),
+    )
+    print_band_table(
+        console,
+        runs,
+        "lora/max_update_scale",
+        MAX_UPDATE_SCALE_BANDS,
+        "all monitored runs by max (per-module) update scale at the last check",
+        ("scales (min–max)", lambda _, scales: f"{min(scales):.3f}–{max(scales):.3f}"),
+    )
+
+
+def print_band_table(console, runs: list[dict], signal: str, bands, title: str, last_column) -> None:
+    """``runs`` grouped into ``bands`` of the monitor's ``signal`` at the last check: how many, and their test
+    accuracy (mean, min, max); ``last_column`` is (its name, a function of the band's runs and signals)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in (signal.removeprefix("lora/").replace("_", " "), "runs", "test acc % (mean)", "min", "max"):
         table.add_column(column, justify="right")
-    for low, high in itertools.pairwise(MAX_UPDATE_SCALE_BANDS):
-        band = [r for r in runs if low <= (r["signals"].get("lora/max_update_scale") or 0.0) < high]
+    table.add_column(last_column[0])
+    for low, high in itertools.pairwise(bands):
+        band = [r for r in runs if low <= (r["signals"].get(signal) or 0.0) < high]
         if not band:
             continue
         accuracies = [100 * r["test"]["accuracy"] for r in band]
-        scales = [r["signals"]["lora/max_update_scale"] for r in band]
         table.add_row(
             f"[{low:g}, {high:g})",
             str(len(band)),
             f"{statistics.mean(accuracies):.2f}",
             f"{min(accuracies):.2f}",
             f"{max(accuracies):.2f}",
-            f"{min(scales):.3f}–{max(scales):.3f}",
+            last_column[1](band, [r["signals"][signal] for r in band]),
         )
     console.print(table)
 

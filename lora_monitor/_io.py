@@ -253,17 +253,23 @@ def read_json_lines(
     except UnicodeDecodeError as error:
         raise LoraMonitorError(f"{path}: not a text file ({error.reason} at byte {error.start})") from error
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise LoraMonitorError(f"{path}: line {number} is not JSON ({error})") from error
+    for number, record in json_lines(text, path):
         if not isinstance(record, dict) or (required is not None and required not in record):
             raise LoraMonitorError(f"{path}: line {number} is not {what}")
         records.append(record)
     return records
+
+
+def json_lines(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of JSONL ``text``; a line that is not JSON is a
+    :class:`LoraMonitorError` naming ``path`` and the line."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise LoraMonitorError(f"{path}: line {number} is not JSON ({error})") from error
 
 
 def write_json_lines(path: Path, records: list[Any]) -> Path:

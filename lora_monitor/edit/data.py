@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .._io import json_lines
 from ..errors import LoraMonitorError, check_path
 from .options import check_batching
 
@@ -61,15 +62,7 @@ def read_texts(path: str | os.PathLike) -> list[str]:
         raw = file.read_text()
         suffix = file.suffix.lower()  # data.JSON is JSON too, not lines of JSON text
         if suffix == ".jsonl":
-            texts = []
-            for number, line in enumerate(raw.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise LoraMonitorError(f"{file}: line {number} is not JSON ({error})") from error
-                texts.append(_text_of(item, file, f"line {number}"))
+            texts = [_text_of(item, file, f"line {number}") for number, item in json_lines(raw, file)]
         elif suffix == ".json":
             document = json.loads(raw)
             if not isinstance(document, list):
