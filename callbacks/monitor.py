@@ -51,8 +51,9 @@ class SpectralMonitorCallback(TrainerBoundCallback):
 
     Resuming (``trainer.train(resume_from_checkpoint=...)``): the callback takes its history and alerts back
     from the checks in ``output_dir/<jsonl_name>`` up to the checkpoint's step (:meth:`Monitor.replay`), drops
-    the lines the stopped run wrote after it, and does not check at the resume step: the log, the logged
-    scalars and the alerts are those of the uninterrupted run. Without that file (``jsonl_name=None``, or
+    the lines the stopped run wrote after it, and records no check at the resume step (it judges the
+    restored adapter for ``half_restored_adapter`` only, :meth:`Monitor.verify_restored`): the log, the
+    logged scalars and the alerts are those of the uninterrupted run. Without that file (``jsonl_name=None``, or
     another ``output_dir``) the trends and alerts start over, with a warning. A new run (step 0) starts the
     file anew.
 
@@ -107,8 +108,15 @@ class SpectralMonitorCallback(TrainerBoundCallback):
         if self.history.steps and state.global_step <= self.history.steps[-1]:
             self.monitor.reset()  # a new run, or a resume from before this callback's last check
         if state.global_step > 0 and not self.history.steps:
-            # A resume: the run that was stopped had checked at this step already, or not at all.
+            # A resume: the run that was stopped had checked at this step already, or not at all; only the
+            # checkpoint itself is judged here (an adapter it restored half of), as nothing else can be.
             self._resume(args, state)
+            if model is not None:
+                for alert in self._guarded(self.monitor.verify_restored, model, state.global_step) or ():
+                    if self.log_alerts and state.is_world_process_zero:
+                        logger.log(
+                            logging.getLevelName(alert.severity.name), "step %d: %s", alert.step, alert
+                        )
             return None
         path = self._jsonl_path(args)
         if path is not None and state.is_world_process_zero and path.is_file():

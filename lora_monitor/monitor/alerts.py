@@ -122,12 +122,17 @@ class AlertMonitor:
         self._raised: set[tuple[Rule, str]] = set()
 
     def update(
-        self, metrics: Sequence[ModuleMetrics], history: MetricsHistory | None = None, step: int | None = None
+        self,
+        metrics: Sequence[ModuleMetrics],
+        history: MetricsHistory | None = None,
+        step: int | None = None,
+        codes: Sequence[str] | None = None,
     ) -> list[Alert]:
+        """The alerts new at this check (every rule, or only those whose code is in ``codes``)."""
         # Hits already raised are dropped before any message is written: a condition that persists (a
         # saturated or dominant module) is found again at every check and described only the first time.
         new_alerts, records = [], None
-        for rule in RULES:
+        for rule in RULES if codes is None else [rule for rule in RULES if rule.code in codes]:
             hits = [
                 hit
                 for hit in rule.find(metrics, history, self.thresholds, step)

@@ -128,6 +128,28 @@ class Monitor:
         self._first_seen: dict[str, _FirstSeen] = {}
         self._modules = LiveModules()  # a new run may come with a new model layout
 
+    def _measure(self, model: Any) -> tuple[list[LoraModule], list[LoraModule], list[ModuleMetrics]]:
+        """Every LoRA module of ``model``, this process's share of them, and the metrics of that share."""
+        # Under FSDP2 reading a factor or a base weight is a gather, a collective that every process must join
+        # in the same order: lora_modules gathers every module's factors in every process, and each base
+        # weight is gathered (and measured) here, the first time, before any process takes its share.
+        modules = self._modules(model, self.adapter_name)
+        if self._modules.sharded:
+            for module in modules:
+                self._base_norms.get(module)
+        mine = my_share(modules)
+        return modules, mine, compute_module_metrics(mine, self._base_norms)
+
+    def verify_restored(self, model: Any, step: int) -> list[Alert]:
+        """At a resume, before the first step: the adapter as the checkpoint restored it, judged by the rule
+        that only a broken checkpoint can break (``half_restored_adapter``), without recording a check (the
+        run that was never stopped made none here, or made it before the save). Returns its new alerts, also
+        in :attr:`alerts`. A collective in a distributed run, like :meth:`check`."""
+        modules, _, local = self._measure(model)
+        by_name = {record.name: record for record in gather_objects(local)}
+        metrics = [by_name[module.name] for module in modules if module.name in by_name]
+        return self._alert_monitor.update(metrics, None, step, codes=("half_restored_adapter",))
+
     def replay(self, records: Iterable[Mapping[str, Any]]) -> int:
         """Start over from the checks of a run's JSONL log (:meth:`MonitorRecord.to_dict` lines, in order):
         the history and the alerts are what they were after the last of them, as when a resumed run goes on
@@ -190,16 +212,8 @@ class Monitor:
         factors (and each base weight, once), so the metrics equal a single process's. ``optimizer`` lets the ``dead_adapter`` alert name a
         learning rate of 0 or parameters missing from the optimizer.
         """
-        # Under FSDP2 reading a factor or a base weight is a gather, a collective that every process must join
-        # in the same order: lora_modules gathers every module's factors in every process, and each base
-        # weight is gathered (and measured) here, the first time, before any process takes its share.
-        modules = self._modules(model, self.adapter_name)
+        modules, mine, local = self._measure(model)
         sharded = self._modules.sharded
-        if sharded:
-            for module in modules:
-                self._base_norms.get(module)
-        mine = my_share(modules)
-        local = compute_module_metrics(mine, self._base_norms)
         gradients = {}
         if self._pending_gradients is not None and self._pending_gradients[0] == step:
             gradients = self._pending_gradients[1]
