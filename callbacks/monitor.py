@@ -164,8 +164,8 @@ class SpectralMonitorCallback(TrainerBoundCallback):
         return None
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        latest = self.monitor.latest
-        if latest is None or latest.step != state.global_step:
+        # The history, not the latest record: a run resumed from its last checkpoint replayed that check.
+        if not self.history.steps or self.history.steps[-1] != state.global_step:
             return self._check(args, state, control, model, kwargs.get("optimizer"))
         return None
 
