@@ -13,12 +13,13 @@ A failing check never stops training: it is logged (once as a warning) and the r
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lora_monitor._io import append_json_line, read_json_lines, write_json_lines
+from lora_monitor._io import append_json_line, json_lines, write_json_lines
 from lora_monitor.adapters import find_lora_modules, unwrap_model
 from lora_monitor.errors import LoraMonitorError, check_number
 from lora_monitor.monitor import AlertThresholds, Monitor
@@ -28,6 +29,30 @@ from lora_monitor.monitor.table import MODULE_TABLE_COLUMNS, alert_summary, modu
 from ._base import TrainerBoundCallback
 
 logger = logging.getLogger("lora_monitor")
+
+
+def read_monitor_log(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The checks of this run in the monitor's JSONL log, and whether the file held nothing else. A last line
+    cut short (the run was killed while writing it) is left out, and so are the lines of an earlier run that
+    an older version appended to (the steps start over where this run's begin)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    last = next((index for index in range(len(lines) - 1, -1, -1) if lines[index].strip()), None)
+    whole = True
+    if last is not None:
+        try:
+            json.loads(lines[last])
+        except json.JSONDecodeError:
+            lines, whole = lines[:last], False
+    records: list[dict[str, Any]] = []
+    for number, record in json_lines("\n".join(lines), path):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise LoraMonitorError(
+                f"{path}: line {number} is not a monitor record (a JSON object with a step)"
+            )
+        if records and record["step"] <= records[-1]["step"]:
+            records, whole = [], False
+        records.append(record)
+    return records, whole
 
 
 class SpectralMonitorCallback(TrainerBoundCallback):
@@ -54,8 +79,9 @@ class SpectralMonitorCallback(TrainerBoundCallback):
     the lines the stopped run wrote after it, and records no check at the resume step (it judges the
     restored adapter for ``half_restored_adapter`` only, :meth:`Monitor.verify_restored`): the log, the
     logged scalars and the alerts are those of the uninterrupted run. Without that file (``jsonl_name=None``, or
-    another ``output_dir``) the trends and alerts start over, with a warning. A new run (step 0) starts the
-    file anew.
+    another ``output_dir``) the trends and alerts start over, with a warning. A line the stop cut short, and
+    the lines of an earlier run that an older version appended before this run's, are left out. A new run
+    (step 0) starts the file anew; two monitors of one Trainer cannot share it.
 
     Its options are checked when it is built, the adapter's presence at ``on_train_begin``: a model with no
     LoRA module (or no adapter ``adapter_name``) stops the run there with a
@@ -105,9 +131,9 @@ class SpectralMonitorCallback(TrainerBoundCallback):
         super().on_train_begin(args, state, control, **kwargs)
         if model is not None:  # the user's setup, not a check: a run with nothing to watch stops here
             find_lora_modules(unwrap_model(model), self.monitor.adapter_name)
-        if self.history.steps and state.global_step <= self.history.steps[-1]:
-            self.monitor.reset()  # a new run, or a resume from before this callback's last check
-        if state.global_step > 0 and not self.history.steps:
+        self._check_own_log(args)
+        self.monitor.reset()  # a new run or a resume, in this object or a new one: the log is the memory
+        if state.global_step > 0:
             # A resume: the run that was stopped had checked at this step already, or not at all; only the
             # checkpoint itself is judged here (an adapter it restored half of), as nothing else can be.
             self._resume(args, state)
@@ -126,6 +152,15 @@ class SpectralMonitorCallback(TrainerBoundCallback):
     def _jsonl_path(self, args) -> Path | None:
         return Path(args.output_dir or ".") / self.jsonl_name if self.jsonl_name else None
 
+    def _check_own_log(self, args) -> None:
+        """Two monitors writing one file would delete and replay each other's checks: refused."""
+        peers = [c for c in getattr(self._handler, "callbacks", []) if isinstance(c, SpectralMonitorCallback)]
+        if self.jsonl_name and any(c is not self and c.jsonl_name == self.jsonl_name for c in peers):
+            raise LoraMonitorError(
+                f"two SpectralMonitorCallbacks write {self._jsonl_path(args)}: give each its own jsonl_name "
+                "(or None)"
+            )
+
     def _resume(self, args, state) -> None:
         """Take the history and the alerts back from the log's checks up to the checkpoint's step, and cut
         the log back to them (the stopped run may have checked past its checkpoint): the resumed run then
@@ -139,12 +174,13 @@ class SpectralMonitorCallback(TrainerBoundCallback):
                 path or "jsonl_name=None",
             )
             return
-        records = self._guarded(read_json_lines, path, "a monitor record", "step")
-        if records is None:
+        logged = self._guarded(read_monitor_log, path)
+        if logged is None:
             return
+        records, whole = logged
         kept = [record for record in records if record["step"] <= state.global_step]
         self._guarded(self.monitor.replay, kept)
-        if state.is_world_process_zero and len(kept) < len(records):
+        if state.is_world_process_zero and (len(kept) < len(records) or not whole):
             self._guarded(write_json_lines, path, kept)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):

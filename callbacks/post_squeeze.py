@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerControl, TrainingArguments
 
 from lora_monitor._deprecation import renamed_keywords
@@ -140,7 +141,10 @@ class PostSqueezeCallback(TrainerBoundCallback):
         if self.eval_batches is not None:
             return True  # every batch was checked when the callback was made
         loader = self._held_out_loader(eval_dataloader)
-        first = next(iter(loader), None) if loader is not None else None
+        # Starting a DataLoader draws its base seed from the global RNG: put it back, or every dropout mask
+        # of the training after this look would differ from a run without the callback.
+        with torch.random.fork_rng(devices=[]):
+            first = next(iter(loader), None) if loader is not None else None
         if isinstance(first, Mapping) and first.get("labels") is not None:
             return True
         problem = (

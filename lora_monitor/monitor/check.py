@@ -146,6 +146,10 @@ class Monitor:
         run that was never stopped made none here, or made it before the save). Returns its new alerts, also
         in :attr:`alerts`. A collective in a distributed run, like :meth:`check`."""
         modules, _, local = self._measure(model)
+        for module in modules:  # the factors as restored: unchanged since the last logged check said so
+            first = self._first_seen.get(module.name)
+            if first is not None and not first.moved and not first.fingerprint:
+                first.fingerprint = _fingerprint(module)
         by_name = {record.name: record for record in gather_objects(local)}
         metrics = [by_name[module.name] for module in modules if module.name in by_name]
         return self._alert_monitor.update(metrics, None, step, codes=("half_restored_adapter",))
@@ -158,8 +162,8 @@ class Monitor:
         Rebuilt from each line's per-module metrics exactly as :meth:`check` built them (the floats round
         trip), so every later check sees the same trends and raises the same new alerts as the run that was
         never stopped. Not in the log: the fingerprints of factors that had not moved by their last logged
-        check, so such factors are taken to have moved (``dead_adapter`` then finds them only by a zero
-        ``B``, a learning rate of 0 or a frozen parameter), and the latest record."""
+        check (:meth:`verify_restored` takes them from the restored model; without it such factors count as
+        moved), and the latest record."""
         self.reset()
         for record in records:
             step = int(record["step"])
@@ -167,15 +171,13 @@ class Monitor:
             self.history.add(step, metrics)
             self._alert_monitor.update(metrics, self.history, step)
         # Which factors had moved: the last logged check of each module says so (unchanged_since None: they
-        # had moved). Those that had not are taken as moved too: their fingerprints are not in the log, and
-        # a check against a fingerprint taken later would call trained factors untouched.
+        # had). The fingerprints of those that had not are not in the log: verify_restored takes them from the
+        # restored factors (until then they count as moved, never as untouched).
         for name, series in self.history.records.items():
             step, last = series[-1]
+            moved = last.unchanged_since is None
             self._first_seen[name] = _FirstSeen(
-                last.unchanged_since if last.unchanged_since is not None else step,
-                last.nominal_rank,
-                (),
-                True,
+                step if moved else last.unchanged_since, last.nominal_rank, (), moved
             )
         return len(self.history.steps)
 
@@ -255,8 +257,12 @@ class Monitor:
         if module.module is None:
             return None
         first = self._first_seen.get(record.name)
-        if first is not None and first.rank == record.nominal_rank and first.moved:
-            return None  # it trained once: the fingerprint is not needed any more (until a resize)
+        if first is not None and first.rank == record.nominal_rank:
+            if first.moved:
+                return None  # it trained once: the fingerprint is not needed any more (until a resize)
+            if not first.fingerprint:  # replayed from a log, never fingerprinted since: not known untouched
+                first.moved = True
+                return None
         fingerprint = _fingerprint(module)
         if first is None or first.rank != record.nominal_rank:  # a resized module starts over
             first = self._first_seen[record.name] = _FirstSeen(step, record.nominal_rank, fingerprint)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from transformers import Trainer, TrainerCallback
 from lora_monitor import _io
 from lora_monitor.adapters import find_lora_modules
 from lora_monitor.callbacks.monitor import SpectralMonitorCallback
+from lora_monitor.errors import LoraMonitorError
 from lora_monitor.monitor.metrics import ModuleMetrics, compute_module_metrics
 
 
@@ -299,33 +301,43 @@ def test_a_callback_reused_by_a_second_trainer_reports_to_that_trainer(tmp_path,
 
 
 class _Crash(TrainerCallback):
-    """Stops training at ``step`` the way a killed job does: after checkpoints and checks were written."""
+    """Stops training once at ``step`` the way a killed job does: after checkpoints and checks were written."""
 
     def __init__(self, step: int) -> None:
         self.step = step
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
+            self.step = None
             raise KeyboardInterrupt("stopped")
 
 
-def _monitored_run(output_dir, dataset, crash_at=None, resume_from=None):
-    monitor = SpectralMonitorCallback(every_n_steps=3, thresholds={"saturation_checks": 2})
+def _monitored_trainer(output_dir, dataset, crash_at=None, **monitor_options):
+    monitor = SpectralMonitorCallback(
+        **{"every_n_steps": 3, "thresholds": {"saturation_checks": 2}} | monitor_options
+    )
     extra = [_Crash(crash_at)] if crash_at else []
-    trainer = Trainer(
+    return Trainer(
         model=peft_llama(init_lora_weights=True, r=8, lora_alpha=16),
         args=training_args(
             output_dir, max_steps=9, save_strategy="steps", save_steps=4, per_device_train_batch_size=2
         ),
         train_dataset=dataset,
         callbacks=[monitor, *extra],
-    )
+    ), monitor
+
+
+def _outcome(trainer, monitor, resume_from=None):
     with contextlib.suppress(KeyboardInterrupt):  # the stop _Crash stands for
         trainer.train(resume_from_checkpoint=resume_from)
     logged = [entry for entry in trainer.state.log_history if "lora/num_modules" in entry]
     alerts = [(a.code, a.severity, a.step, a.modules) for a in monitor.alerts]
-    rows = _io.read_json_lines(output_dir / "lora_monitor.jsonl")
+    rows = _io.read_json_lines(Path(trainer.args.output_dir) / "lora_monitor.jsonl")
     return rows, logged, alerts, monitor.history.steps
+
+
+def _monitored_run(output_dir, dataset, crash_at=None, resume_from=None):
+    return _outcome(*_monitored_trainer(output_dir, dataset, crash_at), resume_from=resume_from)
 
 
 @pytest.mark.slow
@@ -354,3 +366,56 @@ def test_a_new_run_into_the_same_output_dir_starts_its_log_anew(tmp_path, lm_dat
     first = _monitored_run(tmp_path / "run", lm_dataset)
     second = _monitored_run(tmp_path / "run", lm_dataset)
     assert [row["step"] for row in second[0]] == [0, 3, 6, 9] and second[0] == first[0]
+
+
+@pytest.mark.slow
+def test_a_resume_in_the_same_trainer_over_a_log_with_a_torn_line_and_an_older_run(tmp_path, lm_dataset):
+    whole = _monitored_run(tmp_path / "whole", lm_dataset)
+    # The notebook case: the same Trainer and callback resumed after the stop. The log also holds what an
+    # older version left: an earlier run's lines before this run's, and a line the stop cut short.
+    trainer, monitor = _monitored_trainer(tmp_path / "stopped", lm_dataset, crash_at=7)
+    _outcome(trainer, monitor)
+    log = tmp_path / "stopped" / "lora_monitor.jsonl"
+    earlier = "".join(_io.dumps(row, indent=None) for row in whole[0])
+    log.write_text(earlier + log.read_text() + '{"step": 9, "summ')
+    rows, logged, alerts, steps = _outcome(trainer, monitor, tmp_path / "stopped" / "checkpoint-4")
+    assert rows == whole[0] and steps == whole[3] == [0, 3, 6, 9]
+    assert alerts == whole[2] and logged == whole[1]
+
+
+@pytest.mark.slow
+def test_a_factor_that_never_moved_is_still_found_after_a_resume(tmp_path, lm_dataset):
+    # One pair gets no gradient (its factors stay as initialised): dead_adapter after 4 steps, at step 4,
+    # whether or not the run was stopped at step 3 and resumed from its checkpoint at 2.
+    def run(folder, crash_at=None, resume_from=None):
+        model = peft_llama(init_lora_weights=False)
+        for name, parameter in model.named_parameters():
+            if "layers.0.self_attn.q_proj.lora_" in name:
+                parameter.register_hook(torch.zeros_like)
+        monitor = SpectralMonitorCallback(every_n_steps=2, thresholds={"dead_adapter_steps": 4})
+        trainer = Trainer(
+            model=model,
+            args=training_args(
+                tmp_path / folder, max_steps=6, save_strategy="steps", save_steps=2, weight_decay=0.0
+            ),
+            train_dataset=lm_dataset,
+            callbacks=[monitor, *([_Crash(crash_at)] if crash_at else [])],
+        )
+        return _outcome(trainer, monitor, resume_from)
+
+    whole = run("whole")
+    assert [(code, step) for code, _, step, _ in whole[2] if code == "dead_adapter"] == [("dead_adapter", 4)]
+    run("stopped", crash_at=3)
+    resumed = run("stopped", resume_from=tmp_path / "stopped" / "checkpoint-2")
+    assert resumed[0] == whole[0] and resumed[2] == whole[2]
+
+
+def test_two_monitors_writing_one_log_are_refused(tmp_path, lm_dataset):
+    trainer = Trainer(
+        model=peft_llama(init_lora_weights=True),
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=lm_dataset,
+        callbacks=[SpectralMonitorCallback(), SpectralMonitorCallback(every_n_steps=5)],
+    )
+    with pytest.raises(LoraMonitorError, match=r"two SpectralMonitorCallbacks write .*lora_monitor\.jsonl"):
+        trainer.train()

@@ -267,3 +267,22 @@ def test_what_needs_the_trainer_is_checked_before_the_first_step(build, message,
     assert steps.steps == [] and trainer.state.global_step == 0
     assert not (tmp_path / "run" / "squeeze_manifest.json").exists()
     assert not (tmp_path / "run" / "lora_monitor.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_looking_at_the_held_out_data_leaves_training_as_it_was(tmp_path, lm_dataset):
+    # The label check before the first step starts the eval loader, which draws from the global RNG: with
+    # dropout, every later mask would differ from a run without the callback's measurement.
+    def losses(by_function):
+        args = training_args(tmp_path / str(by_function), max_steps=4)
+        trainer = Trainer(
+            model=peft_llama(0, init_lora_weights=True, r=8, lora_dropout=0.1),
+            args=args,
+            train_dataset=lm_dataset,
+            eval_dataset=lm_dataset,
+            callbacks=[PostSqueezeCallback(by_function=by_function, candidate_ranks=[1, 2, 4, 8])],
+        )
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    assert losses("auto") == losses(False)
