@@ -13,46 +13,22 @@ A failing check never stops training: it is logged (once as a warning) and the r
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lora_monitor._io import append_json_line, json_lines, write_json_lines
+from lora_monitor._io import append_json_line
 from lora_monitor.adapters import find_lora_modules, unwrap_model
 from lora_monitor.errors import LoraMonitorError, check_number
 from lora_monitor.monitor import AlertThresholds, Monitor
 from lora_monitor.monitor.cadence import check_due, gradient_due
+from lora_monitor.monitor.log import resume_from_log
 from lora_monitor.monitor.table import MODULE_TABLE_COLUMNS, alert_summary, module_table_rows
 
 from ._base import TrainerBoundCallback
 
 logger = logging.getLogger("lora_monitor")
-
-
-def read_monitor_log(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """The checks of this run in the monitor's JSONL log, and whether the file held nothing else. A last line
-    cut short (the run was killed while writing it) is left out, and so are the lines of an earlier run that
-    an older version appended to (the steps start over where this run's begin)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    last = next((index for index in range(len(lines) - 1, -1, -1) if lines[index].strip()), None)
-    whole = True
-    if last is not None:
-        try:
-            json.loads(lines[last])
-        except json.JSONDecodeError:
-            lines, whole = lines[:last], False
-    records: list[dict[str, Any]] = []
-    for number, record in json_lines("\n".join(lines), path):
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise LoraMonitorError(
-                f"{path}: line {number} is not a monitor record (a JSON object with a step)"
-            )
-        if records and record["step"] <= records[-1]["step"]:
-            records, whole = [], False
-        records.append(record)
-    return records, whole
 
 
 class SpectralMonitorCallback(TrainerBoundCallback):
@@ -74,14 +50,10 @@ class SpectralMonitorCallback(TrainerBoundCallback):
     ``monitor`` is the :class:`~lora_monitor.monitor.Monitor`; ``latest`` (metrics), ``latest_summary``,
     ``latest_scalars``, ``history`` and ``alerts`` are its results.
 
-    Resuming (``trainer.train(resume_from_checkpoint=...)``): the callback takes its history and alerts back
-    from the checks in ``output_dir/<jsonl_name>`` up to the checkpoint's step (:meth:`Monitor.replay`), drops
-    the lines the stopped run wrote after it, and records no check at the resume step (it judges the
-    restored adapter for ``half_restored_adapter`` only, :meth:`Monitor.verify_restored`): the log, the
-    logged scalars and the alerts are those of the uninterrupted run. Without that file (``jsonl_name=None``, or
-    another ``output_dir``) the trends and alerts start over, with a warning. A line the stop cut short, and
-    the lines of an earlier run that an older version appended before this run's, are left out. A new run
-    (step 0) starts the file anew; two monitors of one Trainer cannot share it.
+    Resuming (``trainer.train(resume_from_checkpoint=...)``): the log, the logged scalars and the alerts are
+    the uninterrupted run's (:mod:`lora_monitor.monitor.log`: the checks up to the checkpoint are replayed
+    from ``output_dir/<jsonl_name>``, later lines dropped; the restored adapter is judged, no check recorded).
+    A new run (step 0) starts the file anew; two monitors of one Trainer cannot share it.
 
     Its options are checked when it is built, the adapter's presence at ``on_train_begin``: a model with no
     LoRA module (or no adapter ``adapter_name``) stops the run there with a
@@ -138,11 +110,8 @@ class SpectralMonitorCallback(TrainerBoundCallback):
             # checkpoint itself is judged here (an adapter it restored half of), as nothing else can be.
             self._resume(args, state)
             if model is not None:
-                for alert in self._guarded(self.monitor.verify_restored, model, state.global_step) or ():
-                    if self.log_alerts and state.is_world_process_zero:
-                        logger.log(
-                            logging.getLevelName(alert.severity.name), "step %d: %s", alert.step, alert
-                        )
+                restored = self._guarded(self.monitor.verify_restored, model, state.global_step)
+                self._log_alerts(restored or [], state)
             return None
         path = self._jsonl_path(args)
         if path is not None and state.is_world_process_zero and path.is_file():
@@ -174,14 +143,9 @@ class SpectralMonitorCallback(TrainerBoundCallback):
                 path or "jsonl_name=None",
             )
             return
-        logged = self._guarded(read_monitor_log, path)
-        if logged is None:
-            return
-        records, whole = logged
-        kept = [record for record in records if record["step"] <= state.global_step]
-        self._guarded(self.monitor.replay, kept)
-        if state.is_world_process_zero and (len(kept) < len(records) or not whole):
-            self._guarded(write_json_lines, path, kept)
+        self._guarded(
+            resume_from_log, self.monitor, path, state.global_step, rewrite=state.is_world_process_zero
+        )
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         # Gradients exist only here (zeroed before on_step_end); the step about to end is global_step + 1.
@@ -218,10 +182,14 @@ class SpectralMonitorCallback(TrainerBoundCallback):
                     self._jsonl_path(args),
                     record.to_dict(json_safe=False),  # the writer makes it strict, only if it must
                 )
-            for alert in record.new_alerts if self.log_alerts else ():
-                logger.log(logging.getLevelName(alert.severity.name), "step %d: %s", record.step, alert)
+            self._log_alerts(record.new_alerts, state)
             self._guarded(self._report_to_wandb, args, state)
         return self.emit_log(args, state, control, record.scalars)
+
+    def _log_alerts(self, alerts, state) -> None:
+        """New alerts to the ``lora_monitor`` logger, from the main process only."""
+        for alert in alerts if self.log_alerts and state.is_world_process_zero else ():
+            logger.log(logging.getLevelName(alert.severity.name), "step %d: %s", alert.step, alert)
 
     def _guarded(self, action, *arguments, **options):
         """``action(...)``, or None after logging its failure: a monitor never stops training."""

@@ -9,11 +9,10 @@ compressed copy. The analysis itself is :func:`lora_monitor.post_squeeze.analyze
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerControl, TrainingArguments
 
 from lora_monitor._deprecation import renamed_keywords
@@ -26,6 +25,7 @@ from lora_monitor.post_squeeze.end_of_training import (
     check_candidate_ranks,
     function_is_measured,
     held_out_batches,
+    held_out_labels,
     squeeze_trained_adapter,
 )
 from lora_monitor.post_squeeze.held_out import DEFAULT_LOSS_RETENTION, FunctionRecommendation
@@ -131,33 +131,12 @@ class PostSqueezeCallback(TrainerBoundCallback):
         self._measure_function = function_is_measured(
             self.by_function, has_data, model, self.adapter_name, "PostSqueezeCallback"
         )
-        if self._measure_function:
-            self._measure_function = self._held_out_has_labels(eval_dataloader)
-
-    def _held_out_has_labels(self, eval_dataloader: Any) -> bool:
-        """Whether the first held-out batch has labels, read before the first step, not after the last: the
-        rank by function measures held-out loss. ``by_function=True`` without them stops the run here;
-        ``"auto"`` falls back to the energy rank with a warning."""
-        if self.eval_batches is not None:
-            return True  # every batch was checked when the callback was made
-        loader = self._held_out_loader(eval_dataloader)
-        # Starting a DataLoader draws its base seed from the global RNG: put it back, or every dropout mask
-        # of the training after this look would differ from a run without the callback.
-        with torch.random.fork_rng(devices=[]):
-            first = next(iter(loader), None) if loader is not None else None
-        if isinstance(first, Mapping) and first.get("labels") is not None:
-            return True
-        problem = (
-            "gives no batch" if first is None else "gives batches without labels (its collator adds none)"
-        )
-        message = (
-            f"PostSqueezeCallback: the held-out data (the Trainer's eval_dataset) {problem}, and the rank by "
-            "function measures held-out loss"
-        )
-        if self.by_function is True:
-            raise LoraMonitorError(f"{message}: give it labels, or pass by_function=False")
-        logger.warning("%s: the energy rank is recommended instead", message)
-        return False
+        if self._measure_function and self.eval_batches is None:  # eval_batches were checked when given
+            self._measure_function, warning = held_out_labels(
+                self.by_function, self._held_out_loader(eval_dataloader), "PostSqueezeCallback"
+            )
+            if warning:
+                logger.warning(warning)
 
     def on_step_end(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
         # At the last step, so that the summary reaches every report_to integration before they close.

@@ -114,6 +114,28 @@ def function_is_measured(
     return has_held_out_data and not sharded
 
 
+def held_out_labels(
+    by_function: bool | str, loader: Iterable[Any] | None, where: str
+) -> tuple[bool, str | None]:
+    """Whether the rank by function can be measured on ``loader``, read from its first batch before the first
+    step (it measures held-out loss: the batches need labels), and the warning to give when it cannot. Without
+    labels ``by_function=True`` is a :class:`LoraMonitorError` naming ``where``; ``"auto"`` falls back to the
+    energy rank. The global RNG is left as it was: starting a DataLoader draws its base seed from it, and
+    every dropout mask of the training after this look would otherwise differ."""
+    with torch.random.fork_rng(devices=[]):
+        first = next(iter(loader), None) if loader is not None else None
+    if isinstance(first, Mapping) and first.get("labels") is not None:
+        return True, None
+    problem = "gives no batch" if first is None else "gives batches without labels (its collator adds none)"
+    message = (
+        f"{where}: the held-out data (the Trainer's eval_dataset) {problem}, and the rank by function measures "
+        "held-out loss"
+    )
+    if by_function is True:
+        raise LoraMonitorError(f"{message}: give it labels, or pass by_function=False")
+    return False, f"{message}: the energy rank is recommended instead"
+
+
 def held_out_batches(
     eval_batches: list[Mapping[str, Any]] | None, dataloader: Callable[[], Iterable[Mapping[str, Any]]]
 ) -> Callable[[], list[Mapping[str, Any]]]:
