@@ -242,18 +242,22 @@ def atomic_write_json(path: Path, document: Any) -> Path:
     return atomic_write_text(path, dumps(document))
 
 
+def read_text(path: Path) -> str:
+    """The file's text; one :class:`LoraMonitorError` naming it when it is not UTF-8 text (a binary file)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise LoraMonitorError(f"{path}: not a text file ({error.reason} at byte {error.start})") from error
+
+
 def read_json_lines(
     path: Path, what: str = "a JSON object", required: str | None = None
 ) -> list[dict[str, Any]]:
     """Every line of a JSONL log, in order (blank lines skipped); one :class:`LoraMonitorError` naming the
     file and the line when the file is not UTF-8 text or a line is not ``what``: a JSON object (with the key
     ``required``)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise LoraMonitorError(f"{path}: not a text file ({error.reason} at byte {error.start})") from error
     records = []
-    for number, record in json_lines(text, path):
+    for number, record in json_lines(read_text(path), path):
         if not isinstance(record, dict) or (required is not None and required not in record):
             raise LoraMonitorError(f"{path}: line {number} is not {what}")
         records.append(record)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .._io import json_lines, write_json_lines
+from .._io import json_lines, read_text, write_json_lines
 from ..errors import LoraMonitorError
 from .check import Monitor
 
@@ -24,7 +24,7 @@ def read_monitor_log(path: Path) -> tuple[list[dict[str, Any]], bool]:
     """The checks of this run in the monitor's JSONL log, and whether the file held nothing else. A last line
     cut short (the run was killed while writing it) is left out, and so are the lines of an earlier run that
     an older version appended to (the steps start over where this run's begin)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path).splitlines()
     last = next((index for index in range(len(lines) - 1, -1, -1) if lines[index].strip()), None)
     whole = True
     if last is not None:

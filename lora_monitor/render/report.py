@@ -35,6 +35,7 @@ from .._io import (
     _unwritable,
     atomic_write_text,
     read_json_lines,
+    read_text,
 )
 from ..errors import LoraMonitorError, check_path
 
@@ -57,14 +58,6 @@ def load_monitor_records(run_dir: Path) -> list[dict[str, Any]]:
     return read_json_lines(path, "a monitor record (a JSON object with a step)", required="step")
 
 
-def _text(path: Path) -> str:
-    """The file's text; one error naming it when it is not UTF-8 text (a binary file)."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise LoraMonitorError(f"{path}: not a text file ({error.reason} at byte {error.start})") from error
-
-
 def load_squeeze_analysis(run_dir: Path) -> dict[str, Any] | None:
     """The Post-Squeeze analysis of the run, if one was written."""
     for name in SQUEEZE_FILES:
@@ -72,7 +65,7 @@ def load_squeeze_analysis(run_dir: Path) -> dict[str, Any] | None:
         if not path.is_file():
             continue
         try:
-            document = json.loads(_text(path))
+            document = json.loads(read_text(path))
         except json.JSONDecodeError as error:
             raise LoraMonitorError(f"{path}: not valid JSON ({error})") from error
         if name == MANIFEST_NAME:
